@@ -4,7 +4,13 @@
 //! pipeline, and every one of them must agree on what a valid spec is.
 
 pub mod codes;
+pub mod hash;
 pub mod reference;
+pub mod spec;
+pub mod validate;
 
 pub use codes::{BuildErrorCode, CodedMessage, RateLimitCode, UnknownCode};
+pub use hash::spec_hash;
 pub use reference::{ImageRef, ReferenceError};
+pub use spec::{BuildSpec, Form, ResourceRequest, Resources, Step, TemplateRequest};
+pub use validate::{Problem, Problems};

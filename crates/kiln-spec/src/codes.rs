@@ -120,7 +120,10 @@ pub struct CodedMessage {
 impl CodedMessage {
     /// A message with the given code and detail.
     pub fn new(code: BuildErrorCode, detail: impl Into<String>) -> Self {
-        Self { code, detail: detail.into() }
+        Self {
+            code,
+            detail: detail.into(),
+        }
     }
 
     /// Parses `"<code>: <detail>"` (or a bare `"<code>"`).
@@ -158,7 +161,10 @@ mod tests {
         for code in BuildErrorCode::ALL {
             assert_eq!(code.as_str().parse::<BuildErrorCode>().unwrap(), *code);
             let json = serde_json::to_string(code).unwrap();
-            assert_eq!(serde_json::from_str::<BuildErrorCode>(&json).unwrap(), *code);
+            assert_eq!(
+                serde_json::from_str::<BuildErrorCode>(&json).unwrap(),
+                *code
+            );
         }
         for code in RateLimitCode::ALL {
             assert_eq!(code.as_str().parse::<RateLimitCode>().unwrap(), *code);
@@ -188,7 +194,12 @@ mod tests {
         let all: Vec<_> = RateLimitCode::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(
             all,
-            ["rate_limited", "too_many_builds", "too_many_templates", "too_many_sandboxes"]
+            [
+                "rate_limited",
+                "too_many_builds",
+                "too_many_templates",
+                "too_many_sandboxes"
+            ]
         );
     }
 
@@ -206,6 +217,9 @@ mod tests {
             CodedMessage::new(BuildErrorCode::BuildFailed, "kaboom: x")
         );
         // A detail holding further colons is kept whole.
-        assert_eq!(CodedMessage::parse("image_pull_failed: a: b").detail, "a: b");
+        assert_eq!(
+            CodedMessage::parse("image_pull_failed: a: b").detail,
+            "a: b"
+        );
     }
 }

@@ -21,7 +21,11 @@ pub fn spec_hash(spec: &BuildSpec, resources: &Resources) -> String {
         spec: &'a BuildSpec,
         resources: &'a Resources,
     }
-    let canonical = Canonical { version: CANONICAL_VERSION, spec, resources };
+    let canonical = Canonical {
+        version: CANONICAL_VERSION,
+        spec,
+        resources,
+    };
     // Serialising derived structs emits fields in declaration order: deterministic.
     let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
     format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))

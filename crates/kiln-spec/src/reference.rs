@@ -41,7 +41,9 @@ pub enum ReferenceError {
     #[error("invalid registry host {0:?}")]
     Registry(String),
     /// A repository path component is malformed.
-    #[error("invalid repository path component {0:?} (lowercase letters, digits and . _ - separators)")]
+    #[error(
+        "invalid repository path component {0:?} (lowercase letters, digits and . _ - separators)"
+    )]
     Path(String),
     /// The tag is malformed.
     #[error("invalid tag {0:?} (up to 128 of [A-Za-z0-9_.-], not starting with . or -)")]
@@ -87,7 +89,11 @@ impl ImageRef {
         for component in path.split('/') {
             validate_component(component)?;
         }
-        let registry = if registry == "index.docker.io" { DOCKER_HUB.to_owned() } else { registry };
+        let registry = if registry == "index.docker.io" {
+            DOCKER_HUB.to_owned()
+        } else {
+            registry
+        };
         let repository = if registry == DOCKER_HUB && !path.contains('/') {
             format!("library/{path}")
         } else {
@@ -97,22 +103,36 @@ impl ImageRef {
             (None, None) => Some(DEFAULT_TAG.to_owned()),
             _ => tag,
         };
-        Ok(Self { registry, repository, tag, digest })
+        Ok(Self {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
     }
 
     /// The last repository component (`python` for `docker.io/library/python`).
     pub fn image_name(&self) -> &str {
-        self.repository.rsplit('/').next().unwrap_or(&self.repository)
+        self.repository
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.repository)
     }
 
     /// The tag or digest that selects a manifest; the digest wins when both are present.
     pub fn selector(&self) -> &str {
-        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or(DEFAULT_TAG)
+        self.digest
+            .as_deref()
+            .or(self.tag.as_deref())
+            .unwrap_or(DEFAULT_TAG)
     }
 
     /// This reference pinned to a digest (the tag is kept for display).
     pub fn with_digest(&self, digest: impl Into<String>) -> Self {
-        Self { digest: Some(digest.into()), ..self.clone() }
+        Self {
+            digest: Some(digest.into()),
+            ..self.clone()
+        }
     }
 
     /// Whether the registry is on loopback, where plain HTTP is allowed as Docker does.
@@ -182,7 +202,9 @@ fn validate_host(host: &str) -> Result<(), ReferenceError> {
             && name.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             });
@@ -237,7 +259,10 @@ fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
 /// Only `sha256` is accepted: it is what every registry kiln talks to uses.
 pub fn validate_digest(digest: &str) -> Result<(), ReferenceError> {
     let ok = digest.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     });
     if ok {
         Ok(())
@@ -277,7 +302,10 @@ mod tests {
         let r = ImageRef::parse("python:3.11").unwrap();
         assert_eq!(r.to_string(), "docker.io/library/python:3.11");
         let r = ImageRef::parse("ghcr.io/myorg/foo:v1").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("ghcr.io", "myorg/foo"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("ghcr.io", "myorg/foo")
+        );
         assert_eq!(r.tag.as_deref(), Some("v1"));
         let r = ImageRef::parse(&format!("localhost:5000/a/b@{D}")).unwrap();
         assert_eq!(r.registry, "localhost:5000");
@@ -290,13 +318,18 @@ mod tests {
 
     #[test]
     fn defaults_and_hub_forms() {
-        assert_eq!(ImageRef::parse("debian").unwrap().to_string(), "docker.io/library/debian:latest");
+        assert_eq!(
+            ImageRef::parse("debian").unwrap().to_string(),
+            "docker.io/library/debian:latest"
+        );
         assert_eq!(
             ImageRef::parse("myorg/app").unwrap().to_string(),
             "docker.io/myorg/app:latest"
         );
         assert_eq!(
-            ImageRef::parse("index.docker.io/library/debian:12").unwrap().to_string(),
+            ImageRef::parse("index.docker.io/library/debian:12")
+                .unwrap()
+                .to_string(),
             "docker.io/library/debian:12"
         );
         let r = ImageRef::parse(&format!("debian:12@{D}")).unwrap();
@@ -331,7 +364,10 @@ mod tests {
         ] {
             assert!(ImageRef::parse(bad).is_err(), "{bad:?} should not parse");
         }
-        assert_eq!(ImageRef::parse(&"a".repeat(500)), Err(ReferenceError::TooLong));
+        assert_eq!(
+            ImageRef::parse(&"a".repeat(500)),
+            Err(ReferenceError::TooLong)
+        );
     }
 
     #[test]
@@ -343,10 +379,21 @@ mod tests {
             "gcr.io/distroless/python3",
             "docker.io/library/alpine",
         ] {
-            assert!(refused_base_by_name(&ImageRef::parse(r).unwrap()).is_some(), "{r}");
+            assert!(
+                refused_base_by_name(&ImageRef::parse(r).unwrap()).is_some(),
+                "{r}"
+            );
         }
-        for r in ["python:3.11", "debian:bookworm-slim", "ubuntu:24.04", "ghcr.io/myorg/foo:v1"] {
-            assert!(refused_base_by_name(&ImageRef::parse(r).unwrap()).is_none(), "{r}");
+        for r in [
+            "python:3.11",
+            "debian:bookworm-slim",
+            "ubuntu:24.04",
+            "ghcr.io/myorg/foo:v1",
+        ] {
+            assert!(
+                refused_base_by_name(&ImageRef::parse(r).unwrap()).is_none(),
+                "{r}"
+            );
         }
     }
 }

@@ -91,7 +91,11 @@ impl Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Self { vcpu: 1, memory_mib: 1024, disk_mib: 4096 }
+        Self {
+            vcpu: 1,
+            memory_mib: 1024,
+            disk_mib: 4096,
+        }
     }
 }
 
@@ -147,7 +151,9 @@ impl Form {
         match doc.as_object() {
             Some(o)
                 if o.contains_key("build_spec")
-                    || ["memory_mib", "disk_mib"].iter().any(|k| o.contains_key(*k)) =>
+                    || ["memory_mib", "disk_mib"]
+                        .iter()
+                        .any(|k| o.contains_key(*k)) =>
             {
                 Form::Wire
             }
@@ -192,7 +198,11 @@ impl TemplateRequest {
             Form::Sdk => ("memoryMib", "diskMib"),
         };
         let r = &self.resources;
-        for (key, value) in [("vcpu", r.vcpu), (mem_key, r.memory_mib), (disk_key, r.disk_mib)] {
+        for (key, value) in [
+            ("vcpu", r.vcpu),
+            (mem_key, r.memory_mib),
+            (disk_key, r.disk_mib),
+        ] {
             if let Some(v) = value {
                 o.insert(key.into(), v.into());
             }
@@ -256,9 +266,15 @@ struct Obj<'a> {
 impl<'a> Obj<'a> {
     fn new(v: &'a Value, path: &str, p: &mut Problems) -> Option<Self> {
         match v {
-            Value::Object(map) => Some(Self { map, path: path.to_owned() }),
+            Value::Object(map) => Some(Self {
+                map,
+                path: path.to_owned(),
+            }),
             other => {
-                p.push(path, format!("expected an object, found {}", type_name(other)));
+                p.push(
+                    path,
+                    format!("expected an object, found {}", type_name(other)),
+                );
                 None
             }
         }
@@ -285,7 +301,10 @@ impl<'a> Obj<'a> {
                 None
             }
             Some(other) => {
-                p.push(&path, format!("expected a string, found {}", type_name(other)));
+                p.push(
+                    &path,
+                    format!("expected a string, found {}", type_name(other)),
+                );
                 None
             }
         }
@@ -303,7 +322,10 @@ impl<'a> Obj<'a> {
                 }
             },
             Some(other) => {
-                p.push(&path, format!("expected a number, found {}", type_name(other)));
+                p.push(
+                    &path,
+                    format!("expected a number, found {}", type_name(other)),
+                );
                 None
             }
         }
@@ -315,7 +337,10 @@ impl<'a> Obj<'a> {
             Some(Value::Bool(b)) => Some(*b),
             Some(other) => {
                 let path = child(&self.path, key);
-                p.push(&path, format!("expected true or false, found {}", type_name(other)));
+                p.push(
+                    &path,
+                    format!("expected true or false, found {}", type_name(other)),
+                );
                 None
             }
         }
@@ -349,9 +374,18 @@ fn decode_request(
     p: &mut Problems,
     step_index: &mut Vec<usize>,
 ) -> TemplateRequest {
-    let empty = BuildSpec { from: String::new(), steps: vec![], start_cmd: None, ready_cmd: None };
+    let empty = BuildSpec {
+        from: String::new(),
+        steps: vec![],
+        start_cmd: None,
+        ready_cmd: None,
+    };
     let Some(top) = Obj::new(doc, "", p) else {
-        return TemplateRequest { name: None, resources: Default::default(), build_spec: empty };
+        return TemplateRequest {
+            name: None,
+            resources: Default::default(),
+            build_spec: empty,
+        };
     };
     let (mem_key, disk_key) = match form {
         Form::Wire => ("memory_mib", "disk_mib"),
@@ -375,13 +409,18 @@ fn decode_request(
             }
         }
         Form::Sdk => {
-            let allowed =
-                ["name", "vcpu", mem_key, disk_key, "from", "steps", "startCmd", "readyCmd"];
+            let allowed = [
+                "name", "vcpu", mem_key, disk_key, "from", "steps", "startCmd", "readyCmd",
+            ];
             top.deny_unknown(&allowed, p);
             decode_spec_fields(&top, form, p, step_index)
         }
     };
-    TemplateRequest { name, resources, build_spec }
+    TemplateRequest {
+        name,
+        resources,
+        build_spec,
+    }
 }
 
 fn decode_spec(
@@ -397,7 +436,12 @@ fn decode_spec(
             o.deny_unknown(&["from", "steps", s, r], p);
             decode_spec_fields(&o, form, p, step_index)
         }
-        None => BuildSpec { from: String::new(), steps: vec![], start_cmd: None, ready_cmd: None },
+        None => BuildSpec {
+            from: String::new(),
+            steps: vec![],
+            start_cmd: None,
+            ready_cmd: None,
+        },
     }
 }
 
@@ -421,7 +465,10 @@ fn decode_spec_fields(
         None | Some(Value::Null) => vec![],
         Some(Value::Array(items)) => {
             if items.len() > MAX_STEPS {
-                p.push(&steps_path, format!("at most {MAX_STEPS} steps are allowed"));
+                p.push(
+                    &steps_path,
+                    format!("at most {MAX_STEPS} steps are allowed"),
+                );
                 vec![]
             } else {
                 let mut steps = Vec::with_capacity(items.len());
@@ -435,7 +482,10 @@ fn decode_spec_fields(
             }
         }
         Some(other) => {
-            p.push(&steps_path, format!("expected an array, found {}", type_name(other)));
+            p.push(
+                &steps_path,
+                format!("expected an array, found {}", type_name(other)),
+            );
             vec![]
         }
     };
@@ -451,7 +501,10 @@ fn decode_step(v: &Value, path: &str, p: &mut Problems) -> Option<Step> {
     const KINDS: [&str; 4] = ["run", "env", "workdir", "user"];
     let o = Obj::new(v, path, p)?;
     o.deny_unknown(&KINDS, p);
-    let present: Vec<&str> = KINDS.into_iter().filter(|k| o.map.contains_key(*k)).collect();
+    let present: Vec<&str> = KINDS
+        .into_iter()
+        .filter(|k| o.map.contains_key(*k))
+        .collect();
     let kind = match present.as_slice() {
         [one] => *one,
         [] => {
@@ -459,7 +512,13 @@ fn decode_step(v: &Value, path: &str, p: &mut Problems) -> Option<Step> {
             return None;
         }
         many => {
-            p.push(path, format!("a step takes exactly one of run, env, workdir, user; found {}", many.join(", ")));
+            p.push(
+                path,
+                format!(
+                    "a step takes exactly one of run, env, workdir, user; found {}",
+                    many.join(", ")
+                ),
+            );
             return None;
         }
     };
@@ -471,7 +530,10 @@ fn decode_step(v: &Value, path: &str, p: &mut Problems) -> Option<Step> {
             inner.deny_unknown(&["key", "value"], p);
             let key = inner.str("key", true, p);
             let value = inner.str("value", true, p);
-            Some(Step::Env { key: key?, value: value? })
+            Some(Step::Env {
+                key: key?,
+                value: value?,
+            })
         }
         _ => {
             let inner = Obj::new(&o.map["user"], &child(path, "user"), p)?;

@@ -36,7 +36,11 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() { "$" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "$"
+        } else {
+            &self.path
+        };
         write!(f, "{path}: {}", self.message)
     }
 }
@@ -49,7 +53,10 @@ pub struct Problems(pub Vec<Problem>);
 impl Problems {
     /// Records a problem.
     pub fn push(&mut self, path: &str, message: impl Into<String>) {
-        self.0.push(Problem { path: path.to_owned(), message: message.into() });
+        self.0.push(Problem {
+            path: path.to_owned(),
+            message: message.into(),
+        });
     }
 
     /// `Ok(value)` when nothing was recorded.
@@ -99,7 +106,13 @@ impl TemplateRequest {
             check_template_name(name, "name", p);
         }
         let (mem_key, disk_key, spec_prefix, start_key, ready_key) = match form {
-            Form::Wire => ("memory_mib", "disk_mib", "build_spec.", "start_cmd", "ready_cmd"),
+            Form::Wire => (
+                "memory_mib",
+                "disk_mib",
+                "build_spec.",
+                "start_cmd",
+                "ready_cmd",
+            ),
             Form::Sdk => ("memoryMib", "diskMib", "", "startCmd", "readyCmd"),
         };
         let r = &self.resources;
@@ -109,7 +122,10 @@ impl TemplateRequest {
             (disk_key, r.disk_mib, Resources::DISK_MIB),
         ] {
             if let Some(v) = value.filter(|v| !range.contains(v)) {
-                p.push(key, format!("{v} is out of range {}..={}", range.start(), range.end()));
+                p.push(
+                    key,
+                    format!("{v} is out of range {}..={}", range.start(), range.end()),
+                );
             }
         }
         let spec = &self.build_spec;
@@ -145,7 +161,10 @@ fn check_step(step: &Step, path: &str, p: &mut Problems) {
             if key.len() > MAX_ENV_KEY_LEN {
                 p.push(&kp, format!("longer than {MAX_ENV_KEY_LEN} bytes"));
             } else if !is_env_name(key) {
-                p.push(&kp, format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+                p.push(
+                    &kp,
+                    format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+                );
             }
             let vp = format!("{path}.env.value");
             if value.len() > MAX_ENV_VALUE_LEN {
@@ -197,7 +216,10 @@ fn check_template_name(name: &str, path: &str, p: &mut Problems) {
             format!("{name:?} must match ^[a-z0-9]([a-z0-9._/-]*[a-z0-9])?$"),
         );
     } else if name.starts_with(RESERVED_NAME_PREFIX) {
-        p.push(path, format!("names starting with {RESERVED_NAME_PREFIX:?} are reserved"));
+        p.push(
+            path,
+            format!("names starting with {RESERVED_NAME_PREFIX:?} are reserved"),
+        );
     }
 }
 
@@ -208,7 +230,8 @@ pub fn is_template_name(name: &str) -> bool {
     !b.is_empty()
         && edge(b[0])
         && edge(b[b.len() - 1])
-        && b.iter().all(|&c| edge(c) || matches!(c, b'.' | b'_' | b'/' | b'-'))
+        && b.iter()
+            .all(|&c| edge(c) || matches!(c, b'.' | b'_' | b'/' | b'-'))
 }
 
 /// POSIX portable environment variable names.
@@ -226,5 +249,6 @@ pub fn is_user_name(name: &str) -> bool {
     !b.is_empty()
         && name.len() <= MAX_USER_LEN
         && (b[0].is_ascii_lowercase() || b[0] == b'_')
-        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
 }

@@ -9,7 +9,8 @@ fn arb_step() -> impl Strategy<Value = Step> {
         "[ -~]{1,40}".prop_map(Step::Run),
         ("[A-Z_][A-Z0-9_]{0,10}", "[ -~]{0,20}").prop_map(|(key, value)| Step::Env { key, value }),
         "(/[a-z0-9]{1,8}){1,3}".prop_map(Step::Workdir),
-        ("[a-z_][a-z0-9_-]{0,10}", any::<bool>()).prop_map(|(name, sudo)| Step::User { name, sudo }),
+        ("[a-z_][a-z0-9_-]{0,10}", any::<bool>())
+            .prop_map(|(name, sudo)| Step::User { name, sudo }),
     ]
 }
 
@@ -19,18 +20,33 @@ fn arb_request() -> impl Strategy<Value = TemplateRequest> {
         proptest::option::of(1u32..=4),
         proptest::option::of(256u32..=4096),
         proptest::option::of(1024u32..=8192),
-        prop_oneof![Just("python:3.11"), Just("debian:12"), Just("ghcr.io/o/x:v1")],
+        prop_oneof![
+            Just("python:3.11"),
+            Just("debian:12"),
+            Just("ghcr.io/o/x:v1")
+        ],
         proptest::collection::vec(arb_step(), 0..8),
         proptest::option::of("[ -~]{1,30}"),
         proptest::option::of("[ -~]{1,30}"),
     )
-        .prop_map(|(name, vcpu, memory_mib, disk_mib, from, steps, start_cmd, ready_cmd)| {
-            TemplateRequest {
-                name,
-                resources: ResourceRequest { vcpu, memory_mib, disk_mib },
-                build_spec: BuildSpec { from: from.to_owned(), steps, start_cmd, ready_cmd },
-            }
-        })
+        .prop_map(
+            |(name, vcpu, memory_mib, disk_mib, from, steps, start_cmd, ready_cmd)| {
+                TemplateRequest {
+                    name,
+                    resources: ResourceRequest {
+                        vcpu,
+                        memory_mib,
+                        disk_mib,
+                    },
+                    build_spec: BuildSpec {
+                        from: from.to_owned(),
+                        steps,
+                        start_cmd,
+                        ready_cmd,
+                    },
+                }
+            },
+        )
 }
 
 /// Re-serialises a JSON value with object keys in reverse order and pretty formatting.

@@ -36,14 +36,34 @@ fn seed_examples_are_valid() {
     });
     let req = check(sdk).unwrap();
     assert_eq!(req.build_spec.steps.len(), 4);
-    assert_eq!(req.build_spec.steps[3], Step::User { name: "appuser".into(), sudo: true });
-    assert_eq!(req.resources.resolve(), Resources { vcpu: 2, memory_mib: 2048, disk_mib: 4096 });
+    assert_eq!(
+        req.build_spec.steps[3],
+        Step::User {
+            name: "appuser".into(),
+            sudo: true
+        }
+    );
+    assert_eq!(
+        req.resources.resolve(),
+        Resources {
+            vcpu: 2,
+            memory_mib: 2048,
+            disk_mib: 4096
+        }
+    );
 }
 
 #[test]
 fn defaults_fill_in() {
     let req = check(wire(json!({"from": "debian:12"}))).unwrap();
-    assert_eq!(req.resources.resolve(), Resources { vcpu: 1, memory_mib: 1024, disk_mib: 4096 });
+    assert_eq!(
+        req.resources.resolve(),
+        Resources {
+            vcpu: 1,
+            memory_mib: 1024,
+            disk_mib: 4096
+        }
+    );
     let n = req.normalized().to_json(Form::Wire);
     assert_eq!(n["vcpu"], 1);
     assert_eq!(n["memory_mib"], 1024);
@@ -99,8 +119,16 @@ fn every_problem_is_reported_with_its_path() {
 
 #[test]
 fn sdk_form_paths_are_flat_and_camel_case() {
-    let p = problems(json!({"from": "python:3.11-alpine", "memoryMib": 1, "steps": [{"workdir": "x"}], "readyCmd": 5, "ready_cmd": "x"}));
-    for path in ["from", "memoryMib", "steps[0].workdir", "readyCmd", "ready_cmd"] {
+    let p = problems(
+        json!({"from": "python:3.11-alpine", "memoryMib": 1, "steps": [{"workdir": "x"}], "readyCmd": 5, "ready_cmd": "x"}),
+    );
+    for path in [
+        "from",
+        "memoryMib",
+        "steps[0].workdir",
+        "readyCmd",
+        "ready_cmd",
+    ] {
         assert!(p.has(path), "no problem at {path}; got:\n{p}");
     }
 }
@@ -113,14 +141,27 @@ fn refused_bases() {
         "gcr.io/distroless/base-debian12",
         "gcr.io/distroless/static",
     ] {
-        assert!(problems(wire(json!({"from": from}))).has("build_spec.from"), "{from}");
+        assert!(
+            problems(wire(json!({"from": from}))).has("build_spec.from"),
+            "{from}"
+        );
     }
 }
 
 #[test]
 fn bad_references() {
-    for from in ["", "Python:3.11", "python:", "a//b", "localhost:5000/a@sha256:123", "http://x/y"] {
-        assert!(problems(wire(json!({"from": from}))).has("build_spec.from"), "{from:?}");
+    for from in [
+        "",
+        "Python:3.11",
+        "python:",
+        "a//b",
+        "localhost:5000/a@sha256:123",
+        "http://x/y",
+    ] {
+        assert!(
+            problems(wire(json!({"from": from}))).has("build_spec.from"),
+            "{from:?}"
+        );
     }
     assert!(problems(wire(json!({}))).has("build_spec.from"));
     assert!(problems(json!({"name": "x"})).has("build_spec"));
@@ -129,10 +170,23 @@ fn bad_references() {
 #[test]
 fn names() {
     for ok in ["a", "my-env", "team/app.v1", "a_b-c.d/e", &"a".repeat(128)] {
-        check(json!({"name": ok, "build_spec": {"from": "debian"}})).unwrap_or_else(|p| panic!("{ok}: {p}"));
+        check(json!({"name": ok, "build_spec": {"from": "debian"}}))
+            .unwrap_or_else(|p| panic!("{ok}: {p}"));
     }
-    for bad in ["", "-a", "a-", "A", "a b", "kiln/base", &"a".repeat(129), "a/"] {
-        assert!(problems(json!({"name": bad, "build_spec": {"from": "debian"}})).has("name"), "{bad:?}");
+    for bad in [
+        "",
+        "-a",
+        "a-",
+        "A",
+        "a b",
+        "kiln/base",
+        &"a".repeat(129),
+        "a/",
+    ] {
+        assert!(
+            problems(json!({"name": bad, "build_spec": {"from": "debian"}})).has("name"),
+            "{bad:?}"
+        );
     }
 }
 
@@ -142,18 +196,28 @@ fn step_values() {
     let cases = [
         (json!({"env": {"key": "A-B", "value": ""}}), "env.key"),
         (json!({"env": {"key": "", "value": ""}}), "env.key"),
-        (json!({"env": {"key": "A", "value": "a\u{0}b"}}), "env.value"),
+        (
+            json!({"env": {"key": "A", "value": "a\u{0}b"}}),
+            "env.value",
+        ),
         (json!({"workdir": ""}), "workdir"),
         (json!({"user": {"name": bad_user}}), "user.name"),
         (json!({"user": {"name": "9user"}}), "user.name"),
         (json!({"user": {"name": "ok", "sudo": "yes"}}), "user.sudo"),
-        (json!({"user": {"name": "ok", "shell": "/bin/sh"}}), "user.shell"),
+        (
+            json!({"user": {"name": "ok", "shell": "/bin/sh"}}),
+            "user.shell",
+        ),
         (json!({"run": 5}), "run"),
         (json!("run"), ""),
     ];
     for (step, suffix) in cases {
         let p = problems(wire(json!({"from": "debian", "steps": [step]})));
-        let path = if suffix.is_empty() { "build_spec.steps[0]".to_owned() } else { format!("build_spec.steps[0].{suffix}") };
+        let path = if suffix.is_empty() {
+            "build_spec.steps[0]".to_owned()
+        } else {
+            format!("build_spec.steps[0].{suffix}")
+        };
         assert!(p.has(&path), "{step}: expected {path}, got:\n{p}");
     }
     for ok in [
@@ -163,28 +227,44 @@ fn step_values() {
         json!({"user": {"name": "root"}}),
         json!({"workdir": "/"}),
     ] {
-        check(wire(json!({"from": "debian", "steps": [ok.clone()]}))).unwrap_or_else(|p| panic!("{ok}: {p}"));
+        check(wire(json!({"from": "debian", "steps": [ok.clone()]})))
+            .unwrap_or_else(|p| panic!("{ok}: {p}"));
     }
 }
 
 #[test]
 fn size_caps() {
-    let steps: Vec<Value> = (0..=kiln_spec::validate::MAX_STEPS).map(|_| json!({"run": "true"})).collect();
+    let steps: Vec<Value> = (0..=kiln_spec::validate::MAX_STEPS)
+        .map(|_| json!({"run": "true"}))
+        .collect();
     assert!(problems(wire(json!({"from": "debian", "steps": steps}))).has("build_spec.steps"));
     let long = "x".repeat(kiln_spec::validate::MAX_COMMAND_LEN + 1);
-    assert!(problems(wire(json!({"from": "debian", "steps": [{"run": long}]}))).has("build_spec.steps[0].run"));
-    assert!(problems(wire(json!({"from": "debian", "start_cmd": long}))).has("build_spec.start_cmd"));
+    assert!(
+        problems(wire(json!({"from": "debian", "steps": [{"run": long}]})))
+            .has("build_spec.steps[0].run")
+    );
+    assert!(
+        problems(wire(json!({"from": "debian", "start_cmd": long}))).has("build_spec.start_cmd")
+    );
     assert!(problems(wire(json!({"from": "x".repeat(10_000)}))).has("build_spec.from"));
     let long_key = "K".repeat(kiln_spec::validate::MAX_ENV_KEY_LEN + 1);
-    assert!(problems(wire(json!({"from": "debian", "steps": [{"env": {"key": long_key, "value": ""}}]}))).has("build_spec.steps[0].env.key"));
+    assert!(problems(wire(
+        json!({"from": "debian", "steps": [{"env": {"key": long_key, "value": ""}}]})
+    ))
+    .has("build_spec.steps[0].env.key"));
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    assert!(serde_json::from_str::<Value>(&deep).is_err(), "serde_json's depth limit guards nesting");
+    assert!(
+        serde_json::from_str::<Value>(&deep).is_err(),
+        "serde_json's depth limit guards nesting"
+    );
 }
 
 #[test]
 fn wrong_types_and_shapes() {
     assert!(problems(json!([])).has(""));
-    let p = problems(json!({"vcpu": "2", "memory_mib": -1, "disk_mib": 1.5, "build_spec": {"from": "debian", "steps": {}}}));
+    let p = problems(
+        json!({"vcpu": "2", "memory_mib": -1, "disk_mib": 1.5, "build_spec": {"from": "debian", "steps": {}}}),
+    );
     for path in ["vcpu", "memory_mib", "disk_mib", "build_spec.steps"] {
         assert!(p.has(path), "{path}: {p}");
     }
@@ -206,7 +286,10 @@ fn both_forms_convert_losslessly() {
             "steps": [{"run": "true"}, {"user": {"name": "u", "sudo": false}}],
             "start_cmd": "sleep infinity"}})
     );
-    assert_eq!(TemplateRequest::from_json(&wire_doc, Form::Wire).unwrap(), req);
+    assert_eq!(
+        TemplateRequest::from_json(&wire_doc, Form::Wire).unwrap(),
+        req
+    );
     assert_eq!(req.to_json(Form::Sdk), sdk);
 }
 

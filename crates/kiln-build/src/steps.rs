@@ -1,0 +1,432 @@
+//! Running a spec's steps, `startCmd` and `readyCmd` inside a build VM.
+//!
+//! The runtime defaults (env, working directory, user) start from the image config and are
+//! changed by the steps, in order; they are what every later step runs with and what a
+//! sandbox's exec uses when a call gives none.
+
+use std::time::{Duration, Instant};
+
+use kiln_spec::{BuildErrorCode, Step};
+use serde::{Deserialize, Serialize};
+
+use crate::error::BuildError;
+use crate::guest::{Command, Guest, GuestError};
+use crate::log::{LineSplitter, LogSink};
+
+/// PATH for images whose config sets none, as Docker uses.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Where the start command's output goes in the guest. On tmpfs: it lives in the snapshot.
+pub const START_LOG: &str = "/run/kiln-start.log";
+
+/// The env, working directory and user a command runs with when it gives none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeDefaults {
+    /// Environment in order of first definition; later definitions replace values in place.
+    pub env: Vec<(String, String)>,
+    /// Absolute working directory.
+    pub workdir: String,
+    /// User name (or numeric uid) in the guest.
+    pub user: String,
+}
+
+impl Default for RuntimeDefaults {
+    fn default() -> Self {
+        Self {
+            env: vec![("PATH".into(), DEFAULT_PATH.into())],
+            workdir: "/".into(),
+            user: "root".into(),
+        }
+    }
+}
+
+impl RuntimeDefaults {
+    /// Defaults from an OCI image config (`Env` as `K=V`, `WorkingDir`, `User`).
+    ///
+    /// `User` may be `name`, `uid` or `user:group`; the group part is dropped, since the
+    /// agent derives groups from the guest's own files.
+    pub fn from_image_config(
+        env: &[String],
+        working_dir: Option<&str>,
+        user: Option<&str>,
+    ) -> Self {
+        let mut d = Self {
+            env: vec![],
+            ..Self::default()
+        };
+        for kv in env {
+            if let Some((k, v)) = kv.split_once('=') {
+                d.set_env(k, v);
+            }
+        }
+        if !d.env.iter().any(|(k, _)| k == "PATH") {
+            d.env.insert(0, ("PATH".into(), DEFAULT_PATH.into()));
+        }
+        if let Some(dir) = working_dir.filter(|w| w.starts_with('/')) {
+            d.workdir = dir.to_owned();
+        }
+        if let Some(user) = user
+            .map(|u| u.split(':').next().unwrap_or(u))
+            .filter(|u| !u.is_empty())
+        {
+            d.user = user.to_owned();
+        }
+        d
+    }
+
+    /// Sets a variable, replacing an earlier value in place.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        match self.env.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value.to_owned(),
+            None => self.env.push((key.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// These defaults with `overrides` applied on top (the caller wins on conflict).
+    pub fn env_with(&self, overrides: &[(String, String)]) -> Vec<(String, String)> {
+        let mut d = self.clone();
+        for (k, v) in overrides {
+            d.set_env(k, v);
+        }
+        d.env
+    }
+
+    fn command(&self, script: String, timeout: Option<Duration>) -> Command {
+        Command {
+            script,
+            env: self.env.clone(),
+            cwd: self.workdir.clone(),
+            user: self.user.clone(),
+            timeout,
+        }
+    }
+
+    fn as_root(&self, script: String, timeout: Option<Duration>) -> Command {
+        Command {
+            user: "root".into(),
+            cwd: "/".into(),
+            ..self.command(script, timeout)
+        }
+    }
+}
+
+/// Time bounds of the steps and the start/ready phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Longest a single step may run.
+    pub step_timeout: Duration,
+    /// How often `readyCmd` is run.
+    pub ready_interval: Duration,
+    /// How long `readyCmd` may take to first exit 0.
+    pub ready_timeout: Duration,
+    /// Without a `readyCmd`: how long the start command must survive before the snapshot.
+    pub start_grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            step_timeout: Duration::from_secs(30 * 60),
+            ready_interval: Duration::from_secs(2),
+            ready_timeout: Duration::from_secs(10 * 60),
+            start_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs steps in a build VM, keeping the runtime defaults as they evolve.
+#[derive(Debug)]
+pub struct StepRunner<'a, G: ?Sized> {
+    guest: &'a G,
+    sink: &'a dyn LogSink,
+    timing: Timing,
+    /// The defaults as changed by the steps so far.
+    pub defaults: RuntimeDefaults,
+}
+
+impl std::fmt::Debug for dyn LogSink + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogSink")
+    }
+}
+
+impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
+    /// A runner starting from the image's defaults.
+    pub fn new(
+        guest: &'a G,
+        sink: &'a dyn LogSink,
+        defaults: RuntimeDefaults,
+        timing: Timing,
+    ) -> Self {
+        Self {
+            guest,
+            sink,
+            timing,
+            defaults,
+        }
+    }
+
+    /// Runs every step in order; the first failure stops the build with `step_failed`.
+    pub async fn run_steps(&mut self, steps: &[Step]) -> Result<(), BuildError> {
+        let n = steps.len();
+        for (i, step) in steps.iter().enumerate() {
+            self.sink
+                .system(format!("step {}/{n}: {}", i + 1, describe(step)));
+            let started = Instant::now();
+            self.run_step(step).await.map_err(|why| {
+                BuildError::new(
+                    BuildErrorCode::StepFailed,
+                    format!("step {}/{n} ({}) {why}", i + 1, describe(step)),
+                )
+            })?;
+            tracing::debug!(step = i + 1, elapsed = ?started.elapsed(), "step done");
+        }
+        Ok(())
+    }
+
+    async fn run_step(&mut self, step: &Step) -> Result<(), String> {
+        let timeout = Some(self.timing.step_timeout);
+        match step {
+            Step::Run(script) => {
+                let cmd = self.defaults.command(script.clone(), timeout);
+                self.run_logged(&cmd).await
+            }
+            Step::Env { key, value } => {
+                self.defaults.set_env(key, value);
+                Ok(())
+            }
+            Step::Workdir(dir) => {
+                let script = format!(
+                    "mkdir -p -- {dir} && chown -- {user}: {dir}",
+                    dir = shell_quote(dir),
+                    user = shell_quote(&self.defaults.user)
+                );
+                self.run_logged(&self.defaults.as_root(script, timeout))
+                    .await?;
+                self.defaults.workdir = dir.clone();
+                Ok(())
+            }
+            Step::User { name, sudo } => {
+                let mut script = create_user_script(name);
+                if *sudo {
+                    script.push_str(&grant_sudo_script(name));
+                }
+                self.run_logged(&self.defaults.as_root(script, timeout))
+                    .await?;
+                self.defaults.user = name.clone();
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs a command with its output going to the log; `Err` says how it ended.
+    async fn run_logged(&self, cmd: &Command) -> Result<(), String> {
+        let mut lines = LineSplitter::default();
+        let sink = self.sink;
+        let exit = self
+            .guest
+            .run(cmd, &mut |stream, chunk| lines.feed(stream, chunk, sink))
+            .await;
+        lines.flush(sink);
+        match exit {
+            Ok(exit) if exit.success() => Ok(()),
+            Ok(exit) => Err(format!("failed with {exit}")),
+            Err(e) => Err(format!("could not run: {e}")),
+        }
+    }
+
+    /// Starts `start_cmd` in the background and waits for `ready_cmd`, as the spec says:
+    /// the probe every `ready_interval` until it exits 0, for at most `ready_timeout`; the
+    /// start command exiting non-zero meanwhile fails the build with its output tail.
+    pub async fn start_and_wait_ready(
+        &self,
+        start_cmd: Option<&str>,
+        ready_cmd: Option<&str>,
+    ) -> Result<Option<u32>, BuildError> {
+        let pid = match start_cmd {
+            None => None,
+            Some(start) => {
+                self.sink
+                    .system(format!("starting: {}", ellipsize(start, 200)));
+                let cmd = self.defaults.command(start.to_owned(), None);
+                let pid = self.guest.spawn(&cmd, START_LOG).await.map_err(|e| {
+                    BuildError::new(
+                        BuildErrorCode::StartCmdFailed,
+                        format!("could not start: {e}"),
+                    )
+                    .with_source(e)
+                })?;
+                self.sink.system(format!("started (pid {pid})"));
+                Some(pid)
+            }
+        };
+        let Some(ready) = ready_cmd else {
+            if let Some(pid) = pid {
+                tokio::time::sleep(self.timing.start_grace).await;
+                self.check_start(pid).await?;
+            }
+            return Ok(pid);
+        };
+        self.sink
+            .system(format!("waiting for ready: {}", ellipsize(ready, 200)));
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let probe = self.defaults.command(
+                ready.to_owned(),
+                Some(self.timing.ready_interval.max(Duration::from_secs(30))),
+            );
+            let mut tail = Vec::new();
+            let exit = self
+                .guest
+                .run(&probe, &mut |_, chunk| keep_tail(&mut tail, chunk, 1024))
+                .await
+                .map_err(|e| ready_err(format!("could not run readyCmd: {e}")))?;
+            if exit.success() {
+                self.sink.system(format!(
+                    "ready after {attempts} probe(s), {:.1}s",
+                    started.elapsed().as_secs_f64()
+                ));
+                return Ok(pid);
+            }
+            if let Some(pid) = pid {
+                self.check_start(pid).await?;
+            }
+            if started.elapsed() + self.timing.ready_interval > self.timing.ready_timeout {
+                let out = String::from_utf8_lossy(&tail);
+                return Err(ready_err(format!(
+                    "readyCmd did not exit 0 within {}s ({attempts} probes; last: {exit}{})",
+                    self.timing.ready_timeout.as_secs(),
+                    if out.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", out.trim())
+                    }
+                )));
+            }
+            tokio::time::sleep(self.timing.ready_interval).await;
+        }
+    }
+
+    /// Fails with `start_cmd_failed` and the output tail if the start command died non-zero.
+    async fn check_start(&self, pid: u32) -> Result<(), BuildError> {
+        let status = self.guest.exit_status(pid).await.map_err(start_err_from)?;
+        match status {
+            Some(exit) if !exit.success() => {
+                let tail = self.start_log_tail().await;
+                Err(BuildError::new(
+                    BuildErrorCode::StartCmdFailed,
+                    format!(
+                        "startCmd ended with {exit} before the snapshot{}",
+                        tail_suffix(&tail)
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn start_log_tail(&self) -> String {
+        let cmd = self.defaults.as_root(
+            format!("tail -c 2048 {START_LOG}"),
+            Some(Duration::from_secs(30)),
+        );
+        let mut out = Vec::new();
+        let _ = self
+            .guest
+            .run(&cmd, &mut |_, chunk| keep_tail(&mut out, chunk, 2048))
+            .await;
+        String::from_utf8_lossy(&out).trim().to_owned()
+    }
+}
+
+fn start_err_from(e: GuestError) -> BuildError {
+    BuildError::new(
+        BuildErrorCode::StartCmdFailed,
+        format!("could not check startCmd: {e}"),
+    )
+    .with_source(e)
+}
+
+fn ready_err(detail: String) -> BuildError {
+    BuildError::new(BuildErrorCode::ReadyCmdFailed, detail)
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; output tail:\n{tail}")
+    }
+}
+
+fn keep_tail(buf: &mut Vec<u8>, chunk: &[u8], max: usize) {
+    buf.extend_from_slice(chunk);
+    if buf.len() > max {
+        buf.drain(..buf.len() - max);
+    }
+}
+
+/// A step as the logs and error messages name it.
+pub fn describe(step: &Step) -> String {
+    match step {
+        Step::Run(cmd) => format!("run `{}`", ellipsize(cmd, 120)),
+        Step::Env { key, .. } => format!("env {key}"),
+        Step::Workdir(dir) => format!("workdir {dir}"),
+        Step::User { name, sudo: true } => format!("user {name} (sudo)"),
+        Step::User { name, sudo: false } => format!("user {name}"),
+    }
+}
+
+fn ellipsize(s: &str, max: usize) -> String {
+    let one_line = s.replace('\n', " ");
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        format!("{}...", one_line.chars().take(max).collect::<String>())
+    }
+}
+
+/// Quotes a string for `/bin/sh` as one word.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Creates the user with a home directory when missing, with whatever tool the image has.
+fn create_user_script(name: &str) -> String {
+    let q = shell_quote(name);
+    format!(
+        "if ! id -u {q} >/dev/null 2>&1; then \
+           if command -v useradd >/dev/null 2>&1; then useradd --create-home --shell /bin/sh {q}; \
+           elif command -v adduser >/dev/null 2>&1; then adduser -D {q}; \
+           else echo 'kiln: cannot create user: the image has neither useradd nor adduser' >&2; exit 127; fi; \
+         fi\n"
+    )
+}
+
+/// Grants passwordless sudo, installing sudo with apt-get when the image lacks it.
+fn grant_sudo_script(name: &str) -> String {
+    let q = shell_quote(name);
+    // sudo ignores sudoers.d files whose names contain '.' or end in '~'.
+    let file: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "if ! command -v sudo >/dev/null 2>&1; then \
+           if command -v apt-get >/dev/null 2>&1; then \
+             echo 'kiln: installing sudo with apt-get' >&2; \
+             (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends sudo) >&2 \
+               || {{ echo 'kiln: sudo: true needs sudo; the image lacks it and apt-get could not install it' >&2; exit 1; }}; \
+           else echo 'kiln: sudo: true needs sudo, which the image lacks and cannot install (no apt-get)' >&2; exit 127; fi; \
+         fi\n\
+         mkdir -p /etc/sudoers.d && printf '%s ALL=(ALL) NOPASSWD:ALL\\n' {q} > /etc/sudoers.d/kiln-{file} \
+           && chmod 0440 /etc/sudoers.d/kiln-{file}\n"
+    )
+}

@@ -85,7 +85,7 @@ pub trait Guest: Send + Sync {
     async fn run(
         &self,
         cmd: &Command,
-        on_output: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
+        on_output: &mut (dyn for<'b> FnMut(OutputStream, &'b [u8]) + Send),
     ) -> Result<Exit, GuestError>;
 
     /// Starts a command that outlives this call, its output going to `log_path` in the

@@ -7,9 +7,11 @@
 pub mod error;
 pub mod guest;
 pub mod log;
+pub mod pipeline;
 pub mod steps;
 
 pub use error::BuildError;
 pub use guest::{Command, Exit, Guest, GuestError, OutputStream};
 pub use log::{LineSplitter, LogLine, LogSink, Stream};
+pub use pipeline::{run_build, BuildEnd, BuildEnv, BuildJob, BuildObserver, BuildOutput, Phase};
 pub use steps::{RuntimeDefaults, StepRunner, Timing};

@@ -23,7 +23,7 @@ impl Guest for FakeGuest {
     async fn run(
         &self,
         cmd: &Command,
-        on_output: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
+        on_output: &mut (dyn for<'b> FnMut(OutputStream, &'b [u8]) + Send),
     ) -> Result<Exit, GuestError> {
         self.ran.lock().unwrap().push(cmd.clone());
         for (needle, exit, out) in &self.rules {

@@ -2,13 +2,22 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod image;
+mod sandbox;
 mod state;
+mod template;
 mod validate;
+mod vm;
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Build sandbox templates and run sandboxes from them")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build sandbox templates and run sandboxes from them"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +27,66 @@ struct Cli {
 enum Command {
     /// Check a BuildSpec (either JSON form) and print it normalized, as wire JSON.
     Validate(validate::Args),
+    /// Install host packages, fetch the guest kernel and build the initramfs (idempotent).
+    Setup(vm::SetupArgs),
+    /// Report what is provisioned and which accelerator VMs will use, and why.
+    Doctor(vm::DoctorArgs),
+    /// Boot a throwaway VM from an image, run one command in it, exit with its code.
+    Run(vm::RunArgs),
+    /// Pull, inspect, list and prune base images.
+    Image(image::Args),
+    /// Build, list, inspect and delete templates.
+    Template(template::Args),
+    /// Create, list, use and kill sandboxes.
+    Sandbox(sandbox::Args),
+}
+
+fn block_on(
+    f: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(f)
+}
+
+/// The engine on the local state dir.
+async fn engine() -> anyhow::Result<std::sync::Arc<kiln_engine::Engine>> {
+    let cfg = kiln_engine::EngineConfig::new(state::state_dir());
+    Ok(kiln_engine::Engine::open(cfg).await?)
+}
+
+/// Starts `kiln ARGS...` in its own session, detached from this terminal, with its output
+/// in `LOG_DIR/NAME.log`: work that must outlive this command (a sandbox's keeper, a
+/// detached build).
+fn spawn_detached(args: &[&str], log_dir: &std::path::Path, name: &str) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt as _;
+    std::fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let log_path = log_dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env(
+            "KILN_LOG",
+            std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting a detached kiln process")?;
+    Ok(child.id())
 }
 
 fn main() -> ExitCode {
@@ -27,10 +96,17 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
+        Command::Setup(args) => vm::setup(args),
+        Command::Doctor(args) => vm::doctor(args),
+        Command::Run(args) => vm::run(args),
+        Command::Image(args) => image::run(args, &state::state_dir()),
+        Command::Template(args) => block_on(template::run(args)),
+        Command::Sandbox(args) => block_on(sandbox::run(args)),
     };
     match result {
         Ok(code) => code,

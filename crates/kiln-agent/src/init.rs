@@ -1,0 +1,333 @@
+//! PID 1 duties: initramfs stage (modules, root disk, switch_root), then the usual init
+//! chores in the real root (mounts, hostname, network, signal forwarding).
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::net;
+use crate::procs::Procs;
+
+/// Kernel command line `key=value` pairs (flags map to "").
+pub fn cmdline() -> HashMap<String, String> {
+    std::fs::read_to_string("/proc/cmdline")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (t.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).context("nul byte in string")
+}
+
+/// mount(2); `EBUSY` (already mounted) is not an error.
+pub fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<()> {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f, d) = (cstr(src)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    // SAFETY: valid NUL-terminated strings.
+    let r = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            if fstype.is_empty() {
+                std::ptr::null()
+            } else {
+                f.as_ptr()
+            },
+            flags,
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                d.as_ptr().cast()
+            },
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Ok(());
+        }
+        bail!("mount {src} on {target} ({fstype}): {e}");
+    }
+    Ok(())
+}
+
+fn is_mountpoint(target: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(target))
+}
+
+fn mount_if_missing(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
+    if is_mountpoint(target) {
+        return;
+    }
+    if let Err(e) = mount(src, target, fstype, flags, data) {
+        tracing::warn!("{e:#}");
+    }
+}
+
+/// Make sure fds 0/1/2 exist and point at the console (the initramfs may lack
+/// /dev/console, in which case the kernel started us with no fds at all).
+fn ensure_console() {
+    // SAFETY: fcntl F_GETFD only queries.
+    let have_stderr = unsafe { libc::fcntl(2, libc::F_GETFD) } >= 0;
+    if have_stderr {
+        return;
+    }
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        let fd = f.as_raw_fd();
+        for target in 0..3 {
+            // SAFETY: dup2 onto the standard fds.
+            unsafe { libc::dup2(fd, target) };
+        }
+        if fd > 2 {
+            // Keep the standard fds, drop the original.
+            drop(f);
+        } else {
+            std::mem::forget(f);
+        }
+    }
+}
+
+fn load_module(path: &Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let empty = cstr("")?;
+    // SAFETY: finit_module(fd, "", 0) with a valid fd and params string.
+    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), empty.as_ptr(), 0) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(());
+        }
+        bail!("finit_module {}: {e}", path.display());
+    }
+    Ok(())
+}
+
+fn wait_for(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    path.exists()
+}
+
+/// The initramfs stage: modules, root disk, switch_root into it.
+pub fn initramfs_stage() -> Result<()> {
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
+    ensure_console();
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    let args = cmdline();
+    let list = std::fs::read_to_string("/kiln/modules").context("read /kiln/modules")?;
+    for name in list.split_whitespace() {
+        let file = if name.ends_with(".ko") {
+            name.to_owned()
+        } else {
+            format!("{name}.ko")
+        };
+        let path = Path::new("/lib/modules/kiln").join(&file);
+        if let Err(e) = load_module(&path) {
+            tracing::warn!("{e:#}");
+        }
+    }
+    let root_dev = args
+        .get("root")
+        .cloned()
+        .unwrap_or_else(|| "/dev/vda".into());
+    if !wait_for(Path::new(&root_dev), Duration::from_secs(10)) {
+        bail!("root device {root_dev} did not appear within 10 s");
+    }
+    let fstype = args.get("rootfstype").map_or("ext4", String::as_str);
+    mount(&root_dev, "/newroot", fstype, 0, "")?;
+    for d in ["dev", "proc", "sys"] {
+        let target = format!("/newroot/{d}");
+        let _ = std::fs::create_dir_all(&target);
+        mount(&format!("/{d}"), &target, "", libc::MS_MOVE, "")?;
+    }
+    // Free the initramfs copies of the agent and modules (they would otherwise sit in
+    // every VM's RAM and every memory snapshot). The running binary stays mapped.
+    let _ = std::fs::remove_file("/init");
+    let _ = std::fs::remove_dir_all("/lib/modules/kiln");
+    let _ = std::fs::remove_dir_all("/kiln");
+    std::env::set_current_dir("/newroot").context("chdir /newroot")?;
+    mount(".", "/", "", libc::MS_MOVE, "")?;
+    let dot = cstr(".")?;
+    // SAFETY: chroot into the new root we just moved onto /.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        bail!("chroot: {}", std::io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/").context("chdir /")?;
+    tracing::info!(root = %root_dev, "switched to the root disk");
+    Ok(())
+}
+
+/// Make sure /proc is there (needed to read the kernel command line).
+pub fn mount_proc() {
+    mount_if_missing(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    );
+}
+
+/// Init chores in the real root.
+pub fn real_root_setup(args: &HashMap<String, String>) {
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    mount_if_missing("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
+    ensure_console();
+    mount_if_missing("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, "");
+    mount_if_missing("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, "");
+    mount_if_missing(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "gid=5,mode=620,ptmxmode=666",
+    );
+    mount_if_missing("shm", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777");
+    mount_if_missing("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777");
+    mount_if_missing("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755");
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        if std::fs::symlink_metadata(link).is_err() {
+            let _ = std::os::unix::fs::symlink(target, link);
+        }
+    }
+    let hostname = args
+        .get("kiln.hostname")
+        .filter(|h| !h.is_empty())
+        .cloned()
+        .unwrap_or_else(|| "kiln".into());
+    set_hostname(&hostname);
+    if let Err(e) = net::setup(args.get("kiln.net").is_some_and(|v| v == "1")) {
+        tracing::warn!("network setup: {e:#}");
+    }
+}
+
+fn set_hostname(name: &str) {
+    // SAFETY: pointer + length of a live buffer.
+    let r = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    if r != 0 {
+        tracing::warn!("sethostname: {}", std::io::Error::last_os_error());
+    }
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    if !hosts.split_whitespace().any(|w| w == name) {
+        let mut s = hosts;
+        if !s.contains("localhost") {
+            s.push_str("127.0.0.1\tlocalhost\n");
+        }
+        if !s.is_empty() && !s.ends_with('\n') {
+            s.push('\n');
+        }
+        s.push_str(&format!("127.0.1.1\t{name}\n"));
+        let _ = std::fs::write("/etc/hosts", s);
+    }
+}
+
+/// Find `/dev/vportNpM` whose sysfs name is `port_name`, waiting up to `timeout`.
+pub fn find_port(port_name: &str, timeout: Duration) -> Result<PathBuf> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in rd.flatten() {
+                let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                if name.trim() == port_name {
+                    let dev = Path::new("/dev").join(e.file_name());
+                    if dev.exists() {
+                        return Ok(dev);
+                    }
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("virtio-serial port {port_name:?} not found");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn term_signals() -> libc::sigset_t {
+    // SAFETY: initialising a sigset_t on the stack.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Block SIGTERM/SIGINT in this (the main) thread; threads created later inherit the
+/// mask, so only [`forward_signals`]' `sigwait` ever receives them. Children get their
+/// mask reset by std before exec.
+pub fn block_signals() {
+    let set = term_signals();
+    // SAFETY: valid sigset.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// PID 1 forwards SIGTERM/SIGINT to every process it started (their process groups).
+/// The kernel never delivers unhandled signals to PID 1, so this is the only way a
+/// `kill 1` / ctrl-alt-del reaches the workload.
+pub fn forward_signals(procs: std::sync::Arc<Procs>) {
+    let set = term_signals();
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: valid sigset and out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                for pid in procs.running_pids() {
+                    // SAFETY: plain kill(2) on a child's process group.
+                    unsafe { libc::kill(-pid, sig) };
+                }
+                tracing::info!(sig, "forwarded signal to children");
+            }
+        });
+}

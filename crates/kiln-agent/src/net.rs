@@ -1,0 +1,138 @@
+//! Network bring-up with ioctls (the guest image may have no `ip` binary):
+//! `lo` up; `eth0` = 10.0.2.15/24 via 10.0.2.2 (QEMU user networking), DNS 10.0.2.3.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Result};
+
+const ETH_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+const ETH_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const DNS: &str = "10.0.2.3";
+
+/// glibc's `struct rtentry` (net/route.h), not exported by the libc crate for gnu.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_tos: libc::c_uchar,
+    rt_class: libc::c_uchar,
+    rt_pad4: [libc::c_short; 3],
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ifreq(name: &str) -> Result<libc::ifreq> {
+    // SAFETY: all-zero ifreq is valid.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= r.ifr_name.len() {
+        bail!("interface name too long");
+    }
+    for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(r)
+}
+
+struct Sock(libc::c_int);
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        // SAFETY: closing our own socket.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+impl Sock {
+    fn new() -> Result<Self> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self(fd))
+    }
+
+    fn ioctl<T>(&self, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<()> {
+        // SAFETY: arg points to the struct the request expects.
+        let r = unsafe { libc::ioctl(self.0, req as _, arg as *mut T) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                return Ok(());
+            }
+            bail!("{what}: {e}");
+        }
+        Ok(())
+    }
+
+    fn up(&self, name: &str) -> Result<()> {
+        let mut r = ifreq(name)?;
+        self.ioctl(libc::SIOCGIFFLAGS, &mut r, "SIOCGIFFLAGS")?;
+        // SAFETY: union field written by SIOCGIFFLAGS.
+        unsafe {
+            r.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        }
+        self.ioctl(libc::SIOCSIFFLAGS, &mut r, "SIOCSIFFLAGS")
+    }
+
+    fn set_addr(&self, name: &str, addr: Ipv4Addr, mask: Ipv4Addr) -> Result<()> {
+        let mut r = ifreq(name)?;
+        r.ifr_ifru.ifru_addr = sockaddr_in(addr);
+        self.ioctl(libc::SIOCSIFADDR, &mut r, "SIOCSIFADDR")?;
+        let mut r = ifreq(name)?;
+        r.ifr_ifru.ifru_netmask = sockaddr_in(mask);
+        self.ioctl(libc::SIOCSIFNETMASK, &mut r, "SIOCSIFNETMASK")
+    }
+
+    fn default_route(&self, gw: Ipv4Addr) -> Result<()> {
+        // SAFETY: all-zero rtentry is valid.
+        let mut rt: RtEntry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_in(gw);
+        rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+        self.ioctl(libc::SIOCADDRT, &mut rt, "SIOCADDRT")
+    }
+}
+
+/// Configure `lo` and (if present) `eth0`; write resolv.conf only if `dns`.
+pub fn setup(dns: bool) -> Result<()> {
+    let s = Sock::new()?;
+    s.up("lo")?;
+    if !std::path::Path::new("/sys/class/net/eth0").exists() {
+        tracing::info!("no eth0; network left down");
+        return Ok(());
+    }
+    s.set_addr("eth0", ETH_ADDR, ETH_MASK)?;
+    s.up("eth0")?;
+    s.default_route(GATEWAY)?;
+    if dns {
+        // resolv.conf may be a dangling symlink (systemd-resolved images): replace it.
+        let _ = std::fs::remove_file("/etc/resolv.conf");
+        std::fs::write("/etc/resolv.conf", format!("nameserver {DNS}\n"))?;
+    }
+    tracing::info!(addr = %ETH_ADDR, gw = %GATEWAY, dns, "network configured");
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! `kiln sandbox ...`: sandboxes on the local state dir, no server needed.
+//!
+//! A sandbox must outlive the command that created it, so `create` starts a detached
+//! keeper process (`kiln sandbox keep ID`, the way podman uses conmon) that restores the
+//! VM and owns it until `kill`. Other commands reach the guest agent through the socket
+//! the keeper publishes.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use kiln_agent_proto::{ExecEvent, ExecRequest};
+use kiln_engine::{pid_alive, Engine};
+use kiln_store::{NewSandbox, Sandbox, SandboxFilter, SandboxStatus};
+
+use crate::engine;
+
+/// How long `create` waits for the keeper to bring the sandbox up.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `kiln sandbox`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Start a sandbox from a template (name or id); prints the sandbox id.
+    Create {
+        /// Template name or id.
+        template: String,
+        /// Environment variable over the template's defaults (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Metadata label (repeatable).
+        #[arg(long = "metadata", value_name = "K=V")]
+        metadata: Vec<String>,
+        /// Sandbox name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List live sandboxes.
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a sandbox and remove everything it had.
+    Kill {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Run a command in a sandbox, streaming its output; exits with its exit code.
+    Exec {
+        /// Working directory (default: the template's).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Environment variable (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// User (default: the template's).
+        #[arg(long)]
+        user: Option<String>,
+        /// Sandbox id.
+        id: String,
+        /// The command, run with `/bin/sh -c`.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Copy a file in or out: `kiln sandbox cp LOCAL ID:/path` or `kiln sandbox cp ID:/path LOCAL`.
+    Cp {
+        /// Source.
+        src: String,
+        /// Destination.
+        dst: String,
+    },
+    /// Own a sandbox's VM until it is killed (started by `create`).
+    #[command(hide = true)]
+    Keep {
+        /// Sandbox id.
+        id: String,
+    },
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let engine = engine().await?;
+    let team = engine.local_team().await?;
+    let team_id = team.id.as_str();
+    match args.command {
+        Cmd::Create {
+            template,
+            env,
+            metadata,
+            name,
+        } => {
+            let new = NewSandbox {
+                template,
+                name,
+                metadata: pairs(&metadata)?,
+                env: pairs(&env)?,
+            };
+            let (sandbox, _token) = engine.create_sandbox_record(team_id, &new).await?;
+            let logs = engine.layout().root().join("logs");
+            crate::spawn_detached(&["sandbox", "keep", &sandbox.id], &logs, &sandbox.id)?;
+            let up = wait_started(&engine, team_id, &sandbox.id).await?;
+            println!("{}", up.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ls { json } => {
+            engine.reap_orphaned_sandboxes(team_id).await?;
+            let all = engine
+                .store()
+                .list_sandboxes(team_id, &SandboxFilter::default())
+                .await?;
+            if json {
+                let docs: Vec<_> = all.iter().map(sandbox_json).collect();
+                println!("{}", serde_json::to_string_pretty(&docs)?);
+            } else {
+                println!(
+                    "{:<36}  {:<10}  {:<36}  CREATED",
+                    "ID", "STATUS", "TEMPLATE"
+                );
+                for s in &all {
+                    println!(
+                        "{:<36}  {:<10}  {:<36}  {}",
+                        s.id,
+                        s.status,
+                        s.template_id,
+                        s.created_at.to_rfc3339()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Kill { id } => {
+            kill(&engine, team_id, &id).await?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Exec {
+            cwd,
+            env,
+            user,
+            id,
+            cmd,
+        } => {
+            let agent = engine.connect_sandbox(team_id, &id).await?;
+            let req = ExecRequest {
+                command: shell_join(&cmd),
+                env: pairs(&env)?,
+                cwd,
+                user,
+                ..ExecRequest::default()
+            };
+            let mut handle = agent.exec(req).await?;
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            loop {
+                match handle.next_event().await? {
+                    Some(ExecEvent::Stdout(b)) => {
+                        out.write_all(&b)?;
+                        out.flush()?;
+                    }
+                    Some(ExecEvent::Stderr(b)) => {
+                        err.write_all(&b)?;
+                        err.flush()?;
+                    }
+                    Some(ExecEvent::Exit(status)) => {
+                        let code = status
+                            .code
+                            .unwrap_or_else(|| 128 + status.signal.unwrap_or(0));
+                        return Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)));
+                    }
+                    None => bail!("the sandbox closed the command's stream without an exit status"),
+                }
+            }
+        }
+        Cmd::Cp { src, dst } => {
+            match (split_remote(&src), split_remote(&dst)) {
+                (Some((id, path)), None) => {
+                    let agent = engine.connect_sandbox(team_id, id).await?;
+                    let file = tokio::fs::File::create(&dst)
+                        .await
+                        .with_context(|| format!("creating {dst}"))?;
+                    let n = agent.read_file_to(path, file).await?;
+                    eprintln!("{n} bytes");
+                }
+                (None, Some((id, path))) => {
+                    let agent = engine.connect_sandbox(team_id, id).await?;
+                    let file = tokio::fs::File::open(&src)
+                        .await
+                        .with_context(|| format!("opening {src}"))?;
+                    let mode = std::os::unix::fs::PermissionsExt::mode(
+                        &file.metadata().await?.permissions(),
+                    ) & 0o7777;
+                    let n = agent.write_file_from(path, file, Some(mode)).await?;
+                    eprintln!("{n} bytes");
+                }
+                _ => bail!("exactly one side must be a sandbox path, as ID:/absolute/path"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Keep { id } => keep(&engine, team_id, &id).await,
+    }
+}
+
+/// Waits until the keeper reports the sandbox active, or failed.
+async fn wait_started(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<Sandbox> {
+    let started = Instant::now();
+    loop {
+        let s = engine.store().sandbox_by_id(team_id, id).await?;
+        match s.status {
+            SandboxStatus::Active => return Ok(s),
+            SandboxStatus::Starting if started.elapsed() < START_TIMEOUT => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            SandboxStatus::Starting => {
+                let _ = engine
+                    .finish_sandbox(team_id, id, SandboxStatus::Failed)
+                    .await;
+                bail!(
+                    "the sandbox did not start within {}s",
+                    START_TIMEOUT.as_secs()
+                );
+            }
+            other => {
+                let log = engine
+                    .layout()
+                    .root()
+                    .join("logs")
+                    .join(format!("{id}.log"));
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                bail!(
+                    "the sandbox failed to start ({other}); keeper log {}:\n{}",
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// The keeper: restores the VM, hands the agent channel to other processes, and owns the
+/// VM until SIGTERM (kill) or until QEMU dies.
+async fn keep(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut live = engine.start_sandbox(team_id, id).await?;
+    drop(live.vm.release_agent());
+    let died = loop {
+        tokio::select! {
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                if live.vm.exit_status().is_some() {
+                    break true;
+                }
+            }
+        }
+    };
+    let status = if died {
+        SandboxStatus::Failed
+    } else {
+        SandboxStatus::Deleted
+    };
+    if died {
+        tracing::warn!(sandbox = %id, exit = ?live.vm.exit_status(), "sandbox VM died");
+    }
+    live.vm.kill().await;
+    engine.finish_sandbox(team_id, id, status).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn kill(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<()> {
+    let s = engine.store().sandbox_by_id(team_id, id).await?;
+    if matches!(s.status, SandboxStatus::Deleted) {
+        return Ok(());
+    }
+    if let Ok(endpoint) = engine.sandbox_endpoint(team_id, id).await {
+        // SAFETY: plain syscall on the keeper's pid, read from its own endpoint file.
+        unsafe { libc::kill(endpoint.owner_pid as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        while pid_alive(endpoint.owner_pid) && started.elapsed() < Duration::from_secs(15) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if pid_alive(endpoint.owner_pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(endpoint.owner_pid as i32, libc::SIGKILL) };
+        }
+    }
+    let s = engine.store().sandbox_by_id(team_id, id).await?;
+    if s.status != SandboxStatus::Deleted {
+        engine
+            .finish_sandbox(team_id, id, SandboxStatus::Deleted)
+            .await?;
+    }
+    Ok(())
+}
+
+fn sandbox_json(s: &Sandbox) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id, "name": s.name, "status": s.status.to_string(), "template_id": s.template_id,
+        "vcpu_count": s.vcpu_count, "memory_mib": s.memory_mib, "metadata": s.metadata,
+        "created_at": s.created_at.to_rfc3339(),
+    })
+}
+
+/// Parses `K=V` arguments.
+pub fn pairs(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => bail!("expected K=V, got {kv:?}"),
+        })
+        .collect()
+}
+
+fn split_remote(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
+}
+
+/// Joins argv for `/bin/sh -c`: one argument is taken as a script; several are quoted.
+pub fn shell_join(cmd: &[String]) -> String {
+    if let [one] = cmd {
+        return one.clone();
+    }
+    cmd.iter()
+        .map(|a| kiln_build::steps::shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,274 @@
+//! Templates and their builds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_build::{run_build, BuildEnd, BuildJob, BuildObserver, LogLine, LogSink, Phase, Stream};
+use kiln_spec::{BuildErrorCode, CodedMessage, TemplateRequest};
+use kiln_store::{
+    ArtifactManifest, Build, BuildStatus, BuiltArtifact, LogStream, NewLogLine, Rebuild,
+    RuntimeDefaults, Template,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::error::{EngineError, Result};
+use crate::Engine;
+
+/// How often a running build checks whether it was cancelled from elsewhere (another
+/// CLI process, the API).
+const CANCEL_POLL: Duration = Duration::from_millis(500);
+
+impl Engine {
+    /// Validates a request and records the template with its first build, `pending`.
+    /// The build runs when [`Engine::run_build`] is called for it.
+    pub async fn submit(&self, team_id: &str, req: &TemplateRequest) -> Result<(Template, Build)> {
+        req.validate().map_err(EngineError::Invalid)?;
+        Ok(self.store.create_template_with_build(team_id, req, &self.cfg.limits).await?)
+    }
+
+    /// Queues a rebuild of a template's current spec; an in-flight build of the same spec
+    /// is returned instead of a new one.
+    pub async fn rebuild(&self, team_id: &str, template: &str) -> Result<Rebuild> {
+        Ok(self.store.start_rebuild(team_id, template, None, &self.cfg.limits).await?)
+    }
+
+    /// Marks a build cancelled; the process running it stops its VM within
+    /// [`CANCEL_POLL`]. A no-op on a finished build.
+    pub async fn cancel_build(&self, team_id: &str, build_id: &str) -> Result<Build> {
+        Ok(self.store.cancel_build(team_id, build_id).await?)
+    }
+
+    /// Deletes a template (refused while sandboxes use it) and its artifacts.
+    pub async fn delete_template(&self, team_id: &str, template: &str) -> Result<Template> {
+        let (t, _) = self.store.delete_template(team_id, template).await?;
+        let dir = self.layout.template_dir(&t.id)?;
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %dir.display(), error = %e, "could not remove template artifacts");
+            }
+        }
+        Ok(t)
+    }
+
+    /// Runs a pending build in this process to its end, writing logs and statuses to the
+    /// store. `also` sees every log line too (a terminal). Returns the finished build.
+    pub async fn run_build(&self, build_id: &str, also: Option<Arc<dyn LogSink>>) -> Result<Build> {
+        let build = self.store.get_build(build_id).await?;
+        let template = self.store.template_by_id_or_name(&build.team_id, &build.template_id).await?;
+        let span = tracing::info_span!("build", build = %build_id, template = %template.name);
+        async {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let observer = Observer { tx, also };
+            let writer = tokio::spawn(write_events(self.store.clone(), build_id.to_owned(), rx));
+            let outcome = self.run_build_with(&build, &template, &observer).await;
+            drop(observer);
+            let _ = writer.await;
+            let finished = match outcome {
+                Ok(size_bytes) => {
+                    self.store.finish_build(build_id, Ok(BuiltArtifact { size_bytes })).await?
+                }
+                Err(BuildEnd::Cancelled) => self.store.cancel_build(&build.team_id, build_id).await?,
+                Err(BuildEnd::Failed(e)) => self.store.finish_build(build_id, Err(e.message())).await?,
+            };
+            Ok(finished)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_build_with(
+        &self,
+        build: &Build,
+        template: &Template,
+        observer: &Observer,
+    ) -> Result<u64, BuildEnd> {
+        let failed = |code: BuildErrorCode, detail: String| BuildEnd::Failed(kiln_build::BuildError::new(code, detail));
+        if self.build_slots.available_permits() == 0 {
+            observer.system("build queued, waiting for dispatch".into());
+        }
+        let _slot = self
+            .build_slots
+            .acquire()
+            .await
+            .map_err(|_| failed(BuildErrorCode::DispatchFailed, "the engine is shutting down".into()))?;
+        self.store.start_build(&build.id).await.map_err(|e| {
+            // Cancelled while queued, or already taken by another process.
+            tracing::info!(error = %e, "build not started");
+            BuildEnd::Cancelled
+        })?;
+        let env = self
+            .build_env()
+            .await
+            .map_err(|e| failed(BuildErrorCode::BootFailed, e.to_string()))?;
+        let spec = template
+            .spec()
+            .map_err(|e| failed(BuildErrorCode::BuildFailed, e.to_string()))?;
+        let staging = self
+            .layout
+            .staging_dir(&template.id, &build.id)
+            .map_err(|e| failed(BuildErrorCode::BuildFailed, e.to_string()))?;
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| failed(BuildErrorCode::BuildFailed, format!("creating {}: {e}", staging.display())))?;
+        let job = BuildJob {
+            name: format!("build-{}", short(&build.id)),
+            spec,
+            resources: template.resources(),
+            bundle_dir: staging.join("bundle"),
+        };
+
+        let cancel = CancellationToken::new();
+        let watcher = tokio::spawn(watch_cancel(self.store.clone(), build.id.clone(), cancel.clone()));
+        let result = run_build(env, &job, observer, &cancel).await;
+        watcher.abort();
+        let result = match result {
+            Ok(out) => self.publish(build, template, &staging, out).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        result
+    }
+
+    /// Writes the artifact manifest and makes the artifact visible at its final path.
+    async fn publish(
+        &self,
+        build: &Build,
+        template: &Template,
+        staging: &std::path::Path,
+        out: kiln_build::BuildOutput,
+    ) -> Result<u64, BuildEnd> {
+        let fail = |detail: String| BuildEnd::Failed(kiln_build::BuildError::new(BuildErrorCode::SnapshotFailed, detail));
+        let _ = self.store.set_build_image_digest(&build.id, &out.image_digest).await;
+        let runtime = RuntimeDefaults {
+            env: out.defaults.env.clone(),
+            workdir: Some(out.defaults.workdir.clone()),
+            user: Some(out.defaults.user.clone()),
+        };
+        let manifest = ArtifactManifest::new(
+            &template.id,
+            &build.id,
+            &out.image_digest,
+            &build.build_spec_hash,
+            runtime,
+            template.resources(),
+        );
+        manifest.write(staging).map_err(|e| fail(format!("writing the artifact manifest: {e}")))?;
+        let dest = self
+            .layout
+            .artifact_dir(&template.id, &build.id)
+            .map_err(|e| fail(e.to_string()))?;
+        kiln_store::publish_dir(staging, &dest).map_err(|e| fail(format!("publishing the artifact: {e}")))?;
+        Ok(out.size_bytes)
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+async fn watch_cancel(store: kiln_store::Store, build_id: String, cancel: CancellationToken) {
+    loop {
+        tokio::time::sleep(CANCEL_POLL).await;
+        match store.get_build(&build_id).await {
+            Ok(b) if b.status == BuildStatus::Cancelled => {
+                cancel.cancel();
+                return;
+            }
+            Ok(b) if b.status.is_terminal() => return,
+            _ => {}
+        }
+    }
+}
+
+enum Event {
+    Line(LogLine),
+    Phase(Phase),
+}
+
+/// Sends a build's lines and phases to the store writer (and to `also`).
+struct Observer {
+    tx: mpsc::UnboundedSender<Event>,
+    also: Option<Arc<dyn LogSink>>,
+}
+
+impl LogSink for Observer {
+    fn line(&self, line: LogLine) {
+        if let Some(also) = &self.also {
+            also.line(line.clone());
+        }
+        let _ = self.tx.send(Event::Line(line));
+    }
+}
+
+impl BuildObserver for Observer {
+    fn phase(&self, phase: Phase) {
+        let _ = self.tx.send(Event::Phase(phase));
+    }
+}
+
+/// Appends lines to the store in batches, in order, and follows the build's phases.
+async fn write_events(store: kiln_store::Store, build_id: String, mut rx: mpsc::UnboundedReceiver<Event>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(event) = next.take().or_else(|| rx.try_recv().ok()) {
+            match event {
+                Event::Line(line) => batch.push(to_store_line(line)),
+                Event::Phase(phase) => {
+                    flush(&store, &build_id, &mut batch).await;
+                    if phase == Phase::Snapshotting {
+                        if let Err(e) = store.mark_snapshotting(&build_id).await {
+                            tracing::warn!(error = %e, "could not mark the build snapshotting");
+                        }
+                    }
+                }
+            }
+            if batch.len() >= 256 {
+                flush(&store, &build_id, &mut batch).await;
+            }
+        }
+        flush(&store, &build_id, &mut batch).await;
+    }
+}
+
+async fn flush(store: &kiln_store::Store, build_id: &str, batch: &mut Vec<NewLogLine>) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = store.append_logs(build_id, batch).await {
+        tracing::warn!(error = %e, lines = batch.len(), "could not store build log lines");
+    }
+    batch.clear();
+}
+
+fn to_store_line(line: LogLine) -> NewLogLine {
+    let stream = match line.stream {
+        Stream::Stdout => LogStream::Stdout,
+        Stream::Stderr => LogStream::Stderr,
+        Stream::System => LogStream::System,
+    };
+    NewLogLine { timestamp: line.timestamp.into(), stream, text: line.text }
+}
+
+/// Prints build log lines to the terminal: output on stdout/stderr as it came, `system`
+/// lines marked so they stand out.
+#[derive(Debug, Default)]
+pub struct BuildLogPrinter;
+
+impl LogSink for BuildLogPrinter {
+    fn line(&self, line: LogLine) {
+        match line.stream {
+            Stream::System => eprintln!("--> {}", line.text),
+            Stream::Stdout | Stream::Stderr => eprintln!("    {}", line.text),
+        }
+    }
+}
+
+/// The `"<code>: <detail>"` a failed build carries, parsed.
+pub fn build_failure(build: &Build) -> Option<CodedMessage> {
+    build.error_message.as_deref().map(CodedMessage::parse)
+}

@@ -1,0 +1,183 @@
+//! kiln's core: templates and sandboxes over the store, the build pipeline and the VMM.
+//!
+//! The CLI (embedded, daemonless) and the server call the same [`Engine`]; nothing here
+//! knows about HTTP or terminals. The store holds every decision that must be atomic
+//! (limits, names, status transitions); the engine does the work that follows from them.
+
+mod builds;
+mod error;
+mod sandboxes;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_build::{BuildEnv, Timing};
+use kiln_oci::{ImageStore, RegistryConfig};
+use kiln_store::{Layout, Limits, Store, Team};
+use kiln_vm::{Accel, StateDir};
+use tokio::sync::{OnceCell, Semaphore};
+
+pub use builds::{build_failure, BuildLogPrinter};
+pub use error::{EngineError, Result};
+pub use sandboxes::{pid_alive, LiveSandbox, SandboxEndpoint, ENDPOINT_FILE};
+
+/// The team the CLI's embedded mode works as.
+pub const LOCAL_TEAM: &str = "local";
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Accelerator request (`KILN_ACCEL`).
+    pub accel: Accel,
+    /// Team limits.
+    pub limits: Limits,
+    /// Step and readiness time limits.
+    pub timing: Timing,
+    /// Bound on a whole build.
+    pub build_timeout: Duration,
+    /// Builds run at once on this host; more wait in `pending`.
+    pub max_parallel_builds: usize,
+    /// kiln's registry config file, if any.
+    pub registry_config: Option<PathBuf>,
+}
+
+impl EngineConfig {
+    /// Defaults for a state directory, honouring `KILN_ACCEL` and `KILN_READY_TIMEOUT_SECS`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        let mut timing = Timing::default();
+        if let Some(secs) = env_secs("KILN_READY_TIMEOUT_SECS") {
+            timing.ready_timeout = secs;
+        }
+        if let Some(secs) = env_secs("KILN_STEP_TIMEOUT_SECS") {
+            timing.step_timeout = secs;
+        }
+        let state_dir = state_dir.into();
+        let registry_config = Some(state_dir.join("config.json")).filter(|p| p.exists());
+        Self {
+            state_dir,
+            accel: Accel::from_env(),
+            limits: Limits::UNLIMITED,
+            timing,
+            build_timeout: env_secs("KILN_BUILD_TIMEOUT_SECS").unwrap_or(Duration::from_secs(3600)),
+            max_parallel_builds: 2,
+            registry_config,
+        }
+    }
+}
+
+fn env_secs(var: &str) -> Option<Duration> {
+    std::env::var(var).ok()?.parse().ok().map(Duration::from_secs)
+}
+
+/// Templates and sandboxes of one state directory.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    store: Store,
+    layout: Layout,
+    images: Arc<ImageStore>,
+    /// Located on first use: listing templates must not need a provisioned kernel.
+    build_env: OnceCell<BuildEnv>,
+    build_slots: Semaphore,
+}
+
+impl Engine {
+    /// Opens (creating if needed) the state directory and its database.
+    pub async fn open(cfg: EngineConfig) -> Result<Arc<Self>> {
+        let layout = Layout::new(&cfg.state_dir);
+        layout.ensure()?;
+        let store = Store::open(layout.db_path()).await?;
+        let registries =
+            RegistryConfig::load(cfg.registry_config.as_deref()).map_err(EngineError::Images)?;
+        let images = ImageStore::open(layout.root(), registries).map_err(EngineError::Images)?;
+        let slots = cfg.max_parallel_builds.max(1);
+        Ok(Arc::new(Self {
+            cfg,
+            store,
+            layout,
+            images: Arc::new(images),
+            build_env: OnceCell::new(),
+            build_slots: Semaphore::new(slots),
+        }))
+    }
+
+    /// The metadata store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The state directory layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The image cache.
+    pub fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The team the CLI works as, created on first use.
+    pub async fn local_team(&self) -> Result<Team> {
+        match self.store.team_by_name(LOCAL_TEAM).await? {
+            Some(team) => Ok(team),
+            None => match self.store.create_team(LOCAL_TEAM).await {
+                Ok(team) => Ok(team),
+                // Another process created it first.
+                Err(_) => self
+                    .store
+                    .team_by_name(LOCAL_TEAM)
+                    .await?
+                    .ok_or_else(|| EngineError::NotRunning("local team".into())),
+            },
+        }
+    }
+
+    /// Kernel, agent and accelerator, found once.
+    pub async fn build_env(&self) -> Result<&BuildEnv> {
+        self.build_env
+            .get_or_try_init(|| async {
+                let state = StateDir::new(self.layout.root());
+                let agent = kiln_vm::provision::find_agent_binary().ok();
+                let kernel =
+                    kiln_vm::provision::locate(&state, agent.as_deref()).map_err(EngineError::Setup)?;
+                let choice = kiln_vm::accel::choose(self.cfg.accel, &state, Some(&kernel)).await;
+                tracing::info!(accel = ?choice.accel, reason = %choice.reason, "accelerator");
+                Ok(BuildEnv {
+                    images: self.images.clone(),
+                    kernel,
+                    agent,
+                    accel: choice.accel,
+                    vm_dir: self.vm_dir(),
+                    timing: self.cfg.timing,
+                    build_timeout: self.cfg.build_timeout,
+                })
+            })
+            .await
+    }
+
+    /// Parent of VM run directories: short, because unix socket paths are limited to 107
+    /// bytes and state directories can be deep.
+    fn vm_dir(&self) -> PathBuf {
+        let root = self.layout.root();
+        if root.as_os_str().len() <= 60 {
+            root.join("vms")
+        } else {
+            std::env::temp_dir().join(format!("kiln-vms-{}", short_hash(root)))
+        }
+    }
+}
+
+fn short_hash(p: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.hash(&mut h);
+    format!("{:08x}", h.finish() as u32)
+}

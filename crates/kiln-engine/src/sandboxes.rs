@@ -1,0 +1,187 @@
+//! Sandboxes: a template's snapshot restored into a new VM, the start process live.
+//!
+//! Whoever holds the [`LiveSandbox`] owns the VM (the server process, or the CLI's
+//! detached keeper process). It publishes an [`SandboxEndpoint`] file in the sandbox's
+//! directory so other processes can reach the agent and know who owns the VM.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_agent_proto::AgentClient;
+use kiln_store::{NewSandbox, Sandbox, SandboxStatus};
+use kiln_vm::{RestoreConfig, Vm};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::Engine;
+
+/// Name of the endpoint file in a sandbox's directory.
+pub const ENDPOINT_FILE: &str = "endpoint.json";
+/// Bound on reaching a sandbox's agent.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reach a running sandbox, and who owns its VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxEndpoint {
+    /// The agent's unix socket.
+    pub agent_socket: PathBuf,
+    /// QEMU's pid.
+    pub qemu_pid: u32,
+    /// The process that owns the VM; when it is gone, so is the VM.
+    pub owner_pid: u32,
+}
+
+/// A restored sandbox and its VM. Dropping it kills the VM.
+#[derive(Debug)]
+pub struct LiveSandbox {
+    /// The store's record (status `active`).
+    pub record: Sandbox,
+    /// The VM.
+    pub vm: Vm,
+    /// The sandbox's directory (endpoint file, logs).
+    pub dir: PathBuf,
+}
+
+impl Engine {
+    /// Records a new sandbox (`starting`) after the team's limit check; the access token
+    /// is returned once, in plain text. Call [`Engine::start_sandbox`] to bring it up.
+    pub async fn create_sandbox_record(&self, team_id: &str, new: &NewSandbox) -> Result<(Sandbox, String)> {
+        let template = self.store.template_by_id_or_name(team_id, &new.template).await?;
+        if template.current_build_id.is_none() {
+            return Err(EngineError::NotReady { name: template.name, status: template.status.to_string() });
+        }
+        Ok(self.store.create_sandbox(team_id, new, &self.cfg.limits).await?)
+    }
+
+    /// Restores a `starting` sandbox from its template's snapshot, applies its env on top
+    /// of the template's runtime defaults, and marks it `active`. On failure it is marked
+    /// `failed` and nothing is left running.
+    pub async fn start_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<LiveSandbox> {
+        let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        let span = tracing::info_span!("sandbox", sandbox = %sandbox_id);
+        let _enter = span.enter();
+        match self.restore(&record).await {
+            Ok((vm, dir)) => {
+                let record = self.store.set_sandbox_status(team_id, sandbox_id, SandboxStatus::Active).await?;
+                Ok(LiveSandbox { record, vm, dir })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sandbox failed to start");
+                let _ = self.store.set_sandbox_status(team_id, sandbox_id, SandboxStatus::Failed).await;
+                self.remove_sandbox_dir(sandbox_id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn restore(&self, record: &Sandbox) -> Result<(Vm, PathBuf)> {
+        let artifact = self.layout.artifact_dir(&record.template_id, &record.build_id)?;
+        let bundle = artifact.join("bundle");
+        let dir = self.layout.sandbox_dir(&record.id)?;
+        std::fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
+        let mut cfg = RestoreConfig::new(format!("sbx-{}", record.id.get(..8).unwrap_or(&record.id)), self.vm_dir());
+        cfg.console_log = Some(dir.join("console.log"));
+        let vm = Vm::restore(&bundle, cfg).await.map_err(EngineError::Restore)?;
+        if !record.env.is_empty() {
+            let agent = vm.agent();
+            let mut defaults = agent.get_defaults().await.map_err(EngineError::Agent)?;
+            defaults.env.extend(record.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            agent.set_defaults(defaults).await.map_err(EngineError::Agent)?;
+        }
+        let endpoint = SandboxEndpoint {
+            agent_socket: vm.agent_socket().to_owned(),
+            qemu_pid: vm.pid(),
+            owner_pid: std::process::id(),
+        };
+        let json = serde_json::to_vec_pretty(&endpoint).unwrap_or_default();
+        kiln_store::write_atomic(&dir.join(ENDPOINT_FILE), &json)?;
+        Ok((vm, dir))
+    }
+
+    /// The endpoint of a running sandbox, if its owner is still alive.
+    pub async fn sandbox_endpoint(&self, team_id: &str, sandbox_id: &str) -> Result<SandboxEndpoint> {
+        let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        if record.status != SandboxStatus::Active {
+            return Err(EngineError::NotRunning(sandbox_id.to_owned()));
+        }
+        let path = self.layout.sandbox_dir(sandbox_id)?.join(ENDPOINT_FILE);
+        let endpoint: SandboxEndpoint = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| EngineError::NotRunning(sandbox_id.to_owned()))?;
+        if !pid_alive(endpoint.owner_pid) || !pid_alive(endpoint.qemu_pid) {
+            return Err(EngineError::NotRunning(sandbox_id.to_owned()));
+        }
+        Ok(endpoint)
+    }
+
+    /// Connects to a running sandbox's agent (the owner must have released its own
+    /// connection: the channel takes one host connection at a time).
+    pub async fn connect_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<AgentClient> {
+        let endpoint = self.sandbox_endpoint(team_id, sandbox_id).await?;
+        AgentClient::connect_unix(&endpoint.agent_socket, CONNECT_TIMEOUT).await.map_err(EngineError::Agent)
+    }
+
+    /// Marks sandboxes whose owner process is gone as `failed` and removes their
+    /// directories: after a crash or `kill -9`, nothing stays orphaned. Returns their ids.
+    pub async fn reap_orphaned_sandboxes(&self, team_id: &str) -> Result<Vec<String>> {
+        let filter = kiln_store::SandboxFilter {
+            statuses: Some(vec![SandboxStatus::Starting, SandboxStatus::Active]),
+            ..Default::default()
+        };
+        let mut reaped = Vec::new();
+        for s in self.store.list_sandboxes(team_id, &filter).await? {
+            let owner_alive = self
+                .layout
+                .sandbox_dir(&s.id)
+                .ok()
+                .and_then(|d| std::fs::read(d.join(ENDPOINT_FILE)).ok())
+                .and_then(|b| serde_json::from_slice::<SandboxEndpoint>(&b).ok())
+                .is_some_and(|e| pid_alive(e.owner_pid));
+            // A sandbox still `starting` has no endpoint yet: give it time.
+            let young = s.status == SandboxStatus::Starting
+                && (chrono_now_secs() - s.created_at.timestamp()) < 120;
+            if !owner_alive && !young {
+                self.store.set_sandbox_status(team_id, &s.id, SandboxStatus::Failed).await?;
+                self.remove_sandbox_dir(&s.id);
+                reaped.push(s.id);
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Records that a sandbox's VM is gone (`deleted` when killed on request, `failed`
+    /// when it died) and removes its directory.
+    pub async fn finish_sandbox(&self, team_id: &str, sandbox_id: &str, status: SandboxStatus) -> Result<Sandbox> {
+        let s = self.store.set_sandbox_status(team_id, sandbox_id, status).await?;
+        self.remove_sandbox_dir(sandbox_id);
+        Ok(s)
+    }
+
+    fn remove_sandbox_dir(&self, sandbox_id: &str) {
+        if let Ok(dir) = self.layout.sandbox_dir(sandbox_id) {
+            remove_dir_quiet(&dir);
+        }
+    }
+}
+
+fn remove_dir_quiet(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %dir.display(), error = %e, "could not remove sandbox directory");
+        }
+    }
+}
+
+fn chrono_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Whether a process exists (signal 0).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}

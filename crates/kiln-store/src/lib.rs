@@ -1,0 +1,24 @@
+//! kiln's state: metadata in SQLite (PostgreSQL by URL later) and artifacts in a local
+//! directory (object storage later).
+//!
+//! The store owns every invariant that must hold under concurrency: per-team name
+//! uniqueness, team limits (checked and applied in one write transaction), status state
+//! machines, and team scoping (another team's object is simply not found). The server maps
+//! [`StoreError`] variants to HTTP statuses; it never re-implements these checks.
+
+pub mod error;
+pub mod layout;
+mod logs;
+pub mod manifest;
+pub mod model;
+mod store;
+
+pub use error::{ArtifactError, StoreError};
+pub use layout::{fsync_dir, publish_dir, write_atomic, Layout};
+pub use logs::{LogFollower, LogSignal};
+pub use manifest::{ArtifactFile, ArtifactManifest, RuntimeDefaults, MANIFEST_FILE};
+pub use model::{
+    ApiKey, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream, NewLogLine, NewSandbox,
+    Rebuild, Sandbox, SandboxFilter, SandboxStatus, Team, Template, TemplateStatus,
+};
+pub use store::{hash_secret, Store};

@@ -1,0 +1,205 @@
+//! Timing of the VM life cycle under the host's accelerator, with a bare-QEMU baseline.
+//!
+//! ```text
+//! scripts/test-rootfs.sh minbase && scripts/build-agent.sh
+//! cargo run --release -p kiln-vm --example bench_vm
+//! ```
+//! Uses `$KILN_TEST_ASSETS/state` (provisioned like the tests) and the minbase rootfs.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_vm::provision::{self, SetupOptions, StateDir};
+use kiln_vm::qmp::Qmp;
+use kiln_vm::{ExecRequest, NetConfig, RestoreConfig, RootDisk, Vm, VmConfig};
+
+fn req(c: &str) -> ExecRequest {
+    ExecRequest {
+        command: c.into(),
+        ..Default::default()
+    }
+}
+
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let assets = std::env::var_os("KILN_TEST_ASSETS")
+        .map_or_else(|| PathBuf::from("/var/tmp/kiln-test-assets"), PathBuf::from);
+    let rootfs = assets.join("rootfs/minbase.dir");
+    anyhow::ensure!(
+        rootfs.is_dir(),
+        "{} missing: run the kiln-vm tests once (they unpack scripts/test-rootfs.sh minbase)",
+        rootfs.display()
+    );
+    let state = StateDir::new(assets.join("state"));
+    let kernel = provision::setup(&SetupOptions {
+        state: state.clone(),
+        agent_bin: None,
+        install_packages: false,
+    })
+    .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?
+    .kernel;
+    let agent =
+        provision::find_agent_binary().map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
+    let accel = kiln_vm::accel::choose(kiln_vm::Accel::from_env(), &state, Some(&kernel)).await;
+    let memory_mib = 512;
+    println!(
+        "accelerator: {:?} ({}), guest {memory_mib} MiB, 1 vCPU",
+        accel.accel, accel.reason
+    );
+    let run_parent = assets
+        .join("runs")
+        .join(format!("bench-{}", std::process::id()));
+    std::fs::create_dir_all(&run_parent)?;
+
+    let t = Instant::now();
+    let vm = Vm::boot(VmConfig {
+        name: "bench".into(),
+        vcpus: 1,
+        memory_mib,
+        kernel: kernel.clone(),
+        disk: RootDisk::Ext4 {
+            rootfs,
+            disk_mib: 512,
+            agent: Some(agent),
+        },
+        network: Some(NetConfig::default()),
+        accel: accel.accel,
+        run_parent: run_parent.clone(),
+        console_log: None,
+        boot_timeout: None,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
+    println!(
+        "cold boot to agent-ready (incl. 512 MiB ext4 build): {:?}",
+        t.elapsed()
+    );
+
+    let mut rtts = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        vm.exec_collect(req("true")).await?;
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    println!("exec round trip (`true`, median of 10): {:?}", rtts[5]);
+
+    let bundle = run_parent.join("bundle");
+    let info = vm
+        .snapshot(&bundle)
+        .await
+        .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
+    println!(
+        "snapshot: pause->state saved {:?}, bundle published {:?}; state {} KB, memory {} MiB apparent / {} MiB allocated, disk {} MiB allocated",
+        info.save_time,
+        info.total_time,
+        info.manifest.files["state"].size / 1024,
+        info.manifest.files["memory"].size >> 20,
+        allocated(&bundle.join("memory")) >> 20,
+        allocated(&bundle.join("disk.raw")) >> 20,
+    );
+
+    for i in 0..3 {
+        let t = Instant::now();
+        let vm = Vm::restore(
+            &bundle,
+            RestoreConfig::new(format!("bench-r{i}"), &run_parent),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
+        let restored = t.elapsed();
+        vm.exec_collect(req("true")).await?;
+        println!(
+            "kiln restore #{i}: agent connected + clock set {restored:?}, first exec done {:?}",
+            t.elapsed()
+        );
+        vm.kill().await;
+    }
+    for i in 0..3 {
+        let d = bare_incoming(&bundle, &run_parent, memory_mib).await?;
+        println!("bare qemu -incoming #{i}: launch to 'running' {d:?}");
+    }
+    std::fs::remove_dir_all(&run_parent)?;
+    Ok(())
+}
+
+/// Plain QEMU loading the same snapshot (disk via `snapshot=on`, no overlay, no agent).
+async fn bare_incoming(
+    bundle: &Path,
+    run_parent: &Path,
+    memory_mib: u64,
+) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir_in(run_parent)?;
+    let qmp_sock = dir.path().join("qmp.sock");
+    let b = bundle.display();
+    let m: kiln_vm::Manifest =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json"))?)?;
+    let args: Vec<String> = vec![
+        "-accel".into(),
+        m.shape.accel.qemu_accel().into(),
+        "-machine".into(),
+        format!("{},memory-backend=ram0", m.shape.machine),
+        "-cpu".into(),
+        "max".into(),
+        "-smp".into(),
+        "1".into(),
+        "-m".into(),
+        format!("{memory_mib}M"),
+        "-object".into(),
+        format!("memory-backend-file,id=ram0,size={memory_mib}M,mem-path={b}/memory,share=off"),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        format!("{b}/vmlinuz"),
+        "-initrd".into(),
+        format!("{b}/initramfs.cpio"),
+        "-append".into(),
+        "x".into(),
+        "-serial".into(),
+        "null".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp_sock.display()),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={}/a.sock,server=on,wait=off",
+            dir.path().display()
+        ),
+        "-device".into(),
+        "virtserialport,chardev=agent,name=kiln.agent".into(),
+        "-drive".into(),
+        format!("file={b}/disk.raw,format=raw,if=none,id=root,snapshot=on"),
+        "-device".into(),
+        "virtio-blk-pci,drive=root".into(),
+        "-netdev".into(),
+        "user,id=net0".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=net0".into(),
+        "-incoming".into(),
+        "defer".into(),
+    ];
+    let t = Instant::now();
+    let mut child = tokio::process::Command::new("qemu-system-x86_64")
+        .args(&args)
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut qmp = Qmp::connect(&qmp_sock, Duration::from_secs(10)).await?;
+    qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
+        .await?;
+    qmp.migrate_incoming(&format!("exec:cat {b}/state")).await?;
+    qmp.wait_migration(Duration::from_secs(30)).await?;
+    qmp.cont().await?;
+    qmp.wait_status("running", Duration::from_secs(10)).await?;
+    let d = t.elapsed();
+    child.kill().await?;
+    Ok(d)
+}

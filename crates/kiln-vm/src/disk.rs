@@ -1,0 +1,133 @@
+//! Disk images: an ext4 root image built from a directory, and qcow2 overlays on it.
+//!
+//! `mke2fs -d` populates the filesystem from a directory with no mounts and no loop
+//! devices, so building a disk needs no privileges beyond reading the rootfs. The source
+//! directory is a shared cache and is never modified: the agent is written into the image
+//! afterwards with `debugfs`.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::tool::Tool;
+
+/// Where the agent binary is placed inside every root disk.
+pub const AGENT_PATH_IN_DISK: &str = "/.kiln/agent";
+
+/// Builds an ext4 image of exactly `disk_mib` MiB at `image` from `rootfs`, optionally
+/// with `agent` written to [`AGENT_PATH_IN_DISK`]. Written to a temp name and renamed.
+pub fn make_ext4(rootfs: &Path, image: &Path, disk_mib: u64, agent: Option<&Path>) -> Result<()> {
+    if disk_mib == 0 {
+        return Err(Error::Config("disk_mib must be > 0".into()));
+    }
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".disk-")
+        .tempfile_in(dir)
+        .map_err(Error::io("create temp in", dir))?;
+    tmp.as_file()
+        .set_len(disk_mib * 1024 * 1024)
+        .map_err(Error::io("size", tmp.path().to_owned()))?;
+    let res = Tool::new("mke2fs")
+        .args([
+            "-q",
+            "-t",
+            "ext4",
+            "-F",
+            "-E",
+            "root_owner=0:0",
+            "-L",
+            "kiln-root",
+            "-d",
+        ])
+        .arg(rootfs)
+        .arg(tmp.path())
+        .arg(format!("{}k", disk_mib * 1024))
+        .run();
+    if let Err(e) = res {
+        let err = e.stderr().to_ascii_lowercase();
+        if err.contains("could not allocate")
+            || err.contains("no space")
+            || err.contains("too small")
+        {
+            return Err(Error::DiskTooSmall {
+                disk_mib,
+                source: e,
+            });
+        }
+        return Err(e.into());
+    }
+    if let Some(agent) = agent {
+        inject_file(tmp.path(), agent, AGENT_PATH_IN_DISK, 0o755)?;
+    }
+    tmp.persist(image).map_err(|e| Error::Io {
+        what: "rename to",
+        path: image.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// Writes host file `src` into the ext4 `image` at absolute `dest` with `mode`, creating
+/// the parent directory (one level) as needed. Replaces an existing file.
+pub fn inject_file(image: &Path, src: &Path, dest: &str, mode: u32) -> Result<()> {
+    let parent = Path::new(dest)
+        .parent()
+        .and_then(Path::to_str)
+        .unwrap_or("/");
+    let name = Path::new(dest)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
+    let src = src
+        .to_str()
+        .ok_or_else(|| Error::Config(format!("non-UTF-8 path {}", src.display())))?;
+    // debugfs reports most failures on stderr with status 0; mkdir fails harmlessly if
+    // the directory exists, so check the result by reading back the inode.
+    let script = format!(
+        "mkdir {parent}\ncd {parent}\nrm {name}\nwrite {src} {name}\nsif {name} mode 0{:o}\nsif {name} uid 0\nsif {name} gid 0\n",
+        0o100000 | mode
+    );
+    let dir = tempfile::tempdir().map_err(Error::io("create temp dir", std::env::temp_dir()))?;
+    let cmds = dir.path().join("cmds");
+    std::fs::write(&cmds, script).map_err(Error::io("write", &cmds))?;
+    Tool::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&cmds)
+        .arg(image)
+        .run()?;
+    let out = Tool::new("debugfs")
+        .arg("-R")
+        .arg(format!("stat {dest}"))
+        .arg(image)
+        .run()?;
+    if !String::from_utf8_lossy(&out).contains("Type: regular") {
+        return Err(Error::Config(format!(
+            "debugfs could not write {dest} into {}",
+            image.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a qcow2 overlay at `overlay` whose backing file is the raw `base` (kept
+/// read-only by QEMU, so many overlays can share one base).
+pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
+    let base = std::fs::canonicalize(base).map_err(Error::io("resolve", base))?;
+    Tool::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(overlay)
+        .run()?;
+    Ok(())
+}
+
+/// Flattens any image (e.g. an overlay and its base) into a standalone raw image.
+pub fn flatten_to_raw(src: &Path, dest: &Path) -> Result<()> {
+    Tool::new("qemu-img")
+        .args(["convert", "-q", "-O", "raw"])
+        .arg(src)
+        .arg(dest)
+        .run()?;
+    Ok(())
+}

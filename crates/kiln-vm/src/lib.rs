@@ -1,0 +1,32 @@
+//! kiln-vm: the QEMU driver.
+//!
+//! - [`provision`]: host packages, guest kernel, initramfs with the agent (`kiln setup`).
+//! - [`accel`]: KVM only where a guest really boots, else TCG.
+//! - [`disk`]: ext4 image from a rootfs dir, qcow2 overlays.
+//! - [`Vm`]: boot, exec through the agent, snapshot into a bundle, restore, kill.
+//! - [`qmp`]: the small QMP client underneath.
+//!
+//! The build pipeline's path: [`provision::locate`] (or [`provision::setup`]) ->
+//! [`accel::choose`] -> [`Vm::boot`] with [`RootDisk::Ext4`] -> [`Vm::exec_collect`] ...
+//! -> [`Vm::snapshot`]; a sandbox is [`Vm::restore`].
+
+pub mod accel;
+pub mod disk;
+mod error;
+pub mod initramfs;
+pub mod provision;
+pub mod qmp;
+pub mod snapshot;
+pub mod tool;
+mod vm;
+
+pub use accel::{Accel, AccelChoice, Resolved};
+pub use error::{Error, Result};
+pub use kiln_agent_proto::{
+    AgentClient, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ExitStatus,
+};
+pub use provision::{KernelAssets, StateDir};
+pub use snapshot::{Manifest, RamMode, RestoreConfig, SnapshotInfo};
+pub use vm::{
+    error_chain, NetConfig, PortForward, RootDisk, Shape, Vm, VmConfig, AGENT_PORT, READY_MARKER,
+};

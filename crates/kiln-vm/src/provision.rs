@@ -1,0 +1,655 @@
+//! Provisioning: the host packages, guest kernel and initramfs a VM needs.
+//!
+//! Layout under the state directory (everything written to a temp name and renamed, so a
+//! killed `setup` never leaves a half-written artifact that a later run would trust):
+//!
+//! ```text
+//! <state>/kernel/<ver>/vmlinuz                    the guest kernel (Debian cloud flavour)
+//! <state>/kernel/<ver>/modules/<name>.ko          the virtio modules, in MODULES order
+//! <state>/kernel/<ver>/initramfs-<agent12>.cpio   agent as /init + modules, per agent build
+//! <state>/accel.json                              cached accelerator verdict
+//! <state>/vms/                                    per-VM run dirs (default parent)
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::initramfs::Cpio;
+use crate::tool::{which, Tool};
+
+/// The Debian packages the host needs.
+pub const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "qemu-utils", "e2fsprogs"];
+
+/// The metapackage that names the current cloud kernel.
+pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+
+/// The modules the initramfs loads, in load order (dependencies first). Debian's cloud
+/// kernel builds ext4 in but virtio as modules.
+pub const MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "failover",
+    "net_failover",
+    "virtio_net",
+];
+
+/// Host tools kiln-vm runs, with the package that provides each.
+pub const TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-img", "qemu-utils"),
+    ("mke2fs", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+];
+
+/// Paths inside a kiln state directory that kiln-vm uses.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Wraps a state directory (not created here).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    /// The state directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `<state>/kernel`.
+    pub fn kernel_dir(&self) -> PathBuf {
+        self.root.join("kernel")
+    }
+    /// `<state>/vms`: default parent of per-VM run directories.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+    /// `<state>/accel.json`: the cached accelerator verdict.
+    pub fn accel_cache(&self) -> PathBuf {
+        self.root.join("accel.json")
+    }
+}
+
+/// A provisioned guest kernel with the initramfs for one agent build.
+#[derive(Debug, Clone)]
+pub struct KernelAssets {
+    /// Kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    pub version: String,
+    /// The kernel image.
+    pub vmlinuz: PathBuf,
+    /// The initramfs (agent + modules).
+    pub initramfs: PathBuf,
+}
+
+/// What [`setup`] should do.
+#[derive(Debug, Clone)]
+pub struct SetupOptions {
+    /// Where state lives.
+    pub state: StateDir,
+    /// The agent binary to put in the initramfs (`None`: [`find_agent_binary`]).
+    pub agent_bin: Option<PathBuf>,
+    /// Install missing host packages with apt-get (needs root).
+    pub install_packages: bool,
+}
+
+/// What [`setup`] did.
+#[derive(Debug, Clone)]
+pub struct SetupReport {
+    /// Packages installed by this run (empty when all were present).
+    pub installed: Vec<String>,
+    /// Whether the kernel package was downloaded by this run.
+    pub kernel_downloaded: bool,
+    /// Whether the initramfs was (re)built by this run.
+    pub initramfs_built: bool,
+    /// The agent binary used.
+    pub agent_bin: PathBuf,
+    /// The resulting assets.
+    pub kernel: KernelAssets,
+}
+
+/// Makes the host ready to run VMs. Idempotent: every step checks before acting.
+///
+/// Blocking (runs apt-get); call it from `spawn_blocking` in async code.
+pub fn setup(opts: &SetupOptions) -> Result<SetupReport> {
+    let installed = if opts.install_packages {
+        install_host_packages()?
+    } else {
+        Vec::new()
+    };
+    let agent_bin = match &opts.agent_bin {
+        Some(p) => p.clone(),
+        None => find_agent_binary()?,
+    };
+    check_static(&agent_bin)?;
+    let (version, kernel_downloaded) = ensure_kernel(&opts.state)?;
+    let (initramfs, initramfs_built) = ensure_initramfs(&opts.state, &version, &agent_bin)?;
+    let dir = opts.state.kernel_dir().join(&version);
+    Ok(SetupReport {
+        installed,
+        kernel_downloaded,
+        initramfs_built,
+        agent_bin,
+        kernel: KernelAssets {
+            version,
+            vmlinuz: dir.join("vmlinuz"),
+            initramfs,
+        },
+    })
+}
+
+/// Finds already-provisioned assets for the current agent without changing anything.
+///
+/// Picks the newest provisioned kernel that has an initramfs for this agent binary.
+pub fn locate(state: &StateDir, agent_bin: Option<&Path>) -> Result<KernelAssets> {
+    let agent = match agent_bin {
+        Some(p) => p.to_owned(),
+        None => find_agent_binary()?,
+    };
+    let sha = file_sha256(&agent)?;
+    let name = format!("initramfs-{}.cpio", &sha[..12]);
+    let mut versions = provisioned_kernels(state);
+    versions.sort();
+    for v in versions.iter().rev() {
+        let dir = state.kernel_dir().join(v);
+        if dir.join(&name).is_file() {
+            return Ok(KernelAssets {
+                version: v.clone(),
+                vmlinuz: dir.join("vmlinuz"),
+                initramfs: dir.join(&name),
+            });
+        }
+    }
+    Err(Error::NotProvisioned(if versions.is_empty() {
+        format!("no guest kernel under {}", state.kernel_dir().display())
+    } else {
+        format!(
+            "no initramfs for agent {} ({})",
+            agent.display(),
+            &sha[..12]
+        )
+    }))
+}
+
+/// Like [`locate`], but builds the initramfs for this agent if the kernel is provisioned
+/// and only the initramfs is missing (a rebuilt agent): local, no network, under a second.
+pub fn prepare(state: &StateDir, agent_bin: Option<&Path>) -> Result<KernelAssets> {
+    let agent = match agent_bin {
+        Some(p) => p.to_owned(),
+        None => find_agent_binary()?,
+    };
+    if let Ok(a) = locate(state, Some(&agent)) {
+        return Ok(a);
+    }
+    check_static(&agent)?;
+    let mut versions = provisioned_kernels(state);
+    versions.sort();
+    let version = versions.pop().ok_or_else(|| {
+        Error::NotProvisioned(format!(
+            "no guest kernel under {}",
+            state.kernel_dir().display()
+        ))
+    })?;
+    let (initramfs, _) = ensure_initramfs(state, &version, &agent)?;
+    let vmlinuz = state.kernel_dir().join(&version).join("vmlinuz");
+    Ok(KernelAssets {
+        version,
+        vmlinuz,
+        initramfs,
+    })
+}
+
+/// Kernel versions fully unpacked under `<state>/kernel`.
+pub fn provisioned_kernels(state: &StateDir) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(state.kernel_dir()) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| e.path().join("vmlinuz").is_file())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+fn package_installed(pkg: &str) -> bool {
+    Tool::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .run()
+        .map(|out| String::from_utf8_lossy(&out).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs the missing [`HOST_PACKAGES`]; returns what it installed.
+pub fn install_host_packages() -> Result<Vec<String>> {
+    let missing: Vec<String> = HOST_PACKAGES
+        .iter()
+        .filter(|p| !package_installed(p))
+        .map(|p| p.to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    tracing::info!(packages = ?missing, "installing host packages");
+    let install = || {
+        Tool::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .run()
+    };
+    if install().is_err() {
+        // Stale or absent package lists are the usual cause: refresh once and retry.
+        Tool::new("apt-get").args(["update", "-q"]).run()?;
+        install()?;
+    }
+    Ok(missing)
+}
+
+/// Resolves `linux-image-cloud-amd64` to the versioned package's kernel release.
+fn resolve_kernel_version() -> Result<String> {
+    let out = Tool::new("apt-cache")
+        .args(["depends", KERNEL_METAPACKAGE])
+        .run()?;
+    let text = String::from_utf8_lossy(&out);
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find_map(|d| {
+            d.strip_prefix("linux-image-")
+                .filter(|v| v.ends_with("-cloud-amd64"))
+        })
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Error::NotProvisioned(format!("cannot resolve {KERNEL_METAPACKAGE}: {text}"))
+        })
+}
+
+/// Makes sure `<state>/kernel/<ver>/` holds vmlinuz and the modules; returns the version
+/// and whether it had to download.
+fn ensure_kernel(state: &StateDir) -> Result<(String, bool)> {
+    let version = match resolve_kernel_version() {
+        Ok(v) => v,
+        Err(e) => {
+            // Offline with a kernel already provisioned: keep using it.
+            let mut have = provisioned_kernels(state);
+            have.sort();
+            match have.pop() {
+                Some(v) => {
+                    tracing::warn!(error = %e, version = %v, "cannot resolve kernel; using provisioned");
+                    v
+                }
+                None => return Err(e),
+            }
+        }
+    };
+    let dir = state.kernel_dir().join(&version);
+    if dir.join("vmlinuz").is_file() && MODULES.iter().all(|m| module_path(&dir, m).is_file()) {
+        return Ok((version, false));
+    }
+    let kernel_dir = state.kernel_dir();
+    std::fs::create_dir_all(&kernel_dir).map_err(Error::io("create", &kernel_dir))?;
+    let work = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempdir_in(&kernel_dir)
+        .map_err(Error::io("create temp dir in", &kernel_dir))?;
+    let pkg = format!("linux-image-{version}");
+    let download = || {
+        Tool::new("apt-get")
+            .args(["download", "-q", &pkg])
+            .run_in(Some(work.path()))
+    };
+    if download().is_err() {
+        Tool::new("apt-get").args(["update", "-q"]).run()?;
+        download()?;
+    }
+    let deb = std::fs::read_dir(work.path())
+        .map_err(Error::io("read", work.path()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| Error::NotProvisioned(format!("apt-get download {pkg} produced no .deb")))?;
+    let root = work.path().join("root");
+    Tool::new("dpkg-deb").arg("-x").arg(&deb).arg(&root).run()?;
+
+    let staged = work.path().join("staged");
+    let staged_mods = staged.join("modules");
+    std::fs::create_dir_all(&staged_mods).map_err(Error::io("create", &staged_mods))?;
+    let vmlinuz = root.join(format!("boot/vmlinuz-{version}"));
+    copy(&vmlinuz, &staged.join("vmlinuz"))?;
+    let mut found = std::collections::HashMap::new();
+    for base in [
+        root.join("lib/modules").join(&version),
+        root.join("usr/lib/modules").join(&version),
+    ] {
+        find_modules(&base, &mut found);
+    }
+    for m in MODULES {
+        let src = found
+            .get(*m)
+            .ok_or_else(|| Error::NotProvisioned(format!("module {m}.ko not in {pkg}")))?;
+        copy(src, &module_path(&staged, m))?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(Error::io("remove", &dir))?;
+    }
+    std::fs::rename(&staged, &dir).map_err(Error::io("rename to", &dir))?;
+    tracing::info!(%version, "guest kernel provisioned");
+    Ok((version, true))
+}
+
+fn module_path(kernel_dir: &Path, name: &str) -> PathBuf {
+    kernel_dir.join("modules").join(format!("{name}.ko"))
+}
+
+fn find_modules(dir: &Path, found: &mut std::collections::HashMap<String, PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            find_modules(&p, found);
+        } else if let Some(stem) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
+            found.entry(stem.replace('-', "_")).or_insert(p);
+        }
+    }
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to).map_err(Error::io("copy", from))?;
+    Ok(())
+}
+
+/// Builds `initramfs-<agent sha12>.cpio` for `version` unless it exists.
+fn ensure_initramfs(state: &StateDir, version: &str, agent: &Path) -> Result<(PathBuf, bool)> {
+    let dir = state.kernel_dir().join(version);
+    let sha = file_sha256(agent)?;
+    let out = dir.join(format!("initramfs-{}.cpio", &sha[..12]));
+    if out.is_file() {
+        return Ok((out, false));
+    }
+    let agent_bytes = std::fs::read(agent).map_err(Error::io("read", agent))?;
+    let mut c = Cpio::new();
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "mnt",
+        "lib",
+        "lib/modules",
+        "lib/modules/kiln",
+        "kiln",
+    ] {
+        c.dir(d);
+    }
+    // The kernel opens /dev/console for init's stdio before anything is mounted.
+    c.char_dev("dev/console", 0o600, 5, 1);
+    c.char_dev("dev/null", 0o666, 1, 3);
+    c.file("init", 0o755, &agent_bytes);
+    let mut list = String::new();
+    for m in MODULES {
+        let p = module_path(&dir, m);
+        let data = std::fs::read(&p).map_err(Error::io("read", &p))?;
+        c.file(&format!("lib/modules/kiln/{m}.ko"), 0o644, &data);
+        list.push_str(&format!("{m}.ko\n"));
+    }
+    c.file("kiln/modules", 0o644, list.as_bytes());
+    write_atomic(&out, &c.finish())?;
+    tracing::info!(path = %out.display(), "initramfs built");
+    Ok((out, true))
+}
+
+/// Writes `data` to `path` via a temp file in the same directory, fsync and rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(Error::io("create temp in", dir))?;
+    tmp.write_all(data)
+        .map_err(Error::io("write", tmp.path().to_owned()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(Error::io("sync", tmp.path().to_owned()))?;
+    tmp.persist(path).map_err(|e| Error::Io {
+        what: "rename to",
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// Hex sha256 of a file.
+///
+/// Uses coreutils' `sha256sum` when present: snapshot bundles hash hundreds of MiB (guest
+/// RAM, disk) and the optimised C implementation is several times faster than `sha2` in
+/// an unoptimised (dev/test) build. Falls back to `sha2`.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    if which("sha256sum").is_some() {
+        let out = Tool::new("sha256sum").arg("-b").arg(path).run()?;
+        let text = String::from_utf8_lossy(&out);
+        if let Some(hex) = text.split_whitespace().next().filter(|h| h.len() == 64) {
+            return Ok(hex.to_owned());
+        }
+    }
+    let mut f = std::fs::File::open(path).map_err(Error::io("open", path))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(Error::io("read", path))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Where the agent binary comes from, in order:
+///
+/// 1. `$KILN_AGENT_BIN` (explicit always wins; an unusable value is an error, not a fallback);
+/// 2. `kiln-agent` next to the current executable, if it is static (an installed kiln ships
+///    both side by side);
+/// 3. `target/x86_64-unknown-linux-gnu/release/kiln-agent` in the workspace: searched up
+///    from the current executable (tests and `cargo run` live under `target/`), then from
+///    this crate's source directory (compile-time), so it works from any cwd.
+pub fn find_agent_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_AGENT_BIN").filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            return Err(Error::AgentBinary(format!(
+                "KILN_AGENT_BIN={} does not exist",
+                p.display()
+            )));
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().ok();
+    if let Some(sib) = exe
+        .as_ref()
+        .and_then(|e| e.parent())
+        .map(|d| d.join("kiln-agent"))
+    {
+        if sib.is_file() && is_static_elf(&sib).unwrap_or(false) {
+            return Ok(sib);
+        }
+    }
+    const REL: &str = "target/x86_64-unknown-linux-gnu/release/kiln-agent";
+    let roots = exe
+        .iter()
+        .flat_map(|e| {
+            e.ancestors()
+                .skip(1)
+                .map(Path::to_path_buf)
+                .collect::<Vec<_>>()
+        })
+        .chain(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .ancestors()
+                .map(Path::to_path_buf),
+        );
+    for root in roots {
+        let cand = root.join(REL);
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    Err(Error::AgentBinary(format!(
+        "kiln-agent not found: set KILN_AGENT_BIN or run scripts/build-agent.sh (builds {REL})"
+    )))
+}
+
+/// Refuses a dynamically linked agent: it runs as /init with no libc in the initramfs.
+fn check_static(agent: &Path) -> Result<()> {
+    match is_static_elf(agent) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::AgentBinary(format!(
+            "{} is not a static executable",
+            agent.display()
+        ))),
+        Err(e) => Err(Error::AgentBinary(format!("{}: {e}", agent.display()))),
+    }
+}
+
+/// Whether `path` is an x86-64 ELF with no `PT_INTERP` (i.e. needs no dynamic loader).
+pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
+    let data = std::fs::read(path)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an ELF64 executable");
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
+        return Err(bad());
+    }
+    let u16at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(data[0x20..0x28].try_into().map_err(|_| bad())?) as usize;
+    let (phentsize, phnum) = (u16at(0x36), u16at(0x38));
+    for i in 0..phnum {
+        let off = phoff + i * phentsize;
+        let Some(t) = data.get(off..off + 4) else {
+            return Err(bad());
+        };
+        if u32::from_le_bytes([t[0], t[1], t[2], t[3]]) == 3 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// One line of `kiln doctor`.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// What was checked.
+    pub what: String,
+    /// Whether it is fine.
+    pub ok: bool,
+    /// Detail (path, version, reason, remedy).
+    pub detail: String,
+}
+
+/// Everything `kiln doctor` reports.
+#[derive(Debug, Clone)]
+pub struct DoctorReport {
+    /// One entry per check.
+    pub checks: Vec<Check>,
+    /// The accelerator that VMs will use, and why.
+    pub accel: crate::accel::AccelChoice,
+}
+
+impl DoctorReport {
+    /// Whether every check passed.
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+/// Reports what is present and which accelerator will be used (may run a short probe boot
+/// under KVM the first time; the verdict is cached).
+pub async fn doctor(state: &StateDir) -> DoctorReport {
+    let mut checks = Vec::new();
+    for (tool, pkg) in TOOLS {
+        let found = which(tool);
+        checks.push(Check {
+            what: format!("tool {tool}"),
+            ok: found.is_some(),
+            detail: match found {
+                Some(p) => p.display().to_string(),
+                None => format!("missing (package {pkg}; run `kiln setup`)"),
+            },
+        });
+    }
+    let agent = find_agent_binary();
+    checks.push(match &agent {
+        Ok(p) => match check_static(p) {
+            Ok(()) => Check {
+                what: "agent binary".into(),
+                ok: true,
+                detail: p.display().to_string(),
+            },
+            Err(e) => Check {
+                what: "agent binary".into(),
+                ok: false,
+                detail: e.to_string(),
+            },
+        },
+        Err(e) => Check {
+            what: "agent binary".into(),
+            ok: false,
+            detail: e.to_string(),
+        },
+    });
+    let kernels = provisioned_kernels(state);
+    checks.push(Check {
+        what: "guest kernel".into(),
+        ok: !kernels.is_empty(),
+        detail: if kernels.is_empty() {
+            format!(
+                "none under {} (run `kiln setup`)",
+                state.kernel_dir().display()
+            )
+        } else {
+            kernels.join(", ")
+        },
+    });
+    let assets = locate(state, agent.as_ref().ok().map(PathBuf::as_path));
+    checks.push(match &assets {
+        Ok(a) => Check {
+            what: "initramfs".into(),
+            ok: true,
+            detail: a.initramfs.display().to_string(),
+        },
+        Err(e) => Check {
+            what: "initramfs".into(),
+            ok: false,
+            detail: e.to_string(),
+        },
+    });
+    let accel =
+        crate::accel::choose(crate::accel::Accel::from_env(), state, assets.as_ref().ok()).await;
+    DoctorReport { checks, accel }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_detection() {
+        // The test binary itself is dynamically linked (PT_INTERP present).
+        let exe = std::env::current_exe().unwrap();
+        assert!(!is_static_elf(&exe).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let not_elf = dir.path().join("x");
+        std::fs::write(&not_elf, b"#!/bin/sh\n").unwrap();
+        assert!(is_static_elf(&not_elf).is_err());
+    }
+
+    #[test]
+    fn write_atomic_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,489 @@
+//! Snapshot bundles: capture a running VM, restore any number of VMs from it.
+//!
+//! Bundle layout (a directory, published by an atomic rename of a temp sibling):
+//!
+//! ```text
+//! manifest.json   version, machine shape, ram mode, sha256 + size of every file below
+//! state           QEMU migration stream (device state; RAM too in `stream` mode)
+//! memory          guest RAM image (`file` mode)
+//! disk.raw        the frozen root disk: the read-only base of every restore's overlay
+//! vmlinuz, initramfs.cpio   the exact boot files (the firmware/option-ROM layout must match)
+//! ```
+//!
+//! Fast path (`file` mode): a booted VM's RAM is a `memory-backend-file` with `share=on` in
+//! its run dir, so with `x-ignore-shared` the migration stream is device state only. The
+//! snapshot consumes the VM: after QEMU quits, the memory file and the disk image are
+//! *moved* into the bundle (no copy, and nothing can write to them any more, so restores see
+//! a consistent image). Restores map `memory` with `share=off` (private copy-on-write; the
+//! bundle is never written) and put a fresh qcow2 overlay on `disk.raw`.
+//!
+//! A VM that was itself restored runs on a private mapping, which `x-ignore-shared` does
+//! not skip, so its snapshot streams RAM into `state` (`stream` mode); restoring such a
+//! bundle loads RAM from the stream into a fresh per-VM memory file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_agent_proto::AgentClient;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
+
+use crate::error::{Error, Result};
+use crate::provision::{file_sha256, write_atomic, KernelAssets};
+use crate::tool::Tool;
+use crate::vm::{error_chain, kill_pid, PortForward, Shape, Vm};
+
+/// Current manifest format version.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Where guest RAM lives in a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RamMode {
+    /// In the `memory` file; `state` is device state only.
+    File,
+    /// In the `state` migration stream.
+    Stream,
+}
+
+/// One file of a bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Hex sha256.
+    pub sha256: String,
+    /// Size in bytes (apparent).
+    pub size: u64,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// When the snapshot was taken (unix seconds).
+    pub created_unix: u64,
+    /// The machine shape a restore must reproduce.
+    pub shape: Shape,
+    /// Guest kernel release.
+    pub kernel_version: String,
+    /// Where RAM lives.
+    pub ram: RamMode,
+    /// Every file in the bundle except the manifest.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// What a snapshot produced.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    /// The bundle directory.
+    pub bundle: PathBuf,
+    /// The manifest written.
+    pub manifest: Manifest,
+    /// Time the vCPUs were stopped until the device state was saved.
+    pub save_time: Duration,
+    /// Total time including moving files and checksums.
+    pub total_time: Duration,
+}
+
+/// Options for [`Vm::restore`].
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// Name of the new VM (tracing, run-dir prefix). The guest hostname is the snapshot's.
+    pub name: String,
+    /// Parent of the run directory.
+    pub run_parent: PathBuf,
+    /// Port forwards (only if the snapshot has a network device).
+    pub forwards: Vec<PortForward>,
+    /// Console log location (`None`: in the run dir).
+    pub console_log: Option<PathBuf>,
+    /// Bound for the whole restore to agent-connected.
+    pub timeout: Duration,
+}
+
+impl RestoreConfig {
+    /// Defaults: no forwards, console in the run dir, 30 s bound.
+    pub fn new(name: impl Into<String>, run_parent: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            run_parent: run_parent.into(),
+            forwards: Vec::new(),
+            console_log: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Reads and sanity-checks a bundle's manifest (version, files present, sizes). Does not
+/// hash: see [`verify_bundle`].
+pub fn read_manifest(bundle: &Path) -> Result<Manifest> {
+    let bad = |reason: String| Error::Bundle {
+        path: bundle.to_owned(),
+        reason,
+    };
+    let path = bundle.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("manifest.json: {e}")))?;
+    let m: Manifest =
+        serde_json::from_str(&text).map_err(|e| bad(format!("manifest.json: {e}")))?;
+    if m.version != MANIFEST_VERSION {
+        return Err(bad(format!(
+            "manifest version {} (expected {MANIFEST_VERSION})",
+            m.version
+        )));
+    }
+    for (name, entry) in &m.files {
+        let meta = std::fs::metadata(bundle.join(name)).map_err(|e| bad(format!("{name}: {e}")))?;
+        if meta.len() != entry.size {
+            return Err(bad(format!(
+                "{name}: size {} != {}",
+                meta.len(),
+                entry.size
+            )));
+        }
+    }
+    for need in ["state", "disk.raw", "vmlinuz", "initramfs.cpio"] {
+        if !m.files.contains_key(need) {
+            return Err(bad(format!("missing {need}")));
+        }
+    }
+    if m.ram == RamMode::File && !m.files.contains_key("memory") {
+        return Err(bad("missing memory".into()));
+    }
+    Ok(m)
+}
+
+/// Re-hashes every file of a bundle against its manifest (slow: reads everything).
+pub async fn verify_bundle(bundle: &Path) -> Result<Manifest> {
+    let m = read_manifest(bundle)?;
+    let sums = hash_files(bundle, m.files.keys().cloned().collect()).await?;
+    for (name, entry) in &m.files {
+        if sums.get(name).map(|e| &e.sha256) != Some(&entry.sha256) {
+            return Err(Error::Bundle {
+                path: bundle.to_owned(),
+                reason: format!("{name}: checksum mismatch"),
+            });
+        }
+    }
+    Ok(m)
+}
+
+async fn hash_files(dir: &Path, names: Vec<String>) -> Result<BTreeMap<String, FileEntry>> {
+    let tasks: Vec<_> = names
+        .into_iter()
+        .map(|n| {
+            let p = dir.join(&n);
+            tokio::task::spawn_blocking(move || -> Result<(String, FileEntry)> {
+                let size = std::fs::metadata(&p).map_err(Error::io("stat", &p))?.len();
+                Ok((
+                    n,
+                    FileEntry {
+                        sha256: file_sha256(&p)?,
+                        size,
+                    },
+                ))
+            })
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for t in tasks {
+        let (n, e) = t
+            .await
+            .map_err(|e| Error::Snapshot(format!("hash task: {e}")))??;
+        out.insert(n, e);
+    }
+    Ok(out)
+}
+
+/// Moves `from` to `to`; across filesystems, copies sparsely.
+fn move_file(from: &Path, to: &Path) -> Result<()> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            copy_sparse(from, to)?;
+            std::fs::remove_file(from).map_err(Error::io("remove", from))
+        }
+        Err(e) => Err(Error::Io {
+            what: "rename",
+            path: from.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+    Tool::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(from)
+        .arg(to)
+        .run()?;
+    Ok(())
+}
+
+/// Hard-links (or copies) a boot file into the bundle.
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to).map_err(Error::io("copy", from))?;
+    Ok(())
+}
+
+fn fsync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+fn snap_err(e: impl std::error::Error + 'static) -> Error {
+    Error::Snapshot(error_chain(&e))
+}
+
+impl Vm {
+    /// Captures this VM into a bundle at `bundle` (must not exist; its parent must). The
+    /// VM is consumed: it is paused, its device state saved, QEMU quits, and its memory file
+    /// and disk become the bundle's. Errors carry code `snapshot_failed`.
+    pub async fn snapshot(mut self, bundle: &Path) -> Result<SnapshotInfo> {
+        let span = self.span.clone();
+        async move {
+            let started = Instant::now();
+            if bundle.exists() {
+                return Err(Error::Snapshot(format!("{} already exists", bundle.display())));
+            }
+            let parent = bundle.parent().unwrap_or(Path::new("."));
+            let tmp = tempfile::Builder::new()
+                .prefix(".snapshot-")
+                .tempdir_in(parent)
+                .map_err(|e| Error::Snapshot(format!("temp dir in {}: {e}", parent.display())))?;
+            let state = tmp.path().join("state");
+            let ram = if self.ram_shared_file().is_some() { RamMode::File } else { RamMode::Stream };
+            let save_time;
+            {
+                let mut qmp = self.qmp.lock().await;
+                qmp.stop().await.map_err(snap_err)?;
+                let t0 = Instant::now();
+                qmp.migrate_set_capabilities(&[("x-ignore-shared", ram == RamMode::File)])
+                    .await
+                    .map_err(snap_err)?;
+                let uri = format!("exec:cat > {}", shell_quote(&state));
+                qmp.migrate(&uri).await.map_err(snap_err)?;
+                qmp.wait_migration(Duration::from_secs(300)).await.map_err(snap_err)?;
+                save_time = t0.elapsed();
+                tracing::info!(ms = save_time.as_millis() as u64, ?ram, "device state saved");
+                let _ = qmp.quit().await;
+            }
+            // QEMU must be gone before its memory file and disk are taken over.
+            let mut exit = self.exit.clone();
+            if tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some)).await.is_err() {
+                kill_pid(self.pid, &self.exit);
+                let _ = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some)).await;
+            }
+            if let Some(mem) = self.ram_shared_file() {
+                move_file(mem, &tmp.path().join("memory"))?;
+            }
+            let (disk, owned, overlay) = self.disk_source();
+            let dest = tmp.path().join("disk.raw");
+            if owned {
+                move_file(disk, &dest)?;
+            } else if overlay {
+                crate::disk::flatten_to_raw(disk, &dest).map_err(|e| Error::Snapshot(error_chain(&e)))?;
+            } else {
+                copy_sparse(disk, &dest)?;
+            }
+            link_or_copy(&self.kernel.vmlinuz, &tmp.path().join("vmlinuz"))?;
+            link_or_copy(&self.kernel.initramfs, &tmp.path().join("initramfs.cpio"))?;
+            let mut names = vec!["state", "disk.raw", "vmlinuz", "initramfs.cpio"];
+            if ram == RamMode::File {
+                names.push("memory");
+            }
+            let files = hash_files(tmp.path(), names.into_iter().map(String::from).collect()).await?;
+            let manifest = Manifest {
+                version: MANIFEST_VERSION,
+                created_unix: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                shape: self.shape.clone(),
+                kernel_version: self.kernel.version.clone(),
+                ram,
+                files,
+            };
+            let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Snapshot(e.to_string()))?;
+            write_atomic(&tmp.path().join("manifest.json"), &json)?;
+            for name in manifest.files.keys() {
+                if let Ok(f) = std::fs::File::open(tmp.path().join(name)) {
+                    let _ = f.sync_all();
+                }
+            }
+            fsync_dir(tmp.path());
+            let tmp_path = tmp.keep();
+            if let Err(e) = std::fs::rename(&tmp_path, bundle) {
+                let _ = std::fs::remove_dir_all(&tmp_path);
+                return Err(Error::Snapshot(format!("publish {}: {e}", bundle.display())));
+            }
+            fsync_dir(parent);
+            self.cleanup_after_snapshot();
+            let total_time = started.elapsed();
+            tracing::info!(ms = total_time.as_millis() as u64, bundle = %bundle.display(), "snapshot written");
+            Ok(SnapshotInfo { bundle: bundle.to_owned(), manifest, save_time, total_time })
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn cleanup_after_snapshot(&mut self) {
+        // Drop does the rest (kill is a no-op once exited; run dir removed).
+    }
+
+    /// Starts a new VM from a bundle on a fresh copy-on-write overlay of its disk, waits for
+    /// the agent (same process as at snapshot time) and syncs the guest clock. Restores of
+    /// one bundle are independent of each other and never write to the bundle.
+    pub async fn restore(bundle: &Path, cfg: RestoreConfig) -> Result<Vm> {
+        let started = Instant::now();
+        let m = read_manifest(bundle)?;
+        let bundle = std::fs::canonicalize(bundle).map_err(Error::io("resolve", bundle))?;
+        if !m.shape.network && !cfg.forwards.is_empty() {
+            return Err(Error::Restore(
+                "port forwards need a snapshot with networking".into(),
+            ));
+        }
+        let kernel = KernelAssets {
+            version: m.kernel_version.clone(),
+            vmlinuz: bundle.join("vmlinuz"),
+            initramfs: bundle.join("initramfs.cpio"),
+        };
+        // `stream` mode: RAM comes from the stream into a fresh shared file in the run dir
+        // (so this VM's own snapshot can take the fast path again).
+        let memory = match m.ram {
+            RamMode::File => Some(bundle.join("memory")),
+            RamMode::Stream => None,
+        };
+        let mut vm = Vm::launch_incoming(
+            &cfg.name,
+            m.shape.clone(),
+            kernel,
+            &cfg.run_parent,
+            memory.as_deref(),
+            &bundle.join("disk.raw"),
+            cfg.forwards.clone(),
+            cfg.console_log.clone(),
+        )
+        .await?;
+        let span = vm.span.clone();
+        async {
+            let res = tokio::time::timeout(cfg.timeout, async {
+                let mut qmp = vm.qmp.lock().await;
+                qmp.migrate_set_capabilities(&[("x-ignore-shared", m.ram == RamMode::File)])
+                    .await?;
+                let uri = format!("exec:cat {}", shell_quote(&bundle.join("state")));
+                qmp.migrate_incoming(&uri).await?;
+                qmp.wait_migration(cfg.timeout).await?;
+                // The source was paused when saved, and QEMU keeps that run state.
+                if qmp.query_status().await?.status != "running" {
+                    qmp.cont().await?;
+                }
+                Ok::<_, crate::qmp::QmpError>(())
+            })
+            .await;
+            let fail = |reason: String| {
+                Error::Restore(format!("{reason}; console tail:\n{}", vm.console_tail()))
+            };
+            match res {
+                Err(_) => return Err(fail("timed out loading the snapshot".into())),
+                Ok(Err(e)) => {
+                    let why = vm.exit_status().unwrap_or_else(|| error_chain(&e));
+                    return Err(fail(why));
+                }
+                Ok(Ok(())) => {}
+            }
+            let loaded = started.elapsed();
+            let remaining = cfg
+                .timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(1));
+            let agent = vm
+                .guard(AgentClient::connect_unix(&vm.agent_sock, remaining))
+                .await?;
+            vm.agent = Some(agent);
+            vm.sync_clock().await?;
+            tracing::info!(
+                loaded_ms = loaded.as_millis() as u64,
+                ready_ms = started.elapsed().as_millis() as u64,
+                "vm restored"
+            );
+            Ok(())
+        }
+        .instrument(span)
+        .await?;
+        Ok(vm)
+    }
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_bundle(dir: &Path) -> Manifest {
+        let mut files = BTreeMap::new();
+        for name in ["state", "disk.raw", "vmlinuz", "initramfs.cpio", "memory"] {
+            std::fs::write(dir.join(name), name.as_bytes()).unwrap();
+            files.insert(
+                name.to_owned(),
+                FileEntry {
+                    sha256: file_sha256(&dir.join(name)).unwrap(),
+                    size: name.len() as u64,
+                },
+            );
+        }
+        let m = Manifest {
+            version: MANIFEST_VERSION,
+            created_unix: 0,
+            shape: Shape {
+                vcpus: 1,
+                memory_mib: 256,
+                network: false,
+                accel: crate::Resolved::Tcg,
+                machine: "pc".into(),
+                hostname: "t".into(),
+            },
+            kernel_version: "x".into(),
+            ram: RamMode::File,
+            files,
+        };
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        m
+    }
+
+    #[tokio::test]
+    async fn manifest_round_trip_and_corruption_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_bundle(dir.path());
+        verify_bundle(dir.path()).await.unwrap();
+        // Same size, different content: only the checksum catches it.
+        std::fs::write(dir.path().join("state"), b"STATE").unwrap();
+        read_manifest(dir.path()).unwrap();
+        let err = verify_bundle(dir.path()).await.unwrap_err();
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        // Truncation is caught by the cheap check.
+        std::fs::write(dir.path().join("memory"), b"m").unwrap();
+        let err = read_manifest(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("memory: size"), "{err}");
+    }
+
+    #[test]
+    fn wrong_version_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = fake_bundle(dir.path());
+        m.version = 99;
+        std::fs::write(
+            dir.path().join("manifest.json"),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        let err = read_manifest(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("manifest version 99"), "{err}");
+    }
+}

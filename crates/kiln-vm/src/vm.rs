@@ -1,0 +1,860 @@
+//! One QEMU virtual machine and everything it owns.
+//!
+//! A [`Vm`] owns its QEMU process, its run directory (sockets, console log, memory file,
+//! disk or overlay) and its agent connection. Dropping it SIGKILLs QEMU and removes the
+//! run directory; QEMU is also started with `PR_SET_PDEATHSIG` so a host process that dies
+//! without running destructors does not leave it orphaned. A watcher task reaps QEMU and
+//! publishes its exit, so calls pending on a crashed VM fail with [`Error::Exited`]
+//! instead of hanging.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_agent_proto::{AgentClient, ClientError, ExecHandle, ExecOutput, ExecRequest};
+use tokio::sync::{watch, Mutex};
+use tracing::Instrument as _;
+
+use crate::accel::Resolved;
+use crate::disk;
+use crate::error::{Error, Result};
+use crate::provision::KernelAssets;
+use crate::qmp::Qmp;
+
+/// The line the agent prints on the console once its port is open.
+pub const READY_MARKER: &str = "kiln-agent: ready";
+/// The virtio-serial port name of the agent channel.
+pub const AGENT_PORT: &str = "kiln.agent";
+const CONSOLE_TAIL: usize = 3000;
+
+/// The root disk a VM boots from.
+#[derive(Debug, Clone)]
+pub enum RootDisk {
+    /// Build an ext4 image of `disk_mib` from a rootfs directory, inside the VM's run dir
+    /// (the directory is not modified; the agent is written to `/.kiln/agent`). The image is
+    /// the VM's writable disk and becomes the snapshot's disk with no copy.
+    Ext4 {
+        /// The unpacked root filesystem.
+        rootfs: PathBuf,
+        /// Exact disk size.
+        disk_mib: u64,
+        /// Agent binary to inject (`None`: don't).
+        agent: Option<PathBuf>,
+    },
+    /// Use an existing raw image in place, writable. The caller keeps ownership of it.
+    Raw(PathBuf),
+    /// A fresh qcow2 overlay (in the run dir) over a read-only raw base.
+    Overlay(PathBuf),
+}
+
+/// A host -> guest TCP port forward (user-mode networking `hostfwd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    /// Host address to listen on.
+    pub host_addr: IpAddr,
+    /// Host port.
+    pub host_port: u16,
+    /// Guest port.
+    pub guest_port: u16,
+}
+
+/// Guest networking: user-mode (slirp) with egress and optional port forwards.
+#[derive(Debug, Clone, Default)]
+pub struct NetConfig {
+    /// Ingress forwards.
+    pub forwards: Vec<PortForward>,
+}
+
+/// Everything needed to boot a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Name: guest hostname, tracing span, run-dir prefix.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest RAM.
+    pub memory_mib: u64,
+    /// Kernel and initramfs.
+    pub kernel: KernelAssets,
+    /// The root disk.
+    pub disk: RootDisk,
+    /// `None`: no network device at all.
+    pub network: Option<NetConfig>,
+    /// The accelerator (see [`crate::accel::choose`]).
+    pub accel: Resolved,
+    /// Parent of the per-VM run directory (created if missing). Keep the path short:
+    /// unix socket paths are limited to 107 bytes.
+    pub run_parent: PathBuf,
+    /// Where the serial console goes; `None`: `console.log` in the run dir (removed with
+    /// the VM). Errors always carry the console tail either way.
+    pub console_log: Option<PathBuf>,
+    /// Bound on boot to agent-ready; `None`: the accelerator's default.
+    pub boot_timeout: Option<Duration>,
+}
+
+/// How guest RAM is backed; decides how a snapshot stores it.
+#[derive(Debug, Clone)]
+enum Ram {
+    /// `memory-backend-file,share=on` on a file the VM owns: the snapshot is device state
+    /// only (`x-ignore-shared`) and the file itself becomes the bundle's memory image.
+    SharedFile(PathBuf),
+    /// `share=off` on a bundle's memory file (a private COW mapping): a snapshot must
+    /// stream RAM.
+    PrivateFile(PathBuf),
+}
+
+/// The disk the VM is running on.
+#[derive(Debug, Clone)]
+enum Disk {
+    /// Writable raw image in the run dir (moved into a snapshot bundle).
+    OwnedRaw(PathBuf),
+    /// Writable raw image owned by the caller (copied into a snapshot bundle).
+    ForeignRaw(PathBuf),
+    /// qcow2 overlay in the run dir (flattened into a snapshot bundle).
+    Overlay(PathBuf),
+}
+
+impl Disk {
+    fn path(&self) -> &Path {
+        match self {
+            Self::OwnedRaw(p) | Self::ForeignRaw(p) | Self::Overlay(p) => p,
+        }
+    }
+    fn format(&self) -> &'static str {
+        match self {
+            Self::Overlay(_) => "qcow2",
+            _ => "raw",
+        }
+    }
+}
+
+/// The machine shape, recorded in a snapshot manifest so the restore matches it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Shape {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest RAM.
+    pub memory_mib: u64,
+    /// Whether a virtio-net device exists.
+    pub network: bool,
+    /// Accelerator.
+    pub accel: Resolved,
+    /// Machine type string.
+    pub machine: String,
+    /// Guest hostname.
+    pub hostname: String,
+}
+
+/// How QEMU ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Exit(pub String);
+
+/// A running VM.
+#[derive(Debug)]
+pub struct Vm {
+    pub(crate) name: String,
+    pub(crate) span: tracing::Span,
+    pub(crate) dir: Option<tempfile::TempDir>,
+    pub(crate) pid: u32,
+    pub(crate) exit: watch::Receiver<Option<Exit>>,
+    pub(crate) qmp: Mutex<Qmp>,
+    pub(crate) agent: Option<AgentClient>,
+    pub(crate) console: PathBuf,
+    pub(crate) agent_sock: PathBuf,
+    ram: Ram,
+    disk: Disk,
+    pub(crate) shape: Shape,
+    pub(crate) kernel: KernelAssets,
+    pub(crate) forwards: Vec<PortForward>,
+}
+
+/// Paths and flags for one QEMU launch.
+struct Launch<'a> {
+    shape: &'a Shape,
+    kernel: &'a KernelAssets,
+    dir: &'a Path,
+    console: &'a Path,
+    ram: &'a Ram,
+    disk: &'a Disk,
+    forwards: &'a [PortForward],
+    incoming: bool,
+}
+
+impl Launch<'_> {
+    fn args(&self) -> Vec<String> {
+        let s = self.shape;
+        let d = self.dir.display();
+        let (mem_path, share) = match self.ram {
+            Ram::SharedFile(p) => (p, "on"),
+            Ram::PrivateFile(p) => (p, "off"),
+        };
+        let mut cmdline = format!(
+            "console=ttyS0 root=/dev/vda rw kiln.port={AGENT_PORT} kiln.hostname={} panic=-1 quiet",
+            s.hostname
+        );
+        if s.network {
+            cmdline.push_str(" kiln.net=1");
+        }
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("kiln-{}", s.hostname),
+            "-accel".into(),
+            s.accel.qemu_accel().into(),
+            "-machine".into(),
+            format!("{},memory-backend=ram0", s.machine),
+            "-cpu".into(),
+            if s.accel == Resolved::Kvm {
+                "host"
+            } else {
+                "max"
+            }
+            .into(),
+            "-smp".into(),
+            s.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", s.memory_mib),
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share={share},prealloc=off",
+                s.memory_mib,
+                mem_path.display()
+            ),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            self.kernel.vmlinuz.display().to_string(),
+            "-initrd".into(),
+            self.kernel.initramfs.display().to_string(),
+            "-append".into(),
+            cmdline,
+            "-chardev".into(),
+            format!("file,id=con,path={}", self.console.display()),
+            "-serial".into(),
+            "chardev:con".into(),
+            "-qmp".into(),
+            format!("unix:{d}/qmp.sock,server=on,wait=off"),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-chardev".into(),
+            format!("socket,id=agent,path={d}/agent.sock,server=on,wait=off"),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
+            "-drive".into(),
+            format!(
+                "file={},format={},if=none,id=root,cache=writeback,discard=unmap",
+                self.disk.path().display(),
+                self.disk.format()
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=root".into(),
+        ];
+        if s.network {
+            let mut netdev = "user,id=net0".to_owned();
+            for f in self.forwards {
+                netdev.push_str(&format!(
+                    ",hostfwd=tcp:{}:{}-:{}",
+                    f.host_addr, f.host_port, f.guest_port
+                ));
+            }
+            a.extend([
+                "-netdev".into(),
+                netdev,
+                "-device".into(),
+                "virtio-net-pci,netdev=net0".into(),
+            ]);
+        }
+        if self.incoming {
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
+        a
+    }
+}
+
+/// Starts QEMU with `args`; returns its pid and the exit watch (a task reaps it).
+fn spawn_qemu(
+    args: &[String],
+    dir: &Path,
+    span: &tracing::Span,
+) -> Result<(u32, watch::Receiver<Option<Exit>>)> {
+    let stderr_path = dir.join("qemu.stderr");
+    let stderr = std::fs::File::create(&stderr_path).map_err(Error::io("create", &stderr_path))?;
+    let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    tracing::debug!(parent: span, args = ?args, "spawning qemu");
+    let mut child = spawn_on_spawner_thread(cmd)?;
+    let pid = child.id().unwrap_or(0);
+    let (tx, rx) = watch::channel(None);
+    let dir = dir.to_owned();
+    tokio::spawn(
+        async move {
+            let status = child.wait().await;
+            let mut text = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            let err = std::fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default();
+            if !err.trim().is_empty() {
+                text.push_str(&format!("; qemu stderr: {}", err.trim()));
+            }
+            tracing::debug!(status = %text, "qemu exited");
+            let _ = tx.send(Some(Exit(text)));
+        }
+        .instrument(span.clone()),
+    );
+    Ok((pid, rx))
+}
+
+/// Spawns `cmd` from one long-lived thread.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the
+/// process. Tokio may fork from a `block_on` caller or a blocking-pool thread that ends
+/// long before the VM should; forking from a dedicated thread that lives as long as the
+/// process makes the death signal mean "the host process died". The child is registered
+/// with the caller's runtime (for reaping) by entering its handle.
+fn spawn_on_spawner_thread(mut cmd: tokio::process::Command) -> Result<tokio::process::Child> {
+    type Job = Box<dyn FnOnce() + Send>;
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("kiln-vm-spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the qemu spawner thread");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let handle = tokio::runtime::Handle::current();
+    let (rtx, rrx) = std::sync::mpsc::channel();
+    let job: Job = Box::new(move || {
+        let _guard = handle.enter();
+        let _ = rtx.send(cmd.spawn());
+    });
+    let sent = sender
+        .lock()
+        .map_err(|_| Error::Spawn(std::io::Error::other("spawner poisoned")))?
+        .send(job);
+    if sent.is_err() {
+        return Err(Error::Spawn(std::io::Error::other("spawner thread gone")));
+    }
+    // The job is a fork+exec: microseconds to a few ms, fine to wait for synchronously.
+    rrx.recv()
+        .map_err(|_| Error::Spawn(std::io::Error::other("spawner thread gone")))?
+        .map_err(Error::Spawn)
+}
+
+/// The last few KB of a console log.
+pub(crate) fn console_tail(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let start = data.len().saturating_sub(CONSOLE_TAIL);
+    String::from_utf8_lossy(&data[start..]).into_owned()
+}
+
+fn make_run_dir(parent: &Path, name: &str) -> Result<tempfile::TempDir> {
+    std::fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+    let prefix: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(16)
+        .collect();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir_in(parent)
+        .map_err(Error::io("create run dir in", parent))?;
+    if dir.path().join("agent.sock").as_os_str().len() > 107 {
+        return Err(Error::Config(format!(
+            "run dir path too long for unix sockets: {}",
+            dir.path().display()
+        )));
+    }
+    Ok(dir)
+}
+
+fn validate_hostname(name: &str) -> Result<String> {
+    let h: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if h.is_empty() {
+        return Err(Error::Config("empty VM name".into()));
+    }
+    Ok(h)
+}
+
+impl Vm {
+    /// Boots a VM and waits until its agent answers the hello handshake.
+    ///
+    /// Fails with [`Error::Boot`] (code `boot_failed`, with the console tail) if the guest
+    /// does not reach the agent within the boot bound or QEMU exits first.
+    pub async fn boot(config: VmConfig) -> Result<Self> {
+        let span = tracing::info_span!("vm", name = %config.name);
+        Self::boot_inner(config, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn boot_inner(config: VmConfig, span: tracing::Span) -> Result<Self> {
+        let started = Instant::now();
+        if config.vcpus == 0 || config.memory_mib < 64 {
+            return Err(Error::Config("need vcpus >= 1 and memory_mib >= 64".into()));
+        }
+        let hostname = validate_hostname(&config.name)?;
+        let dir = make_run_dir(&config.run_parent, &hostname)?;
+        let disk = match &config.disk {
+            RootDisk::Ext4 {
+                rootfs,
+                disk_mib,
+                agent,
+            } => {
+                let img = dir.path().join("disk.raw");
+                let (rootfs, agent, n, img2) =
+                    (rootfs.clone(), agent.clone(), *disk_mib, img.clone());
+                tokio::task::spawn_blocking(move || {
+                    disk::make_ext4(&rootfs, &img2, n, agent.as_deref())
+                })
+                .await
+                .map_err(|e| Error::Config(format!("disk task: {e}")))??;
+                Disk::OwnedRaw(img)
+            }
+            RootDisk::Raw(p) => Disk::ForeignRaw(p.clone()),
+            RootDisk::Overlay(base) => {
+                let ov = dir.path().join("disk.qcow2");
+                disk::create_overlay(base, &ov)?;
+                Disk::Overlay(ov)
+            }
+        };
+        tracing::debug!(elapsed = ?started.elapsed(), "disk ready");
+        let shape = Shape {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            network: config.network.is_some(),
+            accel: config.accel,
+            machine: config.accel.machine().to_owned(),
+            hostname,
+        };
+        let console = config
+            .console_log
+            .clone()
+            .unwrap_or_else(|| dir.path().join("console.log"));
+        let ram = Ram::SharedFile(dir.path().join("memory"));
+        let forwards = config
+            .network
+            .as_ref()
+            .map(|n| n.forwards.clone())
+            .unwrap_or_default();
+        let launch = Launch {
+            shape: &shape,
+            kernel: &config.kernel,
+            dir: dir.path(),
+            console: &console,
+            ram: &ram,
+            disk: &disk,
+            forwards: &forwards,
+            incoming: false,
+        };
+        let (pid, exit) = spawn_qemu(&launch.args(), dir.path(), &span)?;
+        let agent_sock = dir.path().join("agent.sock");
+        let timeout = config
+            .boot_timeout
+            .unwrap_or_else(|| config.accel.default_boot_timeout());
+        let boot_fail = |reason: String| Error::Boot {
+            reason,
+            console: console_tail(&console),
+        };
+        let qmp = match Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(10)).await {
+            Ok(q) => q,
+            Err(e) => {
+                kill_pid(pid, &exit);
+                let why = exit
+                    .borrow()
+                    .as_ref()
+                    .map(|x| x.0.clone())
+                    .unwrap_or_else(|| e.to_string());
+                return Err(boot_fail(format!("qemu did not start: {why}")));
+            }
+        };
+        let mut vm = Self {
+            name: config.name.clone(),
+            span,
+            dir: Some(dir),
+            pid,
+            exit,
+            qmp: Mutex::new(qmp),
+            agent: None,
+            console: console.clone(),
+            agent_sock,
+            ram,
+            disk,
+            shape,
+            kernel: config.kernel.clone(),
+            forwards,
+        };
+        let deadline = started + timeout;
+        match vm.wait_ready(deadline).await {
+            Ok(agent) => {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    agent_pid = agent.agent_info().pid,
+                    "vm ready"
+                );
+                vm.agent = Some(agent);
+                Ok(vm)
+            }
+            Err(reason) => Err(boot_fail(reason)),
+        }
+    }
+
+    /// Waits for the console marker, then connects the agent; the error is a reason text.
+    async fn wait_ready(&self, deadline: Instant) -> Result<AgentClient, String> {
+        let mut exit = self.exit.clone();
+        let remaining = || deadline.saturating_duration_since(Instant::now());
+        let total = remaining();
+        let wait = async {
+            loop {
+                let text = std::fs::read(&self.console).unwrap_or_default();
+                if memfind(&text, READY_MARKER.as_bytes()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            AgentClient::connect_unix(&self.agent_sock, remaining().max(Duration::from_secs(1)))
+                .await
+        };
+        tokio::select! {
+            r = tokio::time::timeout(remaining(), wait) => match r {
+                Ok(Ok(agent)) => Ok(agent),
+                Ok(Err(e)) => Err(format!("agent handshake failed: {}", error_chain(&e))),
+                Err(_) => Err(format!("agent not ready within {total:?}")),
+            },
+            x = exit.wait_for(Option::is_some) => {
+                let status = x.map(|v| v.as_ref().map(|e| e.0.clone()).unwrap_or_default()).unwrap_or_default();
+                Err(format!("qemu exited during boot ({status})"))
+            }
+        }
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The QEMU process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The run directory (sockets, console, overlay).
+    pub fn run_dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map(|d| d.path())
+            .unwrap_or(Path::new("/nonexistent"))
+    }
+
+    /// The serial console log.
+    pub fn console_log(&self) -> &Path {
+        &self.console
+    }
+
+    /// The last few KB of the serial console.
+    pub fn console_tail(&self) -> String {
+        console_tail(&self.console)
+    }
+
+    /// The active port forwards.
+    pub fn forwards(&self) -> &[PortForward] {
+        &self.forwards
+    }
+
+    /// The machine shape (what a restore must match).
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// The agent connection. Calls made directly on it are not raced against QEMU's exit;
+    /// use [`Vm::guard`] (or the wrappers) for an [`Error::Exited`] instead of a bare
+    /// `Disconnected`.
+    pub fn agent(&self) -> &AgentClient {
+        #[allow(clippy::expect_used)]
+        self.agent
+            .as_ref()
+            .expect("a Vm always has an agent once constructed")
+    }
+
+    /// The host end of the agent channel: a unix socket QEMU serves.
+    pub fn agent_socket(&self) -> &Path {
+        &self.agent_sock
+    }
+
+    /// Hands over this handle's agent connection, so that another process can connect to
+    /// [`Vm::agent_socket`]: the virtio-serial channel serves one host connection at a
+    /// time. The VM stays owned by this handle. Call [`Vm::reconnect_agent`] before
+    /// [`Vm::agent`] again.
+    pub fn release_agent(&mut self) -> Option<AgentClient> {
+        self.agent.take()
+    }
+
+    /// Connects this handle to the agent again after [`Vm::release_agent`].
+    pub async fn reconnect_agent(&mut self, timeout: Duration) -> Result<()> {
+        let client = AgentClient::connect_unix(&self.agent_sock, timeout)
+            .await
+            .map_err(|e| Error::Agent(Box::new(e)))?;
+        self.agent = Some(client);
+        Ok(())
+    }
+
+    /// How QEMU exited, if it has.
+    pub fn exit_status(&self) -> Option<String> {
+        self.exit.borrow().as_ref().map(|e| e.0.clone())
+    }
+
+    fn exited_error(&self, status: String) -> Error {
+        Error::Exited {
+            status,
+            console: self.console_tail(),
+        }
+    }
+
+    /// Runs an agent call, failing with [`Error::Exited`] if QEMU exits first (or the call
+    /// fails because it did).
+    pub async fn guard<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T> {
+        let mut exit = self.exit.clone();
+        tokio::select! {
+            r = fut => match r {
+                Ok(v) => Ok(v),
+                Err(e) => {
+                    // A dead connection is usually a dead QEMU: give the reaper a moment.
+                    if matches!(e, ClientError::Disconnected | ClientError::StreamClosed) {
+                        let mut exit2 = self.exit.clone();
+                        let status = match tokio::time::timeout(Duration::from_millis(500), exit2.wait_for(Option::is_some)).await {
+                            Ok(Ok(x)) => x.as_ref().map(|e| e.0.clone()),
+                            _ => None,
+                        };
+                        if let Some(s) = status {
+                            return Err(self.exited_error(s));
+                        }
+                    }
+                    Err(Error::Agent(Box::new(e)))
+                }
+            },
+            x = exit.wait_for(Option::is_some) => {
+                let s = x.map(|v| v.as_ref().map(|e| e.0.clone()).unwrap_or_default()).unwrap_or_default();
+                Err(self.exited_error(s))
+            }
+        }
+    }
+
+    /// Runs a command to completion, collecting its output.
+    pub async fn exec_collect(&self, req: ExecRequest) -> Result<ExecOutput> {
+        self.guard(self.agent().exec_collect(req)).await
+    }
+
+    /// Starts a command; events stream from the handle.
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle> {
+        self.guard(self.agent().exec(req)).await
+    }
+
+    /// Sets the guest clock to the host's (after a restore the guest clock is stale).
+    pub async fn sync_clock(&self) -> Result<()> {
+        self.guard(self.agent().set_clock(SystemTime::now()))
+            .await
+            .map(drop)
+    }
+
+    /// Pauses the vCPUs.
+    pub async fn pause(&self) -> Result<()> {
+        Ok(self.qmp.lock().await.stop().await?)
+    }
+
+    /// Resumes the vCPUs.
+    pub async fn resume(&self) -> Result<()> {
+        Ok(self.qmp.lock().await.cont().await?)
+    }
+
+    /// QEMU's run state (`running`, `paused`, ...).
+    pub async fn status(&self) -> Result<String> {
+        Ok(self.qmp.lock().await.query_status().await?.status)
+    }
+
+    /// SIGKILLs QEMU, waits for it to be reaped, removes the run directory.
+    pub async fn kill(mut self) {
+        kill_pid(self.pid, &self.exit);
+        let mut exit = self.exit.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some)).await;
+        self.cleanup();
+    }
+
+    /// Asks QEMU to quit (guest is not shut down cleanly: the disk is thrown away anyway),
+    /// falling back to SIGKILL.
+    pub async fn shutdown(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            self.qmp.lock().await.quit().await
+        })
+        .await;
+        let mut exit = self.exit.clone();
+        if tokio::time::timeout(Duration::from_secs(3), exit.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            kill_pid(self.pid, &self.exit);
+        }
+        self.cleanup();
+    }
+
+    fn cleanup(&mut self) {
+        kill_pid(self.pid, &self.exit);
+        if let Some(d) = self.dir.take() {
+            let path = d.path().to_owned();
+            if let Err(e) = d.close() {
+                tracing::warn!(parent: &self.span, dir = %path.display(), error = %e, "cannot remove run dir");
+            }
+        }
+    }
+
+    pub(crate) fn ram_shared_file(&self) -> Option<&Path> {
+        match &self.ram {
+            Ram::SharedFile(p) => Some(p),
+            Ram::PrivateFile(_) => None,
+        }
+    }
+
+    pub(crate) fn disk_source(&self) -> (&Path, bool, bool) {
+        // (path, owned-by-us raw, is overlay)
+        match &self.disk {
+            Disk::OwnedRaw(p) => (p, true, false),
+            Disk::ForeignRaw(p) => (p, false, false),
+            Disk::Overlay(p) => (p, false, true),
+        }
+    }
+
+    /// Launches QEMU waiting for an incoming migration (used by restore).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn launch_incoming(
+        name: &str,
+        shape: Shape,
+        kernel: KernelAssets,
+        run_parent: &Path,
+        memory: Option<&Path>,
+        base_disk: &Path,
+        forwards: Vec<PortForward>,
+        console_log: Option<PathBuf>,
+    ) -> Result<Self> {
+        let span = tracing::info_span!("vm", name = %name);
+        let dir = make_run_dir(run_parent, &shape.hostname)?;
+        let ov = dir.path().join("disk.qcow2");
+        disk::create_overlay(base_disk, &ov)
+            .map_err(|e| Error::Restore(format!("overlay: {}", error_chain(&e))))?;
+        let disk = Disk::Overlay(ov);
+        let ram = match memory {
+            Some(m) => Ram::PrivateFile(m.to_owned()),
+            None => Ram::SharedFile(dir.path().join("memory")),
+        };
+        let console = console_log.unwrap_or_else(|| dir.path().join("console.log"));
+        let launch = Launch {
+            shape: &shape,
+            kernel: &kernel,
+            dir: dir.path(),
+            console: &console,
+            ram: &ram,
+            disk: &disk,
+            forwards: &forwards,
+            incoming: true,
+        };
+        let (pid, exit) = spawn_qemu(&launch.args(), dir.path(), &span)?;
+        let qmp = match Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(10)).await {
+            Ok(q) => q,
+            Err(e) => {
+                kill_pid(pid, &exit);
+                let why = exit
+                    .borrow()
+                    .as_ref()
+                    .map(|x| x.0.clone())
+                    .unwrap_or_else(|| e.to_string());
+                return Err(Error::Restore(format!("qemu did not start: {why}")));
+            }
+        };
+        let agent_sock = dir.path().join("agent.sock");
+        Ok(Self {
+            name: name.to_owned(),
+            span,
+            dir: Some(dir),
+            pid,
+            exit,
+            qmp: Mutex::new(qmp),
+            agent: None,
+            console,
+            agent_sock,
+            ram,
+            disk,
+            shape,
+            kernel,
+            forwards,
+        })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// SIGKILLs `pid` unless the watcher already saw it exit (so a recycled pid is never hit).
+pub(crate) fn kill_pid(pid: u32, exit: &watch::Receiver<Option<Exit>>) {
+    if pid == 0 || exit.borrow().is_some() {
+        return;
+    }
+    // SAFETY: plain syscall; the pid is our unreaped child (the watcher has not reported
+    // its exit), so it cannot have been recycled.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+fn memfind(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `err: cause: cause` on one line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,137 @@
+//! Real-VM tests (TCG here): snapshot + restore keeps processes running, restores are
+//! isolated, a killed QEMU is a clear error with nothing left behind.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::req;
+use kiln_vm::{Error, RestoreConfig, Vm};
+
+async fn read_counter(vm: &Vm) -> u64 {
+    let out = vm
+        .guard(vm.agent().read_file("/tmp/counter"))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counter_survives_snapshot_and_restores_are_isolated() {
+    let env = common::env("snap").await;
+    let vm = Vm::boot(env.config("snap"))
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    let mut bg = req("i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done");
+    bg.background = Some(Default::default());
+    let pid = vm.guard(vm.agent().spawn_background(bg)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = read_counter(&vm).await;
+    assert!(before > 3, "counter barely moved: {before}");
+
+    let bundle = env.run_parent.join("bundle");
+    let info = vm
+        .snapshot(&bundle)
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    eprintln!(
+        "snapshot: save {:?}, total {:?}, state {} B, memory {} B",
+        info.save_time,
+        info.total_time,
+        info.manifest.files["state"].size,
+        info.manifest.files.get("memory").map_or(0, |f| f.size)
+    );
+    assert_eq!(info.manifest.ram, kiln_vm::RamMode::File);
+    kiln_vm::snapshot::verify_bundle(&bundle).await.unwrap();
+
+    // Two restores at once.
+    let t = Instant::now();
+    let (a, b) = tokio::join!(
+        Vm::restore(&bundle, RestoreConfig::new("snap-a", &env.run_parent)),
+        Vm::restore(&bundle, RestoreConfig::new("snap-b", &env.run_parent)),
+    );
+    let a = a.unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    let b = b.unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    eprintln!("two concurrent restores: {:?}", t.elapsed());
+
+    for vm in [&a, &b] {
+        assert!(
+            vm.guard(vm.agent().pid_alive(pid)).await.unwrap(),
+            "counter pid {pid} gone"
+        );
+        let c1 = read_counter(vm).await;
+        assert!(c1 >= before, "counter went back: {c1} < {before}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let c2 = read_counter(vm).await;
+        assert!(c2 > c1, "counter stopped after restore: {c1} -> {c2}");
+        let out = vm
+            .exec_collect(req(&format!("cat /proc/{pid}/cmdline | tr '\\0' ' '")))
+            .await
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("while"),
+            "pid {pid} is not the counter"
+        );
+        // The clock was synced from the host.
+        let out = vm.exec_collect(req("date +%s")).await.unwrap();
+        let guest: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            (guest - host).abs() <= 3,
+            "guest clock {guest} vs host {host}"
+        );
+    }
+
+    // Isolation: a file written in one restore is absent in the other.
+    a.exec_collect(req("echo only-a > /root/marker && sync"))
+        .await
+        .unwrap();
+    let out = b
+        .exec_collect(req("test -e /root/marker; echo $?"))
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let out = a.exec_collect(req("cat /root/marker")).await.unwrap();
+    assert_eq!(out.stdout, b"only-a\n");
+
+    a.shutdown().await;
+    b.kill().await;
+    // The bundle was never written by the restores.
+    kiln_vm::snapshot::verify_bundle(&bundle).await.unwrap();
+    std::fs::remove_dir_all(&bundle).unwrap();
+    env.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_qemu_mid_exec_is_a_clear_error() {
+    let env = common::env("kill").await;
+    let vm = Vm::boot(env.config("kill"))
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    let run_dir = vm.run_dir().to_owned();
+    let h = vm.exec(req("sleep 60")).await.unwrap();
+    let pid = vm.pid();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // SAFETY: plain kill(2) of the QEMU child (alive: the exec is pending).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let err = tokio::time::timeout(Duration::from_secs(10), vm.guard(h.wait()))
+        .await
+        .expect("pending call hung")
+        .unwrap_err();
+    assert!(matches!(err, Error::Exited { .. }), "{err:?}");
+    assert!(err.to_string().contains("signal: 9"), "{err}");
+    // Later calls fail the same way, promptly.
+    let err = tokio::time::timeout(Duration::from_secs(5), vm.exec_collect(req("true")))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::Exited { .. }), "{err:?}");
+    drop(vm);
+    assert!(!run_dir.exists(), "run dir left: {}", run_dir.display());
+    env.assert_no_leaks().await;
+}

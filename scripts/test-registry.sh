@@ -22,6 +22,7 @@
 #   kiln/alpine-like:latest     tiny, /etc/os-release ID=alpine + /lib/ld-musl-x86_64.so.1
 #   kiln/noshell:latest         tiny, no /bin/sh
 #   kiln/tiny:latest            tiny, with /bin/sh (also pushed to the auth registry)
+#   kiln/authonly:latest        (auth registry only) the tiny image, absent from the open one
 #
 # Needs (Debian packages): docker-registry skopeo apache2-utils jq zstd coreutils tar gzip
 # iproute2 curl, plus what scripts/test-rootfs.sh needs (mmdebstrap).
@@ -32,7 +33,7 @@ assets="${KILN_TEST_ASSETS:-/var/tmp/kiln-test-assets}"
 dir="$assets/registry"
 envfile="$assets/registry.env"
 # Bump when the image set changes so that `start` rebuilds and re-pushes.
-images_version=3
+images_version=4
 auth_user=kiln
 auth_pass=kiln-secret
 
@@ -253,6 +254,8 @@ push_images() {
         "oci:$layout:minbase-gz" "docker://$reg/kiln/minbase-docker:latest"
     skopeo copy "${opts[@]}" --dest-creds "$auth_user:$auth_pass" \
         "oci:$layout:tiny" "docker://$areg/kiln/tiny:latest"
+    skopeo copy "${opts[@]}" --dest-creds "$auth_user:$auth_pass" \
+        "oci:$layout:tiny" "docker://$areg/kiln/authonly:latest"
 }
 
 cmd_start() {

@@ -20,13 +20,18 @@ fi
 
 build() {
     local name=$1 out="$assets/rootfs/$1.tar" include=""
-    [ -f "$out" ] && [ -s "$out" ] && return 0
     case "$name" in
         minbase) include="" ;;
-        # python3 answers HTTP for the startCmd/readyCmd examples; curl for readiness probes.
-        python) include="python3-minimal,python3,curl" ;;
+        # python3 answers HTTP for the startCmd/readyCmd examples, curl probes readiness,
+        # sudo serves `user: {sudo: true}` steps.
+        python) include="python3-minimal,python3,curl,sudo" ;;
         *) echo "unknown rootfs $name" >&2; return 2 ;;
     esac
+    # The package list is the cache key: change it and the tarball is rebuilt.
+    local stamp="$assets/rootfs/$name.packages"
+    if [ -f "$out" ] && [ -s "$out" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$suite:$include" ]; then
+        return 0
+    fi
     echo "building rootfs $name ($suite) -> $out" >&2
     # mmdebstrap picks its output format from the extension: keep .tar last.
     local tmp="$assets/rootfs/.$name.$$.tar"
@@ -38,6 +43,7 @@ build() {
         --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
         --format=tar "$suite" "$tmp"
     mv -f "$tmp" "$out"
+    echo "$suite:$include" > "$stamp"
 }
 
 names=("$@")

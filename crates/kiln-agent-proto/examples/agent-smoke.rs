@@ -1,6 +1,7 @@
 //! Smoke-test a running agent: `cargo run -p kiln-agent-proto --features client
 //! --example agent-smoke -- SOCKET [COMMAND]`. Connects (waiting up to 120 s for a booting
 //! guest), prints hello/health, sets the clock and runs COMMAND (default `uname -a`).
+//! `bg:CMD` starts CMD in the background and prints its pid; `pid:N` queries pid N.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant, SystemTime};
@@ -27,6 +28,22 @@ async fn main() {
         "clock applied: {}",
         c.set_clock(SystemTime::now()).await.unwrap()
     );
+    if let Some(bg) = cmd.strip_prefix("bg:") {
+        let pid = c
+            .spawn_background(ExecRequest {
+                command: bg.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        println!("background pid {pid}");
+        return;
+    }
+    if let Some(pid) = cmd.strip_prefix("pid:") {
+        let st = c.wait_pid(pid.parse().unwrap(), None).await.unwrap();
+        println!("{st:?}");
+        return;
+    }
     let out = c
         .exec_collect(ExecRequest {
             command: cmd,

@@ -9,8 +9,10 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -18,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::PollSemaphore;
 
 use crate::frame::{channel, DecodeEvent, Decoder, Frame, FrameKind, DATA_CHUNK, MAX_FRAME, SYNC};
 use crate::msg::*;
@@ -230,13 +233,83 @@ pub struct ExecHandle {
 }
 
 /// The stdin of an exec started with `stdin: true`. Dropping it without [`close`](Self::close)
-/// still closes the process's stdin.
+/// still closes the process's stdin. Also an [`AsyncWrite`] (shutdown = close), for
+/// `tokio::io::copy` from a socket or websocket bridge.
 #[derive(Debug)]
 pub struct ExecStdin {
     inner: Arc<Inner>,
     id: u32,
     window: Arc<Semaphore>,
+    poll_window: PollSemaphore,
     closed: bool,
+}
+
+impl ExecStdin {
+    fn new(inner: Arc<Inner>, id: u32, window: Arc<Semaphore>) -> Self {
+        Self {
+            inner,
+            id,
+            poll_window: PollSemaphore::new(window.clone()),
+            window,
+            closed: false,
+        }
+    }
+
+    fn closed_reason(&self) -> ClientError {
+        let g = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            ClientError::Disconnected
+        } else {
+            ClientError::StreamClosed
+        }
+    }
+}
+
+fn broken_pipe(e: ClientError) -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, e)
+}
+
+impl AsyncWrite for ExecStdin {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.closed {
+            return Poll::Ready(Err(broken_pipe(ClientError::StreamClosed)));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = buf.len().min(DATA_CHUNK);
+        match this.poll_window.poll_acquire_many(cx, n as u32) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Err(broken_pipe(this.closed_reason()))),
+            Poll::Ready(Some(permit)) => {
+                permit.forget();
+                let f = Frame::data(this.id, channel::INPUT, Bytes::copy_from_slice(&buf[..n]));
+                Poll::Ready(this.inner.send(&f).map(|()| n).map_err(broken_pipe))
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.closed = true;
+        Poll::Ready(
+            this.inner
+                .send(&Frame::eof(this.id, channel::INPUT))
+                .map_err(broken_pipe),
+        )
+    }
 }
 
 impl ExecStdin {
@@ -247,14 +320,11 @@ impl ExecStdin {
         }
         for chunk in data.chunks(DATA_CHUNK) {
             let n = chunk.len() as u32;
-            let permit = self.window.acquire_many(n).await.map_err(|_| {
-                let g = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
-                if g.is_none() {
-                    ClientError::Disconnected
-                } else {
-                    ClientError::StreamClosed
-                }
-            })?;
+            let permit = self
+                .window
+                .acquire_many(n)
+                .await
+                .map_err(|_| self.closed_reason())?;
             permit.forget();
             self.inner.send(&Frame::data(
                 self.id,
@@ -540,12 +610,7 @@ impl AgentClient {
             AgentMsg::ExecStarted { pid } => pid,
             m => return Err(unexpected(m)),
         };
-        let stdin = want_stdin.then(|| ExecStdin {
-            inner: s.inner.clone(),
-            id: s.id,
-            window: s.window.clone(),
-            closed: false,
-        });
+        let stdin = want_stdin.then(|| ExecStdin::new(s.inner.clone(), s.id, s.window.clone()));
         Ok(ExecHandle {
             stream: s,
             pid,
@@ -598,14 +663,25 @@ impl AgentClient {
     }
 
     /// Stream a guest file into `w`; returns the number of bytes.
-    pub async fn read_file_to<W: AsyncWrite + Unpin>(&self, path: &str, mut w: W) -> Result<u64> {
+    pub async fn read_file_to<W: AsyncWrite + Unpin>(&self, path: &str, w: W) -> Result<u64> {
+        self.read_file_range_to(path, 0, None, w).await
+    }
+
+    /// Stream at most `limit` bytes of a guest file, starting at `offset`, into `w`.
+    pub async fn read_file_range_to<W: AsyncWrite + Unpin>(
+        &self,
+        path: &str,
+        offset: u64,
+        limit: Option<u64>,
+        mut w: W,
+    ) -> Result<u64> {
         let mut s = self.open()?;
         s.inner.send_msg(
             s.id,
             &HostMsg::ReadFile {
                 path: path.into(),
-                offset: 0,
-                limit: None,
+                offset,
+                limit,
             },
         )?;
         let mut total = 0u64;

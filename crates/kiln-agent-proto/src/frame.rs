@@ -229,6 +229,17 @@ impl Decoder {
         }
     }
 
+    /// True while skipping the payload of an oversized frame.
+    pub fn is_skipping(&self) -> bool {
+        matches!(self.state, State::Skip { .. })
+    }
+
+    /// Whether the bytes buffered for an incomplete frame contain a [`SYNC`] marker:
+    /// evidence that a new writer started while the old one's frame never finished.
+    pub fn partial_has_sync(&self) -> bool {
+        self.is_mid_frame() && find(&self.buf, &SYNC).is_some()
+    }
+
     /// True while hunting for [`SYNC`].
     pub fn is_hunting(&self) -> bool {
         self.state == State::Hunting

@@ -180,7 +180,18 @@ fn run_pid1() -> Result<()> {
     println!("kiln-agent: ready");
     let _ = std::io::stdout().flush();
     let fd = port.as_raw_fd();
-    let mut st = ServeState::default();
-    server::serve(&agent, &mut port, fd, Transport::Port, &mut st);
-    bail!("agent port loop ended")
+    loop {
+        // PID 1 must never die (the kernel would panic): a bug that panics the serving
+        // loop costs the current connection state, not the VM.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut st = ServeState::default();
+            server::serve(&agent, &mut port, fd, Transport::Port, &mut st);
+        }));
+        if r.is_err() {
+            tracing::error!("serving loop panicked; restarting it");
+            std::thread::sleep(Duration::from_millis(100));
+        } else {
+            bail!("agent port loop ended");
+        }
+    }
 }

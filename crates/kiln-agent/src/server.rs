@@ -27,9 +27,9 @@ use kiln_agent_proto::{
 use crate::procs::Procs;
 use crate::{exec, files};
 
-/// A frame that started arriving must complete within this time, or the decoder gives
-/// up on it and rescans for SYNC (its writer went away mid-frame).
-const FRAME_DEADLINE: Duration = Duration::from_secs(3);
+/// A frame that stopped making progress for this long *and* has a SYNC marker among its
+/// buffered bytes is abandoned and the buffer rescanned (see [`try_expire`]).
+const FRAME_DEADLINE: Duration = Duration::from_secs(2);
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -335,20 +335,15 @@ pub fn serve(
     let mut buf = vec![0u8; 256 * 1024];
     let mut frame_started: Option<Instant> = None;
     loop {
-        let timeout = frame_started.map(|t| FRAME_DEADLINE.saturating_sub(t.elapsed()));
+        let timeout = frame_started.map(|t| {
+            FRAME_DEADLINE
+                .checked_sub(t.elapsed())
+                .unwrap_or(Duration::from_secs(1))
+        });
         match poll_in(fd, timeout) {
             Ok(true) => {}
             Ok(false) => {
-                if let Some(t) = frame_started {
-                    if t.elapsed() >= FRAME_DEADLINE && dec.expire_partial() {
-                        tracing::warn!("partial frame expired; resynchronising");
-                        frame_started = None;
-                        drain(agent, dec, streams);
-                        if dec.is_mid_frame() {
-                            frame_started = Some(Instant::now());
-                        }
-                    }
-                }
+                try_expire(agent, dec, streams, &mut frame_started);
                 continue;
             }
             Err(e) => {
@@ -399,16 +394,32 @@ pub fn serve(
             frame_started = None;
         } else if progressed || frame_started.is_none() {
             frame_started = Some(Instant::now());
-        } else if frame_started.is_some_and(|t| t.elapsed() >= FRAME_DEADLINE) {
-            // Bytes keep coming but the frame never completes: e.g. a new host's SYNC +
-            // hello was swallowed by the payload of a frame its predecessor never finished.
-            if dec.expire_partial() {
-                tracing::warn!("stalled partial frame expired; resynchronising");
-                drain(agent, dec, streams);
-            }
-            frame_started = dec.is_mid_frame().then(Instant::now);
+        } else {
+            try_expire(agent, dec, streams, &mut frame_started);
         }
     }
+}
+
+/// Give up on a frame that has not completed for [`FRAME_DEADLINE`] *and* shows
+/// evidence of a new host: a SYNC marker among its buffered bytes (a new host's hello
+/// swallowed by the payload of a frame its predecessor never finished). A merely slow
+/// frame of a live host is never expired. A skipped oversized frame is already an
+/// error, so it is abandoned on the deadline alone.
+fn try_expire(
+    agent: &Arc<Agent>,
+    dec: &mut Decoder,
+    streams: &mut HashMap<u32, Entry>,
+    frame_started: &mut Option<Instant>,
+) {
+    let Some(t) = *frame_started else { return };
+    if t.elapsed() < FRAME_DEADLINE || !(dec.is_skipping() || dec.partial_has_sync()) {
+        return;
+    }
+    if dec.expire_partial() {
+        tracing::warn!("stalled partial frame abandoned; resynchronising");
+        drain(agent, dec, streams);
+    }
+    *frame_started = dec.is_mid_frame().then(Instant::now);
 }
 
 /// Handle every complete event; returns whether any was decoded.

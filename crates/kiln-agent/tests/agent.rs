@@ -268,6 +268,11 @@ async fn file_round_trip_20mib_and_file_ops() {
     let n = c.read_file_to(p, &mut back).await.unwrap();
     assert_eq!(n, data.len() as u64);
     assert_eq!(Sha256::digest(&back), want);
+    let mut part = Vec::new();
+    c.read_file_range_to(p, 1000, Some(70_000), &mut part)
+        .await
+        .unwrap();
+    assert!(part[..] == data[1000..71_000]);
 
     // mkdir -p, list, remove.
     let d = base.join("a/b/c");
@@ -584,4 +589,66 @@ async fn exec_outlives_its_connection() {
     assert!(!st.alive);
     assert_eq!(st.exit.unwrap().code, Some(4));
     assert!(marker.exists());
+}
+
+/// A live host whose frame arrives slowly (longer than the agent's stall deadline) is
+/// not mistaken for a dead one.
+#[tokio::test]
+async fn slow_frame_of_live_host_is_not_abandoned() {
+    let a = start_agent(&["--sticky"]);
+    let target = a.dir.path().join("slow.bin");
+    let mut r = Raw::connect(&a.sock);
+    r.hello(1);
+    r.msg(
+        4,
+        &HostMsg::WriteFile(kiln_agent_proto::WriteFileRequest {
+            path: target.to_string_lossy().into(),
+            mode: None,
+            owner: None,
+            create_parents: true,
+            append: false,
+        }),
+    );
+    let f = Frame::data(4, 0, vec![7u8; 60_000]).encode();
+    r.send(&f[..30_000]);
+    std::thread::sleep(Duration::from_millis(3000));
+    r.send(&f[30_000..]);
+    r.send(&Frame::eof(4, 0).encode());
+    loop {
+        match r.recv() {
+            (4, AgentMsg::Credit { .. }) => continue,
+            (4, AgentMsg::Done { bytes }) => {
+                assert_eq!(bytes, 60_000);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), vec![7u8; 60_000]);
+}
+
+/// `ExecStdin` is an `AsyncWrite`: `tokio::io::copy` + shutdown closes stdin.
+#[tokio::test]
+async fn stdin_as_async_write() {
+    use tokio::io::AsyncWriteExt;
+    let a = start_agent(&[]);
+    let c = connect(&a).await;
+    let mut h = c
+        .exec(ExecRequest {
+            stdin: true,
+            ..sh("wc -c")
+        })
+        .await
+        .unwrap();
+    let mut stdin = h.take_stdin().unwrap();
+    let data = vec![b'z'; 2 * 1024 * 1024 + 17];
+    let writer = tokio::spawn(async move {
+        let mut src = &data[..];
+        let n = tokio::io::copy(&mut src, &mut stdin).await.unwrap();
+        stdin.shutdown().await.unwrap();
+        n
+    });
+    let out = h.collect().await.unwrap();
+    assert_eq!(writer.await.unwrap(), 2 * 1024 * 1024 + 17);
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "2097169");
 }

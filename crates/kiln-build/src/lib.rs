@@ -12,6 +12,7 @@ pub mod steps;
 
 pub use error::BuildError;
 pub use guest::{Command, Exit, Guest, GuestError, OutputStream};
+pub use kiln_spec::RuntimeDefaults;
 pub use log::{LineSplitter, LogLine, LogSink, Stream};
 pub use pipeline::{run_build, BuildEnd, BuildEnv, BuildJob, BuildObserver, BuildOutput, Phase};
-pub use steps::{RuntimeDefaults, StepRunner, Timing};
+pub use steps::{StepRunner, Timing};

@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use crate::error::BuildError;
 use crate::guest::{Command, Exit, Guest, GuestError, OutputStream};
 use crate::log::LogSink;
-use crate::steps::{RuntimeDefaults, StepRunner, Timing};
+use kiln_spec::RuntimeDefaults;
+
+use crate::steps::{StepRunner, Timing};
 
 /// A build's phases, as the build status follows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +212,7 @@ async fn build_inner(
     // The agent keeps the defaults in guest memory, so they are in the snapshot and every
     // sandbox's exec uses them without the host saying so again.
     vm.agent()
-        .set_defaults(defaults.to_agent())
+        .set_defaults(to_agent(&defaults))
         .await
         .map_err(|e| {
             BuildError::new(
@@ -260,14 +262,12 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-impl RuntimeDefaults {
-    /// The agent's form of these defaults.
-    pub fn to_agent(&self) -> kiln_agent_proto::RuntimeDefaults {
-        kiln_agent_proto::RuntimeDefaults {
-            env: self.env.iter().cloned().collect(),
-            cwd: Some(self.workdir.clone()),
-            user: Some(self.user.clone()),
-        }
+/// The agent's form of the defaults.
+fn to_agent(d: &RuntimeDefaults) -> kiln_agent_proto::RuntimeDefaults {
+    kiln_agent_proto::RuntimeDefaults {
+        env: d.env.iter().cloned().collect(),
+        cwd: Some(d.workdir.clone()),
+        user: Some(d.user.clone()),
     }
 }
 

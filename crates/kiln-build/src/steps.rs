@@ -6,108 +6,14 @@
 
 use std::time::{Duration, Instant};
 
-use kiln_spec::{BuildErrorCode, Step};
-use serde::{Deserialize, Serialize};
+use kiln_spec::{BuildErrorCode, RuntimeDefaults, Step};
 
 use crate::error::BuildError;
 use crate::guest::{Command, Guest, GuestError};
 use crate::log::{LineSplitter, LogSink};
 
-/// PATH for images whose config sets none, as Docker uses.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Where the start command's output goes in the guest. On tmpfs: it lives in the snapshot.
 pub const START_LOG: &str = "/run/kiln-start.log";
-
-/// The env, working directory and user a command runs with when it gives none.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuntimeDefaults {
-    /// Environment in order of first definition; later definitions replace values in place.
-    pub env: Vec<(String, String)>,
-    /// Absolute working directory.
-    pub workdir: String,
-    /// User name (or numeric uid) in the guest.
-    pub user: String,
-}
-
-impl Default for RuntimeDefaults {
-    fn default() -> Self {
-        Self {
-            env: vec![("PATH".into(), DEFAULT_PATH.into())],
-            workdir: "/".into(),
-            user: "root".into(),
-        }
-    }
-}
-
-impl RuntimeDefaults {
-    /// Defaults from an OCI image config (`Env` as `K=V`, `WorkingDir`, `User`).
-    ///
-    /// `User` may be `name`, `uid` or `user:group`; the group part is dropped, since the
-    /// agent derives groups from the guest's own files.
-    pub fn from_image_config(
-        env: &[String],
-        working_dir: Option<&str>,
-        user: Option<&str>,
-    ) -> Self {
-        let mut d = Self {
-            env: vec![],
-            ..Self::default()
-        };
-        for kv in env {
-            if let Some((k, v)) = kv.split_once('=') {
-                d.set_env(k, v);
-            }
-        }
-        if !d.env.iter().any(|(k, _)| k == "PATH") {
-            d.env.insert(0, ("PATH".into(), DEFAULT_PATH.into()));
-        }
-        if let Some(dir) = working_dir.filter(|w| w.starts_with('/')) {
-            d.workdir = dir.to_owned();
-        }
-        if let Some(user) = user
-            .map(|u| u.split(':').next().unwrap_or(u))
-            .filter(|u| !u.is_empty())
-        {
-            d.user = user.to_owned();
-        }
-        d
-    }
-
-    /// Sets a variable, replacing an earlier value in place.
-    pub fn set_env(&mut self, key: &str, value: &str) {
-        match self.env.iter_mut().find(|(k, _)| k == key) {
-            Some(entry) => entry.1 = value.to_owned(),
-            None => self.env.push((key.to_owned(), value.to_owned())),
-        }
-    }
-
-    /// These defaults with `overrides` applied on top (the caller wins on conflict).
-    pub fn env_with(&self, overrides: &[(String, String)]) -> Vec<(String, String)> {
-        let mut d = self.clone();
-        for (k, v) in overrides {
-            d.set_env(k, v);
-        }
-        d.env
-    }
-
-    fn command(&self, script: String, timeout: Option<Duration>) -> Command {
-        Command {
-            script,
-            env: self.env.clone(),
-            cwd: self.workdir.clone(),
-            user: self.user.clone(),
-            timeout,
-        }
-    }
-
-    fn as_root(&self, script: String, timeout: Option<Duration>) -> Command {
-        Command {
-            user: "root".into(),
-            cwd: "/".into(),
-            ..self.command(script, timeout)
-        }
-    }
-}
 
 /// Time bounds of the steps and the start/ready phase.
 #[derive(Debug, Clone, Copy)]
@@ -187,7 +93,7 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
         let timeout = Some(self.timing.step_timeout);
         match step {
             Step::Run(script) => {
-                let cmd = self.defaults.command(script.clone(), timeout);
+                let cmd = command(&self.defaults, script.clone(), timeout);
                 self.run_logged(&cmd).await
             }
             Step::Env { key, value } => {
@@ -200,7 +106,7 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
                     dir = shell_quote(dir),
                     user = shell_quote(&self.defaults.user)
                 );
-                self.run_logged(&self.defaults.as_root(script, timeout))
+                self.run_logged(&as_root(&self.defaults, script, timeout))
                     .await?;
                 self.defaults.workdir = dir.clone();
                 Ok(())
@@ -210,7 +116,7 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
                 if *sudo {
                     script.push_str(&grant_sudo_script(name));
                 }
-                self.run_logged(&self.defaults.as_root(script, timeout))
+                self.run_logged(&as_root(&self.defaults, script, timeout))
                     .await?;
                 self.defaults.user = name.clone();
                 Ok(())
@@ -247,7 +153,7 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
             Some(start) => {
                 self.sink
                     .system(format!("starting: {}", ellipsize(start, 200)));
-                let cmd = self.defaults.command(start.to_owned(), None);
+                let cmd = command(&self.defaults, start.to_owned(), None);
                 let pid = self.guest.spawn(&cmd, START_LOG).await.map_err(|e| {
                     BuildError::new(
                         BuildErrorCode::StartCmdFailed,
@@ -272,7 +178,8 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let probe = self.defaults.command(
+            let probe = command(
+                &self.defaults,
                 ready.to_owned(),
                 Some(self.timing.ready_interval.max(Duration::from_secs(30))),
             );
@@ -327,7 +234,8 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
     }
 
     async fn start_log_tail(&self) -> String {
-        let cmd = self.defaults.as_root(
+        let cmd = as_root(
+            &self.defaults,
             format!("tail -c 2048 {START_LOG}"),
             Some(Duration::from_secs(30)),
         );
@@ -429,4 +337,22 @@ fn grant_sudo_script(name: &str) -> String {
          mkdir -p /etc/sudoers.d && printf '%s ALL=(ALL) NOPASSWD:ALL\\n' {q} > /etc/sudoers.d/kiln-{file} \
            && chmod 0440 /etc/sudoers.d/kiln-{file}\n"
     )
+}
+
+fn command(d: &RuntimeDefaults, script: String, timeout: Option<Duration>) -> Command {
+    Command {
+        script,
+        env: d.env.clone(),
+        cwd: d.workdir.clone(),
+        user: d.user.clone(),
+        timeout,
+    }
+}
+
+fn as_root(d: &RuntimeDefaults, script: String, timeout: Option<Duration>) -> Command {
+    Command {
+        user: "root".into(),
+        cwd: "/".into(),
+        ..command(d, script, timeout)
+    }
 }

@@ -6,8 +6,7 @@ use std::time::Duration;
 use kiln_build::{run_build, BuildEnd, BuildJob, BuildObserver, LogLine, LogSink, Phase, Stream};
 use kiln_spec::{BuildErrorCode, CodedMessage, TemplateRequest};
 use kiln_store::{
-    ArtifactManifest, Build, BuildStatus, BuiltArtifact, LogStream, NewLogLine, Rebuild,
-    RuntimeDefaults, Template,
+    ArtifactManifest, Build, BuildStatus, BuiltArtifact, LogStream, NewLogLine, Rebuild, Template,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,13 +24,19 @@ impl Engine {
     /// The build runs when [`Engine::run_build`] is called for it.
     pub async fn submit(&self, team_id: &str, req: &TemplateRequest) -> Result<(Template, Build)> {
         req.validate().map_err(EngineError::Invalid)?;
-        Ok(self.store.create_template_with_build(team_id, req, &self.cfg.limits).await?)
+        Ok(self
+            .store
+            .create_template_with_build(team_id, req, &self.cfg.limits)
+            .await?)
     }
 
     /// Queues a rebuild of a template's current spec; an in-flight build of the same spec
     /// is returned instead of a new one.
     pub async fn rebuild(&self, team_id: &str, template: &str) -> Result<Rebuild> {
-        Ok(self.store.start_rebuild(team_id, template, None, &self.cfg.limits).await?)
+        Ok(self
+            .store
+            .start_rebuild(team_id, template, None, &self.cfg.limits)
+            .await?)
     }
 
     /// Marks a build cancelled; the process running it stops its VM within
@@ -56,7 +61,10 @@ impl Engine {
     /// store. `also` sees every log line too (a terminal). Returns the finished build.
     pub async fn run_build(&self, build_id: &str, also: Option<Arc<dyn LogSink>>) -> Result<Build> {
         let build = self.store.get_build(build_id).await?;
-        let template = self.store.template_by_id_or_name(&build.team_id, &build.template_id).await?;
+        let template = self
+            .store
+            .template_by_id_or_name(&build.team_id, &build.template_id)
+            .await?;
         let span = tracing::info_span!("build", build = %build_id, template = %template.name);
         async {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -67,10 +75,16 @@ impl Engine {
             let _ = writer.await;
             let finished = match outcome {
                 Ok(size_bytes) => {
-                    self.store.finish_build(build_id, Ok(BuiltArtifact { size_bytes })).await?
+                    self.store
+                        .finish_build(build_id, Ok(BuiltArtifact { size_bytes }))
+                        .await?
                 }
-                Err(BuildEnd::Cancelled) => self.store.cancel_build(&build.team_id, build_id).await?,
-                Err(BuildEnd::Failed(e)) => self.store.finish_build(build_id, Err(e.message())).await?,
+                Err(BuildEnd::Cancelled) => {
+                    self.store.cancel_build(&build.team_id, build_id).await?
+                }
+                Err(BuildEnd::Failed(e)) => {
+                    self.store.finish_build(build_id, Err(e.message())).await?
+                }
             };
             Ok(finished)
         }
@@ -84,15 +98,18 @@ impl Engine {
         template: &Template,
         observer: &Observer,
     ) -> Result<u64, BuildEnd> {
-        let failed = |code: BuildErrorCode, detail: String| BuildEnd::Failed(kiln_build::BuildError::new(code, detail));
+        let failed = |code: BuildErrorCode, detail: String| {
+            BuildEnd::Failed(kiln_build::BuildError::new(code, detail))
+        };
         if self.build_slots.available_permits() == 0 {
             observer.system("build queued, waiting for dispatch".into());
         }
-        let _slot = self
-            .build_slots
-            .acquire()
-            .await
-            .map_err(|_| failed(BuildErrorCode::DispatchFailed, "the engine is shutting down".into()))?;
+        let _slot = self.build_slots.acquire().await.map_err(|_| {
+            failed(
+                BuildErrorCode::DispatchFailed,
+                "the engine is shutting down".into(),
+            )
+        })?;
         self.store.start_build(&build.id).await.map_err(|e| {
             // Cancelled while queued, or already taken by another process.
             tracing::info!(error = %e, "build not started");
@@ -110,8 +127,12 @@ impl Engine {
             .staging_dir(&template.id, &build.id)
             .map_err(|e| failed(BuildErrorCode::BuildFailed, e.to_string()))?;
         let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging)
-            .map_err(|e| failed(BuildErrorCode::BuildFailed, format!("creating {}: {e}", staging.display())))?;
+        std::fs::create_dir_all(&staging).map_err(|e| {
+            failed(
+                BuildErrorCode::BuildFailed,
+                format!("creating {}: {e}", staging.display()),
+            )
+        })?;
         let job = BuildJob {
             name: format!("build-{}", short(&build.id)),
             spec,
@@ -120,7 +141,11 @@ impl Engine {
         };
 
         let cancel = CancellationToken::new();
-        let watcher = tokio::spawn(watch_cancel(self.store.clone(), build.id.clone(), cancel.clone()));
+        let watcher = tokio::spawn(watch_cancel(
+            self.store.clone(),
+            build.id.clone(),
+            cancel.clone(),
+        ));
         let result = run_build(env, &job, observer, &cancel).await;
         watcher.abort();
         let result = match result {
@@ -141,13 +166,17 @@ impl Engine {
         staging: &std::path::Path,
         out: kiln_build::BuildOutput,
     ) -> Result<u64, BuildEnd> {
-        let fail = |detail: String| BuildEnd::Failed(kiln_build::BuildError::new(BuildErrorCode::SnapshotFailed, detail));
-        let _ = self.store.set_build_image_digest(&build.id, &out.image_digest).await;
-        let runtime = RuntimeDefaults {
-            env: out.defaults.env.clone(),
-            workdir: Some(out.defaults.workdir.clone()),
-            user: Some(out.defaults.user.clone()),
+        let fail = |detail: String| {
+            BuildEnd::Failed(kiln_build::BuildError::new(
+                BuildErrorCode::SnapshotFailed,
+                detail,
+            ))
         };
+        let _ = self
+            .store
+            .set_build_image_digest(&build.id, &out.image_digest)
+            .await;
+        let runtime = out.defaults.clone();
         let manifest = ArtifactManifest::new(
             &template.id,
             &build.id,
@@ -156,12 +185,15 @@ impl Engine {
             runtime,
             template.resources(),
         );
-        manifest.write(staging).map_err(|e| fail(format!("writing the artifact manifest: {e}")))?;
+        manifest
+            .write(staging)
+            .map_err(|e| fail(format!("writing the artifact manifest: {e}")))?;
         let dest = self
             .layout
             .artifact_dir(&template.id, &build.id)
             .map_err(|e| fail(e.to_string()))?;
-        kiln_store::publish_dir(staging, &dest).map_err(|e| fail(format!("publishing the artifact: {e}")))?;
+        kiln_store::publish_dir(staging, &dest)
+            .map_err(|e| fail(format!("publishing the artifact: {e}")))?;
         Ok(out.size_bytes)
     }
 }
@@ -211,7 +243,11 @@ impl BuildObserver for Observer {
 }
 
 /// Appends lines to the store in batches, in order, and follows the build's phases.
-async fn write_events(store: kiln_store::Store, build_id: String, mut rx: mpsc::UnboundedReceiver<Event>) {
+async fn write_events(
+    store: kiln_store::Store,
+    build_id: String,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -251,7 +287,11 @@ fn to_store_line(line: LogLine) -> NewLogLine {
         Stream::Stderr => LogStream::Stderr,
         Stream::System => LogStream::System,
     };
-    NewLogLine { timestamp: line.timestamp.into(), stream, text: line.text }
+    NewLogLine {
+        timestamp: line.timestamp.into(),
+        stream,
+        text: line.text,
+    }
 }
 
 /// Prints build log lines to the terminal: output on stdout/stderr as it came, `system`

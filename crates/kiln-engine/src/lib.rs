@@ -69,7 +69,11 @@ impl EngineConfig {
 }
 
 fn env_secs(var: &str) -> Option<Duration> {
-    std::env::var(var).ok()?.parse().ok().map(Duration::from_secs)
+    std::env::var(var)
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_secs)
 }
 
 /// Templates and sandboxes of one state directory.
@@ -146,8 +150,8 @@ impl Engine {
             .get_or_try_init(|| async {
                 let state = StateDir::new(self.layout.root());
                 let agent = kiln_vm::provision::find_agent_binary().ok();
-                let kernel =
-                    kiln_vm::provision::locate(&state, agent.as_deref()).map_err(EngineError::Setup)?;
+                let kernel = kiln_vm::provision::locate(&state, agent.as_deref())
+                    .map_err(EngineError::Setup)?;
                 let choice = kiln_vm::accel::choose(self.cfg.accel, &state, Some(&kernel)).await;
                 tracing::info!(accel = ?choice.accel, reason = %choice.reason, "accelerator");
                 Ok(BuildEnv {

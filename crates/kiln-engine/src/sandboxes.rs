@@ -45,12 +45,25 @@ pub struct LiveSandbox {
 impl Engine {
     /// Records a new sandbox (`starting`) after the team's limit check; the access token
     /// is returned once, in plain text. Call [`Engine::start_sandbox`] to bring it up.
-    pub async fn create_sandbox_record(&self, team_id: &str, new: &NewSandbox) -> Result<(Sandbox, String)> {
-        let template = self.store.template_by_id_or_name(team_id, &new.template).await?;
+    pub async fn create_sandbox_record(
+        &self,
+        team_id: &str,
+        new: &NewSandbox,
+    ) -> Result<(Sandbox, String)> {
+        let template = self
+            .store
+            .template_by_id_or_name(team_id, &new.template)
+            .await?;
         if template.current_build_id.is_none() {
-            return Err(EngineError::NotReady { name: template.name, status: template.status.to_string() });
+            return Err(EngineError::NotReady {
+                name: template.name,
+                status: template.status.to_string(),
+            });
         }
-        Ok(self.store.create_sandbox(team_id, new, &self.cfg.limits).await?)
+        Ok(self
+            .store
+            .create_sandbox(team_id, new, &self.cfg.limits)
+            .await?)
     }
 
     /// Restores a `starting` sandbox from its template's snapshot, applies its env on top
@@ -62,12 +75,18 @@ impl Engine {
         let _enter = span.enter();
         match self.restore(&record).await {
             Ok((vm, dir)) => {
-                let record = self.store.set_sandbox_status(team_id, sandbox_id, SandboxStatus::Active).await?;
+                let record = self
+                    .store
+                    .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Active)
+                    .await?;
                 Ok(LiveSandbox { record, vm, dir })
             }
             Err(e) => {
                 tracing::warn!(error = %e, "sandbox failed to start");
-                let _ = self.store.set_sandbox_status(team_id, sandbox_id, SandboxStatus::Failed).await;
+                let _ = self
+                    .store
+                    .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Failed)
+                    .await;
                 self.remove_sandbox_dir(sandbox_id);
                 Err(e)
             }
@@ -75,18 +94,30 @@ impl Engine {
     }
 
     async fn restore(&self, record: &Sandbox) -> Result<(Vm, PathBuf)> {
-        let artifact = self.layout.artifact_dir(&record.template_id, &record.build_id)?;
+        let artifact = self
+            .layout
+            .artifact_dir(&record.template_id, &record.build_id)?;
         let bundle = artifact.join("bundle");
         let dir = self.layout.sandbox_dir(&record.id)?;
         std::fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
-        let mut cfg = RestoreConfig::new(format!("sbx-{}", record.id.get(..8).unwrap_or(&record.id)), self.vm_dir());
+        let mut cfg = RestoreConfig::new(
+            format!("sbx-{}", record.id.get(..8).unwrap_or(&record.id)),
+            self.vm_dir(),
+        );
         cfg.console_log = Some(dir.join("console.log"));
-        let vm = Vm::restore(&bundle, cfg).await.map_err(EngineError::Restore)?;
+        let vm = Vm::restore(&bundle, cfg)
+            .await
+            .map_err(EngineError::Restore)?;
         if !record.env.is_empty() {
             let agent = vm.agent();
             let mut defaults = agent.get_defaults().await.map_err(EngineError::Agent)?;
-            defaults.env.extend(record.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-            agent.set_defaults(defaults).await.map_err(EngineError::Agent)?;
+            defaults
+                .env
+                .extend(record.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            agent
+                .set_defaults(defaults)
+                .await
+                .map_err(EngineError::Agent)?;
         }
         let endpoint = SandboxEndpoint {
             agent_socket: vm.agent_socket().to_owned(),
@@ -99,7 +130,11 @@ impl Engine {
     }
 
     /// The endpoint of a running sandbox, if its owner is still alive.
-    pub async fn sandbox_endpoint(&self, team_id: &str, sandbox_id: &str) -> Result<SandboxEndpoint> {
+    pub async fn sandbox_endpoint(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+    ) -> Result<SandboxEndpoint> {
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
         if record.status != SandboxStatus::Active {
             return Err(EngineError::NotRunning(sandbox_id.to_owned()));
@@ -119,7 +154,9 @@ impl Engine {
     /// connection: the channel takes one host connection at a time).
     pub async fn connect_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<AgentClient> {
         let endpoint = self.sandbox_endpoint(team_id, sandbox_id).await?;
-        AgentClient::connect_unix(&endpoint.agent_socket, CONNECT_TIMEOUT).await.map_err(EngineError::Agent)
+        AgentClient::connect_unix(&endpoint.agent_socket, CONNECT_TIMEOUT)
+            .await
+            .map_err(EngineError::Agent)
     }
 
     /// Marks sandboxes whose owner process is gone as `failed` and removes their
@@ -142,7 +179,9 @@ impl Engine {
             let young = s.status == SandboxStatus::Starting
                 && (chrono_now_secs() - s.created_at.timestamp()) < 120;
             if !owner_alive && !young {
-                self.store.set_sandbox_status(team_id, &s.id, SandboxStatus::Failed).await?;
+                self.store
+                    .set_sandbox_status(team_id, &s.id, SandboxStatus::Failed)
+                    .await?;
                 self.remove_sandbox_dir(&s.id);
                 reaped.push(s.id);
             }
@@ -152,8 +191,16 @@ impl Engine {
 
     /// Records that a sandbox's VM is gone (`deleted` when killed on request, `failed`
     /// when it died) and removes its directory.
-    pub async fn finish_sandbox(&self, team_id: &str, sandbox_id: &str, status: SandboxStatus) -> Result<Sandbox> {
-        let s = self.store.set_sandbox_status(team_id, sandbox_id, status).await?;
+    pub async fn finish_sandbox(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        status: SandboxStatus,
+    ) -> Result<Sandbox> {
+        let s = self
+            .store
+            .set_sandbox_status(team_id, sandbox_id, status)
+            .await?;
         self.remove_sandbox_dir(sandbox_id);
         Ok(s)
     }
@@ -181,7 +228,9 @@ fn chrono_now_secs() -> i64 {
 
 /// Whether a process exists (signal 0).
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
     // SAFETY: kill with signal 0 only checks for existence and permission.
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }

@@ -17,7 +17,8 @@ use kiln_oci::{ImageStore, RegistryConfig};
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn registry() -> BoxResult<String> {
-    let assets = std::env::var("KILN_TEST_ASSETS").unwrap_or_else(|_| "/var/tmp/kiln-test-assets".into());
+    let assets =
+        std::env::var("KILN_TEST_ASSETS").unwrap_or_else(|_| "/var/tmp/kiln-test-assets".into());
     let text = std::fs::read_to_string(Path::new(&assets).join("registry.env"))
         .map_err(|e| format!("no test registry ({e}): run scripts/test-registry.sh start"))?;
     text.lines()
@@ -44,9 +45,19 @@ async fn kiln(state: &Path, reference: &str, keep_rootfs: bool) -> BoxResult<Dur
     let store = ImageStore::open(state, RegistryConfig::default())?;
     let t = Instant::now();
     let image = store.resolve(reference).await?;
+    let t1 = t.elapsed();
     store.pull(&image, &|_| {}).await?;
+    let t2 = t.elapsed();
     store.unpack(&image, &|_| {}).await?;
-    Ok(t.elapsed())
+    let t3 = t.elapsed();
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        eprintln!(
+            "  kiln {reference}: resolve {t1:.2?}, pull {:.2?}, unpack {:.2?}",
+            t2 - t1,
+            t3 - t2
+        );
+    }
+    Ok(t3)
 }
 
 fn skopeo_umoci(work: &Path, reference: &str, fresh_layout: bool) -> BoxResult<Duration> {
@@ -65,7 +76,9 @@ fn skopeo_umoci(work: &Path, reference: &str, fresh_layout: bool) -> BoxResult<D
         &format!("docker://{reference}"),
         &format!("oci:{}:img", layout.display()),
     ]))?;
-    run(Command::new("umoci").args(["unpack", "--image", &format!("{}:img", layout.display())]).arg(&bundle))?;
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:img", layout.display())])
+        .arg(&bundle))?;
     Ok(t.elapsed())
 }
 
@@ -76,13 +89,19 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::main]
 async fn main() -> BoxResult<()> {
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let reg = registry()?;
     let base = Path::new("/var/tmp/kiln-bench");
     rm(base);
     std::fs::create_dir_all(base)?;
     println!("median of {runs} runs, registry {reg}");
-    println!("{:<28} {:<22} {:>10} {:>14} {:>8}", "image", "case", "kiln", "skopeo+umoci", "ratio");
+    println!(
+        "{:<28} {:<22} {:>10} {:>14} {:>8}",
+        "image", "case", "kiln", "skopeo+umoci", "ratio"
+    );
     for name in ["kiln/minbase-docker", "kiln/python"] {
         let reference = format!("{reg}/{name}:latest");
         let (mut kc, mut kw, mut kwu, mut sc, mut sw) = (vec![], vec![], vec![], vec![], vec![]);

@@ -4,6 +4,16 @@
 //! `registries` object, see [`RegistryConfig`]), `~/.docker/config.json` (or
 //! `$DOCKER_CONFIG/config.json`) for credentials `docker login` stored, and
 //! `KILN_REGISTRY_MIRRORS` for mirrors, which go before the config file's.
+//!
+//! ```json
+//! {
+//!   "registries": {
+//!     "docker.io": { "mirrors": ["http://127.0.0.1:5000"] },
+//!     "ghcr.io": { "username": "me", "password": "ghp_..." },
+//!     "registry.internal:5000": { "insecure": true, "token": "..." }
+//!   }
+//! }
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,10 +84,14 @@ pub struct Endpoint {
 
 /// `index.docker.io` and friends all mean Docker Hub.
 fn normalise_host(host: &str) -> String {
-    let h = host.trim_start_matches("https://").trim_start_matches("http://");
+    let h = host
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
     let h = h.split('/').next().unwrap_or(h);
     match h {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB.to_owned(),
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            DOCKER_HUB.to_owned()
+        }
         other => other.to_owned(),
     }
 }
@@ -105,7 +119,11 @@ impl RegistryConfig {
             },
             None => Self::default(),
         };
-        cfg.registries = cfg.registries.into_iter().map(|(k, v)| (normalise_host(&k), v)).collect();
+        cfg.registries = cfg
+            .registries
+            .into_iter()
+            .map(|(k, v)| (normalise_host(&k), v))
+            .collect();
         if let Some(path) = docker_config_path() {
             cfg.docker_auths = read_docker_auths(&path);
         }
@@ -121,9 +139,15 @@ impl RegistryConfig {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item.split_once('=') {
                 Some((host, url)) if !host.trim().is_empty() && !url.trim().is_empty() => {
-                    by_host.entry(normalise_host(host.trim())).or_default().push(url.trim().to_owned());
+                    by_host
+                        .entry(normalise_host(host.trim()))
+                        .or_default()
+                        .push(url.trim().to_owned());
                 }
-                _ => tracing::warn!(item, "ignoring malformed {MIRRORS_ENV} entry (want HOST=URL)"),
+                _ => tracing::warn!(
+                    item,
+                    "ignoring malformed {MIRRORS_ENV} entry (want HOST=URL)"
+                ),
             }
         }
         for (host, mut urls) in by_host {
@@ -151,10 +175,18 @@ impl RegistryConfig {
                     Some(_) => false,
                     None => self.insecure(&host),
                 };
-                out.push(Endpoint { host, plain_http, mirror: true });
+                out.push(Endpoint {
+                    host,
+                    plain_http,
+                    mirror: true,
+                });
             }
         }
-        out.push(Endpoint { host: registry.to_owned(), plain_http: self.insecure(registry), mirror: false });
+        out.push(Endpoint {
+            host: registry.to_owned(),
+            plain_http: self.insecure(registry),
+            mirror: false,
+        });
         out
     }
 
@@ -206,7 +238,9 @@ struct DockerAuth {
 /// Reads `auths` from Docker's config. Credential helpers (`credsStore`) are not run: a
 /// daemon should not exec arbitrary helpers; put such credentials in kiln's config.
 pub fn read_docker_auths(path: &Path) -> BTreeMap<String, (String, String)> {
-    let Ok(bytes) = std::fs::read(path) else { return BTreeMap::new() };
+    let Ok(bytes) = std::fs::read(path) else {
+        return BTreeMap::new();
+    };
     let cfg: DockerConfig = match serde_json::from_slice(&bytes) {
         Ok(c) => c,
         Err(e) => {
@@ -244,12 +278,26 @@ mod tests {
         .expect("config");
         cfg.add_mirrors_from_env("docker.io=http://127.0.0.1:5000, ghcr.io=localhost:6000,bad");
         let eps = cfg.endpoints("docker.io");
-        let hosts: Vec<_> = eps.iter().map(|e| (e.host.as_str(), e.plain_http, e.mirror)).collect();
+        let hosts: Vec<_> = eps
+            .iter()
+            .map(|e| (e.host.as_str(), e.plain_http, e.mirror))
+            .collect();
         assert_eq!(
             hosts,
-            [("127.0.0.1:5000", true, true), ("m.example", false, true), ("docker.io", false, false)]
+            [
+                ("127.0.0.1:5000", true, true),
+                ("m.example", false, true),
+                ("docker.io", false, false)
+            ]
         );
-        assert_eq!(cfg.endpoints("ghcr.io")[0], Endpoint { host: "localhost:6000".into(), plain_http: true, mirror: true });
+        assert_eq!(
+            cfg.endpoints("ghcr.io")[0],
+            Endpoint {
+                host: "localhost:6000".into(),
+                plain_http: true,
+                mirror: true
+            }
+        );
         assert!(cfg.insecure("reg.example"));
         assert!(cfg.insecure("[::1]:5000"));
         assert!(!cfg.insecure("ghcr.io"));
@@ -264,14 +312,29 @@ mod tests {
             r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},"127.0.0.1:5000":{"username":"a","password":"b"}}}"#,
         )
         .expect("write");
-        let mut cfg = RegistryConfig { docker_auths: read_docker_auths(&p), ..Default::default() };
-        assert_eq!(cfg.credentials("docker.io"), Credentials::Basic("user".into(), "pass".into()));
-        assert_eq!(cfg.credentials("127.0.0.1:5000"), Credentials::Basic("a".into(), "b".into()));
+        let mut cfg = RegistryConfig {
+            docker_auths: read_docker_auths(&p),
+            ..Default::default()
+        };
+        assert_eq!(
+            cfg.credentials("docker.io"),
+            Credentials::Basic("user".into(), "pass".into())
+        );
+        assert_eq!(
+            cfg.credentials("127.0.0.1:5000"),
+            Credentials::Basic("a".into(), "b".into())
+        );
         cfg.registries.insert(
             "docker.io".into(),
-            RegistrySettings { token: Some("t".into()), ..Default::default() },
+            RegistrySettings {
+                token: Some("t".into()),
+                ..Default::default()
+            },
         );
-        assert_eq!(cfg.credentials("docker.io"), Credentials::Bearer("t".into()));
+        assert_eq!(
+            cfg.credentials("docker.io"),
+            Credentials::Bearer("t".into())
+        );
         assert_eq!(cfg.credentials("ghcr.io"), Credentials::Anonymous);
     }
 }

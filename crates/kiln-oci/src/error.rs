@@ -111,11 +111,17 @@ impl OciError {
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     pub(crate) fn unsafe_entry(path: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::UnsafeEntry { path: path.into(), reason: reason.into() }
+        Self::UnsafeEntry {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }
 

@@ -15,8 +15,8 @@ pub mod vet;
 pub use config::{RegistryConfig, RegistrySettings};
 pub use error::{OciError, Result};
 pub use store::{
-    Descriptor, Image, ImageStore, Platform, Prepared, Progress, ProgressFn, PruneReport, PullReport,
-    RuntimeConfig, Unpacked,
+    Descriptor, Image, ImageStore, Platform, Prepared, Progress, ProgressFn, PruneReport,
+    PullReport, RuntimeConfig, Unpacked,
 };
 pub use unpack::{UnpackStats, Unpacker};
 pub use vet::{vet, VetReport};

@@ -33,13 +33,18 @@ pub(crate) struct Registries {
 
 impl std::fmt::Debug for Registries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registries").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Registries")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 impl Registries {
     pub(crate) fn new(config: RegistryConfig) -> Self {
-        Self { config, clients: Mutex::new(HashMap::new()) }
+        Self {
+            config,
+            clients: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The client for an endpoint (clients keep token caches, so they are reused).
@@ -49,7 +54,11 @@ impl Registries {
             .entry(ep.clone())
             .or_insert_with(|| {
                 Client::new(ClientConfig {
-                    protocol: if ep.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
+                    protocol: if ep.plain_http {
+                        ClientProtocol::Http
+                    } else {
+                        ClientProtocol::Https
+                    },
                     // Indexes are resolved by kiln (linux/amd64, with a useful error).
                     platform_resolver: None,
                     connect_timeout: Some(Duration::from_secs(10)),
@@ -107,8 +116,11 @@ pub(crate) fn pull_error(shown: &str, ep: &Endpoint, e: OciDistributionError) ->
         OciDistributionError::RequestError(re) if re.is_timeout() => {
             format!("registry {host} timed out: check the network and the registry's health")
         }
-        OciDistributionError::RequestError(_) => format!("request to registry {host} over {scheme} failed"),
-        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
+        OciDistributionError::RequestError(_) => {
+            format!("request to registry {host} over {scheme} failed")
+        }
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => {
             format!(
                 "registry {host} refused the credentials (or requires some): set registries.\"{host}\" \
                  username/password in kiln's config or run `docker login {host}`"
@@ -120,13 +132,21 @@ pub(crate) fn pull_error(shown: &str, ep: &Endpoint, e: OciDistributionError) ->
         OciDistributionError::ServerError { code: 404, .. } => {
             format!("not found on {host}: check the repository name and tag")
         }
-        OciDistributionError::ServerError { code: 401 | 403, .. } => format!(
+        OciDistributionError::ServerError {
+            code: 401 | 403, ..
+        } => format!(
             "access denied by {host}: set registries.\"{host}\" credentials in kiln's config or \
              run `docker login {host}`"
         ),
-        OciDistributionError::ServerError { code, .. } => format!("registry {host} answered HTTP {code}"),
+        OciDistributionError::ServerError { code, .. } => {
+            format!("registry {host} answered HTTP {code}")
+        }
         OciDistributionError::RegistryError { envelope, .. } => {
-            let codes: Vec<String> = envelope.errors.iter().map(|x| format!("{:?}", x.code)).collect();
+            let codes: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|x| format!("{:?}", x.code))
+                .collect();
             let joined = codes.join(", ");
             if joined.contains("Unknown") {
                 format!("not found on {host} ({joined}): check the repository name and tag")
@@ -141,5 +161,9 @@ pub(crate) fn pull_error(shown: &str, ep: &Endpoint, e: OciDistributionError) ->
         }
         _ => format!("registry {host} failed"),
     };
-    OciError::Pull { reference: shown.to_owned(), detail, source: Some(Box::new(e)) }
+    OciError::Pull {
+        reference: shown.to_owned(),
+        detail,
+        source: Some(Box::new(e)),
+    }
 }

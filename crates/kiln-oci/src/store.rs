@@ -14,6 +14,7 @@
 
 use std::collections::HashSet;
 use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -273,7 +274,11 @@ fn ioe(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn tmp_name(prefix: &str) -> String {
-    format!(".tmp-{prefix}-{}-{}", std::process::id(), TMP_COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        ".tmp-{prefix}-{}-{}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Writes `bytes` to `path` atomically: temp name, fsync, rename, fsync of the directory.
@@ -301,7 +306,15 @@ impl ImageStore {
             let p = state_dir.join(sub);
             std::fs::create_dir_all(&p).map_err(ioe(format!("create {}", p.display())))?;
         }
-        Ok(Self { state: state_dir.to_path_buf(), registries: Registries::new(config) })
+        // Unpacked images hold whatever their layers say: setuid-root binaries, device
+        // nodes of host disks. Only the owner (kiln) may reach them.
+        let images = state_dir.join("images");
+        std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700))
+            .map_err(ioe(format!("chmod {}", images.display())))?;
+        Ok(Self {
+            state: state_dir.to_path_buf(),
+            registries: Registries::new(config),
+        })
     }
 
     /// The path of a blob in the cache.
@@ -310,7 +323,10 @@ impl ImageStore {
     }
 
     fn image_dir(&self, manifest_digest: &str) -> Result<PathBuf> {
-        Ok(self.state.join("images/sha256").join(hex_of(manifest_digest)?))
+        Ok(self
+            .state
+            .join("images/sha256")
+            .join(hex_of(manifest_digest)?))
     }
 
     /// Resolves a reference to its linux/amd64 image (manifest, config, layer list).
@@ -318,11 +334,16 @@ impl ImageStore {
     /// A digest reference already pulled is answered from the store, offline; tags always
     /// ask the registry (they move). Mirrors are tried first, then the registry.
     pub async fn resolve(&self, reference: &str) -> Result<Image> {
-        let r = ImageRef::parse(reference)
-            .map_err(|source| OciError::BadReference { reference: reference.to_owned(), source })?;
+        let r = ImageRef::parse(reference).map_err(|source| OciError::BadReference {
+            reference: reference.to_owned(),
+            source,
+        })?;
         if let Some(d) = &r.digest {
             if let Some(image) = self.find_local(d)? {
-                return Ok(Image { reference: r.to_string(), ..image });
+                return Ok(Image {
+                    reference: r.to_string(),
+                    ..image
+                });
             }
         }
         let shown = r.to_string();
@@ -346,7 +367,10 @@ impl ImageStore {
     }
 
     async fn resolve_at(&self, r: &ImageRef, ep: &Endpoint, shown: &str) -> Result<Image> {
-        let top = self.registries.manifest(ep, &r.repository, r.selector(), shown).await?;
+        let top = self
+            .registries
+            .manifest(ep, &r.repository, r.selector(), shown)
+            .await?;
         let digest = sha256_digest(&top);
         if let Some(want) = &r.digest {
             if *want != digest {
@@ -362,11 +386,16 @@ impl ImageStore {
         })?;
         let mut documents = vec![(digest.clone(), top.clone())];
         let is_index = parsed.manifests.is_some()
-            || parsed.media_type.as_deref().is_some_and(|m| m.contains("index") || m.contains("list"));
+            || parsed
+                .media_type
+                .as_deref()
+                .is_some_and(|m| m.contains("index") || m.contains("list"));
         let (manifest_digest, manifest) = if is_index {
             let entries = parsed.manifests.unwrap_or_default();
             let pick = entries.iter().find(|e| {
-                e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                e.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
             });
             let Some(pick) = pick else {
                 let found: Vec<String> = entries
@@ -377,11 +406,18 @@ impl ImageStore {
                     .collect();
                 return Err(OciError::UnsupportedPlatform {
                     reference: shown.to_owned(),
-                    found: if found.is_empty() { "none".into() } else { found.join(", ") },
+                    found: if found.is_empty() {
+                        "none".into()
+                    } else {
+                        found.join(", ")
+                    },
                 });
             };
             hex_of(&pick.digest)?;
-            let bytes = self.registries.manifest(ep, &r.repository, &pick.digest, shown).await?;
+            let bytes = self
+                .registries
+                .manifest(ep, &r.repository, &pick.digest, shown)
+                .await?;
             if sha256_digest(&bytes) != pick.digest {
                 return Err(OciError::Invalid {
                     reference: shown.to_owned(),
@@ -407,14 +443,24 @@ impl ImageStore {
         for l in &layers {
             hex_of(&l.digest)?;
         }
-        let config_bytes = self.fetch_small_blob(ep, &r.repository, &config_desc, shown).await?;
-        let cfg: RawConfig = serde_json::from_slice(&config_bytes).map_err(|e| OciError::Invalid {
-            reference: shown.to_owned(),
-            detail: format!("image config is not valid JSON: {e}"),
-        })?;
+        let config_bytes = self
+            .fetch_small_blob(ep, &r.repository, &config_desc, shown)
+            .await?;
+        let cfg: RawConfig =
+            serde_json::from_slice(&config_bytes).map_err(|e| OciError::Invalid {
+                reference: shown.to_owned(),
+                detail: format!("image config is not valid JSON: {e}"),
+            })?;
         if !cfg.os.is_empty() && (cfg.os != "linux" || cfg.architecture != "amd64") {
-            let p = Platform { architecture: cfg.architecture, os: cfg.os, variant: cfg.variant };
-            return Err(OciError::UnsupportedPlatform { reference: shown.to_owned(), found: p.to_string() });
+            let p = Platform {
+                architecture: cfg.architecture,
+                os: cfg.os,
+                variant: cfg.variant,
+            };
+            return Err(OciError::UnsupportedPlatform {
+                reference: shown.to_owned(),
+                found: p.to_string(),
+            });
         }
         documents.push((config_desc.digest.clone(), config_bytes));
         let rt = cfg.config.unwrap_or_default();
@@ -437,27 +483,41 @@ impl ImageStore {
         })
     }
 
-    async fn fetch_small_blob(&self, ep: &Endpoint, repo: &str, d: &Descriptor, shown: &str) -> Result<Vec<u8>> {
+    async fn fetch_small_blob(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        d: &Descriptor,
+        shown: &str,
+    ) -> Result<Vec<u8>> {
         if let Ok(bytes) = std::fs::read(self.blob_path(&d.digest)?) {
             return Ok(bytes);
         }
         let client = self.registries.client(ep);
         let reference = oci_ref(ep, repo, &d.digest);
-        client.store_auth_if_needed(reference.resolve_registry(), &self.registries.auth(ep)).await;
+        client
+            .store_auth_if_needed(reference.resolve_registry(), &self.registries.auth(ep))
+            .await;
         let mut out = Vec::new();
         client
             .pull_blob(&reference, &desc_for_client(d), &mut out)
             .await
             .map_err(|e| pull_error(shown, ep, e))?;
         if sha256_digest(&out) != d.digest {
-            return Err(OciError::Invalid { reference: shown.to_owned(), detail: format!("blob {} failed verification", d.digest) });
+            return Err(OciError::Invalid {
+                reference: shown.to_owned(),
+                detail: format!("blob {} failed verification", d.digest),
+            });
         }
         Ok(out)
     }
 
     /// Looks up a pulled image by its digest or manifest digest.
     pub fn find_local(&self, digest: &str) -> Result<Option<Image>> {
-        Ok(self.list()?.into_iter().find(|i| i.digest == digest || i.manifest_digest == digest))
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|i| i.digest == digest || i.manifest_digest == digest))
     }
 
     /// Every pulled image.
@@ -470,7 +530,9 @@ impl ImageStore {
             if let Ok(bytes) = std::fs::read(&p) {
                 match serde_json::from_slice::<Image>(&bytes) {
                     Ok(i) => out.push(i),
-                    Err(e) => tracing::warn!(path = %p.display(), error = %e, "unreadable image record"),
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), error = %e, "unreadable image record")
+                    }
                 }
             }
         }
@@ -482,8 +544,10 @@ impl ImageStore {
     /// at a time, then records the image.
     pub async fn pull(&self, image: &Image, progress: ProgressFn<'_>) -> Result<PullReport> {
         let downloaded = Arc::new(AtomicU64::new(0));
-        let r = ImageRef::parse(&image.reference)
-            .map_err(|source| OciError::BadReference { reference: image.reference.clone(), source })?;
+        let r = ImageRef::parse(&image.reference).map_err(|source| OciError::BadReference {
+            reference: image.reference.clone(),
+            source,
+        })?;
         let mut endpoints = self.registries.config.endpoints(&r.registry);
         if let Some(ep) = &image.endpoint {
             endpoints.retain(|e| e != ep);
@@ -498,10 +562,16 @@ impl ImageStore {
             }
             let path = self.blob_path(&l.digest)?;
             let cached = std::fs::metadata(&path).is_ok_and(|m| m.len() == l.size);
-            progress(Progress::BlobStarted { digest: l.digest.clone(), size: l.size, cached });
+            progress(Progress::BlobStarted {
+                digest: l.digest.clone(),
+                size: l.size,
+                cached,
+            });
             if cached {
                 report.blobs_cached += 1;
-                progress(Progress::BlobDone { digest: l.digest.clone() });
+                progress(Progress::BlobDone {
+                    digest: l.digest.clone(),
+                });
             } else {
                 todo.push(l.clone());
             }
@@ -512,7 +582,10 @@ impl ImageStore {
             let endpoints = &endpoints;
             let repo = &repo;
             let downloaded = downloaded.clone();
-            async move { self.fetch_blob(endpoints, repo, &l, &image.reference, progress, &downloaded).await }
+            async move {
+                self.fetch_blob(endpoints, repo, &l, &image.reference, progress, &downloaded)
+                    .await
+            }
         }))
         .buffer_unordered(CONCURRENT_BLOBS)
         .try_collect::<Vec<()>>()
@@ -523,8 +596,12 @@ impl ImageStore {
                 write_atomic(&path, bytes)?;
             }
         }
-        let record = serde_json::to_vec_pretty(image).map_err(|e| OciError::io("encode image record", e.into()))?;
-        write_atomic(&self.image_dir(&image.manifest_digest)?.join("image.json"), &record)?;
+        let record = serde_json::to_vec_pretty(image)
+            .map_err(|e| OciError::io("encode image record", e.into()))?;
+        write_atomic(
+            &self.image_dir(&image.manifest_digest)?.join("image.json"),
+            &record,
+        )?;
         report.bytes_downloaded = downloaded.load(Ordering::Relaxed);
         Ok(report)
     }
@@ -540,7 +617,10 @@ impl ImageStore {
     ) -> Result<()> {
         let mut last = None;
         for ep in endpoints {
-            match self.fetch_blob_at(ep, repo, d, shown, progress, downloaded).await {
+            match self
+                .fetch_blob_at(ep, repo, d, shown, progress, downloaded)
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(endpoint = %ep.host, blob = %d.digest, error = %e.detail(), "blob fetch failed");
@@ -548,7 +628,11 @@ impl ImageStore {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| OciError::Pull { reference: shown.to_owned(), detail: "no endpoint".into(), source: None }))
+        Err(last.unwrap_or_else(|| OciError::Pull {
+            reference: shown.to_owned(),
+            detail: "no endpoint".into(),
+            source: None,
+        }))
     }
 
     async fn fetch_blob_at(
@@ -565,13 +649,17 @@ impl ImageStore {
         let tmp = dir.join(tmp_name(hex_of(&d.digest)?));
         let client = self.registries.client(ep);
         let reference = oci_ref(ep, repo, &d.digest);
-        client.store_auth_if_needed(reference.resolve_registry(), &self.registries.auth(ep)).await;
+        client
+            .store_auth_if_needed(reference.resolve_registry(), &self.registries.auth(ep))
+            .await;
         let result = async {
             let mut stream = client
                 .pull_blob_stream(&reference, &desc_for_client(d))
                 .await
                 .map_err(|e| pull_error(shown, ep, e))?;
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(ioe(format!("create {}", tmp.display())))?;
+            let mut file = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(ioe(format!("create {}", tmp.display())))?;
             let mut hasher = Sha256::new();
             let mut total = 0u64;
             while let Some(chunk) = stream.next().await {
@@ -582,20 +670,32 @@ impl ImageStore {
                 })?;
                 hasher.update(&chunk);
                 total += chunk.len() as u64;
-                file.write_all(&chunk).await.map_err(ioe(format!("write {}", tmp.display())))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(ioe(format!("write {}", tmp.display())))?;
                 downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                progress(Progress::BlobBytes { digest: d.digest.clone(), bytes: chunk.len() as u64 });
+                progress(Progress::BlobBytes {
+                    digest: d.digest.clone(),
+                    bytes: chunk.len() as u64,
+                });
             }
             let got = format!("sha256:{}", hex::encode(hasher.finalize()));
             if got != d.digest || total != d.size {
                 return Err(OciError::Invalid {
                     reference: shown.to_owned(),
-                    detail: format!("blob {} from {} failed verification (got {got}, {total} bytes)", d.digest, ep.host),
+                    detail: format!(
+                        "blob {} from {} failed verification (got {got}, {total} bytes)",
+                        d.digest, ep.host
+                    ),
                 });
             }
-            file.sync_all().await.map_err(ioe(format!("fsync {}", tmp.display())))?;
+            file.sync_all()
+                .await
+                .map_err(ioe(format!("fsync {}", tmp.display())))?;
             drop(file);
-            tokio::fs::rename(&tmp, &final_path).await.map_err(ioe(format!("rename to {}", final_path.display())))?;
+            tokio::fs::rename(&tmp, &final_path)
+                .await
+                .map_err(ioe(format!("rename to {}", final_path.display())))?;
             if let Ok(f) = std::fs::File::open(&dir) {
                 let _ = f.sync_all();
             }
@@ -605,7 +705,9 @@ impl ImageStore {
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
         } else {
-            progress(Progress::BlobDone { digest: d.digest.clone() });
+            progress(Progress::BlobDone {
+                digest: d.digest.clone(),
+            });
         }
         result
     }
@@ -615,13 +717,20 @@ impl ImageStore {
         let dir = self.image_dir(&image.manifest_digest)?;
         let rootfs = dir.join("rootfs");
         if rootfs.is_dir() {
-            return Ok(Unpacked { rootfs, reused: true, stats: UnpackStats::default() });
+            return Ok(Unpacked {
+                rootfs,
+                reused: true,
+                stats: UnpackStats::default(),
+            });
         }
         let mut layers = Vec::new();
         for l in &image.layers {
             let p = self.blob_path(&l.digest)?;
             if !p.exists() {
-                return Err(OciError::NotPulled(format!("{} (layer {})", image.reference, l.digest)));
+                return Err(OciError::NotPulled(format!(
+                    "{} (layer {})",
+                    image.reference, l.digest
+                )));
             }
             layers.push(p);
         }
@@ -639,7 +748,9 @@ impl ImageStore {
         while let Some(index) = rx.recv().await {
             progress(Progress::Unpacking { index, count });
         }
-        let res = task.await.map_err(|e| OciError::io("unpack task", std::io::Error::other(e)))?;
+        let res = task
+            .await
+            .map_err(|e| OciError::io("unpack task", std::io::Error::other(e)))?;
         let stats = match res {
             Ok(s) => s,
             Err(e) => {
@@ -652,7 +763,11 @@ impl ImageStore {
             Err(_) if rootfs.is_dir() => {
                 // Another build unpacked the same image first: use theirs.
                 let _ = unpack::remove_tree(&tmp);
-                return Ok(Unpacked { rootfs, reused: true, stats: UnpackStats::default() });
+                return Ok(Unpacked {
+                    rootfs,
+                    reused: true,
+                    stats: UnpackStats::default(),
+                });
             }
             Err(e) => {
                 let _ = unpack::remove_tree(&tmp);
@@ -662,11 +777,20 @@ impl ImageStore {
         if let Ok(f) = std::fs::File::open(&dir) {
             let _ = f.sync_all();
         }
-        Ok(Unpacked { rootfs, reused: false, stats })
+        Ok(Unpacked {
+            rootfs,
+            reused: false,
+            stats,
+        })
     }
 
     /// Resolve, pull, unpack and vet: what a build does with its `from`.
-    pub async fn prepare(&self, reference: &str, disk_mib: Option<u64>, progress: ProgressFn<'_>) -> Result<Prepared> {
+    pub async fn prepare(
+        &self,
+        reference: &str,
+        disk_mib: Option<u64>,
+        progress: ProgressFn<'_>,
+    ) -> Result<Prepared> {
         let image = self.resolve(reference).await?;
         let pull = self.pull(&image, progress).await?;
         let unpacked = self.unpack(&image, progress).await?;
@@ -674,7 +798,12 @@ impl ImageStore {
         let vet = tokio::task::spawn_blocking(move || vet::vet(&root, disk_mib))
             .await
             .map_err(|e| OciError::io("vet task", std::io::Error::other(e)))??;
-        Ok(Prepared { image, pull, unpacked, vet })
+        Ok(Prepared {
+            image,
+            pull,
+            unpacked,
+            vet,
+        })
     }
 
     /// Removes every image not reachable from `keep` (digests or manifest digests) and
@@ -690,7 +819,10 @@ impl ImageStore {
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TMP)
         };
-        for ent in std::fs::read_dir(&images_dir).map_err(ioe(format!("list {}", images_dir.display())))?.flatten() {
+        for ent in std::fs::read_dir(&images_dir)
+            .map_err(ioe(format!("list {}", images_dir.display())))?
+            .flatten()
+        {
             let path = ent.path();
             let name = ent.file_name().to_string_lossy().into_owned();
             if name.starts_with(".tmp-") {
@@ -714,7 +846,8 @@ impl ImageStore {
                     live.extend(i.layers.iter().map(|l| l.digest.clone()));
                 }
                 for sub in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                    if sub.file_name().to_string_lossy().starts_with(".tmp-") && stale(&sub.path()) {
+                    if sub.file_name().to_string_lossy().starts_with(".tmp-") && stale(&sub.path())
+                    {
                         unpack::remove_tree(&sub.path())?;
                     }
                 }
@@ -724,7 +857,10 @@ impl ImageStore {
             report.images_removed += 1;
         }
         let blobs_dir = self.state.join("blobs/sha256");
-        for ent in std::fs::read_dir(&blobs_dir).map_err(ioe(format!("list {}", blobs_dir.display())))?.flatten() {
+        for ent in std::fs::read_dir(&blobs_dir)
+            .map_err(ioe(format!("list {}", blobs_dir.display())))?
+            .flatten()
+        {
             let name = ent.file_name().to_string_lossy().into_owned();
             let remove = if name.starts_with(".tmp-") {
                 stale(&ent.path())
@@ -733,7 +869,8 @@ impl ImageStore {
             };
             if remove {
                 let size = ent.metadata().map(|m| m.len()).unwrap_or(0);
-                std::fs::remove_file(ent.path()).map_err(ioe(format!("remove {}", ent.path().display())))?;
+                std::fs::remove_file(ent.path())
+                    .map_err(ioe(format!("remove {}", ent.path().display())))?;
                 if !name.starts_with(".tmp-") {
                     report.blobs_removed += 1;
                     report.blob_bytes_freed += size;

@@ -238,14 +238,19 @@ impl Unpacker {
                 let fd = rustix::fs::openat(
                     &parent,
                     name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| io_err(format!("create {shown}"), e))?;
                 let mut file = std::fs::File::from(fd);
                 let n = std::io::copy(&mut entry, &mut file)
                     .map_err(|e| io_err(format!("write {shown}"), e))?;
-                file.flush().map_err(|e| io_err(format!("write {shown}"), e))?;
+                file.flush()
+                    .map_err(|e| io_err(format!("write {shown}"), e))?;
                 self.stats.bytes += n;
                 set_owner_mode(&file, uid, gid, mode, &shown)?;
                 set_xattrs(&file, &xattrs, &shown);
@@ -266,7 +271,12 @@ impl Unpacker {
                     Some(rustix::fs::Gid::from_raw(gid as u32)),
                     AtFlags::SYMLINK_NOFOLLOW,
                 );
-                let _ = rustix::fs::utimensat(&parent, name, &times_of(mtime), AtFlags::SYMLINK_NOFOLLOW);
+                let _ = rustix::fs::utimensat(
+                    &parent,
+                    name,
+                    &times_of(mtime),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                );
             }
             EntryType::Link => {
                 let raw_target = entry
@@ -276,15 +286,26 @@ impl Unpacker {
                 let target = components(&raw_target, &shown).map_err(|_| {
                     OciError::unsafe_entry(
                         &shown,
-                        format!("hardlink target {:?} is outside the rootfs", String::from_utf8_lossy(&raw_target)),
+                        format!(
+                            "hardlink target {:?} is outside the rootfs",
+                            String::from_utf8_lossy(&raw_target)
+                        ),
                     )
                 })?;
                 let Some((tname, tparent_comps)) = target.split_last() else {
-                    return Err(OciError::unsafe_entry(&shown, "hardlink to the rootfs itself"));
+                    return Err(OciError::unsafe_entry(
+                        &shown,
+                        "hardlink to the rootfs itself",
+                    ));
                 };
-                let tparent = self.open_dir(tparent_comps, false, &shown)?.ok_or_else(|| {
-                    OciError::unsafe_entry(&shown, format!("hardlink target {} does not exist", display(&target)))
-                })?;
+                let tparent = self
+                    .open_dir(tparent_comps, false, &shown)?
+                    .ok_or_else(|| {
+                        OciError::unsafe_entry(
+                            &shown,
+                            format!("hardlink target {} does not exist", display(&target)),
+                        )
+                    })?;
                 match rustix::fs::statat(&tparent, tname, AtFlags::SYMLINK_NOFOLLOW) {
                     Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
                         return Err(OciError::unsafe_entry(&shown, "hardlink to a directory"));
@@ -320,7 +341,8 @@ impl Unpacker {
                     }
                 };
                 self.clear_slot(&parent, &comps, &shown)?;
-                match rustix::fs::mknodat(&parent, name, ft, Mode::from_raw_mode(mode & 0o777), dev) {
+                match rustix::fs::mknodat(&parent, name, ft, Mode::from_raw_mode(mode & 0o777), dev)
+                {
                     Ok(()) => {
                         let _ = rustix::fs::chownat(
                             &parent,
@@ -329,7 +351,12 @@ impl Unpacker {
                             Some(rustix::fs::Gid::from_raw(gid as u32)),
                             AtFlags::SYMLINK_NOFOLLOW,
                         );
-                        let _ = rustix::fs::utimensat(&parent, name, &times_of(mtime), AtFlags::SYMLINK_NOFOLLOW);
+                        let _ = rustix::fs::utimensat(
+                            &parent,
+                            name,
+                            &times_of(mtime),
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        );
                     }
                     Err(e @ (Errno::PERM | Errno::ACCESS | Errno::OPNOTSUPP)) => {
                         tracing::debug!(path = %shown, error = %e, "special file skipped: host refuses it");
@@ -379,7 +406,8 @@ impl Unpacker {
         };
         self.last_parent = None;
         let mut names = Vec::new();
-        let iter = rustix::fs::Dir::read_from(&dir).map_err(|e| io_err(format!("list {shown}"), e))?;
+        let iter =
+            rustix::fs::Dir::read_from(&dir).map_err(|e| io_err(format!("list {shown}"), e))?;
         for ent in iter {
             let ent = ent.map_err(|e| io_err(format!("list {shown}"), e))?;
             let n = ent.file_name().to_bytes();
@@ -415,7 +443,12 @@ impl Unpacker {
     /// Walks `comps` from the rootfs, one `openat(O_NOFOLLOW)` per component. Missing
     /// directories are created when `create` (tar streams need not list parents), else
     /// `None` is returned. A symlink or non-directory on the way is refused.
-    fn open_dir(&mut self, comps: &[OsString], create: bool, shown: &str) -> Result<Option<OwnedFd>> {
+    fn open_dir(
+        &mut self,
+        comps: &[OsString],
+        create: bool,
+        shown: &str,
+    ) -> Result<Option<OwnedFd>> {
         let mut cur = rustix::io::dup(&self.root).map_err(|e| io_err("dup rootfs fd", e))?;
         for (i, c) in comps.iter().enumerate() {
             let next = match rustix::fs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty()) {
@@ -436,14 +469,20 @@ impl Unpacker {
                 }
                 Err(Errno::NOENT) => return Ok(None),
                 Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
-                    let what = match rustix::fs::statat(&cur, c.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => "a symlink",
-                        Ok(_) => "not a directory",
-                        Err(_) => return Err(io_err(format!("open parent of {shown}"), e)),
-                    };
+                    let what =
+                        match rustix::fs::statat(&cur, c.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+                                "a symlink"
+                            }
+                            Ok(_) => "not a directory",
+                            Err(_) => return Err(io_err(format!("open parent of {shown}"), e)),
+                        };
                     return Err(OciError::unsafe_entry(
                         shown,
-                        format!("parent {} is {what}: writing through it could leave the rootfs", display(&comps[..=i])),
+                        format!(
+                            "parent {} is {what}: writing through it could leave the rootfs",
+                            display(&comps[..=i])
+                        ),
                     ));
                 }
                 Err(e) => return Err(io_err(format!("open parent of {shown}"), e)),
@@ -455,12 +494,21 @@ impl Unpacker {
 }
 
 fn bad_header(shown: &str, e: std::io::Error) -> OciError {
-    OciError::Invalid { reference: "layer".into(), detail: format!("bad tar header for {shown:?}: {e}") }
+    OciError::Invalid {
+        reference: "layer".into(),
+        detail: format!("bad tar header for {shown:?}: {e}"),
+    }
 }
 
 fn times_of(mtime: u64) -> Timestamps {
-    let t = Timespec { tv_sec: mtime.min(i64::MAX as u64) as i64, tv_nsec: 0 };
-    Timestamps { last_access: t, last_modification: t }
+    let t = Timespec {
+        tv_sec: mtime.min(i64::MAX as u64) as i64,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
 }
 
 fn mkdir(parent: &OwnedFd, name: &OsStr, shown: &str) -> Result<()> {
@@ -469,14 +517,21 @@ fn mkdir(parent: &OwnedFd, name: &OsStr, shown: &str) -> Result<()> {
 }
 
 /// chown before chmod: chown clears setuid/setgid bits.
-fn set_owner_mode(fd: impl std::os::fd::AsFd, uid: u64, gid: u64, mode: u32, shown: &str) -> Result<()> {
+fn set_owner_mode(
+    fd: impl std::os::fd::AsFd,
+    uid: u64,
+    gid: u64,
+    mode: u32,
+    shown: &str,
+) -> Result<()> {
     let owner = u32::try_from(uid).ok().map(rustix::fs::Uid::from_raw);
     let group = u32::try_from(gid).ok().map(rustix::fs::Gid::from_raw);
     if let Err(e) = rustix::fs::fchown(&fd, owner, group) {
         // Unprivileged runs (tests as a user) cannot chown; the VM disk is built as root.
         tracing::trace!(path = %shown, error = %e, "chown refused");
     }
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| io_err(format!("chmod {shown}"), e))
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
+        .map_err(|e| io_err(format!("chmod {shown}"), e))
 }
 
 /// Only `user.*` and file capabilities are carried over: `trusted.*` and `security.*`
@@ -528,7 +583,8 @@ fn remove_all(parent: &OwnedFd, name: &OsStr, shown: &str) -> Result<()> {
     for n in names {
         remove_all(&dir, &n, shown)?;
     }
-    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR).map_err(|e| io_err(format!("remove ({shown})"), e))
+    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)
+        .map_err(|e| io_err(format!("remove ({shown})"), e))
 }
 
 /// Removes a directory tree that kiln itself owns (a failed or pruned rootfs), without
@@ -548,15 +604,22 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 /// Unpacks layer files, in order, into `rootfs` (which must exist), calling `on_layer`
 /// with each layer's index before applying it. Ends with a `syncfs` so that the caller's
 /// rename publishes a tree that is on disk, not just in the page cache.
-pub fn unpack_files(rootfs: &Path, layers: &[PathBuf], on_layer: &mut dyn FnMut(usize)) -> Result<UnpackStats> {
+pub fn unpack_files(
+    rootfs: &Path,
+    layers: &[PathBuf],
+    on_layer: &mut dyn FnMut(usize),
+) -> Result<UnpackStats> {
     let mut u = Unpacker::new(rootfs)?;
     for (i, l) in layers.iter().enumerate() {
         on_layer(i);
-        let f = std::fs::File::open(l).map_err(|e| io_err(format!("open layer {}", l.display()), e))?;
+        let f =
+            std::fs::File::open(l).map_err(|e| io_err(format!("open layer {}", l.display()), e))?;
         u.apply_layer(f)?;
     }
     let root = rustix::io::dup(&u.root).map_err(|e| io_err("dup rootfs fd", e))?;
     let stats = u.finish()?;
+    let started = std::time::Instant::now();
     rustix::fs::syncfs(&root).map_err(|e| io_err(format!("sync {}", rootfs.display()), e))?;
+    tracing::debug!(elapsed = ?started.elapsed(), rootfs = %rootfs.display(), "rootfs synced");
     Ok(stats)
 }

@@ -58,7 +58,10 @@ pub fn vet(rootfs: &Path, disk_mib: Option<u64>) -> Result<VetReport> {
     if let Some(disk_mib) = disk_mib {
         let needed_mib = size_bytes.div_ceil(1 << 20);
         if needed_mib > disk_mib {
-            return Err(OciError::TooLarge { needed_mib, disk_mib });
+            return Err(OciError::TooLarge {
+                needed_mib,
+                disk_mib,
+            });
         }
     }
     Ok(VetReport { size_bytes, os_id })
@@ -70,14 +73,21 @@ fn os_release_id(rootfs: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     text.lines().find_map(|l| {
         let v = l.trim().strip_prefix("ID=")?;
-        Some(v.trim_matches(|c| c == '"' || c == '\'').to_ascii_lowercase())
+        Some(
+            v.trim_matches(|c| c == '"' || c == '\'')
+                .to_ascii_lowercase(),
+        )
     })
 }
 
 fn musl_loader(rootfs: &Path) -> Option<String> {
     for dir in ["/lib", "/usr/lib"] {
-        let Some(real) = resolve_in_root(rootfs, dir) else { continue };
-        let Ok(rd) = std::fs::read_dir(real) else { continue };
+        let Some(real) = resolve_in_root(rootfs, dir) else {
+            continue;
+        };
+        let Ok(rd) = std::fs::read_dir(real) else {
+            continue;
+        };
         for ent in rd.flatten() {
             let name = ent.file_name();
             let name = name.to_string_lossy();
@@ -189,8 +199,11 @@ mod tests {
     fn add_shell(d: &Path) {
         use std::os::unix::fs::PermissionsExt;
         std::fs::write(d.join("usr/bin/dash"), "#!").expect("write");
-        std::fs::set_permissions(d.join("usr/bin/dash"), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        std::fs::set_permissions(
+            d.join("usr/bin/dash"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
         std::os::unix::fs::symlink("/usr/bin/dash", d.join("usr/bin/sh")).expect("symlink");
     }
 
@@ -214,7 +227,8 @@ mod tests {
     fn shell_symlink_escaping_the_root_stays_inside() {
         let d = tree();
         // /bin/sh -> ../../../../bin/sh must resolve inside the rootfs, where it is missing.
-        std::os::unix::fs::symlink("../../../../../bin/sh", d.path().join("usr/bin/sh")).expect("symlink");
+        std::os::unix::fs::symlink("../../../../../bin/sh", d.path().join("usr/bin/sh"))
+            .expect("symlink");
         assert!(vet(d.path(), None).is_err());
     }
 
@@ -223,10 +237,16 @@ mod tests {
         let d = tree();
         add_shell(d.path());
         std::fs::write(d.path().join("etc/os-release"), "ID=\"alpine\"\n").expect("write");
-        assert!(vet(d.path(), None).expect_err("alpine").to_string().contains("Alpine"));
+        assert!(vet(d.path(), None)
+            .expect_err("alpine")
+            .to_string()
+            .contains("Alpine"));
         std::fs::write(d.path().join("etc/os-release"), "ID=debian\n").expect("write");
         std::fs::write(d.path().join("usr/lib/ld-musl-x86_64.so.1"), "").expect("write");
-        assert!(vet(d.path(), None).expect_err("musl").to_string().contains("musl"));
+        assert!(vet(d.path(), None)
+            .expect_err("musl")
+            .to_string()
+            .contains("musl"));
     }
 
     #[test]

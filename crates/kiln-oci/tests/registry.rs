@@ -17,15 +17,24 @@ struct Env {
 }
 
 fn env() -> Env {
-    let assets = std::env::var("KILN_TEST_ASSETS").unwrap_or_else(|_| "/var/tmp/kiln-test-assets".into());
+    let assets =
+        std::env::var("KILN_TEST_ASSETS").unwrap_or_else(|_| "/var/tmp/kiln-test-assets".into());
     let path = Path::new(&assets).join("registry.env");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("no test registry ({}: {e}): run `scripts/test-registry.sh start` first", path.display())
+        panic!(
+            "no test registry ({}: {e}): run `scripts/test-registry.sh start` first",
+            path.display()
+        )
     });
     let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
     let get = |k: &str| {
         vars.get(k)
-            .unwrap_or_else(|| panic!("{k} missing from {}: rerun `scripts/test-registry.sh start`", path.display()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{k} missing from {}: rerun `scripts/test-registry.sh start`",
+                    path.display()
+                )
+            })
             .to_string()
     };
     let e = Env {
@@ -52,10 +61,38 @@ fn none(_: kiln_oci::Progress) {}
 
 fn skopeo_digest(reference: &str) -> String {
     let out = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", &format!("docker://{reference}")])
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{reference}"),
+        ])
         .output()
         .expect("run skopeo");
-    assert!(out.status.success(), "skopeo inspect {reference}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "skopeo inspect {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("skopeo json");
+    v["Digest"].as_str().expect("Digest").to_owned()
+}
+
+fn skopeo_digest_creds(reference: &str, e: &Env) -> String {
+    let out = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            &format!("{}:{}", e.user, e.password),
+        ])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo inspect {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("skopeo json");
     v["Digest"].as_str().expect("Digest").to_owned()
 }
@@ -68,20 +105,40 @@ fn code(e: &OciError) -> BuildErrorCode {
 async fn digests_match_skopeo_for_oci_docker_and_index() {
     let e = env();
     let (_d, s) = store(RegistryConfig::default());
-    for name in ["kiln/minbase", "kiln/minbase-docker", "kiln/multi", "kiln/python"] {
+    for name in [
+        "kiln/minbase",
+        "kiln/minbase-docker",
+        "kiln/multi",
+        "kiln/python",
+    ] {
         let r = format!("{}/{name}:latest", e.reg);
         let image = s.resolve(&r).await.expect("resolve");
         assert_eq!(image.digest, skopeo_digest(&r), "{name}");
         assert_eq!(image.platform, "linux/amd64");
         // The default tag is `latest`.
-        let untagged = s.resolve(&format!("{}/{name}", e.reg)).await.expect("resolve without tag");
+        let untagged = s
+            .resolve(&format!("{}/{name}", e.reg))
+            .await
+            .expect("resolve without tag");
         assert_eq!(untagged.digest, image.digest);
     }
-    let multi = s.resolve(&format!("{}/kiln/multi", e.reg)).await.expect("multi");
-    let minbase = s.resolve(&format!("{}/kiln/minbase", e.reg)).await.expect("minbase");
-    assert_ne!(multi.digest, multi.manifest_digest, "an index resolves through to its amd64 manifest");
+    let multi = s
+        .resolve(&format!("{}/kiln/multi", e.reg))
+        .await
+        .expect("multi");
+    let minbase = s
+        .resolve(&format!("{}/kiln/minbase", e.reg))
+        .await
+        .expect("minbase");
+    assert_ne!(
+        multi.digest, multi.manifest_digest,
+        "an index resolves through to its amd64 manifest"
+    );
     assert_eq!(multi.manifest_digest, minbase.manifest_digest);
-    assert_eq!(minbase.config.cmd.as_deref(), Some(&["/bin/bash".to_owned()][..]));
+    assert_eq!(
+        minbase.config.cmd.as_deref(),
+        Some(&["/bin/bash".to_owned()][..])
+    );
     assert!(minbase.config.env.iter().any(|v| v.starts_with("PATH=")));
 }
 
@@ -95,30 +152,64 @@ async fn pull_unpack_vet_then_everything_is_cached() {
     assert_eq!(p.pull.blobs_downloaded, 2);
     assert!(!p.unpacked.reused);
     let root = &p.unpacked.rootfs;
-    assert!(root.ends_with(format!("images/sha256/{}/rootfs", &p.image.manifest_digest[7..])));
+    assert!(root.ends_with(format!(
+        "images/sha256/{}/rootfs",
+        &p.image.manifest_digest[7..]
+    )));
     // Layer 2 (zstd): a new file, a whiteout and an opaque dir.
-    assert_eq!(std::fs::read_to_string(root.join("etc/kiln-layer2")).expect("layer2"), "layer two\n");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/kiln-layer2")).expect("layer2"),
+        "layer two\n"
+    );
     assert!(!root.join("etc/issue.net").exists());
     assert!(root.join("etc/issue").exists());
-    let debconf: Vec<_> =
-        std::fs::read_dir(root.join("var/cache/debconf")).expect("ls").map(|e| e.expect("e").file_name()).collect();
+    let debconf: Vec<_> = std::fs::read_dir(root.join("var/cache/debconf"))
+        .expect("ls")
+        .map(|e| e.expect("e").file_name())
+        .collect();
     assert_eq!(debconf, ["kiln-only"]);
-    assert!(std::fs::symlink_metadata(root.join("bin")).expect("bin").file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(root.join("bin"))
+        .expect("bin")
+        .file_type()
+        .is_symlink());
     assert!(p.vet.size_bytes > 50 << 20);
+    // Image trees may hold setuid binaries and device nodes: owner-only.
+    use std::os::unix::fs::PermissionsExt as _;
+    let images = root.ancestors().nth(3).expect("images dir");
+    assert!(images.ends_with("images"), "{}", images.display());
+    assert_eq!(
+        std::fs::metadata(images)
+            .expect("images")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
     // Every blob in the cache is named by its verified digest.
     for l in &p.image.layers {
-        assert_eq!(std::fs::metadata(s.blob_path(&l.digest).expect("path")).expect("blob").len(), l.size);
+        assert_eq!(
+            std::fs::metadata(s.blob_path(&l.digest).expect("path"))
+                .expect("blob")
+                .len(),
+            l.size
+        );
     }
 
     // Second time: nothing downloaded, rootfs reused.
-    let again = s.prepare(&r, Some(4096), &none).await.expect("prepare again");
+    let again = s
+        .prepare(&r, Some(4096), &none)
+        .await
+        .expect("prepare again");
     assert_eq!(again.pull.bytes_downloaded, 0);
     assert_eq!(again.pull.blobs_cached, 2);
     assert!(again.unpacked.reused);
     assert_eq!(again.unpacked.rootfs, p.unpacked.rootfs);
 
     // By digest: answered from the store.
-    let pinned = s.resolve(&format!("{}/kiln/minbase@{}", e.reg, p.image.digest)).await.expect("by digest");
+    let pinned = s
+        .resolve(&format!("{}/kiln/minbase@{}", e.reg, p.image.digest))
+        .await
+        .expect("by digest");
     assert_eq!(pinned.manifest_digest, p.image.manifest_digest);
     assert_eq!(s.list().expect("list").len(), 1);
 
@@ -132,7 +223,10 @@ async fn pull_by_digest_from_registry_and_index() {
     let e = env();
     let (_d, s) = store(RegistryConfig::default());
     let digest = skopeo_digest(&format!("{}/kiln/multi:latest", e.reg));
-    let p = s.prepare(&format!("{}/kiln/multi@{digest}", e.reg), None, &none).await.expect("by digest");
+    let p = s
+        .prepare(&format!("{}/kiln/multi@{digest}", e.reg), None, &none)
+        .await
+        .expect("by digest");
     assert_eq!(p.image.digest, digest);
     assert!(p.unpacked.rootfs.join("etc/kiln-layer2").exists());
 }
@@ -141,10 +235,16 @@ async fn pull_by_digest_from_registry_and_index() {
 async fn index_without_amd64_is_unsupported_platform() {
     let e = env();
     let (_d, s) = store(RegistryConfig::default());
-    let err = s.resolve(&format!("{}/kiln/armonly", e.reg)).await.expect_err("arm only");
+    let err = s
+        .resolve(&format!("{}/kiln/armonly", e.reg))
+        .await
+        .expect_err("arm only");
     assert_eq!(code(&err), BuildErrorCode::UnsupportedPlatform, "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("linux/arm64/v8") && msg.contains("linux/arm/v7"), "{msg}");
+    assert!(
+        msg.contains("linux/arm64/v8") && msg.contains("linux/arm/v7"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -154,15 +254,24 @@ async fn errors_have_codes_and_actionable_details() {
     let err = s.resolve("Not A Ref").await.expect_err("bad ref");
     assert_eq!(code(&err), BuildErrorCode::BadReference);
 
-    let err = s.resolve(&format!("{}/kiln/minbase:no-such-tag", e.reg)).await.expect_err("missing tag");
+    let err = s
+        .resolve(&format!("{}/kiln/minbase:no-such-tag", e.reg))
+        .await
+        .expect_err("missing tag");
     assert_eq!(code(&err), BuildErrorCode::ImagePullFailed);
     assert!(err.detail().contains("not found"), "{}", err.detail());
 
-    let err = s.resolve(&format!("{}/kiln/no-such-repo", e.reg)).await.expect_err("missing repo");
+    let err = s
+        .resolve(&format!("{}/kiln/no-such-repo", e.reg))
+        .await
+        .expect_err("missing repo");
     assert_eq!(code(&err), BuildErrorCode::ImagePullFailed);
     assert!(err.detail().contains("not found"), "{}", err.detail());
 
-    let err = s.resolve("127.0.0.1:1/kiln/minbase").await.expect_err("unreachable");
+    let err = s
+        .resolve("127.0.0.1:1/kiln/minbase")
+        .await
+        .expect_err("unreachable");
     assert_eq!(code(&err), BuildErrorCode::ImagePullFailed);
     assert!(err.detail().contains("unreachable"), "{}", err.detail());
 }
@@ -172,37 +281,61 @@ async fn vetting_refuses_alpine_and_shell_less_images() {
     let e = env();
     let (_d, s) = store(RegistryConfig::default());
     for (name, needle) in [("alpine-like", "Alpine"), ("noshell", "/bin/sh")] {
-        let err = s.prepare(&format!("{}/kiln/{name}", e.reg), None, &none).await.expect_err(name);
+        let err = s
+            .prepare(&format!("{}/kiln/{name}", e.reg), None, &none)
+            .await
+            .expect_err(name);
         assert_eq!(code(&err), BuildErrorCode::ImageUnsafe, "{err}");
         assert!(err.to_string().contains(needle), "{err}");
     }
-    s.prepare(&format!("{}/kiln/tiny", e.reg), None, &none).await.expect("tiny has /bin/sh via /bin -> usr/bin");
+    s.prepare(&format!("{}/kiln/tiny", e.reg), None, &none)
+        .await
+        .expect("tiny has /bin/sh via /bin -> usr/bin");
 }
 
 #[tokio::test]
 async fn mirrors_are_tried_before_upstream() {
     let e = env();
-    // Mirrors that are down or refuse us, then the real registry.
+    // Mirrors that are down, or lack the repository, then the real registry.
     let mut registries = BTreeMap::new();
     registries.insert(
-        e.reg.clone(),
+        e.auth_reg.clone(),
         RegistrySettings {
-            mirrors: vec!["http://127.0.0.1:1".into(), format!("http://{}", e.auth_reg)],
+            mirrors: vec!["http://127.0.0.1:1".into(), format!("http://{}", e.reg)],
+            username: Some(e.user.clone()),
+            password: Some(e.password.clone()),
             ..Default::default()
         },
     );
-    let (_d, s) = store(RegistryConfig { registries, ..Default::default() });
-    let p = s.prepare(&format!("{}/kiln/tiny", e.reg), None, &none).await.expect("falls through to upstream");
+    let (_d, s) = store(RegistryConfig {
+        registries,
+        ..Default::default()
+    });
+    let r = format!("{}/kiln/authonly", e.auth_reg);
+    let p = s
+        .prepare(&r, None, &none)
+        .await
+        .expect("falls through to upstream");
     assert!(p.pull.bytes_downloaded > 0);
+    assert_eq!(p.image.digest, skopeo_digest_creds(&r, &e));
 
     // Docker Hub through KILN_REGISTRY_MIRRORS (Docker Hub itself is unreachable here).
-    std::env::set_var("KILN_REGISTRY_MIRRORS", format!("docker.io=http://{}", e.reg));
+    std::env::set_var(
+        "KILN_REGISTRY_MIRRORS",
+        format!("docker.io=http://{}", e.reg),
+    );
     let cfg = RegistryConfig::load(None).expect("config");
     std::env::remove_var("KILN_REGISTRY_MIRRORS");
     let (_d2, s2) = store(cfg);
-    let hub = s2.resolve("minbase").await.expect("docker.io/library/minbase via the mirror");
+    let hub = s2
+        .resolve("minbase")
+        .await
+        .expect("docker.io/library/minbase via the mirror");
     assert_eq!(hub.reference, "docker.io/library/minbase:latest");
-    assert_eq!(hub.digest, skopeo_digest(&format!("{}/library/minbase:latest", e.reg)));
+    assert_eq!(
+        hub.digest,
+        skopeo_digest(&format!("{}/library/minbase:latest", e.reg))
+    );
     s2.pull(&hub, &none).await.expect("pull via mirror");
 }
 
@@ -213,9 +346,16 @@ async fn basic_auth_good_and_bad_credentials() {
         let mut registries = BTreeMap::new();
         registries.insert(
             e.auth_reg.clone(),
-            RegistrySettings { username: Some(user.into()), password: Some(password.into()), ..Default::default() },
+            RegistrySettings {
+                username: Some(user.into()),
+                password: Some(password.into()),
+                ..Default::default()
+            },
         );
-        RegistryConfig { registries, ..Default::default() }
+        RegistryConfig {
+            registries,
+            ..Default::default()
+        }
     };
     let r = format!("{}/kiln/tiny:latest", e.auth_reg);
     let (_d, s) = store(with(&e.user, &e.password));
@@ -230,22 +370,68 @@ async fn basic_auth_good_and_bad_credentials() {
     let (_d, s) = store(RegistryConfig::default());
     let err = s.resolve(&r).await.expect_err("no credentials");
     assert_eq!(code(&err), BuildErrorCode::ImagePullFailed);
+
+    // Credentials `docker login` stored in ~/.docker/config.json (here via DOCKER_CONFIG).
+    let docker = tempfile::tempdir().expect("tempdir");
+    let auth = base64_encode(format!("{}:{}", e.user, e.password).as_bytes());
+    std::fs::write(
+        docker.path().join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, e.auth_reg),
+    )
+    .expect("write docker config");
+    std::env::set_var("DOCKER_CONFIG", docker.path());
+    let cfg = RegistryConfig::load(None);
+    std::env::remove_var("DOCKER_CONFIG");
+    let (_d, s) = store(cfg.expect("config"));
+    s.resolve(&r)
+        .await
+        .expect("credentials from Docker's config");
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[tokio::test]
 async fn prune_keeps_only_what_is_reachable() {
     let e = env();
     let (dir, s) = store(RegistryConfig::default());
-    let tiny = s.prepare(&format!("{}/kiln/tiny", e.reg), None, &none).await.expect("tiny");
-    let noshell = s.resolve(&format!("{}/kiln/noshell", e.reg)).await.expect("noshell");
+    let tiny = s
+        .prepare(&format!("{}/kiln/tiny", e.reg), None, &none)
+        .await
+        .expect("tiny");
+    let noshell = s
+        .resolve(&format!("{}/kiln/noshell", e.reg))
+        .await
+        .expect("noshell");
     s.pull(&noshell, &none).await.expect("pull noshell");
     let blobs = |d: &Path| -> Vec<PathBuf> {
-        std::fs::read_dir(d.join("blobs/sha256")).expect("ls").map(|e| e.expect("e").path()).collect()
+        std::fs::read_dir(d.join("blobs/sha256"))
+            .expect("ls")
+            .map(|e| e.expect("e").path())
+            .collect()
     };
     let before = blobs(dir.path()).len();
     let report = s.prune(&[tiny.image.digest.as_str()]).expect("prune");
     assert_eq!(report.images_removed, 1);
-    assert_eq!(report.blobs_removed, 3, "manifest, config, layer of noshell");
+    assert_eq!(
+        report.blobs_removed, 3,
+        "manifest, config, layer of noshell"
+    );
     assert_eq!(blobs(dir.path()).len(), before - 3);
     assert!(tiny.unpacked.rootfs.exists());
     assert_eq!(s.list().expect("list").len(), 1);

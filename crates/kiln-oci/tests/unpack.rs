@@ -66,7 +66,11 @@ fn scratch() -> Scratch {
     std::fs::create_dir_all(&root).expect("mkdir");
     std::fs::create_dir_all(&canary).expect("mkdir");
     std::fs::write(canary.join("passwd"), "host").expect("write");
-    Scratch { _dir: dir, root, canary }
+    Scratch {
+        _dir: dir,
+        root,
+        canary,
+    }
 }
 
 fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, String)> {
@@ -74,7 +78,11 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, String)> {
     for e in std::fs::read_dir(dir).expect("read_dir") {
         let e = e.expect("entry");
         let m = std::fs::symlink_metadata(e.path()).expect("meta");
-        out.push((e.path(), m.ino(), std::fs::read_to_string(e.path()).unwrap_or_default()));
+        out.push((
+            e.path(),
+            m.ino(),
+            std::fs::read_to_string(e.path()).unwrap_or_default(),
+        ));
     }
     out.sort();
     out
@@ -98,7 +106,10 @@ fn assert_unsafe(layers: &[Vec<u8>]) {
     let err = apply(&s.root, &layers).expect_err("hostile layer must be refused");
     assert_eq!(err.code(), BuildErrorCode::ImageUnsafe, "{err}");
     assert_eq!(snapshot(&s.canary), before, "canary {canary} was touched");
-    assert_eq!(std::fs::read_to_string(s.canary.join("passwd")).expect("read"), "host");
+    assert_eq!(
+        std::fs::read_to_string(s.canary.join("passwd")).expect("read"),
+        "host"
+    );
 }
 
 fn canary_layer(f: impl Fn(&str) -> Vec<u8>) -> Vec<u8> {
@@ -115,31 +126,50 @@ fn fixed_canary() {
 }
 
 fn assert_fixed_canary_untouched() {
-    assert_eq!(std::fs::read_to_string(Path::new(CANARY).join("passwd")).expect("read"), "host");
-    let names: Vec<_> = std::fs::read_dir(CANARY).expect("ls").map(|e| e.expect("e").file_name()).collect();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(CANARY).join("passwd")).expect("read"),
+        "host"
+    );
+    let names: Vec<_> = std::fs::read_dir(CANARY)
+        .expect("ls")
+        .map(|e| e.expect("e").file_name())
+        .collect();
     assert_eq!(names.len(), 1, "canary dir gained entries: {names:?}");
 }
 
 #[test]
 fn dotdot_is_refused() {
     assert_unsafe(&[layer(&[E::File("../canary/passwd", "pwned")])]);
-    assert_unsafe(&[layer(&[E::Dir("a"), E::File("a/../../canary/passwd", "pwned")])]);
+    assert_unsafe(&[layer(&[
+        E::Dir("a"),
+        E::File("a/../../canary/passwd", "pwned"),
+    ])]);
 }
 
 #[test]
 fn absolute_path_is_refused() {
     fixed_canary();
-    assert_unsafe(&[layer(&[E::File("/tmp/kiln-oci-test-canary/passwd", "pwned")])]);
+    assert_unsafe(&[layer(&[E::File(
+        "/tmp/kiln-oci-test-canary/passwd",
+        "pwned",
+    )])]);
     assert_fixed_canary_untouched();
 }
 
 #[test]
 fn write_through_symlink_same_layer_is_refused() {
     fixed_canary();
-    assert_unsafe(&[canary_layer(|c| layer(&[E::Symlink("a", c), E::File("a/passwd", "pwned")]))]);
-    assert_unsafe(&[canary_layer(|c| layer(&[E::Symlink("a", c), E::File("a/new", "pwned")]))]);
+    assert_unsafe(&[canary_layer(|c| {
+        layer(&[E::Symlink("a", c), E::File("a/passwd", "pwned")])
+    })]);
+    assert_unsafe(&[canary_layer(|c| {
+        layer(&[E::Symlink("a", c), E::File("a/new", "pwned")])
+    })]);
     // Relative symlink climbing out.
-    assert_unsafe(&[layer(&[E::Symlink("a", "../../../../../../tmp/kiln-oci-test-canary"), E::File("a/x", "p")])]);
+    assert_unsafe(&[layer(&[
+        E::Symlink("a", "../../../../../../tmp/kiln-oci-test-canary"),
+        E::File("a/x", "p"),
+    ])]);
     assert_fixed_canary_untouched();
 }
 
@@ -159,13 +189,22 @@ fn write_through_symlink_from_earlier_layer_is_refused() {
 #[test]
 fn hardlink_to_outside_is_refused() {
     fixed_canary();
-    assert_unsafe(&[layer(&[E::Hardlink("x", "/tmp/kiln-oci-test-canary/passwd")])]);
+    assert_unsafe(&[layer(&[E::Hardlink(
+        "x",
+        "/tmp/kiln-oci-test-canary/passwd",
+    )])]);
     assert_unsafe(&[layer(&[E::Hardlink("x", "../canary/passwd")])]);
     // Through a planted symlink.
-    assert_unsafe(&[canary_layer(|c| layer(&[E::Symlink("a", c), E::Hardlink("x", "a/passwd")]))]);
+    assert_unsafe(&[canary_layer(|c| {
+        layer(&[E::Symlink("a", c), E::Hardlink("x", "a/passwd")])
+    })]);
     // A hardlink to a symlink is fine (it links the symlink), but writing through it is not.
     assert_unsafe(&[canary_layer(|c| {
-        layer(&[E::Symlink("s", c), E::Hardlink("h", "s"), E::File("h/passwd", "pwned")])
+        layer(&[
+            E::Symlink("s", c),
+            E::Hardlink("h", "s"),
+            E::File("h/passwd", "pwned"),
+        ])
     })]);
     assert_fixed_canary_untouched();
 }
@@ -175,14 +214,22 @@ fn directory_replaced_by_symlink_mid_image_is_refused() {
     fixed_canary();
     // Same layer: a dir, then the same path as a symlink, then a write beneath.
     assert_unsafe(&[canary_layer(|c| {
-        layer(&[E::Dir("a"), E::File("a/ok", "1"), E::Symlink("a", c), E::File("a/passwd", "pwned")])
+        layer(&[
+            E::Dir("a"),
+            E::File("a/ok", "1"),
+            E::Symlink("a", c),
+            E::File("a/passwd", "pwned"),
+        ])
     })]);
     // Across layers: replacing is allowed (overlay semantics) but writing through is not.
     let s = scratch();
     let l1 = layer(&[E::Dir("a"), E::File("a/ok", "1")]);
     let l2 = canary_layer(|c| layer(&[E::Symlink("a", c)]));
     apply(&s.root, &[l1.clone(), l2.clone()]).expect("replacing a lower dir by a symlink is legal");
-    assert!(std::fs::symlink_metadata(s.root.join("a")).expect("a").file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(s.root.join("a"))
+        .expect("a")
+        .file_type()
+        .is_symlink());
     assert_unsafe(&[l1, l2, layer(&[E::File("a/passwd", "pwned")])]);
     assert_fixed_canary_untouched();
 }
@@ -207,18 +254,33 @@ fn plain_layers_unpack_with_metadata() {
     ]);
     apply(&s.root, &[gzip(&l)]).expect("unpack");
     let r = &s.root;
-    assert_eq!(std::fs::read_to_string(r.join("usr/bin/tool")).expect("read"), "#!/bin/sh\n");
-    assert_eq!(std::fs::read_link(r.join("bin")).expect("link"), Path::new("usr/bin"));
-    assert_eq!(std::fs::read_link(r.join("abs")).expect("link"), Path::new("/etc/passwd"));
+    assert_eq!(
+        std::fs::read_to_string(r.join("usr/bin/tool")).expect("read"),
+        "#!/bin/sh\n"
+    );
+    assert_eq!(
+        std::fs::read_link(r.join("bin")).expect("link"),
+        Path::new("usr/bin")
+    );
+    assert_eq!(
+        std::fs::read_link(r.join("abs")).expect("link"),
+        Path::new("/etc/passwd")
+    );
     let a = std::fs::metadata(r.join("usr/bin/tool")).expect("meta");
     let b = std::fs::metadata(r.join("usr/bin/tool2")).expect("meta");
     assert_eq!(a.ino(), b.ino());
     assert_eq!(a.mode() & 0o7777, 0o644);
     assert_eq!(a.mtime(), 1_700_000_000);
-    assert_eq!(std::fs::metadata(r.join("usr")).expect("meta").mtime(), 1_700_000_000);
+    assert_eq!(
+        std::fs::metadata(r.join("usr")).expect("meta").mtime(),
+        1_700_000_000
+    );
     assert!(r.join("implicit/parent/file").is_file());
     use std::os::unix::fs::FileTypeExt;
-    assert!(std::fs::symlink_metadata(r.join("fifo")).expect("fifo").file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(r.join("fifo"))
+        .expect("fifo")
+        .file_type()
+        .is_fifo());
 }
 
 #[test]
@@ -227,8 +289,14 @@ fn zstd_and_plain_layers() {
     let l1 = zstd::encode_all(layer(&[E::File("a", "zstd")]).as_slice(), 3).expect("zstd");
     let l2 = layer(&[E::File("b", "plain")]);
     apply(&s.root, &[l1, l2]).expect("unpack");
-    assert_eq!(std::fs::read_to_string(s.root.join("a")).expect("a"), "zstd");
-    assert_eq!(std::fs::read_to_string(s.root.join("b")).expect("b"), "plain");
+    assert_eq!(
+        std::fs::read_to_string(s.root.join("a")).expect("a"),
+        "zstd"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.root.join("b")).expect("b"),
+        "plain"
+    );
 }
 
 #[test]
@@ -241,7 +309,11 @@ fn whiteouts_remove_lower_entries() {
         E::Dir("var/lib/gone-dir"),
         E::File("var/lib/gone-dir/f", "f"),
     ]);
-    let l2 = layer(&[E::File("etc/.wh.gone", ""), E::File("var/lib/.wh.gone-dir", ""), E::File("etc/.wh.never-existed", "")]);
+    let l2 = layer(&[
+        E::File("etc/.wh.gone", ""),
+        E::File("var/lib/.wh.gone-dir", ""),
+        E::File("etc/.wh.never-existed", ""),
+    ]);
     apply(&s.root, &[l1, l2]).expect("unpack");
     assert!(s.root.join("etc/keep").exists());
     assert!(!s.root.join("etc/gone").exists());
@@ -263,12 +335,23 @@ fn whiteout_does_not_follow_symlinks() {
 #[test]
 fn opaque_directory_hides_lower_children_only() {
     let s = scratch();
-    let l1 = layer(&[E::Dir("d"), E::File("d/old1", "1"), E::Dir("d/olddir"), E::File("d/olddir/x", "x")]);
+    let l1 = layer(&[
+        E::Dir("d"),
+        E::File("d/old1", "1"),
+        E::Dir("d/olddir"),
+        E::File("d/olddir/x", "x"),
+    ]);
     // The marker comes after a new child: the new child must survive.
-    let l2 = layer(&[E::Dir("d"), E::File("d/new", "n"), E::File("d/.wh..wh..opq", "")]);
+    let l2 = layer(&[
+        E::Dir("d"),
+        E::File("d/new", "n"),
+        E::File("d/.wh..wh..opq", ""),
+    ]);
     apply(&s.root, &[l1, l2]).expect("unpack");
-    let mut names: Vec<_> =
-        std::fs::read_dir(s.root.join("d")).expect("ls").map(|e| e.expect("e").file_name()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(s.root.join("d"))
+        .expect("ls")
+        .map(|e| e.expect("e").file_name())
+        .collect();
     names.sort();
     assert_eq!(names, ["new"]);
 }
@@ -276,11 +359,20 @@ fn opaque_directory_hides_lower_children_only() {
 #[test]
 fn file_replaces_lower_directory_and_symlink() {
     let s = scratch();
-    let l1 = layer(&[E::Dir("x"), E::File("x/child", "c"), E::Symlink("y", "/etc")]);
+    let l1 = layer(&[
+        E::Dir("x"),
+        E::File("x/child", "c"),
+        E::Symlink("y", "/etc"),
+    ]);
     let l2 = layer(&[E::File("x", "now a file"), E::File("y", "now a file too")]);
     apply(&s.root, &[l1, l2]).expect("unpack");
-    assert_eq!(std::fs::read_to_string(s.root.join("x")).expect("x"), "now a file");
-    assert!(std::fs::symlink_metadata(s.root.join("y")).expect("y").is_file());
+    assert_eq!(
+        std::fs::read_to_string(s.root.join("x")).expect("x"),
+        "now a file"
+    );
+    assert!(std::fs::symlink_metadata(s.root.join("y"))
+        .expect("y")
+        .is_file());
 }
 
 #[test]

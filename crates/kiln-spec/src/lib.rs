@@ -6,11 +6,13 @@
 pub mod codes;
 pub mod hash;
 pub mod reference;
+pub mod runtime;
 pub mod spec;
 pub mod validate;
 
 pub use codes::{BuildErrorCode, CodedMessage, RateLimitCode, UnknownCode};
 pub use hash::spec_hash;
 pub use reference::{ImageRef, ReferenceError};
+pub use runtime::RuntimeDefaults;
 pub use spec::{BuildSpec, Form, ResourceRequest, Resources, Step, TemplateRequest};
 pub use validate::{Problem, Problems};

@@ -16,7 +16,7 @@ mod store;
 pub use error::{ArtifactError, StoreError};
 pub use layout::{fsync_dir, publish_dir, write_atomic, Layout};
 pub use logs::{LogFollower, LogSignal};
-pub use manifest::{ArtifactFile, ArtifactManifest, RuntimeDefaults, MANIFEST_FILE};
+pub use manifest::{ArtifactFile, ArtifactManifest, MANIFEST_FILE};
 pub use model::{
     ApiKey, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream, NewLogLine, NewSandbox,
     Rebuild, Sandbox, SandboxFilter, SandboxStatus, Team, Template, TemplateStatus,

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use kiln_spec::Resources;
+use kiln_spec::{Resources, RuntimeDefaults};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -20,18 +20,6 @@ use crate::layout::{io, write_atomic};
 
 /// The manifest's file name inside an artifact directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
-
-/// What the guest agent applies to every exec in a sandbox unless the caller overrides it:
-/// the sum of the template's `env`, `workdir` and `user` steps.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuntimeDefaults {
-    /// Environment, in step order (a later entry for the same key wins).
-    pub env: Vec<(String, String)>,
-    /// Working directory.
-    pub workdir: Option<String>,
-    /// User to run as.
-    pub user: Option<String>,
-}
 
 /// One file of the artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

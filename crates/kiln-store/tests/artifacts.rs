@@ -3,10 +3,9 @@
 use std::fs;
 use std::path::Path;
 
-use kiln_spec::Resources;
+use kiln_spec::{Resources, RuntimeDefaults};
 use kiln_store::{
-    publish_dir, write_atomic, ArtifactError, ArtifactManifest, Layout, RuntimeDefaults,
-    MANIFEST_FILE,
+    publish_dir, write_atomic, ArtifactError, ArtifactManifest, Layout, MANIFEST_FILE,
 };
 
 fn names(dir: &Path) -> Vec<String> {
@@ -93,8 +92,8 @@ fn sample(dir: &Path) -> ArtifactManifest {
         "sha256:bbbb",
         RuntimeDefaults {
             env: vec![("A".into(), "1".into()), ("PATH".into(), "/usr/bin".into())],
-            workdir: Some("/app".into()),
-            user: Some("app".into()),
+            workdir: "/app".into(),
+            user: "app".into(),
         },
         Resources {
             vcpu: 2,

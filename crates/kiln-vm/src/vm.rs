@@ -555,10 +555,7 @@ impl Vm {
                 Ok(Err(e)) => Err(format!("agent handshake failed: {}", error_chain(&e))),
                 Err(_) => Err(format!("agent not ready within {total:?}")),
             },
-            x = exit.wait_for(Option::is_some) => {
-                let status = x.map(|v| v.as_ref().map(|e| e.0.clone()).unwrap_or_default()).unwrap_or_default();
-                Err(format!("qemu exited during boot ({status})"))
-            }
+            status = exit_text(&mut exit) => Err(format!("qemu exited during boot ({status})")),
         }
     }
 
@@ -669,10 +666,7 @@ impl Vm {
                     Err(Error::Agent(Box::new(e)))
                 }
             },
-            x = exit.wait_for(Option::is_some) => {
-                let s = x.map(|v| v.as_ref().map(|e| e.0.clone()).unwrap_or_default()).unwrap_or_default();
-                Err(self.exited_error(s))
-            }
+            s = exit_text(&mut exit) => Err(self.exited_error(s)),
         }
     }
 
@@ -828,6 +822,16 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+/// Waits for QEMU's exit and describes it. Copies out of the `watch` guard before
+/// returning: the guard is not `Send`, and holding it across an await point (as a
+/// `select!` branch output would) makes every caller's future non-`Send`.
+async fn exit_text(exit: &mut watch::Receiver<Option<Exit>>) -> String {
+    match exit.wait_for(Option::is_some).await {
+        Ok(v) => v.as_ref().map(|e| e.0.clone()).unwrap_or_default(),
+        Err(_) => String::new(),
     }
 }
 

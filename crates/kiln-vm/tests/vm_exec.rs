@@ -52,6 +52,8 @@ async fn exec_files_and_concurrency() {
         Some(ExecEvent::Stdout(b)) => assert_eq!(&b[..], b"started\n"),
         other => panic!("unexpected {other:?}"),
     }
+    // SIGKILL, not SIGTERM: the agent currently starts execs with SIGTERM/SIGINT blocked
+    // (its PID-1 signal mask is inherited), so a TERM stays pending. Reported to the agent.
     h.signal(libc::SIGKILL).unwrap();
     let st = tokio::time::timeout(Duration::from_secs(10), vm.guard(h.wait()))
         .await

@@ -16,6 +16,26 @@ async fn read_counter(vm: &Vm) -> u64 {
     String::from_utf8_lossy(&out).trim().parse().unwrap()
 }
 
+/// Waits (TCG on a loaded host is slow) until the counter exceeds `above`.
+async fn counter_passes(vm: &Vm, above: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Not yet written right after the spawn: count as 0.
+        let c = match vm.agent().read_file("/tmp/counter").await {
+            Ok(b) => String::from_utf8_lossy(&b).trim().parse().unwrap_or(0),
+            Err(_) => 0,
+        };
+        if c > above {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counter stuck at {c} (expected > {above})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn counter_survives_snapshot_and_restores_are_isolated() {
     let env = common::env("snap").await;
@@ -25,9 +45,7 @@ async fn counter_survives_snapshot_and_restores_are_isolated() {
     let mut bg = req("i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done");
     bg.background = Some(Default::default());
     let pid = vm.guard(vm.agent().spawn_background(bg)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = read_counter(&vm).await;
-    assert!(before > 3, "counter barely moved: {before}");
+    let before = counter_passes(&vm, 3).await;
 
     let bundle = env.run_parent.join("bundle");
     let info = vm
@@ -61,9 +79,7 @@ async fn counter_survives_snapshot_and_restores_are_isolated() {
         );
         let c1 = read_counter(vm).await;
         assert!(c1 >= before, "counter went back: {c1} < {before}");
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let c2 = read_counter(vm).await;
-        assert!(c2 > c1, "counter stopped after restore: {c1} -> {c2}");
+        counter_passes(vm, c1).await;
         let out = vm
             .exec_collect(req(&format!("cat /proc/{pid}/cmdline | tr '\\0' ' '")))
             .await
@@ -97,8 +113,34 @@ async fn counter_survives_snapshot_and_restores_are_isolated() {
     let out = a.exec_collect(req("cat /root/marker")).await.unwrap();
     assert_eq!(out.stdout, b"only-a\n");
 
-    a.shutdown().await;
     b.kill().await;
+
+    // A restored VM runs on a private mapping: its snapshot streams RAM (`stream` mode),
+    // and restoring that keeps the same process running with A's disk changes.
+    let bundle2 = env.run_parent.join("bundle2");
+    let info = a
+        .snapshot(&bundle2)
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    assert_eq!(info.manifest.ram, kiln_vm::RamMode::Stream);
+    eprintln!(
+        "stream snapshot: save {:?}, state {} B",
+        info.save_time, info.manifest.files["state"].size
+    );
+    let c = Vm::restore(&bundle2, RestoreConfig::new("snap-c", &env.run_parent))
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    assert!(c.guard(c.agent().pid_alive(pid)).await.unwrap());
+    let c1 = read_counter(&c).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        read_counter(&c).await > c1,
+        "counter stopped after second restore"
+    );
+    let out = c.exec_collect(req("cat /root/marker")).await.unwrap();
+    assert_eq!(out.stdout, b"only-a\n");
+    c.shutdown().await;
+    std::fs::remove_dir_all(&bundle2).unwrap();
     // The bundle was never written by the restores.
     kiln_vm::snapshot::verify_bundle(&bundle).await.unwrap();
     std::fs::remove_dir_all(&bundle).unwrap();

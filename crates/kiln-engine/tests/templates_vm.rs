@@ -1,0 +1,387 @@
+//! Template builds end to end with real VMs (TCG here), checked from inside sandboxes
+//! restored from them. Needs the test registry (`scripts/test-registry.sh start`), the
+//! static agent (`scripts/build-agent.sh`) and a provisioned kernel (`kiln setup`, done
+//! by `scripts/test.sh`); a missing prerequisite fails the test with the remedy.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_engine::{Engine, EngineConfig};
+use kiln_spec::{BuildErrorCode, CodedMessage, TemplateRequest};
+use kiln_store::{Build, BuildStatus, LogStream, NewSandbox, SandboxStatus};
+use serde_json::json;
+
+struct Env {
+    engine: Arc<Engine>,
+    team: String,
+    registry: String,
+    _dir: tempfile::TempDir,
+}
+
+fn assets() -> PathBuf {
+    std::env::var_os("KILN_TEST_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("/var/tmp/kiln-test-assets"), PathBuf::from)
+}
+
+fn registry(assets: &Path) -> String {
+    let path = assets.join("registry.env");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}\n-> run scripts/test-registry.sh start",
+            path.display()
+        )
+    });
+    text.lines()
+        .find_map(|l| l.strip_prefix("KILN_TEST_REGISTRY="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("KILN_TEST_REGISTRY in registry.env")
+}
+
+async fn env() -> Env {
+    let assets = assets();
+    let kernel = assets.join("state/kernel");
+    assert!(
+        kernel.is_dir(),
+        "{} missing -> run scripts/test.sh (it runs `kiln setup` for the tests)",
+        kernel.display()
+    );
+    // Short path: VM sockets live under the state dir.
+    let dir = tempfile::Builder::new()
+        .prefix("ke")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::os::unix::fs::symlink(&kernel, dir.path().join("kernel")).unwrap();
+    let mut cfg = EngineConfig::new(dir.path());
+    cfg.timing.ready_timeout = Duration::from_secs(6);
+    cfg.timing.ready_interval = Duration::from_secs(1);
+    let engine = Engine::open(cfg).await.unwrap();
+    let team = engine.local_team().await.unwrap().id;
+    Env {
+        engine,
+        team,
+        registry: registry(&assets),
+        _dir: dir,
+    }
+}
+
+impl Env {
+    async fn build(&self, name: &str, spec: serde_json::Value) -> Build {
+        let mut doc = spec;
+        doc["name"] = json!(name);
+        let req = TemplateRequest::parse_and_validate(&doc).unwrap_or_else(|p| panic!("{p}"));
+        let (_, build) = self.engine.submit(&self.team, &req).await.unwrap();
+        self.engine.run_build(&build.id, None).await.unwrap()
+    }
+
+    async fn failure(&self, name: &str, spec: serde_json::Value) -> CodedMessage {
+        let b = self.build(name, spec).await;
+        assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+        CodedMessage::parse(b.error_message.as_deref().unwrap())
+    }
+
+    fn image(&self, name: &str) -> String {
+        format!("{}/kiln/{name}:latest", self.registry)
+    }
+}
+
+async fn exec(vm: &kiln_vm::Vm, cmd: &str) -> (String, i32) {
+    let out = vm
+        .agent()
+        .exec_collect(kiln_vm::ExecRequest {
+            command: cmd.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (text, out.status.code.unwrap_or(-1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_template_builds_and_its_sandboxes_come_up_live() {
+    let e = env().await;
+    let spec = json!({
+        "memoryMib": 384, "diskMib": 1024,
+        "from": e.image("python"),
+        "steps": [
+            {"env": {"key": "GREETING", "value": "hello"}},
+            {"run": "echo built > /opt/built.txt; echo to-stderr >&2"},
+            {"user": {"name": "app", "sudo": true}},
+            {"workdir": "/srv/app"},
+            {"run": "echo \"$GREETING from $(id -un)\" > index.html"},
+        ],
+        "startCmd": "python3 -m http.server 8000 --bind 127.0.0.1",
+        "readyCmd": "curl -fsS http://127.0.0.1:8000/ >/dev/null"
+    });
+    let b = e.build("web", spec).await;
+    assert_eq!(b.status, BuildStatus::Ready, "{b:?}");
+    assert!(
+        b.image_digest
+            .as_deref()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{b:?}"
+    );
+
+    // Logs: every step's output, on its stream, and the phases.
+    let logs = e.engine.store().logs_since(&b.id, 0).await.unwrap();
+    let has = |stream: LogStream, text: &str| {
+        logs.iter()
+            .any(|l| l.stream == stream && l.text.contains(text))
+    };
+    assert!(has(LogStream::Stderr, "to-stderr"), "{logs:#?}");
+    for phase in [
+        "resolving",
+        "booting build VM",
+        "step 5/5",
+        "starting",
+        "waiting for ready",
+        "snapshotting",
+        "done",
+    ] {
+        assert!(
+            has(LogStream::System, phase),
+            "no system line with {phase:?}"
+        );
+    }
+    let start_pid: String = logs
+        .iter()
+        .find_map(|l| {
+            l.text
+                .strip_prefix("started (pid ")
+                .map(|r| r.trim_end_matches(')').to_owned())
+        })
+        .expect("start pid logged");
+
+    // A sandbox with env overrides.
+    let new = NewSandbox {
+        template: "web".into(),
+        env: [
+            ("GREETING".into(), "overridden".into()),
+            ("EXTRA".into(), "1".into()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
+    let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
+    assert_eq!(live.record.status, SandboxStatus::Active);
+    let vm = &live.vm;
+    // The start process is the one the build started, answering right away.
+    assert_eq!(
+        exec(vm, "curl -fsS http://127.0.0.1:8000/index.html").await,
+        ("hello from app".into(), 0)
+    );
+    let (pids, _) = exec(
+        vm,
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm)\" = python3 ] && echo ${p#/proc/}; done",
+    )
+    .await;
+    let (ppid_of_python, _) = exec(vm, &format!("cat /proc/{pids}/stat | cut -d' ' -f4")).await;
+    assert!(
+        pids == start_pid || ppid_of_python == start_pid,
+        "python pid {pids} (parent {ppid_of_python}), started as {start_pid}"
+    );
+    // Env: caller wins, template defaults kept.
+    assert_eq!(exec(vm, "echo $GREETING $EXTRA").await.0, "overridden 1");
+    // Default cwd and user; workdir owned by the user; sudo; files from run steps.
+    assert_eq!(exec(vm, "pwd; id -un").await.0, "/srv/app\napp");
+    assert_eq!(exec(vm, "stat -c %U /srv/app").await.0, "app");
+    assert_eq!(exec(vm, "sudo -n true && echo ok").await, ("ok".into(), 0));
+    assert_eq!(exec(vm, "cat /opt/built.txt").await.0, "built");
+
+    // A second sandbox is independent and sees the template's own defaults.
+    let (second, _) = e
+        .engine
+        .create_sandbox_record(
+            &e.team,
+            &NewSandbox {
+                template: "web".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let live2 = e.engine.start_sandbox(&e.team, &second.id).await.unwrap();
+    exec(vm, "echo mine > /srv/app/only-in-first").await;
+    assert_eq!(
+        exec(
+            &live2.vm,
+            "echo $GREETING; test -e /srv/app/only-in-first; echo $?"
+        )
+        .await
+        .0,
+        "hello\n1"
+    );
+
+    // A template with live sandboxes cannot be deleted.
+    let err = e.engine.delete_template(&e.team, "web").await.unwrap_err();
+    assert!(err.to_string().contains("live sandboxes"), "{err}");
+
+    for live in [live, live2] {
+        let id = live.record.id.clone();
+        live.vm.kill().await;
+        e.engine
+            .finish_sandbox(&e.team, &id, SandboxStatus::Deleted)
+            .await
+            .unwrap();
+    }
+    e.engine.delete_template(&e.team, "web").await.unwrap();
+    assert_no_vms(&e).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_failure_has_its_code() {
+    let e = env().await;
+    let small = |from: String, extra: serde_json::Value| {
+        let mut s = json!({"memoryMib": 256, "diskMib": 1024, "from": from});
+        s.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        s
+    };
+
+    let m = e.failure("steps", small(e.image("minbase"), json!({"steps": [{"run": "true"}, {"run": "echo before; exit 7"}, {"run": "echo never"}]}))).await;
+    assert_eq!(m.code, BuildErrorCode::StepFailed);
+    assert!(
+        m.detail.contains("step 2/3")
+            && m.detail.contains("exit 7")
+            && m.detail.contains("exit code 7"),
+        "{m}"
+    );
+
+    let m = e
+        .failure(
+            "start",
+            small(
+                e.image("minbase"),
+                json!({"startCmd": "echo boom >&2; exit 3", "readyCmd": "false"}),
+            ),
+        )
+        .await;
+    assert_eq!(m.code, BuildErrorCode::StartCmdFailed, "{m}");
+    assert!(m.detail.contains("boom"), "{m}");
+
+    let m = e
+        .failure(
+            "ready",
+            small(
+                e.image("minbase"),
+                json!({"startCmd": "sleep 600", "readyCmd": "exit 1"}),
+            ),
+        )
+        .await;
+    assert_eq!(m.code, BuildErrorCode::ReadyCmdFailed, "{m}");
+
+    let m = e
+        .failure(
+            "pull",
+            small("127.0.0.1:9/kiln/none:latest".into(), json!({})),
+        )
+        .await;
+    assert_eq!(m.code, BuildErrorCode::ImagePullFailed, "{m}");
+    let m = e
+        .failure(
+            "missing",
+            small(
+                format!("{}/kiln/does-not-exist:latest", e.registry),
+                json!({}),
+            ),
+        )
+        .await;
+    assert_eq!(m.code, BuildErrorCode::ImagePullFailed, "{m}");
+
+    let m = e.failure("arm", small(e.image("armonly"), json!({}))).await;
+    assert_eq!(m.code, BuildErrorCode::UnsupportedPlatform, "{m}");
+    assert!(m.detail.contains("arm64"), "{m}");
+
+    let m = e
+        .failure("noshell", small(e.image("noshell"), json!({})))
+        .await;
+    assert_eq!(m.code, BuildErrorCode::ImageUnsafe, "{m}");
+    // An Alpine base is refused by its name before anything runs (content vetting of
+    // renamed ones is kiln-oci's test).
+    let doc = json!({"name": "alpine", "from": e.image("alpine-like")});
+    let err = e
+        .engine
+        .submit(
+            &e.team,
+            &TemplateRequest::from_json(&doc, kiln_spec::Form::Wire).unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Alpine"), "{err}");
+
+    let m = e.failure("huge", small(e.image("huge"), json!({}))).await;
+    assert_eq!(m.code, BuildErrorCode::ImageTooLarge, "{m}");
+
+    assert_no_vms(&e).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_cancelled_mid_step_stops_and_leaves_nothing() {
+    let e = env().await;
+    let doc = json!({"name": "slow", "memoryMib": 256, "diskMib": 1024, "from": e.image("minbase"),
+                     "steps": [{"run": "echo sleeping; sleep 600"}]});
+    let req = TemplateRequest::parse_and_validate(&doc).unwrap();
+    let (t, build) = e.engine.submit(&e.team, &req).await.unwrap();
+    let engine = e.engine.clone();
+    let id = build.id.clone();
+    let running = tokio::spawn(async move { engine.run_build(&id, None).await });
+    // Wait until the step is running inside the VM.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let logs = e.engine.store().logs_since(&build.id, 0).await.unwrap();
+        if logs.iter().any(|l| l.text == "sleeping") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "step never started: {logs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cancelled_at = std::time::Instant::now();
+    e.engine.cancel_build(&e.team, &build.id).await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, BuildStatus::Cancelled);
+    eprintln!("cancel took {:?}", cancelled_at.elapsed());
+    assert_no_vms(&e).await;
+    let staging = e.engine.layout().template_dir(&t.id).unwrap();
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// No QEMU of this engine's state dir runs, and no VM run directory is left.
+async fn assert_no_vms(e: &Env) {
+    let root = e.engine.layout().root().display().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.starts_with("qemu-system") && c.contains(&root))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu left running: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vms: Vec<_> = std::fs::read_dir(e.engine.layout().root().join("vms"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(vms.is_empty(), "VM run dirs left: {vms:?}");
+}

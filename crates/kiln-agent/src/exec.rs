@@ -63,6 +63,12 @@ fn command(
     // SAFETY: the closure only makes async-signal-safe syscalls on pre-allocated data.
     unsafe {
         cmd.pre_exec(move || {
+            // PID 1 blocks SIGTERM/SIGINT in every thread so that only its forwarder
+            // receives them; a child must not inherit that mask, or it could never be
+            // stopped politely.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }

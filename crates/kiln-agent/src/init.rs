@@ -304,8 +304,8 @@ fn term_signals() -> libc::sigset_t {
 }
 
 /// Block SIGTERM/SIGINT in this (the main) thread; threads created later inherit the
-/// mask, so only [`forward_signals`]' `sigwait` ever receives them. Children get their
-/// mask reset by std before exec.
+/// mask, so only [`forward_signals`]' `sigwait` ever receives them. Children reset their
+/// mask before exec (see `exec::command`).
 pub fn block_signals() {
     let set = term_signals();
     // SAFETY: valid sigset.

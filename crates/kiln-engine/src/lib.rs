@@ -150,7 +150,7 @@ impl Engine {
             .get_or_try_init(|| async {
                 let state = StateDir::new(self.layout.root());
                 let agent = kiln_vm::provision::find_agent_binary().ok();
-                let kernel = kiln_vm::provision::locate(&state, agent.as_deref())
+                let kernel = kiln_vm::provision::prepare(&state, agent.as_deref())
                     .map_err(EngineError::Setup)?;
                 let choice = kiln_vm::accel::choose(self.cfg.accel, &state, Some(&kernel)).await;
                 tracing::info!(accel = ?choice.accel, reason = %choice.reason, "accelerator");

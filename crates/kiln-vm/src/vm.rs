@@ -862,3 +862,13 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    /// The engine shares VMs between request handlers (`Arc<Vm>`).
+    #[test]
+    fn vm_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<super::Vm>();
+    }
+}

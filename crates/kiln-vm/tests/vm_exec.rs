@@ -52,14 +52,13 @@ async fn exec_files_and_concurrency() {
         Some(ExecEvent::Stdout(b)) => assert_eq!(&b[..], b"started\n"),
         other => panic!("unexpected {other:?}"),
     }
-    // SIGKILL, not SIGTERM: the agent currently starts execs with SIGTERM/SIGINT blocked
-    // (its PID-1 signal mask is inherited), so a TERM stays pending. Reported to the agent.
-    h.signal(libc::SIGKILL).unwrap();
+    // SIGTERM, which PID 1 itself blocks: an exec must not inherit that mask.
+    h.signal(libc::SIGTERM).unwrap();
     let st = tokio::time::timeout(Duration::from_secs(10), vm.guard(h.wait()))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(st.signal, Some(libc::SIGKILL), "{st:?}");
+    assert_eq!(st.signal, Some(libc::SIGTERM), "{st:?}");
 
     // 20 MiB file round trip, checked on both sides
     let data: Vec<u8> = (0..20u32 * 1024 * 1024)
@@ -137,5 +136,51 @@ async fn boot_failure_is_boot_failed_with_console() {
         "console tail missing: {text}"
     );
     std::fs::remove_file(&blank).unwrap();
+    env.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_reaches_guest_listener() {
+    use tokio::io::AsyncReadExt as _;
+    let env = common::env("net").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = env.config("net");
+    cfg.network = Some(kiln_vm::NetConfig {
+        forwards: vec![kiln_vm::PortForward {
+            host_addr: "127.0.0.1".parse().unwrap(),
+            host_port: port,
+            guest_port: 8080,
+        }],
+    });
+    let vm = Vm::boot(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    // perl-base is in every Debian: a one-shot TCP server.
+    let mut bg = req(
+        "perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>8080,Listen=>5,ReuseAddr=>1) or die $!; \
+         while($c=$s->accept){print $c \"hello from guest\\n\"; close $c}'",
+    );
+    bg.background = Some(Default::default());
+    vm.guard(vm.agent().spawn_background(bg)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok(buf)) if !buf.is_empty() => break buf,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(300)).await,
+            other => panic!("no answer through hostfwd: {other:?}"),
+        }
+    };
+    assert_eq!(got, b"hello from guest\n");
+    vm.kill().await;
     env.assert_no_leaks().await;
 }

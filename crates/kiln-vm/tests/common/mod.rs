@@ -76,6 +76,23 @@ pub async fn env(test: &str) -> Env {
     }
 }
 
+/// Removes run parents of test processes that died (a failed test skips its leak check).
+fn sweep_dead_runs(runs: &Path) {
+    let Ok(rd) = std::fs::read_dir(runs) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: signal 0 only probes for existence.
+        if pid != std::process::id() as i32 && unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// The minbase rootfs, unpacked once (as root: ownership kept) next to its tarball.
 fn minbase_rootfs(assets: &Path) -> PathBuf {
     let tar = assets.join("rootfs/minbase.tar");

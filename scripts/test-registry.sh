@@ -22,6 +22,7 @@
 #   kiln/alpine-like:latest     tiny, /etc/os-release ID=alpine + /lib/ld-musl-x86_64.so.1
 #   kiln/noshell:latest         tiny, no /bin/sh
 #   kiln/tiny:latest            tiny, with /bin/sh (also pushed to the auth registry)
+#   kiln/huge:latest            tiny on the wire, 1100 MiB flattened (one sparse file)
 #   kiln/authonly:latest        (auth registry only) the tiny image, absent from the open one
 #
 # Needs (Debian packages): docker-registry skopeo apache2-utils jq zstd coreutils tar gzip
@@ -33,7 +34,7 @@ assets="${KILN_TEST_ASSETS:-/var/tmp/kiln-test-assets}"
 dir="$assets/registry"
 envfile="$assets/registry.env"
 # Bump when the image set changes so that `start` rebuilds and re-pushes.
-images_version=4
+images_version=5
 auth_user=kiln
 auth_pass=kiln-secret
 
@@ -238,13 +239,25 @@ build_images() {
     echo "ID=debian" >"$d/etc/os-release"; cp "$minbase/usr/bin/dash" "$d/usr/bin/sh"; ln -s usr/bin "$d/bin"
     m_tiny=$(make_image amd64 "" "$(make_layer "$d" "$work/tiny.layer" gzip)")
     tag_in_layout tiny $mt_man $m_tiny
+
+    # Larger flattened than any disk a spec may ask for (1100 MiB > the 1024 MiB minimum),
+    # yet a few KiB on the wire: one sparse file, stored as a GNU sparse tar entry.
+    d="$work/huge"; mkdir -p "$d/etc" "$d/usr/bin" "$d/var"
+    echo "ID=debian" >"$d/etc/os-release"; cp "$minbase/usr/bin/dash" "$d/usr/bin/sh"; ln -s usr/bin "$d/bin"
+    truncate -s 1100M "$d/var/zeros"
+    tar -C "$d" --numeric-owner --sort=name --mtime=@1700000000 --sparse -cf "$work/huge.tar" .
+    local hhex hsize hdiff
+    hdiff=$(sha256sum "$work/huge.tar" | cut -d' ' -f1)
+    gzip -n -6 -c "$work/huge.tar" >"$work/huge.layer"; rm -f "$work/huge.tar"
+    hhex=$(blob "$work/huge.layer"); hsize=$(size_of "$work/huge.layer")
+    tag_in_layout huge $mt_man $(make_image amd64 "" "$hhex $hsize $hdiff application/vnd.oci.image.layer.v1.tar+gzip")
     rm -rf "$work"/tree-*
 }
 
 push_images() {
     local reg=$1 areg=$2 t
     local opts=(--quiet --dest-tls-verify=false --src-tls-verify=false)
-    for t in minbase python multi armonly alpine-like noshell tiny; do
+    for t in minbase python multi armonly alpine-like noshell tiny huge; do
         log "pushing kiln/$t"
         skopeo copy "${opts[@]}" --all "oci:$layout:$t" "docker://$reg/kiln/$t:latest"
     done

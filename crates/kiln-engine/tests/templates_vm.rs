@@ -39,7 +39,9 @@ fn registry(assets: &Path) -> String {
         .expect("KILN_TEST_REGISTRY in registry.env")
 }
 
-async fn env() -> Env {
+/// An engine on a fresh state dir; `ready_timeout` bounds `readyCmd` (short where a test
+/// wants `ready_cmd_failed` soon).
+async fn env(ready_timeout: Duration) -> Env {
     let assets = assets();
     let kernel = assets.join("state/kernel");
     assert!(
@@ -54,7 +56,7 @@ async fn env() -> Env {
         .unwrap();
     std::os::unix::fs::symlink(&kernel, dir.path().join("kernel")).unwrap();
     let mut cfg = EngineConfig::new(dir.path());
-    cfg.timing.ready_timeout = Duration::from_secs(6);
+    cfg.timing.ready_timeout = ready_timeout;
     cfg.timing.ready_interval = Duration::from_secs(1);
     let engine = Engine::open(cfg).await.unwrap();
     let team = engine.local_team().await.unwrap().id;
@@ -101,7 +103,7 @@ async fn exec(vm: &kiln_vm::Vm, cmd: &str) -> (String, i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_template_builds_and_its_sandboxes_come_up_live() {
-    let e = env().await;
+    let e = env(Duration::from_secs(300)).await;
     let spec = json!({
         "memoryMib": 384, "diskMib": 1024,
         "from": e.image("python"),
@@ -233,7 +235,7 @@ async fn a_template_builds_and_its_sandboxes_come_up_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_failure_has_its_code() {
-    let e = env().await;
+    let e = env(Duration::from_secs(6)).await;
     let small = |from: String, extra: serde_json::Value| {
         let mut s = json!({"memoryMib": 256, "diskMib": 1024, "from": from});
         s.as_object_mut()
@@ -307,7 +309,7 @@ async fn each_failure_has_its_code() {
         .engine
         .submit(
             &e.team,
-            &TemplateRequest::from_json(&doc, kiln_spec::Form::Wire).unwrap(),
+            &TemplateRequest::from_json(&doc, kiln_spec::Form::Sdk).unwrap(),
         )
         .await
         .unwrap_err();
@@ -321,7 +323,7 @@ async fn each_failure_has_its_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_build_cancelled_mid_step_stops_and_leaves_nothing() {
-    let e = env().await;
+    let e = env(Duration::from_secs(60)).await;
     let doc = json!({"name": "slow", "memoryMib": 256, "diskMib": 1024, "from": e.image("minbase"),
                      "steps": [{"run": "echo sleeping; sleep 600"}]});
     let req = TemplateRequest::parse_and_validate(&doc).unwrap();

@@ -247,7 +247,7 @@ impl Unpacker {
                 )
                 .map_err(|e| io_err(format!("create {shown}"), e))?;
                 let mut file = std::fs::File::from(fd);
-                let n = std::io::copy(&mut entry, &mut file)
+                let n = copy_sparse(&mut entry, &mut file)
                     .map_err(|e| io_err(format!("write {shown}"), e))?;
                 file.flush()
                     .map_err(|e| io_err(format!("write {shown}"), e))?;
@@ -622,4 +622,38 @@ pub fn unpack_files(
     rustix::fs::syncfs(&root).map_err(|e| io_err(format!("sync {}", rootfs.display()), e))?;
     tracing::debug!(elapsed = ?started.elapsed(), rootfs = %rootfs.display(), "rootfs synced");
     Ok(stats)
+}
+
+/// Copies an entry's content, leaving holes where it has whole blocks of zeros.
+///
+/// Images carry sparse files (GNU sparse entries, or just large zero-filled files such
+/// as `/var/log/lastlog`); writing their zeros out would cost host disk and time for
+/// nothing, since the VM disk builder keeps holes too.
+fn copy_sparse(src: &mut impl std::io::Read, dst: &mut std::fs::File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom, Write};
+    const CHUNK: usize = 64 * 1024;
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    let mut pending_hole = false;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        if buf[..n].iter().all(|&b| b == 0) {
+            dst.seek(SeekFrom::Current(n as i64))?;
+            pending_hole = true;
+        } else {
+            dst.write_all(&buf[..n])?;
+            pending_hole = false;
+        }
+    }
+    if pending_hole {
+        // A trailing hole: the size must still be right.
+        dst.set_len(total)?;
+    }
+    Ok(total)
 }

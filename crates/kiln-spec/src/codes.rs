@@ -5,55 +5,46 @@
 //! They are therefore enums here, with exactly one place that spells each string.
 
 use std::fmt;
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
+/// Declares an enum whose variants are spelled on the wire as the given strings, with
+/// `ALL`, `as_str`, `Display`, `FromStr` (error [`UnknownCode`]) and serde as those
+/// strings. Extra attributes (e.g. a database derive) pass through.
+#[macro_export]
 macro_rules! string_enum {
     (
         $(#[$meta:meta])*
         pub enum $name:ident { $( $(#[$vmeta:meta])* $variant:ident => $s:literal, )* }
     ) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum $name { $( $(#[$vmeta])* $variant, )* }
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
+            serde::Serialize, serde::Deserialize,
+        )]
+        pub enum $name { $( $(#[$vmeta])* #[serde(rename = $s)] $variant, )* }
 
         impl $name {
-            /// Every code, in declaration order.
+            /// Every value, in declaration order.
             pub const ALL: &'static [$name] = &[$($name::$variant,)*];
 
-            /// The stable wire string of this code.
+            /// The stable wire string.
             pub const fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $s,)* }
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
 
-        impl FromStr for $name {
-            type Err = UnknownCode;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::UnknownCode;
+            fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
                 match s {
                     $($s => Ok($name::$variant),)*
-                    _ => Err(UnknownCode(s.to_owned())),
+                    _ => Err($crate::UnknownCode(s.to_owned())),
                 }
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.as_str())
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
             }
         }
     };

@@ -3,52 +3,21 @@
 //! clients that match on them.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use kiln_spec::{BuildSpec, Resources};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::error::StoreError;
 
+/// Statuses are stored as their wire strings.
 macro_rules! status_enum {
-    (
-        $(#[$meta:meta])*
-        pub enum $name:ident { $( $(#[$vmeta:meta])* $variant:ident => $s:literal, )* }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
-        #[serde(rename_all = "lowercase")]
-        #[sqlx(type_name = "TEXT", rename_all = "lowercase")]
-        pub enum $name { $( $(#[$vmeta])* $variant, )* }
-
-        impl $name {
-            /// Every status, in declaration order.
-            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
-
-            /// The wire string.
-            pub const fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $s,)* }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = StoreError;
-            fn from_str(s: &str) -> Result<Self, StoreError> {
-                match s {
-                    $($s => Ok($name::$variant),)*
-                    _ => Err(StoreError::Invalid(format!(
-                        concat!("unknown ", stringify!($name), " {:?}"), s
-                    ))),
-                }
-            }
+    ($(#[$meta:meta])* pub enum $name:ident { $($body:tt)* }) => {
+        kiln_spec::string_enum! {
+            $(#[$meta])*
+            #[derive(sqlx::Type)]
+            #[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+            pub enum $name { $($body)* }
         }
     };
 }

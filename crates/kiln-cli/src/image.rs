@@ -5,7 +5,7 @@
 //! carries). Progress bars go to stderr so they never mix with either.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -47,13 +47,6 @@ enum ImageCommand {
     },
 }
 
-/// kiln's config file: `KILN_CONFIG`, else `<state>/config.json`.
-fn config_path(state_dir: &Path) -> PathBuf {
-    std::env::var_os("KILN_CONFIG")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| state_dir.join("config.json"), PathBuf::from)
-}
-
 /// Runs `kiln image ...`. Failures are reported here as `<code>: <detail>`.
 pub fn run(args: Args, state_dir: &Path) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -73,7 +66,7 @@ pub fn run(args: Args, state_dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_async(args: Args, state_dir: &Path) -> anyhow::Result<()> {
-    let config = RegistryConfig::load(Some(&config_path(state_dir)))?;
+    let config = RegistryConfig::load(Some(&kiln_engine::registry_config_path(state_dir)))?;
     let store = ImageStore::open(state_dir, config)?;
     match args.command {
         ImageCommand::Pull {
@@ -124,7 +117,12 @@ async fn run_async(args: Args, state_dir: &Path) -> anyhow::Result<()> {
                 );
             }
         }
-        ImageCommand::Prune { keep } => {
+        ImageCommand::Prune { mut keep } => {
+            let db = kiln_store::Layout::new(state_dir).db_path();
+            if db.exists() {
+                let store = kiln_store::Store::open(&db).await?;
+                keep.extend(store.image_digests_in_use().await?);
+            }
             let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
             let r = store.prune(&keep)?;
             println!(

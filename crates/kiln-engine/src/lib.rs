@@ -40,7 +40,7 @@ pub struct EngineConfig {
     pub build_timeout: Duration,
     /// Builds run at once on this host; more wait in `pending`.
     pub max_parallel_builds: usize,
-    /// kiln's registry config file, if any.
+    /// kiln's registry config file (see [`registry_config_path`]).
     pub registry_config: Option<PathBuf>,
 }
 
@@ -55,7 +55,7 @@ impl EngineConfig {
             timing.step_timeout = secs;
         }
         let state_dir = state_dir.into();
-        let registry_config = Some(state_dir.join("config.json")).filter(|p| p.exists());
+        let registry_config = Some(registry_config_path(&state_dir));
         Self {
             state_dir,
             accel: Accel::from_env(),
@@ -66,6 +66,14 @@ impl EngineConfig {
             registry_config,
         }
     }
+}
+
+/// kiln's registry config file: `KILN_CONFIG`, else `<state>/config.json` (a missing file
+/// means no settings).
+pub fn registry_config_path(state_dir: &Path) -> PathBuf {
+    std::env::var_os("KILN_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| state_dir.join("config.json"), PathBuf::from)
 }
 
 fn env_secs(var: &str) -> Option<Duration> {

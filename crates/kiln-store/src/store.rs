@@ -594,6 +594,16 @@ impl Store {
         }
     }
 
+    /// Base image digests of every build that still has a template: what `kiln image
+    /// prune` must keep.
+    pub async fn image_digests_in_use(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT image_digest FROM builds WHERE image_digest IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Fails every pending, building or snapshotting build with
     /// `build_failed: interrupted by server restart`, and returns them.
     ///

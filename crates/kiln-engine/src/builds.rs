@@ -70,6 +70,20 @@ impl Engine {
             let (tx, rx) = mpsc::unbounded_channel();
             let observer = Observer { tx, also };
             let writer = tokio::spawn(write_events(self.store.clone(), build_id.to_owned(), rx));
+            if self.build_slots.available_permits() == 0 {
+                observer.system("build queued, waiting for dispatch".into());
+            }
+            // Held for the whole build: builds beyond the host's capacity wait `pending`.
+            let Ok(_slot) = self.build_slots.acquire().await else {
+                return Ok(self.store.get_build(build_id).await?);
+            };
+            if let Err(e) = self.store.start_build(build_id).await {
+                // Cancelled while queued, or taken by another process: not ours to finish.
+                tracing::info!(error = %e, "build not started");
+                drop(observer);
+                let _ = writer.await;
+                return Ok(self.store.get_build(build_id).await?);
+            }
             let outcome = self.run_build_with(&build, &template, &observer).await;
             drop(observer);
             let _ = writer.await;
@@ -101,20 +115,6 @@ impl Engine {
         let failed = |code: BuildErrorCode, detail: String| {
             BuildEnd::Failed(kiln_build::BuildError::new(code, detail))
         };
-        if self.build_slots.available_permits() == 0 {
-            observer.system("build queued, waiting for dispatch".into());
-        }
-        let _slot = self.build_slots.acquire().await.map_err(|_| {
-            failed(
-                BuildErrorCode::DispatchFailed,
-                "the engine is shutting down".into(),
-            )
-        })?;
-        self.store.start_build(&build.id).await.map_err(|e| {
-            // Cancelled while queued, or already taken by another process.
-            tracing::info!(error = %e, "build not started");
-            BuildEnd::Cancelled
-        })?;
         let env = self
             .build_env()
             .await

@@ -27,7 +27,7 @@ pub fn spec_hash(spec: &BuildSpec, resources: &Resources) -> String {
         resources,
     };
     // Serialising derived structs emits fields in declaration order: deterministic.
-    let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+    let bytes = serde_json::to_vec(&canonical).expect("plain derived structs always serialise");
     format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
 }
 

@@ -245,7 +245,7 @@ impl BuildSpec {
         };
         let mut o = Map::new();
         o.insert("from".into(), self.from.clone().into());
-        let steps = serde_json::to_value(&self.steps).unwrap_or(Value::Null);
+        let steps = serde_json::to_value(&self.steps).expect("steps always serialise");
         o.insert("steps".into(), steps);
         if let Some(cmd) = &self.start_cmd {
             o.insert(start_key.into(), cmd.clone().into());

@@ -601,7 +601,6 @@ impl Vm {
     /// use [`Vm::guard`] (or the wrappers) for an [`Error::Exited`] instead of a bare
     /// `Disconnected`.
     pub fn agent(&self) -> &AgentClient {
-        #[allow(clippy::expect_used)]
         self.agent
             .as_ref()
             .expect("a Vm always has an agent once constructed")

@@ -969,3 +969,23 @@ async fn a_live_follower_is_woken_without_polling() {
     assert_eq!(signal.last_seq, 1);
     assert!(!signal.finished);
 }
+
+#[tokio::test]
+async fn image_digests_in_use_are_those_of_existing_templates() {
+    let store = store().await;
+    let team = team(&store, "acme").await;
+    assert!(store.image_digests_in_use().await.unwrap().is_empty());
+    let (_, b) = store
+        .create_template_with_build(&team.id, &request("web", "v1"), &Limits::UNLIMITED)
+        .await
+        .unwrap();
+    store.start_build(&b.id).await.unwrap();
+    store
+        .set_build_image_digest(&b.id, "sha256:abc")
+        .await
+        .unwrap();
+    assert_eq!(store.image_digests_in_use().await.unwrap(), ["sha256:abc"]);
+    // Deleting the template frees its image for `kiln image prune`.
+    store.delete_template(&team.id, "web").await.unwrap();
+    assert!(store.image_digests_in_use().await.unwrap().is_empty());
+}

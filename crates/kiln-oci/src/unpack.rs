@@ -264,19 +264,7 @@ impl Unpacker {
                 self.clear_slot(&parent, &comps, &shown)?;
                 rustix::fs::symlinkat(target.as_slice(), &parent, name)
                     .map_err(|e| io_err(format!("symlink {shown}"), e))?;
-                let _ = rustix::fs::chownat(
-                    &parent,
-                    name,
-                    Some(rustix::fs::Uid::from_raw(uid as u32)),
-                    Some(rustix::fs::Gid::from_raw(gid as u32)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                );
-                let _ = rustix::fs::utimensat(
-                    &parent,
-                    name,
-                    &times_of(mtime),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                );
+                set_owner_times_nofollow(&parent, name, uid, gid, mtime);
             }
             EntryType::Link => {
                 let raw_target = entry
@@ -344,19 +332,7 @@ impl Unpacker {
                 match rustix::fs::mknodat(&parent, name, ft, Mode::from_raw_mode(mode & 0o777), dev)
                 {
                     Ok(()) => {
-                        let _ = rustix::fs::chownat(
-                            &parent,
-                            name,
-                            Some(rustix::fs::Uid::from_raw(uid as u32)),
-                            Some(rustix::fs::Gid::from_raw(gid as u32)),
-                            AtFlags::SYMLINK_NOFOLLOW,
-                        );
-                        let _ = rustix::fs::utimensat(
-                            &parent,
-                            name,
-                            &times_of(mtime),
-                            AtFlags::SYMLINK_NOFOLLOW,
-                        );
+                        set_owner_times_nofollow(&parent, name, uid, gid, mtime);
                     }
                     Err(e @ (Errno::PERM | Errno::ACCESS | Errno::OPNOTSUPP)) => {
                         tracing::debug!(path = %shown, error = %e, "special file skipped: host refuses it");
@@ -622,6 +598,25 @@ pub fn unpack_files(
     rustix::fs::syncfs(&root).map_err(|e| io_err(format!("sync {}", rootfs.display()), e))?;
     tracing::debug!(elapsed = ?started.elapsed(), rootfs = %rootfs.display(), "rootfs synced");
     Ok(stats)
+}
+
+/// Best effort owner and mtime on an entry that must not be followed (a symlink, a
+/// device node): the host may refuse either, and the image is still usable without.
+fn set_owner_times_nofollow(
+    parent: &impl rustix::fd::AsFd,
+    name: &std::ffi::OsStr,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+) {
+    let _ = rustix::fs::chownat(
+        parent,
+        name,
+        Some(rustix::fs::Uid::from_raw(uid as u32)),
+        Some(rustix::fs::Gid::from_raw(gid as u32)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    );
+    let _ = rustix::fs::utimensat(parent, name, &times_of(mtime), AtFlags::SYMLINK_NOFOLLOW);
 }
 
 /// Copies an entry's content, leaving holes where it has whole blocks of zeros.

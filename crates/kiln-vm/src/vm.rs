@@ -490,18 +490,9 @@ impl Vm {
             reason,
             console: console_tail(&console),
         };
-        let qmp = match Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(10)).await {
-            Ok(q) => q,
-            Err(e) => {
-                kill_pid(pid, &exit);
-                let why = exit
-                    .borrow()
-                    .as_ref()
-                    .map(|x| x.0.clone())
-                    .unwrap_or_else(|| e.to_string());
-                return Err(boot_fail(format!("qemu did not start: {why}")));
-            }
-        };
+        let qmp = connect_qmp(dir.path(), pid, &exit)
+            .await
+            .map_err(boot_fail)?;
         let mut vm = Self {
             name: config.name.clone(),
             span,
@@ -786,18 +777,9 @@ impl Vm {
             incoming: true,
         };
         let (pid, exit) = spawn_qemu(&launch.args(), dir.path(), &span)?;
-        let qmp = match Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(10)).await {
-            Ok(q) => q,
-            Err(e) => {
-                kill_pid(pid, &exit);
-                let why = exit
-                    .borrow()
-                    .as_ref()
-                    .map(|x| x.0.clone())
-                    .unwrap_or_else(|| e.to_string());
-                return Err(Error::Restore(format!("qemu did not start: {why}")));
-            }
-        };
+        let qmp = connect_qmp(dir.path(), pid, &exit)
+            .await
+            .map_err(Error::Restore)?;
         let agent_sock = dir.path().join("agent.sock");
         Ok(Self {
             name: name.to_owned(),
@@ -821,6 +803,26 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+/// Connects to a just-started QEMU's monitor; on failure QEMU is killed and the reason
+/// (its exit status when it died, else the connect error) returned.
+pub(crate) async fn connect_qmp(
+    dir: &Path,
+    pid: u32,
+    exit: &watch::Receiver<Option<Exit>>,
+) -> std::result::Result<Qmp, String> {
+    match Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10)).await {
+        Ok(q) => Ok(q),
+        Err(e) => {
+            kill_pid(pid, exit);
+            let why = exit
+                .borrow()
+                .as_ref()
+                .map_or_else(|| e.to_string(), |x| x.0.clone());
+            Err(format!("qemu did not start: {why}"))
+        }
     }
 }
 

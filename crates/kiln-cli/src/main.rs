@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod image;
 mod sandbox;
+mod serve;
 mod state;
 mod template;
 mod validate;
@@ -39,6 +40,10 @@ enum Command {
     Template(template::Args),
     /// Create, list, use and kill sandboxes.
     Sandbox(sandbox::Args),
+    /// Serve the HTTP API (Superserve's wire format) on this state dir.
+    Serve(serve::ServeArgs),
+    /// Administration: API keys.
+    Admin(serve::AdminArgs),
 }
 
 fn block_on(
@@ -107,6 +112,8 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args, &state::state_dir()),
         Command::Template(args) => block_on(template::run(args)),
         Command::Sandbox(args) => block_on(sandbox::run(args)),
+        Command::Serve(args) => block_on(serve::serve(args)),
+        Command::Admin(args) => block_on(serve::admin(args)),
     };
     match result {
         Ok(code) => code,

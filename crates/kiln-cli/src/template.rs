@@ -82,7 +82,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Ls { json } => {
             let templates = engine.store().list_templates(&team.id).await?;
             if json {
-                let all: Vec<_> = templates.iter().map(template_json).collect();
+                let all: Vec<_> = templates.iter().map(Template::to_wire).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 println!(
@@ -104,9 +104,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .template_by_id_or_name(&team.id, &name)
                 .await?;
             let builds = engine.store().list_builds(&team.id, &t.id).await?;
-            let mut doc = template_json(&t);
+            let mut doc = t.to_wire();
             doc["build_spec"] = t.build_spec.clone();
-            doc["builds"] = builds.iter().map(build_json).collect();
+            doc["builds"] = builds.iter().map(Build::to_wire).collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
@@ -303,24 +303,4 @@ fn print_line(line: &kiln_store::LogLine) {
         kiln_store::LogStream::System => println!("--> {}", line.text),
         _ => println!("    {}", line.text),
     }
-}
-
-fn template_json(t: &Template) -> serde_json::Value {
-    serde_json::json!({
-        "id": t.id, "name": t.name, "team_id": t.team_id, "status": t.status.to_string(),
-        "vcpu": t.vcpu, "memory_mib": t.memory_mib, "disk_mib": t.disk_mib,
-        "size_bytes": t.size_bytes, "error_message": t.error_message,
-        "created_at": t.created_at.to_rfc3339(), "built_at": t.built_at.map(|b| b.to_rfc3339()),
-        "latest_build_id": t.latest_build_id,
-    })
-}
-
-fn build_json(b: &Build) -> serde_json::Value {
-    serde_json::json!({
-        "id": b.id, "template_id": b.template_id, "status": b.status.to_string(),
-        "build_spec_hash": b.build_spec_hash, "image_digest": b.image_digest,
-        "error_message": b.error_message, "created_at": b.created_at.to_rfc3339(),
-        "started_at": b.started_at.map(|t| t.to_rfc3339()),
-        "finalized_at": b.finalized_at.map(|t| t.to_rfc3339()),
-    })
 }

@@ -179,7 +179,12 @@ impl TemplateRequest {
     /// Shape problems and value problems are reported together, so a user fixing a spec
     /// sees everything wrong with it at once.
     pub fn parse_and_validate(doc: &Value) -> Result<Self, Problems> {
-        let form = Form::detect(doc);
+        Self::parse_and_validate_as(doc, Form::detect(doc))
+    }
+
+    /// Decodes and validates a document that must be in the given form (an HTTP body is
+    /// always the wire form), reporting shape and value problems together.
+    pub fn parse_and_validate_as(doc: &Value, form: Form) -> Result<Self, Problems> {
         let mut p = Problems::default();
         let mut step_index = Vec::new();
         let req = decode_request(doc, form, &mut p, &mut step_index);

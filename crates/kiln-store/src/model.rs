@@ -191,6 +191,18 @@ pub struct Template {
 }
 
 impl Template {
+    /// The template as the API returns it (the SDK's `TemplateInfo`).
+    pub fn to_wire(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "name": self.name, "team_id": self.team_id,
+            "status": self.status, "vcpu": self.vcpu, "memory_mib": self.memory_mib,
+            "disk_mib": self.disk_mib, "size_bytes": self.size_bytes,
+            "error_message": self.error_message, "created_at": self.created_at.to_rfc3339(),
+            "built_at": self.built_at.map(|t| t.to_rfc3339()),
+            "latest_build_id": self.latest_build_id,
+        })
+    }
+
     /// The resolved VM shape.
     pub fn resources(&self) -> Resources {
         Resources {
@@ -229,6 +241,19 @@ pub struct Build {
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a terminal status.
     pub finalized_at: Option<DateTime<Utc>>,
+}
+
+impl Build {
+    /// The build as the API returns it (the SDK's `TemplateBuildInfo`).
+    pub fn to_wire(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "template_id": self.template_id, "status": self.status,
+            "build_spec_hash": self.build_spec_hash, "image_digest": self.image_digest,
+            "error_message": self.error_message, "created_at": self.created_at.to_rfc3339(),
+            "started_at": self.started_at.map(|t| t.to_rfc3339()),
+            "finalized_at": self.finalized_at.map(|t| t.to_rfc3339()),
+        })
+    }
 }
 
 /// One stored log line.

@@ -1,0 +1,102 @@
+//! Every failure as the SDKs expect it: a status and `{"error": {"code", "message"}}`,
+//! mapped from the engine's typed errors in one place.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kiln_engine::EngineError;
+use kiln_store::StoreError;
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// For humans. Never internal detail: that goes to the log.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A response with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `invalid_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 401 `unauthorized`.
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid X-API-Key header is required",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Invalid(problems) => Self::bad_request(problems.to_string()),
+            EngineError::NotReady { .. } => {
+                Self::new(StatusCode::CONFLICT, "not_ready", e.to_string())
+            }
+            EngineError::NotRunning(_) => {
+                Self::new(StatusCode::CONFLICT, "not_running", e.to_string())
+            }
+            EngineError::Store(store) => store.into(),
+            other => internal(&other),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::NotFound { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m.clone()),
+            StoreError::InvalidTransition { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            StoreError::Invalid(m) => Self::bad_request(m.clone()),
+            StoreError::LimitReached { code, .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, code.as_str(), e.to_string())
+            }
+            _ => internal(&e),
+        }
+    }
+}
+
+/// 500 with the detail logged, not sent.
+fn internal(e: &(dyn std::error::Error + 'static)) -> ApiError {
+    let mut chain = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        cur = s.source();
+    }
+    tracing::error!(error = %chain, "internal error");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
+}

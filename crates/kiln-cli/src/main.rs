@@ -94,16 +94,28 @@ fn spawn_detached(args: &[&str], log_dir: &std::path::Path, name: &str) -> anyho
     Ok(child.id())
 }
 
+/// Logs go to stderr, filtered by `KILN_LOG` (default: `info` for the server, whose request
+/// log is its record, `warn` for commands, whose output is their own). `KILN_LOG_FORMAT=json`
+/// gives one JSON object per line for log collectors.
+fn init_logs(server: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if server { "info" } else { "warn" })
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("KILN_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    init_logs(matches!(cli.command, Command::Serve(_)));
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Setup(args) => vm::setup(args),

@@ -9,10 +9,78 @@ use crate::engine;
 /// `kiln serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: std::net::SocketAddr,
+    /// Address to listen on [env: KILN_LISTEN; config: server.listen; default 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
 }
+
+/// The `server` section of kiln's config file (`<state>/config.json` or `KILN_CONFIG`).
+/// Environment variables override it; both are optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerConfig {
+    listen: Option<std::net::SocketAddr>,
+    /// Templates a team may own (`KILN_MAX_TEMPLATES`).
+    max_templates: Option<u32>,
+    /// Builds a team may have queued or running (`KILN_MAX_CONCURRENT_BUILDS`).
+    max_concurrent_builds: Option<u32>,
+    /// Sandboxes a team may have that are neither failed nor deleted (`KILN_MAX_SANDBOXES`).
+    max_sandboxes: Option<u32>,
+    /// Requests per second per API key or sandbox token; 0 turns the limit off
+    /// (`KILN_RATE_LIMIT_PER_SEC`).
+    rate_limit_per_sec: Option<u32>,
+    /// Requests a key may send at once before the rate applies (`KILN_RATE_LIMIT_BURST`).
+    rate_limit_burst: Option<u32>,
+    /// Builds run at once on this host; more queue (`KILN_MAX_PARALLEL_BUILDS`).
+    max_parallel_builds: Option<usize>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    server: ServerConfig,
+}
+
+impl ServerConfig {
+    fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let mut cfg = match std::fs::read(path) {
+            Ok(bytes) => {
+                serde_json::from_slice::<ConfigFile>(&bytes)
+                    .with_context(|| format!("{} is invalid", path.display()))?
+                    .server
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        fn env<T: std::str::FromStr>(var: &str, slot: &mut Option<T>) -> anyhow::Result<()> {
+            if let Some(v) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+                *slot = Some(
+                    v.parse()
+                        .map_err(|_| anyhow::anyhow!("{var}={v:?} is invalid"))?,
+                );
+            }
+            Ok(())
+        }
+        env("KILN_LISTEN", &mut cfg.listen)?;
+        env("KILN_MAX_TEMPLATES", &mut cfg.max_templates)?;
+        env("KILN_MAX_CONCURRENT_BUILDS", &mut cfg.max_concurrent_builds)?;
+        env("KILN_MAX_SANDBOXES", &mut cfg.max_sandboxes)?;
+        env("KILN_RATE_LIMIT_PER_SEC", &mut cfg.rate_limit_per_sec)?;
+        env("KILN_RATE_LIMIT_BURST", &mut cfg.rate_limit_burst)?;
+        env("KILN_MAX_PARALLEL_BUILDS", &mut cfg.max_parallel_builds)?;
+        Ok(cfg)
+    }
+}
+
+/// Per-team limits when nothing is configured: generous for one host, finite so that one
+/// team cannot take it all.
+const DEFAULT_LIMITS: kiln_store::Limits = kiln_store::Limits {
+    max_templates: 100,
+    max_concurrent_builds: 4,
+    max_live_sandboxes: 50,
+};
+/// Requests per second per key, and burst, when nothing is configured.
+const DEFAULT_RATE: (u32, u32) = (50, 100);
 
 /// `kiln admin`.
 #[derive(Debug, clap::Args)]
@@ -32,22 +100,70 @@ enum AdminCmd {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let engine = engine().await?;
-    // Builds that were running when a previous server died cannot be resumed.
-    for b in engine.store().mark_interrupted_builds().await? {
-        tracing::warn!(build = %b.id, "build interrupted by server restart marked failed");
+    let state_dir = crate::state::state_dir();
+    let conf = ServerConfig::load(&kiln_engine::registry_config_path(&state_dir))?;
+    let mut cfg = kiln_engine::EngineConfig::new(state_dir);
+    cfg.limits = kiln_store::Limits {
+        max_templates: conf.max_templates.unwrap_or(DEFAULT_LIMITS.max_templates),
+        max_concurrent_builds: conf
+            .max_concurrent_builds
+            .unwrap_or(DEFAULT_LIMITS.max_concurrent_builds),
+        max_live_sandboxes: conf
+            .max_sandboxes
+            .unwrap_or(DEFAULT_LIMITS.max_live_sandboxes),
+    };
+    if let Some(n) = conf.max_parallel_builds {
+        cfg.max_parallel_builds = n.max(1);
     }
-    let app = kiln_server::router(kiln_server::AppState { engine });
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let limits = cfg.limits;
+    let engine = kiln_engine::Engine::open(cfg).await?;
+    // Builds and sandboxes a previous server left behind when it died.
+    let recovered = engine.recover_after_restart().await?;
+    for b in &recovered.builds {
+        tracing::warn!(build = %b, "build interrupted by server restart marked failed");
+    }
+    for s in &recovered.sandboxes {
+        tracing::warn!(sandbox = %s, "sandbox whose VM is gone marked failed");
+    }
+    let rate = conf.rate_limit_per_sec.unwrap_or(DEFAULT_RATE.0);
+    let limiter = if rate == 0 {
+        kiln_server::RateLimiter::disabled()
+    } else {
+        kiln_server::RateLimiter::new(rate, conf.rate_limit_burst.unwrap_or(DEFAULT_RATE.1))
+    };
+    let mut state = kiln_server::AppState::new(engine.clone());
+    state.limiter = std::sync::Arc::new(limiter);
+    let app = kiln_server::router(state);
+    let listen = args
+        .listen
+        .or(conf.listen)
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(?limits, rate_per_sec = rate, "limits");
     eprintln!("kiln API listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // Running sandboxes die with their VMs; say so rather than leave them `active`.
+    engine.stop_live_sandboxes().await;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+    eprintln!("kiln API shutting down");
 }
 
 pub async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {

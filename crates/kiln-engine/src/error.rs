@@ -35,6 +35,12 @@ pub enum EngineError {
     /// The sandbox's VM is not running.
     #[error("sandbox {0} is not running")]
     NotRunning(String),
+    /// The sandbox is paused (or on its way there or back); resume it to use it.
+    #[error("sandbox {0} is paused; resume or activate it")]
+    Unavailable(String),
+    /// Pausing a sandbox failed while taking its snapshot; the sandbox is lost.
+    #[error("pausing the sandbox failed: {}", kiln_vm::error_chain(.0))]
+    Snapshot(#[source] kiln_vm::Error),
     /// Talking to a guest agent failed.
     #[error("guest agent: {0}")]
     Agent(#[source] kiln_agent_proto::ClientError),

@@ -6,6 +6,7 @@
 
 mod builds;
 mod error;
+mod live;
 mod sandboxes;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use tokio::sync::{OnceCell, Semaphore};
 
 pub use builds::{build_failure, BuildLogPrinter};
 pub use error::{EngineError, Result};
+pub use live::{Paused, Recovered, SandboxWithToken};
 pub use sandboxes::{pid_alive, LiveSandbox, SandboxEndpoint, ENDPOINT_FILE};
 
 /// The team the CLI's embedded mode works as.
@@ -94,6 +96,8 @@ pub struct Engine {
     /// Located on first use: listing templates must not need a provisioned kernel.
     build_env: OnceCell<BuildEnv>,
     build_slots: Semaphore,
+    /// Sandboxes whose VMs this process owns (the server's).
+    live: live::LiveSandboxes,
 }
 
 impl Engine {
@@ -113,6 +117,7 @@ impl Engine {
             images: Arc::new(images),
             build_env: OnceCell::new(),
             build_slots: Semaphore::new(slots),
+            live: live::LiveSandboxes::default(),
         }))
     }
 
@@ -177,7 +182,7 @@ impl Engine {
 
     /// Parent of VM run directories: short, because unix socket paths are limited to 107
     /// bytes and state directories can be deep.
-    fn vm_dir(&self) -> PathBuf {
+    pub(crate) fn vm_dir(&self) -> PathBuf {
         let root = self.layout.root();
         if root.as_os_str().len() <= 60 {
             root.join("vms")

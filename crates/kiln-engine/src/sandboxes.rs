@@ -119,6 +119,12 @@ impl Engine {
                 .await
                 .map_err(EngineError::Agent)?;
         }
+        self.write_endpoint(&dir, &vm)?;
+        Ok((vm, dir))
+    }
+
+    /// Publishes how to reach a sandbox's VM, naming this process as its owner.
+    pub(crate) fn write_endpoint(&self, dir: &Path, vm: &Vm) -> Result<()> {
         let endpoint = SandboxEndpoint {
             agent_socket: vm.agent_socket().to_owned(),
             qemu_pid: vm.pid(),
@@ -126,7 +132,18 @@ impl Engine {
         };
         let json = serde_json::to_vec_pretty(&endpoint).unwrap_or_default();
         kiln_store::write_atomic(&dir.join(ENDPOINT_FILE), &json)?;
-        Ok((vm, dir))
+        Ok(())
+    }
+
+    /// Whether another live process owns this sandbox's VM (a CLI keeper, or a server
+    /// still running). This process's own sandboxes are tracked in memory, not here.
+    pub(crate) fn owner_alive(&self, sandbox_id: &str) -> bool {
+        self.layout
+            .sandbox_dir(sandbox_id)
+            .ok()
+            .and_then(|d| std::fs::read(d.join(ENDPOINT_FILE)).ok())
+            .and_then(|b| serde_json::from_slice::<SandboxEndpoint>(&b).ok())
+            .is_some_and(|e| e.owner_pid != std::process::id() && pid_alive(e.owner_pid))
     }
 
     /// The endpoint of a running sandbox, if its owner is still alive.
@@ -168,13 +185,7 @@ impl Engine {
         };
         let mut reaped = Vec::new();
         for s in self.store.list_sandboxes(team_id, &filter).await? {
-            let owner_alive = self
-                .layout
-                .sandbox_dir(&s.id)
-                .ok()
-                .and_then(|d| std::fs::read(d.join(ENDPOINT_FILE)).ok())
-                .and_then(|b| serde_json::from_slice::<SandboxEndpoint>(&b).ok())
-                .is_some_and(|e| pid_alive(e.owner_pid));
+            let owner_alive = self.owner_alive(&s.id);
             // A sandbox still `starting` has no endpoint yet: give it time.
             let young = s.status == SandboxStatus::Starting
                 && (chrono_now_secs() - s.created_at.timestamp()) < 120;
@@ -212,7 +223,7 @@ impl Engine {
     }
 }
 
-fn remove_dir_quiet(dir: &Path) {
+pub(crate) fn remove_dir_quiet(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(path = %dir.display(), error = %e, "could not remove sandbox directory");

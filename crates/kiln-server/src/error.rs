@@ -15,6 +15,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// For humans. Never internal detail: that goes to the log.
     pub message: String,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,6 +26,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -45,7 +48,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -58,6 +66,28 @@ impl From<EngineError> for ApiError {
             }
             EngineError::NotRunning(_) => {
                 Self::new(StatusCode::CONFLICT, "not_running", e.to_string())
+            }
+            // The SDK resumes the sandbox (POST /activate) and retries on this one.
+            EngineError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sandbox_unavailable",
+                e.to_string(),
+            ),
+            EngineError::Snapshot(_) => {
+                tracing::warn!(error = %e, "pause failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "snapshot_failed",
+                    "pausing the sandbox failed; it could not be saved",
+                )
+            }
+            EngineError::Restore(_) => {
+                tracing::warn!(error = %e, "restore failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "restore_failed",
+                    "the sandbox could not be started from its snapshot",
+                )
             }
             EngineError::Store(store) => store.into(),
             other => internal(&other),
@@ -81,6 +111,19 @@ impl From<StoreError> for ApiError {
             }
             _ => internal(&e),
         }
+    }
+}
+
+impl From<crate::ratelimit::RateLimited> for ApiError {
+    fn from(r: crate::ratelimit::RateLimited) -> Self {
+        let secs = r.retry_after_secs();
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            kiln_spec::RateLimitCode::RateLimited.as_str(),
+            format!("too many requests; retry in {secs}s"),
+        );
+        e.retry_after = Some(secs);
+        e
     }
 }
 

@@ -3,55 +3,155 @@
 //! engine call, a typed result becomes a response, and errors are mapped in one place
 //! ([`error`]).
 //!
-//! This first part serves the control plane for templates and builds; build logs over
-//! SSE, sandboxes and the data plane come next.
+//! The control plane (`/templates`, `/sandboxes`) is authorised by a team's `X-API-Key`;
+//! the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]). The server
+//! process owns the VMs of the sandboxes it starts.
 
+mod data;
 pub mod error;
+pub mod metrics;
+pub mod observe;
+pub mod ratelimit;
+mod sandboxes;
+mod templates;
+mod ws;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use kiln_engine::Engine;
-use kiln_spec::{Form, TemplateRequest};
 use kiln_store::Team;
-use serde::Deserialize;
 
 pub use error::ApiError;
+pub use metrics::Metrics;
+pub use ratelimit::RateLimiter;
 
-/// Largest request body accepted; a BuildSpec is far smaller.
+/// Largest JSON request body accepted; a BuildSpec is far smaller. File uploads have
+/// their own bound ([`data::MAX_UPLOAD_BYTES`]).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The OpenAPI document of this API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Every route the server answers, as `(method, path)` with axum's `{param}` syntax. The
+/// OpenAPI document (`openapi.json`) must describe exactly these; a test checks both that
+/// and that the router answers each of them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/openapi.json"),
+    ("GET", "/metrics"),
+    ("GET", "/templates"),
+    ("POST", "/templates"),
+    ("GET", "/templates/{template}"),
+    ("DELETE", "/templates/{template}"),
+    ("GET", "/templates/{template}/builds"),
+    ("POST", "/templates/{template}/builds"),
+    ("GET", "/templates/{template}/builds/{build}"),
+    ("DELETE", "/templates/{template}/builds/{build}"),
+    ("GET", "/templates/{template}/builds/{build}/logs"),
+    ("GET", "/sandboxes"),
+    ("POST", "/sandboxes"),
+    ("GET", "/sandboxes/{sandbox}"),
+    ("PATCH", "/sandboxes/{sandbox}"),
+    ("DELETE", "/sandboxes/{sandbox}"),
+    ("POST", "/sandboxes/{sandbox}/pause"),
+    ("POST", "/sandboxes/{sandbox}/resume"),
+    ("POST", "/sandboxes/{sandbox}/activate"),
+    ("POST", "/exec"),
+    ("POST", "/exec/stream"),
+    ("GET", "/exec/connect"),
+    ("GET", "/files"),
+    ("POST", "/files"),
+];
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
     /// The core.
     pub engine: Arc<Engine>,
+    /// What `/metrics` reports.
+    pub metrics: Metrics,
+    /// Requests per API key (and per sandbox token on the data plane).
+    pub limiter: Arc<RateLimiter>,
 }
 
-/// The API's routes.
+impl AppState {
+    /// A state with fresh metrics and no rate limit.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self {
+            engine,
+            metrics: Metrics::new(),
+            limiter: Arc::new(RateLimiter::disabled()),
+        }
+    }
+
+    /// Counts a request against the rate of `secret` (an API key or access token, hashed
+    /// before it is used as the limiter's key).
+    pub(crate) fn check_rate(&self, secret: &str) -> Result<(), ApiError> {
+        self.limiter
+            .check(&kiln_store::hash_secret(secret))
+            .map_err(ApiError::from)
+    }
+}
+
+/// The API's routes, wrapped in request ids, request logs and metrics.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let metrics = state.metrics.clone();
+    let files_limit = usize::try_from(data::MAX_UPLOAD_BYTES).unwrap_or(usize::MAX);
+    let app = Router::new()
         .route("/health", get(health))
-        .route("/templates", get(list_templates).post(create_template))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics_text))
+        .route(
+            "/templates",
+            get(templates::list_templates).post(templates::create_template),
+        )
         .route(
             "/templates/{template}",
-            get(get_template).delete(delete_template),
+            get(templates::get_template).delete(templates::delete_template),
         )
         .route(
             "/templates/{template}/builds",
-            get(list_builds).post(rebuild),
+            get(templates::list_builds).post(templates::rebuild),
         )
         .route(
             "/templates/{template}/builds/{build}",
-            get(get_build).delete(cancel_build),
+            get(templates::get_build).delete(templates::cancel_build),
         )
+        .route(
+            "/templates/{template}/builds/{build}/logs",
+            get(templates::build_logs),
+        )
+        .route("/sandboxes", get(sandboxes::list).post(sandboxes::create))
+        .route(
+            "/sandboxes/{sandbox}",
+            get(sandboxes::get)
+                .patch(sandboxes::update)
+                .delete(sandboxes::delete),
+        )
+        .route("/sandboxes/{sandbox}/pause", post(sandboxes::pause))
+        .route("/sandboxes/{sandbox}/resume", post(sandboxes::resume))
+        .route("/sandboxes/{sandbox}/activate", post(sandboxes::resume))
+        .route("/exec", post(data::exec))
+        .route("/exec/stream", post(data::exec_stream))
+        .route("/exec/connect", get(ws::exec_connect))
+        .route(
+            "/files",
+            get(data::read_file)
+                .post(data::write_file)
+                .layer(DefaultBodyLimit::max(files_limit)),
+        )
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state);
+    observe::layers(app, metrics)
 }
 
 /// The team of the request's `X-API-Key`.
@@ -67,157 +167,86 @@ impl FromRequestParts<AppState> for Auth {
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(ApiError::unauthorized)?;
-        match state.engine.store().authenticate(key).await? {
-            Some(team) => Ok(Auth(team)),
-            None => Err(ApiError::unauthorized()),
-        }
+        let team = state
+            .engine
+            .store()
+            .authenticate(key)
+            .await?
+            .ok_or_else(ApiError::unauthorized)?;
+        state.check_rate(key)?;
+        Ok(Auth(team))
     }
+}
+
+/// Unknown paths get the API's error shape with a code of their own, distinct from a
+/// missing object's `not_found`.
+async fn no_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+/// axum's own rejections (a body over the limit, a path segment that is not UTF-8, a
+/// missing content type) are plain text; the API promises its JSON error shape on every
+/// failure, so they are rewritten here with a code for their status.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 async fn health() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let stats = state.engine.store().stats().await?;
+    Ok(metrics::render_response(state.metrics.render(&stats)))
+}
+
 /// Parses a JSON body ourselves so that bad JSON gets the API's error shape.
-fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+pub(crate) fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
-
-/// Runs a queued build in the background; its outcome lands in the store.
-fn start_build(engine: &Arc<Engine>, build_id: String) {
-    let engine = engine.clone();
-    tokio::spawn(async move {
-        if let Err(e) = engine.run_build(&build_id, None).await {
-            tracing::error!(build = %build_id, error = %e, "build could not run");
-        }
-    });
-}
-
-async fn create_template(
-    State(state): State<AppState>,
-    Auth(team): Auth,
-    body: axum::body::Bytes,
-) -> Result<impl IntoResponse, ApiError> {
-    let doc = json_body(&body)?;
-    let req = TemplateRequest::parse_and_validate_as(&doc, Form::Wire)
-        .map_err(|p| ApiError::bad_request(p.to_string()))?;
-    if req.name.is_none() {
-        return Err(ApiError::bad_request("name: is required"));
-    }
-    let (template, build) = state.engine.submit(&team.id, &req).await?;
-    start_build(&state.engine, build.id.clone());
-    let mut out = template.to_wire();
-    out["build_id"] = build.id.into();
-    Ok((StatusCode::ACCEPTED, Json(out)))
-}
-
-#[derive(Debug, Deserialize)]
-struct ListQuery {
-    name_prefix: Option<String>,
-}
-
-async fn list_templates(
-    State(state): State<AppState>,
-    Auth(team): Auth,
-    Query(q): Query<ListQuery>,
-) -> Result<impl IntoResponse, ApiError> {
-    let all = state.engine.store().list_templates(&team.id).await?;
-    let prefix = q.name_prefix.unwrap_or_default();
-    let out: Vec<_> = all
-        .iter()
-        .filter(|t| t.name.starts_with(&prefix))
-        .map(|t| t.to_wire())
-        .collect();
-    Ok(Json(out))
-}
-
-async fn get_template(
-    State(state): State<AppState>,
-    Auth(team): Auth,
-    Path(template): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let t = state
-        .engine
-        .store()
-        .template_by_id_or_name(&team.id, &template)
-        .await?;
-    Ok(Json(t.to_wire()))
-}
-
-async fn delete_template(
-    State(state): State<AppState>,
-    Auth(team): Auth,
-    Path(template): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    state.engine.delete_template(&team.id, &template).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn list_builds(
-    State(state): State<AppState>,
-    Auth(team): Auth,
-    Path(template): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let builds = state
-        .engine
-        .store()
-        .list_builds(&team.id, &template)
-        .await?;
-    Ok(Json(builds.iter().map(|b| b.to_wire()).collect::<Vec<_>>()))
-}
-
-async fn rebuild(
-    State(state): State<AppState>,
-    Auth(team): Auth,
-    Path(template): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let r = state.engine.rebuild(&team.id, &template).await?;
-    if r.created {
-        start_build(&state.engine, r.build.id.clone());
-    }
-    Ok((StatusCode::ACCEPTED, Json(r.build.to_wire())))
-}
-
-/// A build, checked to belong to the template named in the path.
-async fn build_of(
-    state: &AppState,
-    team: &Team,
-    template: &str,
-    build: &str,
-) -> Result<kiln_store::Build, ApiError> {
-    let t = state
-        .engine
-        .store()
-        .template_by_id_or_name(&team.id, template)
-        .await?;
-    let b = state.engine.store().build_by_id(&team.id, build).await?;
-    if b.template_id != t.id {
-        return Err(kiln_store::StoreError::NotFound {
-            kind: "build",
-            id: build.to_owned(),
-        }
-        .into());
-    }
-    Ok(b)
-}
-
-async fn get_build(
-    State(state): State<AppState>,
-    Auth(team): Auth,
-    Path((template, build)): Path<(String, String)>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(
-        build_of(&state, &team, &template, &build).await?.to_wire(),
-    ))
-}
-
-async fn cancel_build(
-    State(state): State<AppState>,
-    Auth(team): Auth,
-    Path((template, build)): Path<(String, String)>,
-) -> Result<impl IntoResponse, ApiError> {
-    let b = build_of(&state, &team, &template, &build).await?;
-    state.engine.cancel_build(&team.id, &b.id).await?;
-    Ok(StatusCode::NO_CONTENT)
 }

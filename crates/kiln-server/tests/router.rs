@@ -9,7 +9,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
 use kiln_engine::{Engine, EngineConfig};
 use kiln_server::{router, AppState};
-use kiln_store::Limits;
+use kiln_store::{Limits, NewSandbox, SandboxStatus};
 use serde_json::{json, Value};
 use tower::ServiceExt as _;
 
@@ -24,9 +24,7 @@ async fn api(limits: Limits) -> Api {
     let mut cfg = EngineConfig::new(dir.path());
     cfg.limits = limits;
     let engine = Engine::open(cfg).await.unwrap();
-    let app = router(AppState {
-        engine: engine.clone(),
-    });
+    let app = router(AppState::new(engine.clone()));
     Api {
         app,
         engine,
@@ -46,9 +44,22 @@ impl Api {
         key: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> (StatusCode, Value) {
+        let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+        let (s, _, v) = self.call_with(method, uri, &headers, body).await;
+        (s, v)
+    }
+
+    /// Any request; the body is parsed as JSON when it is JSON.
+    async fn call_with(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
         let mut req = Request::builder().method(method).uri(uri);
-        if let Some(key) = key {
-            req = req.header("x-api-key", key);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let req = req
             .header("content-type", "application/json")
@@ -56,6 +67,7 @@ impl Api {
             .unwrap();
         let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
@@ -63,7 +75,74 @@ impl Api {
             serde_json::from_slice(&bytes)
                 .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        (status, value)
+        (status, headers, value)
+    }
+
+    /// A template that is `ready` as far as the store knows (no VM: its sandboxes cannot
+    /// start, which is all the control-plane tests need), made without the API so that no
+    /// build runs in the background.
+    async fn ready_template(&self, team: &str, name: &str) -> String {
+        let store = self.engine.store();
+        let team_id = match store.team_by_name(team).await.unwrap() {
+            Some(t) => t.id,
+            None => store.create_team(team).await.unwrap().id,
+        };
+        let req = kiln_spec::TemplateRequest::parse_and_validate(
+            &json!({"name": name, "build_spec": {"from": "127.0.0.1:9/kiln/none:1"}}),
+        )
+        .unwrap();
+        let (t, b) = store
+            .create_template_with_build(&team_id, &req, &Limits::UNLIMITED)
+            .await
+            .unwrap();
+        store.start_build(&b.id).await.unwrap();
+        store.mark_snapshotting(&b.id).await.unwrap();
+        store
+            .finish_build(&b.id, Ok(kiln_store::BuiltArtifact { size_bytes: 1 }))
+            .await
+            .unwrap();
+        t.id
+    }
+
+    /// A sandbox row in `status`, with its access token.
+    async fn sandbox(
+        &self,
+        team: &str,
+        template: &str,
+        metadata: &[(&str, &str)],
+        status: SandboxStatus,
+    ) -> (String, String) {
+        let store = self.engine.store();
+        let team_id = store.team_by_name(team).await.unwrap().unwrap().id;
+        let new = NewSandbox {
+            template: template.into(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        let (s, token) = store
+            .create_sandbox(&team_id, &new, &Limits::UNLIMITED)
+            .await
+            .unwrap();
+        let path: &[SandboxStatus] = match status {
+            SandboxStatus::Starting => &[],
+            SandboxStatus::Active => &[SandboxStatus::Active],
+            SandboxStatus::Paused => &[
+                SandboxStatus::Active,
+                SandboxStatus::Pausing,
+                SandboxStatus::Paused,
+            ],
+            other => panic!("no path to {other}"),
+        };
+        for st in path {
+            store
+                .set_sandbox_status(&team_id, &s.id, *st)
+                .await
+                .unwrap();
+        }
+        (s.id, token)
     }
 
     async fn create(&self, key: &str, name: &str) -> (StatusCode, Value) {
@@ -215,8 +294,32 @@ async fn bad_input_gets_400_with_a_code_never_500() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let huge = vec![b' '; kiln_server::MAX_BODY_BYTES + 10];
-    let (s, _) = a.call("POST", "/templates", Some(&key), Some(huge)).await;
-    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, v) = a.call("POST", "/templates", Some(&key), Some(huge)).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    // axum's own rejections come in the API's shape too.
+    for (method, uri) in [
+        ("GET", "/templates?name_prefix=a&name_prefix=b"),
+        ("GET", "/templates/%FF"),
+        ("GET", "/templates/web/builds?limit=x"),
+        ("GET", "/templates?bogus=1"),
+    ] {
+        let (s, v) = a.call(method, uri, Some(&key), None).await;
+        assert_eq!(
+            (s, error_code(&v)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{uri}"
+        );
+    }
+    let (s, v) = a.call("PUT", "/templates", Some(&key), None).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    let (s, v) = a.call("GET", "/nope", Some(&key), None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "no_route"));
 }
 
 #[tokio::test]
@@ -272,4 +375,445 @@ async fn the_template_limit_holds_under_concurrency() {
         }
     }
     assert_eq!((ok, limited), (3, 9));
+}
+
+#[tokio::test]
+async fn sandboxes_list_filter_get_patch_and_refusals() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    a.ready_template("acme", "web").await;
+    let (s1, _) = a
+        .sandbox("acme", "web", &[("env", "dev")], SandboxStatus::Active)
+        .await;
+    let (s2, _) = a
+        .sandbox("acme", "web", &[("env", "prod")], SandboxStatus::Paused)
+        .await;
+    a.sandbox(
+        "acme",
+        "web",
+        &[("env", "dev"), ("x", "1")],
+        SandboxStatus::Starting,
+    )
+    .await;
+
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (s, all) = a.call("GET", "/sandboxes", Some(&key), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(all.as_array().unwrap().len(), 3);
+    for field in [
+        "id",
+        "name",
+        "status",
+        "vcpu_count",
+        "memory_mib",
+        "created_at",
+        "metadata",
+    ] {
+        assert!(!all[0][field].is_null(), "{field} missing in {}", all[0]);
+    }
+    assert!(
+        all[0].get("access_token").is_none(),
+        "tokens are shown once"
+    );
+    let (_, dev) = a
+        .call("GET", "/sandboxes?metadata.env=dev", Some(&key), None)
+        .await;
+    assert_eq!(dev.as_array().unwrap().len(), 2);
+    let (_, both) = a
+        .call(
+            "GET",
+            "/sandboxes?metadata.env=dev&metadata.x=1",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(both.as_array().unwrap().len(), 1);
+    let (_, st) = a
+        .call("GET", "/sandboxes?status=active,paused", Some(&key), None)
+        .await;
+    assert_eq!(ids(&st), vec![s1.clone(), s2.clone()]);
+    let (_, page) = a
+        .call("GET", "/sandboxes?limit=1&offset=1", Some(&key), None)
+        .await;
+    assert_eq!(ids(&page), vec![s2.clone()]);
+    for bad in [
+        "/sandboxes?status=sleeping",
+        "/sandboxes?limit=-1",
+        "/sandboxes?bogus=1",
+    ] {
+        let (s, v) = a.call("GET", bad, Some(&key), None).await;
+        assert_eq!(
+            (s, error_code(&v)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{bad}"
+        );
+    }
+
+    let (s, got) = a
+        .call("GET", &format!("/sandboxes/{s1}"), Some(&key), None)
+        .await;
+    assert_eq!(
+        (s, got["status"].as_str()),
+        (StatusCode::OK, Some("active"))
+    );
+    let patch = json!({"metadata": {"env": "staging"}})
+        .to_string()
+        .into_bytes();
+    let (s, _) = a
+        .call(
+            "PATCH",
+            &format!("/sandboxes/{s1}"),
+            Some(&key),
+            Some(patch),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, got) = a
+        .call("GET", &format!("/sandboxes/{s1}"), Some(&key), None)
+        .await;
+    assert_eq!(got["metadata"], json!({"env": "staging"}));
+    let patch = json!({"network": {"allow_out": ["1.1.1.1"]}})
+        .to_string()
+        .into_bytes();
+    let (s, v) = a
+        .call(
+            "PATCH",
+            &format!("/sandboxes/{s1}"),
+            Some(&key),
+            Some(patch),
+        )
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "unsupported")
+    );
+
+    // Creation refusals, each with its code; nothing is created.
+    for (body, status, code) in [
+        (
+            json!({"name": "x"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"name": "x", "from_template": "web", "bogus": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"name": "x", "from_template": "web", "timeout_seconds": 60}),
+            StatusCode::BAD_REQUEST,
+            "unsupported",
+        ),
+        (
+            json!({"name": "x", "from_template": "nope"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            json!({"name": "", "from_template": "web"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+    ] {
+        let (s, v) = a
+            .call(
+                "POST",
+                "/sandboxes",
+                Some(&key),
+                Some(body.to_string().into_bytes()),
+            )
+            .await;
+        assert_eq!((s, error_code(&v)), (status, code), "{body}");
+    }
+    let (_, all) = a.call("GET", "/sandboxes", Some(&key), None).await;
+    assert_eq!(all.as_array().unwrap().len(), 3);
+    // A template whose build has not finished has nothing to start from.
+    let (_, t) = a.create(&key, "pending").await;
+    let body = json!({"name": "x", "from_template": t["id"]})
+        .to_string()
+        .into_bytes();
+    let (s, v) = a.call("POST", "/sandboxes", Some(&key), Some(body)).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::CONFLICT, "not_ready"),
+        "{v}"
+    );
+
+    // Delete is idempotent; a deleted sandbox is no longer listed.
+    for _ in 0..2 {
+        let (s, _) = a
+            .call("DELETE", &format!("/sandboxes/{s2}"), Some(&key), None)
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+    }
+    let (_, all) = a.call("GET", "/sandboxes", Some(&key), None).await;
+    assert!(!ids(&all).contains(&s2));
+    // A sandbox this server does not run cannot be paused or resumed.
+    let (s, v) = a
+        .call("POST", &format!("/sandboxes/{s1}/pause"), Some(&key), None)
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "not_running"));
+}
+
+#[tokio::test]
+async fn the_data_plane_checks_sandbox_token_and_team() {
+    let a = api(Limits::UNLIMITED).await;
+    let (ka, kb) = (a.key("a").await, a.key("b").await);
+    a.ready_template("a", "web").await;
+    a.ready_template("b", "web").await;
+    let (active, token) = a.sandbox("a", "web", &[], SandboxStatus::Active).await;
+    let (paused, paused_token) = a.sandbox("a", "web", &[], SandboxStatus::Paused).await;
+    let (_, other_token) = a.sandbox("b", "web", &[], SandboxStatus::Active).await;
+    let exec = || Some(json!({"command": "true"}).to_string().into_bytes());
+    let code = |v: &Value| error_code(v).to_owned();
+
+    let (s, _, v) = a
+        .call_with("POST", "/exec", &[("x-access-token", &token)], exec())
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request".into())
+    );
+    let cases: Vec<(Vec<(&str, &str)>, StatusCode, &str)> = vec![
+        (
+            vec![("x-superserve-sandbox-id", &active)],
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            vec![
+                ("x-superserve-sandbox-id", &active),
+                ("x-access-token", &other_token),
+            ],
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            vec![
+                ("x-superserve-sandbox-id", &active),
+                ("x-access-token", &paused_token),
+            ],
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            vec![
+                ("x-superserve-sandbox-id", "../../etc"),
+                ("x-access-token", &token),
+            ],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            vec![
+                (
+                    "x-superserve-sandbox-id",
+                    "00000000-0000-0000-0000-000000000000",
+                ),
+                ("x-access-token", &token),
+            ],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        // Another team's key does not see the sandbox at all.
+        (
+            vec![("x-superserve-sandbox-id", &active), ("x-api-key", &kb)],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        // The right token, but this server runs no VM for it (no VM in these tests).
+        (
+            vec![
+                ("x-superserve-sandbox-id", &active),
+                ("x-access-token", &token),
+            ],
+            StatusCode::CONFLICT,
+            "not_running",
+        ),
+        (
+            vec![("x-superserve-sandbox-id", &active), ("x-api-key", &ka)],
+            StatusCode::CONFLICT,
+            "not_running",
+        ),
+        // Paused: the SDK resumes on 503 and retries.
+        (
+            vec![
+                ("x-superserve-sandbox-id", &paused),
+                ("x-access-token", &paused_token),
+            ],
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sandbox_unavailable",
+        ),
+    ];
+    for (headers, status, want) in &cases {
+        for (method, path, body) in [
+            ("POST", "/exec", exec()),
+            ("POST", "/exec/stream", exec()),
+            ("GET", "/files?path=/etc/hostname", None),
+            ("POST", "/files?path=/tmp/x", Some(b"data".to_vec())),
+        ] {
+            let (s, _, v) = a.call_with(method, path, headers, body).await;
+            assert_eq!(
+                (s, code(&v).as_str()),
+                (*status, *want),
+                "{method} {path} {headers:?}"
+            );
+        }
+    }
+    // The per-sandbox host form names the sandbox too.
+    let host = format!("boxd-{paused}.sandbox.example");
+    let (s, _, _) = a
+        .call_with(
+            "POST",
+            "/exec",
+            &[("host", &host), ("x-access-token", &paused_token)],
+            exec(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Control plane walls for sandboxes.
+    for (method, path) in [
+        ("GET", format!("/sandboxes/{active}")),
+        ("PATCH", format!("/sandboxes/{active}")),
+        ("DELETE", format!("/sandboxes/{active}")),
+        ("POST", format!("/sandboxes/{active}/pause")),
+        ("POST", format!("/sandboxes/{active}/resume")),
+        ("POST", format!("/sandboxes/{active}/activate")),
+    ] {
+        let (s, _) = a.call(method, &path, Some(&kb), Some(b"{}".to_vec())).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{method} {path}");
+    }
+    let (_, list) = a.call("GET", "/sandboxes", Some(&kb), None).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn the_request_rate_is_limited_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(EngineConfig::new(dir.path())).await.unwrap();
+    let mut state = AppState::new(engine.clone());
+    state.limiter = Arc::new(kiln_server::RateLimiter::new(1, 3));
+    let a = Api {
+        app: router(state),
+        engine,
+        _dir: dir,
+    };
+    let (k1, k2) = (a.key("a").await, a.key("b").await);
+    for _ in 0..3 {
+        assert_eq!(
+            a.call("GET", "/templates", Some(&k1), None).await.0,
+            StatusCode::OK
+        );
+    }
+    let (s, headers, v) = a
+        .call_with("GET", "/templates", &[("x-api-key", &k1)], None)
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    // Another key is unaffected.
+    assert_eq!(
+        a.call("GET", "/templates", Some(&k2), None).await.0,
+        StatusCode::OK
+    );
+}
+
+/// The events of an SSE body.
+fn sse_events(body: &Value) -> Vec<Value> {
+    body.as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_logs_stream_history_then_a_finished_event() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    // Its build fails at once.
+    let (_, t) = a.create(&key, "web").await;
+    let (id, build) = (t["id"].as_str().unwrap(), t["build_id"].as_str().unwrap());
+    let (s, _, body) = a
+        .call_with(
+            "GET",
+            &format!("/templates/{id}/builds/{build}/logs"),
+            &[("x-api-key", &key)],
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let events = sse_events(&body);
+    let last = events.last().unwrap();
+    assert_eq!(last["finished"], true, "{events:#?}");
+    assert_eq!(last["status"], "failed");
+    // No kernel in these tests: the build fails before it boots, and says why.
+    assert!(
+        last["text"].as_str().unwrap().contains("boot_failed"),
+        "{events:#?}"
+    );
+    for e in &events {
+        assert!(e["timestamp"].is_string() && e["stream"].is_string(), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_build_says_so_until_it_ends() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    // Made without the API, so nothing dispatches it: it stays queued.
+    let team = a
+        .engine
+        .store()
+        .team_by_name("acme")
+        .await
+        .unwrap()
+        .unwrap();
+    let req = kiln_spec::TemplateRequest::parse_and_validate(
+        &json!({"name": "q", "build_spec": {"from": "127.0.0.1:9/kiln/none:1"}}),
+    )
+    .unwrap();
+    let (t, b) = a
+        .engine
+        .store()
+        .create_template_with_build(&team.id, &req, &Limits::UNLIMITED)
+        .await
+        .unwrap();
+    let store = a.engine.store().clone();
+    let (team_id, build_id) = (team.id.clone(), b.id.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+        store.cancel_build(&team_id, &build_id).await.unwrap();
+    });
+    let (s, _, body) = a
+        .call_with(
+            "GET",
+            &format!("/templates/{}/builds/{}/logs", t.id, b.id),
+            &[("x-api-key", &key)],
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let events = sse_events(&body);
+    let beats = events
+        .iter()
+        .filter(|e| e["text"] == "build queued, waiting for dispatch" && e["stream"] == "system")
+        .count();
+    assert!(beats >= 2, "{events:#?}");
+    let last = events.last().unwrap();
+    assert_eq!(
+        (&last["finished"], &last["status"]),
+        (&json!(true), &json!("cancelled"))
+    );
 }

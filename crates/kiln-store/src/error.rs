@@ -76,7 +76,8 @@ impl StoreError {
         }
     }
 
-    pub(crate) fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
+    /// No `kind` with this id (in the team asking).
+    pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
         StoreError::NotFound {
             kind,
             id: id.into(),

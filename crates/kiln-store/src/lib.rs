@@ -11,6 +11,7 @@ pub mod layout;
 mod logs;
 pub mod manifest;
 pub mod model;
+mod stats;
 mod store;
 
 pub use error::{ArtifactError, StoreError};
@@ -19,6 +20,7 @@ pub use logs::{LogFollower, LogSignal};
 pub use manifest::{ArtifactFile, ArtifactManifest, MANIFEST_FILE};
 pub use model::{
     ApiKey, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream, NewLogLine, NewSandbox,
-    Rebuild, Sandbox, SandboxFilter, SandboxStatus, Team, Template, TemplateStatus,
+    Rebuild, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus, Team, Template, TemplateStatus,
 };
+pub use stats::{DurationHistogram, StoreStats, BUILD_DURATION_BUCKETS_SECS};
 pub use store::{hash_secret, Store};

@@ -324,6 +324,35 @@ pub struct Sandbox {
     pub updated_at: DateTime<Utc>,
 }
 
+impl Sandbox {
+    /// The sandbox as the API returns it (the SDK's `SandboxInfo`). Fields kiln does not
+    /// implement (auto-pause, auto-delete, egress rules, preview access) carry the SDK's
+    /// "unset" values.
+    pub fn to_wire(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "name": self.name, "status": self.status,
+            "vcpu_count": self.vcpu_count, "memory_mib": self.memory_mib,
+            "created_at": self.created_at.to_rfc3339(),
+            "updated_at": self.updated_at.to_rfc3339(),
+            "template_id": self.template_id, "build_id": self.build_id,
+            "metadata": self.metadata,
+            "timeout_seconds": null, "auto_delete_seconds": null, "network": null,
+            "preview_access": "legacy_public",
+        })
+    }
+}
+
+/// Whether an access token opens a sandbox's data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxAccess {
+    /// The token is the sandbox's; here is the sandbox.
+    Granted(Box<Sandbox>),
+    /// The sandbox exists but the token is not its own.
+    Denied,
+    /// No such (non-deleted) sandbox.
+    NotFound,
+}
+
 /// What a caller asks for when creating a sandbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewSandbox {

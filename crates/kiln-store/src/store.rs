@@ -81,7 +81,7 @@ fn to_i64(v: u64) -> i64 {
 /// The metadata store. Cheap to clone; clones share the pool and the log notifiers.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
     logs: Arc<LogHub>,
 }
 
@@ -490,11 +490,13 @@ impl Store {
         build_in(&mut conn, build_id).await
     }
 
-    /// A template's builds, oldest first.
+    /// A template's builds, newest first (the SDK takes the first as the latest).
     pub async fn list_builds(&self, team_id: &str, template: &str) -> Result<Vec<Build>> {
         let mut conn = self.pool.acquire().await?;
         let t = template_by_id_or_name_in(&mut conn, team_id, template).await?;
-        builds_of(&mut conn, &t.id).await
+        let mut builds = builds_of(&mut conn, &t.id).await?;
+        builds.reverse();
+        Ok(builds)
     }
 
     /// Every `pending` build, oldest first: the builder's queue.
@@ -955,17 +957,73 @@ impl Store {
 
     /// Whether `token` is the access token of this (non-deleted) sandbox.
     pub async fn verify_sandbox_token(&self, sandbox_id: &str, token: &str) -> Result<bool> {
-        let stored: Option<String> = sqlx::query_scalar(
-            "SELECT access_token_hash FROM sandboxes WHERE id = ? AND status <> 'deleted'",
+        Ok(matches!(
+            self.sandbox_access(sandbox_id, token).await?,
+            SandboxAccess::Granted(_)
+        ))
+    }
+
+    /// Whether `token` opens this sandbox's data plane. The token alone authorises (it is
+    /// the sandbox's own secret); the stored hash is compared in constant time.
+    pub async fn sandbox_access(&self, sandbox_id: &str, token: &str) -> Result<SandboxAccess> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT team_id, access_token_hash FROM sandboxes WHERE id = ? AND status <> 'deleted'",
         )
         .bind(sandbox_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(stored.is_some_and(|h| h == hash_secret(token)))
+        let Some((team_id, stored)) = row else {
+            return Ok(SandboxAccess::NotFound);
+        };
+        if !constant_time_eq(stored.as_bytes(), hash_secret(token).as_bytes()) {
+            return Ok(SandboxAccess::Denied);
+        }
+        Ok(SandboxAccess::Granted(Box::new(
+            self.sandbox_by_id(&team_id, sandbox_id).await?,
+        )))
+    }
+
+    /// Replaces a sandbox's access token (on resume and activate) and returns the new one in
+    /// plain text; the old token stops working at once.
+    pub async fn rotate_sandbox_token(&self, team_id: &str, sandbox_id: &str) -> Result<String> {
+        let token = format!("kiln_sbx_{}", new_secret());
+        let done = sqlx::query(
+            "UPDATE sandboxes SET access_token_hash = ?, updated_at = ?
+             WHERE id = ? AND team_id = ? AND status <> 'deleted'",
+        )
+        .bind(hash_secret(&token))
+        .bind(now())
+        .bind(sandbox_id)
+        .bind(team_id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::not_found("sandbox", sandbox_id));
+        }
+        Ok(token)
+    }
+
+    /// Sandboxes of every team in one of `statuses` (restart recovery and metrics).
+    pub async fn sandboxes_with_status(&self, statuses: &[SandboxStatus]) -> Result<Vec<Sandbox>> {
+        if statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM sandboxes WHERE status IN (");
+        let mut sep = q.separated(", ");
+        for s in statuses {
+            sep.push_bind(*s);
+        }
+        q.push(") ORDER BY created_at, rowid");
+        Ok(q.build_query_as::<Sandbox>().fetch_all(&self.pool).await?)
     }
 }
 
 // -------------------------------------------------------------------- helpers on a connection
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 fn check_limit(count: i64, limit: u32, code: RateLimitCode) -> Result<()> {
     if count >= i64::from(limit) {

@@ -1,0 +1,439 @@
+//! Sandboxes owned by this process: the server's model.
+//!
+//! The server holds each sandbox's [`Vm`] itself (so the VM lives exactly as long as the
+//! server, `PDEATHSIG` included) and shares one multiplexed agent connection among every
+//! data-plane call. Pause snapshots the running VM into the sandbox's directory and stops
+//! it; resume restores that snapshot with the processes live. Operations on one sandbox
+//! (pause, resume, kill) are serialised by a per-sandbox lock, so a resume that arrives
+//! while a pause runs waits for it instead of failing.
+//!
+//! On disk, a paused sandbox is `sandboxes/<id>/paused/` (a snapshot bundle). A resumed VM
+//! runs on that bundle (its overlay's backing file and, for a stream-mode bundle, nothing
+//! else), so the bundle is kept until the next pause has written its successor to
+//! `paused-next/` and the VM that used it has quit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_agent_proto::AgentClient;
+use kiln_store::{NewSandbox, Sandbox, SandboxStatus};
+use kiln_vm::{RestoreConfig, Vm};
+use tracing::Instrument as _;
+
+use crate::error::{EngineError, Result};
+use crate::sandboxes::remove_dir_quiet;
+use crate::Engine;
+
+const PAUSED: &str = "paused";
+const PAUSED_NEXT: &str = "paused-next";
+
+/// The sandboxes whose VMs this process owns.
+#[derive(Debug, Default)]
+pub(crate) struct LiveSandboxes {
+    running: Mutex<HashMap<String, Arc<Running>>>,
+    /// One lock per sandbox for pause, resume and kill.
+    ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    team_id: String,
+    agent: AgentClient,
+    vm: tokio::sync::Mutex<Option<Vm>>,
+}
+
+impl LiveSandboxes {
+    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        ops.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn insert(&self, team_id: &str, id: &str, vm: Vm) -> Result<AgentClient> {
+        let mut vm = vm;
+        let agent = vm
+            .release_agent()
+            .ok_or_else(|| EngineError::NotRunning(id.to_owned()))?;
+        let running = Arc::new(Running {
+            team_id: team_id.to_owned(),
+            agent: agent.clone(),
+            vm: tokio::sync::Mutex::new(Some(vm)),
+        });
+        self.lock().insert(id.to_owned(), running);
+        Ok(agent)
+    }
+
+    fn take(&self, id: &str) -> Option<Arc<Running>> {
+        self.lock().remove(id)
+    }
+
+    fn agent(&self, id: &str) -> Option<AgentClient> {
+        self.lock().get(id).map(|r| r.agent.clone())
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A sandbox and the token that opens its data plane (shown once).
+#[derive(Debug, Clone)]
+pub struct SandboxWithToken {
+    /// The sandbox.
+    pub sandbox: Sandbox,
+    /// Its current access token, in plain text.
+    pub access_token: String,
+    /// How long bringing its VM up took, when this call did.
+    pub restore_time: Option<Duration>,
+}
+
+/// The outcome of [`Engine::pause_sandbox`].
+#[derive(Debug, Clone)]
+pub struct Paused {
+    /// The sandbox, now `paused`.
+    pub sandbox: Sandbox,
+    /// How long the snapshot took (`None` when it was already paused).
+    pub snapshot_time: Option<Duration>,
+}
+
+impl Engine {
+    /// Creates a sandbox from a template and brings it up in this process, which owns its
+    /// VM from now on.
+    pub async fn create_live_sandbox(
+        &self,
+        team_id: &str,
+        new: &NewSandbox,
+    ) -> Result<SandboxWithToken> {
+        let (record, access_token) = self.create_sandbox_record(team_id, new).await?;
+        let started = Instant::now();
+        let live = self.start_sandbox(team_id, &record.id).await?;
+        let restore_time = started.elapsed();
+        if let Err(e) = self.live.insert(team_id, &record.id, live.vm) {
+            self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
+                .await?;
+            return Err(e);
+        }
+        Ok(SandboxWithToken {
+            sandbox: live.record,
+            access_token,
+            restore_time: Some(restore_time),
+        })
+    }
+
+    /// The agent of a sandbox this process runs. A paused (or pausing, or resuming)
+    /// sandbox is [`EngineError::Unavailable`]: resuming it makes it available again.
+    pub fn live_agent(&self, sandbox: &Sandbox) -> Result<AgentClient> {
+        if let Some(agent) = self.live.agent(&sandbox.id) {
+            return Ok(agent);
+        }
+        match sandbox.status {
+            SandboxStatus::Paused | SandboxStatus::Pausing | SandboxStatus::Resuming => {
+                Err(EngineError::Unavailable(sandbox.id.clone()))
+            }
+            _ => Err(EngineError::NotRunning(sandbox.id.clone())),
+        }
+    }
+
+    /// Snapshots a running sandbox and stops its VM. Pausing a paused sandbox is a no-op.
+    /// If the snapshot fails the VM is gone, so the sandbox is marked `failed`.
+    pub async fn pause_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<Paused> {
+        let _op = self.live.op_lock(sandbox_id).lock_owned().await;
+        match self.begin_pause(team_id, sandbox_id).await? {
+            Ok(vm) => self.snapshot_paused(team_id, sandbox_id, vm).await,
+            Err(sandbox) => Ok(Paused {
+                sandbox,
+                snapshot_time: None,
+            }),
+        }
+    }
+
+    /// Starts a pause and returns once the sandbox is `pausing` (or already paused); the
+    /// snapshot continues in the background. Any resume or kill that follows waits for it.
+    pub async fn pause_sandbox_detached(
+        self: &Arc<Self>,
+        team_id: &str,
+        sandbox_id: &str,
+    ) -> Result<Sandbox> {
+        let op = self.live.op_lock(sandbox_id).lock_owned().await;
+        let vm = match self.begin_pause(team_id, sandbox_id).await? {
+            Ok(vm) => vm,
+            Err(paused) => return Ok(paused),
+        };
+        let pausing = self.store.sandbox_by_id(team_id, sandbox_id).await;
+        let engine = self.clone();
+        let (team_id, sandbox_id) = (team_id.to_owned(), sandbox_id.to_owned());
+        tokio::spawn(async move {
+            let _op = op;
+            if let Err(e) = engine.snapshot_paused(&team_id, &sandbox_id, vm).await {
+                tracing::warn!(sandbox = %sandbox_id, error = %e, "background pause failed");
+            }
+        });
+        Ok(pausing?)
+    }
+
+    /// Under the sandbox's op lock: takes its VM out of service and marks it `pausing`.
+    /// `Err(sandbox)` inside means it is already paused.
+    async fn begin_pause(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+    ) -> Result<std::result::Result<Vm, Sandbox>> {
+        let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        if record.status == SandboxStatus::Paused {
+            return Ok(Err(record));
+        }
+        let Some(running) = self.live.take(sandbox_id) else {
+            // Let the store name the refused transition (failed, deleted, ...).
+            self.store
+                .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Pausing)
+                .await?;
+            return Err(EngineError::NotRunning(sandbox_id.to_owned()));
+        };
+        if let Err(e) = self
+            .store
+            .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Pausing)
+            .await
+        {
+            self.live.lock().insert(sandbox_id.to_owned(), running);
+            return Err(e.into());
+        }
+        let vm = running.vm.lock().await.take();
+        vm.map(Ok)
+            .ok_or_else(|| EngineError::NotRunning(sandbox_id.to_owned()))
+    }
+
+    async fn snapshot_paused(&self, team_id: &str, sandbox_id: &str, vm: Vm) -> Result<Paused> {
+        let span = tracing::info_span!("pause", sandbox = %sandbox_id);
+        self.snapshot_paused_inner(team_id, sandbox_id, vm)
+            .instrument(span)
+            .await
+    }
+
+    async fn snapshot_paused_inner(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        vm: Vm,
+    ) -> Result<Paused> {
+        let dir = self.layout.sandbox_dir(sandbox_id)?;
+        let next = dir.join(PAUSED_NEXT);
+        remove_dir_quiet(&next);
+        let started = Instant::now();
+        match vm.snapshot(&next).await {
+            Ok(info) => {
+                // The VM has quit: the bundle it ran on (if any) is free.
+                let current = dir.join(PAUSED);
+                remove_dir_quiet(&current);
+                std::fs::rename(&next, &current)
+                    .map_err(EngineError::io("publishing the pause snapshot", &current))?;
+                if let Err(e) = kiln_store::fsync_dir(&dir) {
+                    tracing::warn!(error = %e, "could not sync the sandbox directory");
+                }
+                let snapshot_time = started.elapsed();
+                tracing::info!(
+                    ms = snapshot_time.as_millis() as u64,
+                    save_ms = info.save_time.as_millis() as u64,
+                    "sandbox paused"
+                );
+                let sandbox = self
+                    .store
+                    .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Paused)
+                    .await?;
+                Ok(Paused {
+                    sandbox,
+                    snapshot_time: Some(snapshot_time),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %kiln_vm::error_chain(&e), "pause snapshot failed");
+                self.finish_sandbox(team_id, sandbox_id, SandboxStatus::Failed)
+                    .await?;
+                Err(EngineError::Snapshot(e))
+            }
+        }
+    }
+
+    /// Brings a paused sandbox back with its processes live, or confirms a running one, and
+    /// rotates its access token either way (the SDK's `resume` and `activate`). A pause in
+    /// progress is waited out first.
+    pub async fn resume_sandbox(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+    ) -> Result<SandboxWithToken> {
+        let lock = self.live.op_lock(sandbox_id);
+        let _op = lock.lock().await;
+        let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        let mut restore_time = None;
+        let sandbox = match record.status {
+            SandboxStatus::Active if self.live.agent(sandbox_id).is_some() => record,
+            SandboxStatus::Paused => {
+                let started = Instant::now();
+                let sandbox = self
+                    .restore_paused(team_id, &record)
+                    .instrument(tracing::info_span!("resume", sandbox = %sandbox_id))
+                    .await?;
+                restore_time = Some(started.elapsed());
+                sandbox
+            }
+            SandboxStatus::Active => return Err(EngineError::NotRunning(sandbox_id.to_owned())),
+            _ => {
+                // Let the store name the refused transition.
+                self.store
+                    .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Resuming)
+                    .await?;
+                return Err(EngineError::NotRunning(sandbox_id.to_owned()));
+            }
+        };
+        let access_token = self.store.rotate_sandbox_token(team_id, sandbox_id).await?;
+        Ok(SandboxWithToken {
+            sandbox,
+            access_token,
+            restore_time,
+        })
+    }
+
+    async fn restore_paused(&self, team_id: &str, record: &Sandbox) -> Result<Sandbox> {
+        let dir = self.layout.sandbox_dir(&record.id)?;
+        let bundle =
+            paused_bundle(&dir).ok_or_else(|| EngineError::NotRunning(record.id.clone()))?;
+        self.store
+            .set_sandbox_status(team_id, &record.id, SandboxStatus::Resuming)
+            .await?;
+        let mut cfg = RestoreConfig::new(
+            format!("sbx-{}", record.id.get(..8).unwrap_or(&record.id)),
+            self.vm_dir(),
+        );
+        cfg.console_log = Some(dir.join("console.log"));
+        match Vm::restore(&bundle, cfg).await {
+            Ok(vm) => {
+                self.write_endpoint(&dir, &vm)?;
+                self.live.insert(team_id, &record.id, vm)?;
+                tracing::info!("sandbox resumed");
+                Ok(self
+                    .store
+                    .set_sandbox_status(team_id, &record.id, SandboxStatus::Active)
+                    .await?)
+            }
+            Err(e) => {
+                // The snapshot is untouched: the sandbox stays paused and can be retried.
+                tracing::warn!(error = %kiln_vm::error_chain(&e), "resume failed");
+                self.store
+                    .set_sandbox_status(team_id, &record.id, SandboxStatus::Paused)
+                    .await?;
+                Err(EngineError::Restore(e))
+            }
+        }
+    }
+
+    /// Stops a sandbox's VM (if this process runs it) and marks it `deleted`, removing
+    /// its directory and any pause snapshot. Idempotent.
+    pub async fn kill_live_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<Sandbox> {
+        let lock = self.live.op_lock(sandbox_id);
+        let _op = lock.lock().await;
+        let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        if record.status == SandboxStatus::Deleted {
+            return Ok(record);
+        }
+        if let Some(running) = self.live.take(sandbox_id) {
+            if let Some(vm) = running.vm.lock().await.take() {
+                vm.kill().await;
+            }
+        }
+        let sandbox = self
+            .finish_sandbox(team_id, sandbox_id, SandboxStatus::Deleted)
+            .await?;
+        self.live
+            .ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(sandbox_id);
+        Ok(sandbox)
+    }
+
+    /// Stops every VM this process owns and marks those sandboxes `failed` (their memory
+    /// is lost with the VM). Paused sandboxes are on disk and stay paused. Called on
+    /// shutdown.
+    pub async fn stop_live_sandboxes(&self) {
+        for id in self.live.ids() {
+            let Some(running) = self.live.take(&id) else {
+                continue;
+            };
+            if let Some(vm) = running.vm.lock().await.take() {
+                vm.kill().await;
+            }
+            let _ = self
+                .finish_sandbox(&running.team_id, &id, SandboxStatus::Failed)
+                .await;
+        }
+    }
+
+    /// After a crash: builds that were running are marked failed and their staging files
+    /// removed; sandboxes whose owner process is gone are marked failed and their
+    /// directories removed. Paused sandboxes keep their snapshot and stay paused.
+    pub async fn recover_after_restart(&self) -> Result<Recovered> {
+        let mut out = Recovered::default();
+        for b in self.store.mark_interrupted_builds().await? {
+            if let Ok(staging) = self.layout.staging_dir(&b.template_id, &b.id) {
+                remove_dir_quiet(&staging);
+            }
+            out.builds.push(b.id);
+        }
+        let unsettled = [
+            SandboxStatus::Starting,
+            SandboxStatus::Active,
+            SandboxStatus::Pausing,
+            SandboxStatus::Resuming,
+            SandboxStatus::Migrating,
+        ];
+        for s in self.store.sandboxes_with_status(&unsettled).await? {
+            if self.live.agent(&s.id).is_some() || self.owner_alive(&s.id) {
+                continue;
+            }
+            // A pause that was under way may have finished its snapshot; if so, keep it.
+            let dir = self.layout.sandbox_dir(&s.id)?;
+            if s.status == SandboxStatus::Pausing
+                && dir.join(PAUSED_NEXT).join("manifest.json").is_file()
+            {
+                remove_dir_quiet(&dir.join(PAUSED));
+                if std::fs::rename(dir.join(PAUSED_NEXT), dir.join(PAUSED)).is_ok() {
+                    self.store
+                        .set_sandbox_status(&s.team_id, &s.id, SandboxStatus::Paused)
+                        .await?;
+                    continue;
+                }
+            }
+            if s.status == SandboxStatus::Resuming && paused_bundle(&dir).is_some() {
+                self.store
+                    .set_sandbox_status(&s.team_id, &s.id, SandboxStatus::Paused)
+                    .await?;
+                continue;
+            }
+            self.finish_sandbox(&s.team_id, &s.id, SandboxStatus::Failed)
+                .await?;
+            out.sandboxes.push(s.id);
+        }
+        Ok(out)
+    }
+}
+
+/// What [`Engine::recover_after_restart`] cleaned up.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// Builds marked failed.
+    pub builds: Vec<String>,
+    /// Sandboxes marked failed.
+    pub sandboxes: Vec<String>,
+}
+
+fn paused_bundle(dir: &Path) -> Option<PathBuf> {
+    [PAUSED, PAUSED_NEXT]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|b| b.join("manifest.json").is_file())
+}

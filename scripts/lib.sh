@@ -13,6 +13,7 @@ install_debian_packages() {
         docker-registry skopeo umoci           # the local registry and the peers of the pull bench
         mmdebstrap zstd apache2-utils          # test base images, zstd layers, htpasswd for auth tests
         cpio file                              # initramfs inspection, static-binary checks
+        curl python3-venv                      # HTTP in tests, the official Python SDK's venv
     )
     local missing=()
     for p in "${pkgs[@]}"; do

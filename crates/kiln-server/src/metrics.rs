@@ -249,14 +249,14 @@ impl Metrics {
         }
         family(
             &mut out,
-            "kiln_build_failures_total",
-            "Failed builds in the store, by error code.",
-            "counter",
+            "kiln_failed_builds",
+            "Failed builds in the store, by error code (a gauge: deleting a template drops its builds).",
+            "gauge",
         );
         for (code, n) in &stats.build_failures_by_code {
             sample(
                 &mut out,
-                "kiln_build_failures_total",
+                "kiln_failed_builds",
                 &[("code", code.as_str())],
                 *n as f64,
             );
@@ -503,9 +503,9 @@ mod tests {
             "kiln_sandbox_restore_seconds_count 2",
             "# TYPE kiln_builds gauge",
             r#"kiln_builds{status="snapshotting"} 1"#,
-            "# TYPE kiln_build_failures_total counter",
-            r#"kiln_build_failures_total{code="step_failed"} 3"#,
-            r#"kiln_build_failures_total{code="build_failed"} 1"#,
+            "# TYPE kiln_failed_builds gauge",
+            r#"kiln_failed_builds{code="step_failed"} 3"#,
+            r#"kiln_failed_builds{code="build_failed"} 1"#,
             r#"kiln_build_duration_seconds_bucket{le="30"} 0"#,
             r#"kiln_build_duration_seconds_bucket{le="3600"} 2"#,
             r#"kiln_build_duration_seconds_bucket{le="+Inf"} 2"#,

@@ -45,7 +45,10 @@ where
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(make_span)
-                .on_response(on_response),
+                .on_response(on_response)
+                // Every response is logged once above; real server faults are logged with
+                // their cause where they happen (`error::internal`).
+                .on_failure(()),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
         .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))

@@ -184,7 +184,12 @@ fn validate_host(host: &str) -> Result<(), ReferenceError> {
     let (name, port) = if let Some(rest) = host.strip_prefix('[') {
         let (v6, after) = rest.split_once(']').ok_or_else(bad)?;
         v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
-        (None, after.strip_prefix(':'))
+        // After `]` comes `:port` or nothing.
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':').ok_or_else(bad)?),
+        };
+        (None, port)
     } else {
         match host.split_once(':') {
             Some((name, port)) => (Some(name), Some(port)),
@@ -339,6 +344,8 @@ mod tests {
         assert!(r.is_loopback_registry());
         let r = ImageRef::parse("[::1]:5000/x:1").unwrap();
         assert_eq!(r.registry, "[::1]:5000");
+        assert!(ImageRef::parse("[::1]--/python").is_err());
+        assert!(ImageRef::parse("[::1]x:5000/python").is_err());
         assert!(r.is_loopback_registry());
         assert!(!ImageRef::parse("ghcr.io/x").unwrap().is_loopback_registry());
     }

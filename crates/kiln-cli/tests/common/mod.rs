@@ -1,0 +1,321 @@
+//! What the tests that run a real `kiln serve` share: the test assets, a fresh state dir, the
+//! server process and its clean-up, a small JSON-over-HTTP client (curl), and the check
+//! that no VM outlived a test.
+//!
+//! Needs what `scripts/test.sh` sets up: the guest kernel (`kiln setup` into
+//! `$KILN_TEST_ASSETS/state`) and the test registry (`scripts/test-registry.sh start`). A
+//! missing prerequisite fails the test with the remedy; it never skips.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::io::{BufRead as _, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const REMEDY: &str = "run scripts/test.sh (it provisions the test assets)";
+
+/// Server settings a developer's shell may carry that would change what a test expects:
+/// the server runs on its defaults plus what the test sets.
+pub const SERVER_ENV_CLEARED: &[&str] = &[
+    "KILN_CONFIG",
+    "KILN_LISTEN",
+    "KILN_MAX_TEMPLATES",
+    "KILN_MAX_CONCURRENT_BUILDS",
+    "KILN_MAX_SANDBOXES",
+    "KILN_MAX_PARALLEL_BUILDS",
+    "KILN_RATE_LIMIT_PER_SEC",
+    "KILN_RATE_LIMIT_BURST",
+];
+
+/// `kiln ARGS` on the state dir `state`, with [`SERVER_ENV_CLEARED`] cleared.
+pub fn kiln(state: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(args).env("KILN_HOME", state);
+    for var in SERVER_ENV_CLEARED {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+pub fn assets() -> PathBuf {
+    std::env::var_os("KILN_TEST_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("/var/tmp/kiln-test-assets"), PathBuf::from)
+}
+
+/// `KILN_TEST_REGISTRY` from `registry.env`, checked to answer.
+pub fn registry(assets: &Path) -> String {
+    let path = assets.join("registry.env");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}\n-> {REMEDY} (or scripts/test-registry.sh start)",
+            path.display()
+        )
+    });
+    let reg = text
+        .lines()
+        .find_map(|l| l.strip_prefix("KILN_TEST_REGISTRY="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap_or_else(|| panic!("no KILN_TEST_REGISTRY in {}", path.display()));
+    let addr: SocketAddr = reg
+        .parse()
+        .unwrap_or_else(|e| panic!("KILN_TEST_REGISTRY={reg}: {e}"));
+    TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap_or_else(|e| {
+        panic!(
+            "the test registry at {reg} does not answer ({e})\n-> scripts/test-registry.sh start"
+        )
+    });
+    reg
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A fresh state dir with the provisioned kernel linked in; short, because VM sockets live
+/// under it. Removed when dropped.
+pub fn state_dir(prefix: &str) -> tempfile::TempDir {
+    let kernel = assets().join("state/kernel");
+    assert!(kernel.is_dir(), "{} missing -> {REMEDY}", kernel.display());
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::os::unix::fs::symlink(&kernel, dir.path().join("kernel")).unwrap();
+    dir
+}
+
+/// A new API key of `team` (created if needed).
+pub fn api_key(state: &Path, team: &str) -> String {
+    let out = kiln(state, &["admin", "create-api-key", "--team", team])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln admin create-api-key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(
+        !key.is_empty() && !key.contains(char::is_whitespace),
+        "not a key: {key:?}"
+    );
+    key
+}
+
+/// What `kiln serve` prints on stderr once it listens.
+const LISTENING: &str = "kiln API listening on ";
+
+/// Copies a child's output to ours line by line, tagged; `addr` gets the address of the
+/// first `kiln API listening on ADDR` line.
+pub fn forward(
+    from: impl Read + Send + 'static,
+    tag: &'static str,
+    addr: Option<mpsc::Sender<String>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut addr = addr;
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[{tag}] {line}");
+            if let Some(found) = line.split(LISTENING).nth(1) {
+                if let Some(tx) = addr.take() {
+                    let _ = tx.send(found.trim().to_owned());
+                }
+            }
+        }
+    })
+}
+
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a pid of our own child; no memory is involved.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Waits for a child up to `within`; true when it exited.
+pub fn wait_for(child: &mut Child, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return true,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+            _ => return false,
+        }
+    }
+}
+
+/// `kiln serve` on a state dir, stopped when dropped: SIGTERM first (its graceful
+/// shutdown), then SIGKILL.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    logs: Option<thread::JoinHandle<()>>,
+    /// `http://ADDR`.
+    pub url: String,
+}
+
+impl Server {
+    /// Starts `kiln serve` on a port of its choosing, with `env` set, and waits until it
+    /// listens.
+    pub fn start(state: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = kiln(state, &["serve", "--listen", "127.0.0.1:0"]);
+        cmd.env(
+            "KILN_LOG",
+            std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let logs = forward(child.stderr.take().unwrap(), "kiln serve", Some(tx));
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("kiln serve did not report its address within 60s");
+        Server {
+            child,
+            logs: Some(logs),
+            url,
+        }
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`: no clean-up of any kind runs.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.child.id(), libc::SIGTERM);
+            if !wait_for(&mut self.child, Duration::from_secs(30)) {
+                eprintln!("kiln serve did not stop on SIGTERM within 30s: killing it");
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        // Not joined: a VM that outlived the server may still hold its stderr open.
+        drop(self.logs.take());
+    }
+}
+
+/// Pids and command lines of `qemu-system*` processes whose command line mentions
+/// `needle`.
+pub fn qemu_with(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains("qemu-system") && cmdline.contains(needle) {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
+
+/// Waits up to `within` for every QEMU of `state` to be gone; panics naming the survivors.
+pub fn assert_no_qemu(state: &Path, within: Duration) {
+    let needle = state.to_str().unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        let left = qemu_with(needle);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            for (pid, _) in &left {
+                signal(*pid, libc::SIGKILL);
+            }
+            panic!("QEMU processes outlived their owner: {left:#?}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One JSON request with curl: (status, body as JSON, or as a string when it is not JSON).
+pub fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "300",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    for (k, v) in headers {
+        cmd.arg("-H").arg(format!("{k}: {v}"));
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(b.to_string());
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("curl (a Debian package scripts/test.sh installs)");
+    assert!(
+        out.status.success(),
+        "curl {method} {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    let value =
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_owned()));
+    (status.trim().parse().unwrap(), value)
+}
+
+/// Polls `GET url` until `done(body)` holds, up to `within`; returns the last body.
+pub fn poll(
+    url: &str,
+    headers: &[(&str, &str)],
+    within: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = http("GET", url, headers, None);
+        assert_eq!(status, 200, "GET {url}: {body}");
+        if done(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {url}: still {body} after {within:?}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -24,6 +24,9 @@ scripts/test-rootfs.sh
 scripts/test-registry.sh start
 trap 'scripts/test-registry.sh stop || true' EXIT
 
+log "python SDK for the end-to-end test"
+scripts/sdk-venv.sh >/dev/null
+
 log "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -45,9 +45,40 @@ impl Engine {
         Ok(self.store.cancel_build(team_id, build_id).await?)
     }
 
-    /// Deletes a template (refused while sandboxes use it) and its artifacts.
+    /// Deletes a template (refused while sandboxes use it) and its artifacts. Builds still
+    /// queued or running are cancelled first, and this process's runners of them are given
+    /// [`DELETE_WAIT`] to stop their VMs, so nothing is published into a deleted template.
     pub async fn delete_template(&self, team_id: &str, template: &str) -> Result<Template> {
-        let (t, _) = self.store.delete_template(team_id, template).await?;
+        let t = self.store.template_by_id_or_name(team_id, template).await?;
+        let live = kiln_store::SandboxFilter {
+            statuses: Some({
+                use kiln_store::SandboxStatus::*;
+                vec![Starting, Active, Pausing, Paused, Resuming, Migrating]
+            }),
+            ..Default::default()
+        };
+        let in_use = self
+            .store
+            .list_sandboxes(team_id, &live)
+            .await?
+            .iter()
+            .filter(|s| s.template_id == t.id)
+            .count();
+        if in_use > 0 {
+            return Err(kiln_store::StoreError::Conflict(format!(
+                "template has {in_use} live sandboxes"
+            ))
+            .into());
+        }
+        let mut cancelled = Vec::new();
+        for b in self.store.list_builds(team_id, &t.id).await? {
+            if !b.status.is_terminal() {
+                self.store.cancel_build(team_id, &b.id).await?;
+                cancelled.push(b.id);
+            }
+        }
+        self.running_builds.wait_gone(&cancelled, DELETE_WAIT).await;
+        let (t, _) = self.store.delete_template(team_id, &t.id).await?;
         let dir = self.layout.template_dir(&t.id)?;
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -84,14 +115,24 @@ impl Engine {
                 let _ = writer.await;
                 return Ok(self.store.get_build(build_id).await?);
             }
+            let _running = self.running_builds.enter(build_id);
             let outcome = self.run_build_with(&build, &template, &observer).await;
             drop(observer);
             let _ = writer.await;
             let finished = match outcome {
                 Ok(size_bytes) => {
-                    self.store
+                    let done = self
+                        .store
                         .finish_build(build_id, Ok(BuiltArtifact { size_bytes }))
-                        .await?
+                        .await;
+                    if done.is_err() {
+                        // Cancelled or deleted while it was being published: the artifact
+                        // has no owner.
+                        if let Ok(dir) = self.layout.artifact_dir(&template.id, build_id) {
+                            crate::sandboxes::remove_dir_quiet(&dir);
+                        }
+                    }
+                    done?
                 }
                 Err(BuildEnd::Cancelled) => {
                     self.store.cancel_build(&build.team_id, build_id).await?
@@ -195,6 +236,58 @@ impl Engine {
         kiln_store::publish_dir(staging, &dest)
             .map_err(|e| fail(format!("publishing the artifact: {e}")))?;
         Ok(out.size_bytes)
+    }
+}
+
+/// How long deleting a template waits for its cancelled builds to stop.
+pub const DELETE_WAIT: Duration = Duration::from_secs(60);
+
+/// The builds this process is running, so that a delete can wait for them to stop.
+#[derive(Debug, Default)]
+pub(crate) struct RunningBuilds {
+    ids: std::sync::Mutex<std::collections::HashSet<String>>,
+    changed: tokio::sync::Notify,
+}
+
+/// Removes its build from [`RunningBuilds`] when the runner ends, however it ends.
+pub(crate) struct Running<'a> {
+    set: &'a RunningBuilds,
+    id: String,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.id);
+        self.set.changed.notify_waiters();
+    }
+}
+
+impl RunningBuilds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn enter(&self, id: &str) -> Running<'_> {
+        self.lock().insert(id.to_owned());
+        Running {
+            set: self,
+            id: id.to_owned(),
+        }
+    }
+
+    /// Waits until none of `ids` is running here, or `within` has passed.
+    pub(crate) async fn wait_gone(&self, ids: &[String], within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.changed.notified();
+            if !ids.iter().any(|id| self.lock().contains(id)) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                tracing::warn!("cancelled builds still running after {within:?}");
+                return;
+            }
+        }
     }
 }
 

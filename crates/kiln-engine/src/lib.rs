@@ -98,6 +98,8 @@ pub struct Engine {
     build_slots: Semaphore,
     /// Sandboxes whose VMs this process owns (the server's).
     live: live::LiveSandboxes,
+    /// Builds this process is running.
+    running_builds: builds::RunningBuilds,
 }
 
 impl Engine {
@@ -118,6 +120,7 @@ impl Engine {
             build_env: OnceCell::new(),
             build_slots: Semaphore::new(slots),
             live: live::LiveSandboxes::default(),
+            running_builds: builds::RunningBuilds::default(),
         }))
     }
 

@@ -41,6 +41,9 @@ pub(crate) struct LiveSandboxes {
 struct Running {
     team_id: String,
     agent: AgentClient,
+    /// The current access token, so that `activate` on a running sandbox can hand it out
+    /// without rotating it (which would cut off every other client of the sandbox).
+    token: Mutex<String>,
     vm: tokio::sync::Mutex<Option<Vm>>,
 }
 
@@ -50,7 +53,7 @@ impl LiveSandboxes {
         ops.entry(id.to_owned()).or_default().clone()
     }
 
-    fn insert(&self, team_id: &str, id: &str, vm: Vm) -> Result<AgentClient> {
+    fn insert(&self, team_id: &str, id: &str, vm: Vm, token: &str) -> Result<AgentClient> {
         let mut vm = vm;
         let agent = vm
             .release_agent()
@@ -58,6 +61,7 @@ impl LiveSandboxes {
         let running = Arc::new(Running {
             team_id: team_id.to_owned(),
             agent: agent.clone(),
+            token: Mutex::new(token.to_owned()),
             vm: tokio::sync::Mutex::new(Some(vm)),
         });
         self.lock().insert(id.to_owned(), running);
@@ -70,6 +74,22 @@ impl LiveSandboxes {
 
     fn agent(&self, id: &str) -> Option<AgentClient> {
         self.lock().get(id).map(|r| r.agent.clone())
+    }
+
+    fn token(&self, id: &str) -> Option<String> {
+        let running = self.lock().get(id).cloned()?;
+        let token = running
+            .token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Some(token)
+    }
+
+    fn set_token(&self, id: &str, token: &str) {
+        if let Some(running) = self.lock().get(id).cloned() {
+            *running.token.lock().unwrap_or_else(|e| e.into_inner()) = token.to_owned();
+        }
     }
 
     fn ids(&self) -> Vec<String> {
@@ -113,7 +133,10 @@ impl Engine {
         let started = Instant::now();
         let live = self.start_sandbox(team_id, &record.id).await?;
         let restore_time = started.elapsed();
-        if let Err(e) = self.live.insert(team_id, &record.id, live.vm) {
+        if let Err(e) = self
+            .live
+            .insert(team_id, &record.id, live.vm, &access_token)
+        {
             self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
                 .await?;
             return Err(e);
@@ -258,28 +281,63 @@ impl Engine {
         }
     }
 
-    /// Brings a paused sandbox back with its processes live, or confirms a running one, and
-    /// rotates its access token either way (the SDK's `resume` and `activate`). A pause in
-    /// progress is waited out first.
+    /// Brings a paused sandbox back with its processes live (a pause in progress is waited
+    /// out first) and rotates its access token: the SDK's `resume`.
     pub async fn resume_sandbox(
         &self,
         team_id: &str,
         sandbox_id: &str,
     ) -> Result<SandboxWithToken> {
-        let lock = self.live.op_lock(sandbox_id);
-        let _op = lock.lock().await;
+        self.bring_up(team_id, sandbox_id, true).await
+    }
+
+    /// The SDK's `activate` (what `Sandbox.connect` calls): a paused sandbox is resumed with
+    /// a new token; a running one keeps its token, which is handed out again, so that one
+    /// client connecting does not cut off the others.
+    pub async fn activate_sandbox(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+    ) -> Result<SandboxWithToken> {
+        self.bring_up(team_id, sandbox_id, false).await
+    }
+
+    async fn bring_up(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        always_rotate: bool,
+    ) -> Result<SandboxWithToken> {
+        let _op = self.live.op_lock(sandbox_id).lock_owned().await;
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
         let mut restore_time = None;
         let sandbox = match record.status {
-            SandboxStatus::Active if self.live.agent(sandbox_id).is_some() => record,
+            SandboxStatus::Active if self.live.agent(sandbox_id).is_some() => {
+                if let Some(token) = self
+                    .live
+                    .token(sandbox_id)
+                    .filter(|t| !always_rotate && !t.is_empty())
+                {
+                    return Ok(SandboxWithToken {
+                        sandbox: record,
+                        access_token: token,
+                        restore_time: None,
+                    });
+                }
+                record
+            }
             SandboxStatus::Paused => {
                 let started = Instant::now();
                 let sandbox = self
                     .restore_paused(team_id, &record)
-                    .instrument(tracing::info_span!("resume", sandbox = %sandbox_id))
+                    .instrument(tracing::info_span!(parent: None, "sandbox", sandbox = %sandbox_id))
                     .await?;
                 restore_time = Some(started.elapsed());
                 sandbox
+            }
+            // Gone is gone: the same answer as for an id that never existed.
+            SandboxStatus::Deleted => {
+                return Err(kiln_store::StoreError::not_found("sandbox", sandbox_id).into())
             }
             SandboxStatus::Active => return Err(EngineError::NotRunning(sandbox_id.to_owned())),
             _ => {
@@ -291,6 +349,7 @@ impl Engine {
             }
         };
         let access_token = self.store.rotate_sandbox_token(team_id, sandbox_id).await?;
+        self.live.set_token(sandbox_id, &access_token);
         Ok(SandboxWithToken {
             sandbox,
             access_token,
@@ -313,7 +372,7 @@ impl Engine {
         match Vm::restore(&bundle, cfg).await {
             Ok(vm) => {
                 self.write_endpoint(&dir, &vm)?;
-                self.live.insert(team_id, &record.id, vm)?;
+                self.live.insert(team_id, &record.id, vm, "")?;
                 tracing::info!("sandbox resumed");
                 Ok(self
                     .store

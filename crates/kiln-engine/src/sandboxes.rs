@@ -12,6 +12,8 @@ use kiln_store::{NewSandbox, Sandbox, SandboxStatus};
 use kiln_vm::{RestoreConfig, Vm};
 use serde::{Deserialize, Serialize};
 
+use tracing::Instrument as _;
+
 use crate::error::{EngineError, Result};
 use crate::Engine;
 
@@ -71,9 +73,9 @@ impl Engine {
     /// `failed` and nothing is left running.
     pub async fn start_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<LiveSandbox> {
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
-        let span = tracing::info_span!("sandbox", sandbox = %sandbox_id);
-        let _enter = span.enter();
-        match self.restore(&record).await {
+        // A root span: the VM's tasks outlive whatever request asked for it.
+        let span = tracing::info_span!(parent: None, "sandbox", sandbox = %sandbox_id);
+        match self.restore(&record).instrument(span).await {
             Ok((vm, dir)) => {
                 let record = self
                     .store

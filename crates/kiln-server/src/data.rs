@@ -225,7 +225,8 @@ pub(crate) fn exit_code(st: &ExitStatus) -> i32 {
     st.code.or(st.signal.map(|s| 128 + s)).unwrap_or(-1)
 }
 
-fn timeout_notice(req_timeout_ms: Option<u64>) -> String {
+/// The one wording of a timeout, on every exec path.
+pub(crate) fn timeout_notice(req_timeout_ms: Option<u64>) -> String {
     format!(
         "command timed out after {} s and was killed",
         req_timeout_ms.unwrap_or(0) / 1000
@@ -259,7 +260,10 @@ pub(crate) async fn exec(
         ));
     }
     if status.timed_out {
-        stderr.push_str(&format!("\n[kiln] {}\n", timeout_notice(timeout_ms)));
+        if !stderr.is_empty() && !stderr.ends_with('\n') {
+            stderr.push('\n');
+        }
+        stderr.push_str(&timeout_notice(timeout_ms));
     }
     Ok(Json(serde_json::json!({
         "stdout": String::from_utf8_lossy(&stdout),

@@ -136,7 +136,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/sandboxes/{sandbox}/pause", post(sandboxes::pause))
         .route("/sandboxes/{sandbox}/resume", post(sandboxes::resume))
-        .route("/sandboxes/{sandbox}/activate", post(sandboxes::resume))
+        .route("/sandboxes/{sandbox}/activate", post(sandboxes::activate))
         .route("/exec", post(data::exec))
         .route("/exec/stream", post(data::exec_stream))
         .route("/exec/connect", get(ws::exec_connect))

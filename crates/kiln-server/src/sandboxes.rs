@@ -264,14 +264,27 @@ pub(crate) async fn pause(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `POST /sandboxes/{id}/resume` and `/activate`: the sandbox running, with a new access
-/// token.
+/// `POST /sandboxes/{id}/resume`: the sandbox running again, with a new access token.
 pub(crate) async fn resume(
     State(state): State<AppState>,
     Auth(team): Auth,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let resumed = state.engine.resume_sandbox(&team.id, &id).await?;
+    if let Some(t) = resumed.restore_time {
+        state.metrics.observe_restore(t);
+    }
+    Ok(Json(with_token(&resumed)))
+}
+
+/// `POST /sandboxes/{id}/activate`: the sandbox running (resumed if paused) and a token
+/// that works; a running sandbox keeps its token.
+pub(crate) async fn activate(
+    State(state): State<AppState>,
+    Auth(team): Auth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let resumed = state.engine.activate_sandbox(&team.id, &id).await?;
     if let Some(t) = resumed.restore_time {
         state.metrics.observe_restore(t);
     }

@@ -92,6 +92,7 @@ async fn session(mut ws: WebSocket, agent: AgentClient) -> Result<(), String> {
             return Err(reason);
         }
     };
+    let timeout_ms = req.timeout_ms;
     let mut handle = match agent.exec(req).await {
         Ok(h) => h,
         Err(e) => {
@@ -171,7 +172,7 @@ async fn session(mut ws: WebSocket, agent: AgentClient) -> Result<(), String> {
             Ok(Some(ExecEvent::Exit(st))) => {
                 let mut done = serde_json::json!({"finished": true, "exit_code": exit_code(&st)});
                 if st.timed_out {
-                    done["error"] = "command timed out and was killed".into();
+                    done["error"] = crate::data::timeout_notice(timeout_ms).into();
                 }
                 let _ = tx.send(Message::Text(done.to_string().into())).await;
                 let _ = tx

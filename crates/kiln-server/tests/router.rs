@@ -581,7 +581,8 @@ async fn the_data_plane_checks_sandbox_token_and_team() {
         (s, code(&v)),
         (StatusCode::BAD_REQUEST, "invalid_request".into())
     );
-    let cases: Vec<(Vec<(&str, &str)>, StatusCode, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, StatusCode, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             vec![("x-superserve-sandbox-id", &active)],
             StatusCode::UNAUTHORIZED,

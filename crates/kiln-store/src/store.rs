@@ -1172,8 +1172,9 @@ async fn sandbox_in(conn: &mut SqliteConnection, team_id: &str, id: &str) -> Res
 
 /// Makes the template's status follow `build` when it is the template's latest build.
 ///
-/// A cancelled latest build leaves the template `ready` if an older artifact is still live
-/// (nothing failed), else `failed`, since there is nothing to start sandboxes from.
+/// A template with a live artifact stays `ready` through rebuilds, failed ones included
+/// (the failure is in `error_message`). A cancelled latest build leaves a template without
+/// one `failed`, since there is nothing to start sandboxes from.
 async fn follow_latest(
     conn: &mut SqliteConnection,
     build: &Build,
@@ -1191,6 +1192,17 @@ async fn follow_latest(
         return Ok(());
     }
     let (status, error): (TemplateStatus, Option<String>) = match build.status {
+        // While a live artifact exists the template stays `ready` (the SDKs read the
+        // template's status as that of its latest *successful* build; the build's own
+        // status is what a rebuild's caller follows).
+        BuildStatus::Pending | BuildStatus::Building | BuildStatus::Snapshotting
+            if current.is_some() =>
+        {
+            (TemplateStatus::Ready, None)
+        }
+        BuildStatus::Failed if current.is_some() => {
+            (TemplateStatus::Ready, build.error_message.clone())
+        }
         BuildStatus::Pending => (TemplateStatus::Pending, None),
         BuildStatus::Building | BuildStatus::Snapshotting => (TemplateStatus::Building, None),
         BuildStatus::Ready => {

@@ -286,7 +286,8 @@ async fn rebuild_is_idempotent_per_spec_and_limited() {
     assert!(r1.created);
     assert_ne!(r1.build.id, first);
     let tmpl = store.template_by_id_or_name(&team.id, &tid).await.unwrap();
-    assert_eq!(tmpl.status, TemplateStatus::Pending);
+    // A live artifact keeps the template ready while it is rebuilt.
+    assert_eq!(tmpl.status, TemplateStatus::Ready);
     assert_eq!(tmpl.latest_build_id.as_deref(), Some(r1.build.id.as_str()));
     // The old artifact stays live until the new one is ready.
     assert_eq!(tmpl.current_build_id.as_deref(), Some(first.as_str()));
@@ -355,11 +356,14 @@ async fn rebuild_is_idempotent_per_spec_and_limited() {
         .await
         .unwrap();
     let tmpl = store.template_by_id_or_name(&team.id, &tid).await.unwrap();
-    assert_eq!(tmpl.status, TemplateStatus::Pending);
+    assert_eq!(tmpl.status, TemplateStatus::Ready);
     assert_eq!(tmpl.current_build_id.as_deref(), Some(first.as_str()));
 
     let builds = store.list_builds(&team.id, "web").await.unwrap();
     assert_eq!(builds.len(), 3);
+    // Newest first.
+    assert_eq!(builds[0].id, r4.build.id);
+    assert_eq!(builds[2].id, first);
 }
 
 #[tokio::test]

@@ -195,6 +195,11 @@ impl Server {
         self.child.id()
     }
 
+    /// How the server ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// `kill -9`: no clean-up of any kind runs.
     pub fn kill_9(mut self) {
         let _ = self.child.kill();
@@ -239,23 +244,30 @@ pub fn qemu_with(needle: &str) -> Vec<(u32, String)> {
     out
 }
 
-/// Waits up to `within` for every QEMU of `state` to be gone; panics naming the survivors.
-pub fn assert_no_qemu(state: &Path, within: Duration) {
+/// Waits up to `within` for every QEMU of `state` to be gone, kills the survivors and
+/// returns them (empty when none outlived their owner).
+pub fn reap_qemu(state: &Path, within: Duration) -> Vec<(u32, String)> {
     let needle = state.to_str().unwrap();
     let deadline = Instant::now() + within;
     loop {
         let left = qemu_with(needle);
-        if left.is_empty() {
-            return;
-        }
-        if Instant::now() > deadline {
+        if left.is_empty() || Instant::now() > deadline {
             for (pid, _) in &left {
                 signal(*pid, libc::SIGKILL);
             }
-            panic!("QEMU processes outlived their owner: {left:#?}");
+            return left;
         }
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// [`reap_qemu`], failing the test if any QEMU outlived its owner.
+pub fn assert_no_qemu(state: &Path, within: Duration) {
+    let left = reap_qemu(state, within);
+    assert!(
+        left.is_empty(),
+        "QEMU processes outlived their owner: {left:#?}"
+    );
 }
 
 /// One JSON request with curl: (status, body as JSON, or as a string when it is not JSON).

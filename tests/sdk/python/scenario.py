@@ -1,0 +1,578 @@
+"""End-to-end scenario: Superserve's official Python SDK (superserve==0.11.4, unmodified)
+against a running `kiln serve`.
+
+Run by crates/kiln-cli/tests/sdk_python.rs with the venv of scripts/sdk-venv.sh. Only two
+things of the SDK are redirected, both to the kiln server: the data-plane base URL (the
+SDK derives it from its own domains) and the host of the exec WebSocket.
+
+Environment:
+  SUPERSERVE_API_KEY       an API key of the server (read by the SDK itself)
+  SUPERSERVE_BASE_URL      http://HOST:PORT of `kiln serve` (read by the SDK itself)
+  KILN_TEST_IMAGE_PYTHON   base image reference (python3 + curl + sudo) in the test registry
+  KILN_MAX_TEMPLATES       the server's template limit; the scenario owns 2 templates when
+                           it checks the limit, so it must be 2
+  KILN_MAX_SANDBOXES       the server's sandbox limit; the scenario's one sandbox must reach
+                           it, so it must be 1
+  KILN_SDK_RUN_ID          optional suffix that keeps names unique (default: the pid)
+
+Every step asserts; a broken expectation prints `FAIL: ...` and exits 1 (after a
+best-effort cleanup). Each step prints its duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import io
+import os
+import re
+import sys
+import time
+import traceback
+import zipfile
+from typing import Any, Callable, Iterator, NoReturn
+from urllib.parse import urlsplit
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+
+
+class Failure(Exception):
+    """A broken expectation."""
+
+
+def fail(msg: str) -> NoReturn:
+    raise Failure(msg)
+
+
+def require_env(name: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        print(f"FAIL: {name} is not set", flush=True)
+        sys.exit(2)
+    return value
+
+
+BASE_URL = require_env("SUPERSERVE_BASE_URL").rstrip("/")
+API_KEY = require_env("SUPERSERVE_API_KEY")
+IMAGE = require_env("KILN_TEST_IMAGE_PYTHON")
+MAX_TEMPLATES = int(os.environ.get("KILN_MAX_TEMPLATES", "2"))
+MAX_SANDBOXES = int(os.environ.get("KILN_MAX_SANDBOXES", "1"))
+RUN_ID = os.environ.get("KILN_SDK_RUN_ID") or str(os.getpid())
+SANDBOX_ID_HEADER = "X-Superserve-Sandbox-Id"
+
+_base = urlsplit(BASE_URL)
+if _base.scheme not in ("http", "https") or not _base.netloc:
+    print(f"FAIL: SUPERSERVE_BASE_URL={BASE_URL!r} is not an http(s) URL", flush=True)
+    sys.exit(2)
+WS_BASE = f"{'wss' if _base.scheme == 'https' else 'ws'}://{_base.netloc}"
+
+# ---------------------------------------------------------------------------------------
+# Point the SDK's data plane at kiln (the only changes made to the SDK's behaviour)
+# ---------------------------------------------------------------------------------------
+
+import httpx  # noqa: E402
+import websockets  # noqa: E402
+
+import superserve._config as ss_config  # noqa: E402
+import superserve.commands as ss_commands  # noqa: E402
+import superserve.files as ss_files  # noqa: E402
+from superserve._config import DataPlaneTarget  # noqa: E402
+
+
+def kiln_data_plane_target(sandbox_id: str, sandbox_host: str) -> DataPlaneTarget:
+    return DataPlaneTarget(url=BASE_URL, headers={SANDBOX_ID_HEADER: sandbox_id})
+
+
+ss_config.data_plane_target = kiln_data_plane_target
+ss_commands.data_plane_target = kiln_data_plane_target
+ss_files.data_plane_target = kiln_data_plane_target
+
+# commands.spawn dials wss://boxd-{id}.{sandbox_host}/exec/connect with
+# `websockets.connect(uri, subprotocols=[...])` (it imports the module inside the call, so
+# the module attribute is what it uses). Kiln serves it at ws://HOST:PORT/exec/connect
+# with the sandbox named by header, like the rest of the data plane.
+_ws_connect = websockets.connect
+_ws_params = inspect.signature(_ws_connect).parameters
+WS_HEADERS_KW = "additional_headers" if "additional_headers" in _ws_params else "extra_headers"
+WS_DIALS: list[dict[str, Any]] = []
+
+
+def kiln_ws_connect(uri: str, *args: Any, **kwargs: Any) -> Any:
+    parts = urlsplit(uri)
+    # netloc, not hostname: hostname lowercases, and an id is matched byte for byte.
+    match = re.match(r"^boxd-([^.]+)\.", parts.netloc)
+    if not match:
+        return _ws_connect(uri, *args, **kwargs)
+    headers = dict(kwargs.pop(WS_HEADERS_KW, None) or {})
+    headers[SANDBOX_ID_HEADER] = match.group(1)
+    kwargs[WS_HEADERS_KW] = headers
+    target = f"{WS_BASE}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    WS_DIALS.append({"uri": uri, "target": target, "subprotocols": kwargs.get("subprotocols")})
+    return _ws_connect(target, *args, **kwargs)
+
+
+websockets.connect = kiln_ws_connect  # type: ignore[assignment]
+
+from superserve import (  # noqa: E402
+    AsyncSandbox,
+    AuthenticationError,
+    BuildError,
+    ConflictError,
+    BuildLogEvent,
+    EnvStep,
+    EnvStepValue,
+    NotFoundError,
+    RateLimitError,
+    RunStep,
+    Sandbox,
+    SandboxError,
+    SandboxStatus,
+    Template,
+    TemplateBuildStatus,
+    TemplateStatus,
+    UserStep,
+    UserStepValue,
+    WorkdirStep,
+)
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    say(f"-> {name}")
+    started = time.monotonic()
+    try:
+        yield
+    except Failure:
+        raise
+    except SandboxError as e:
+        fail(
+            f"{name}: {type(e).__name__}: {e} "
+            f"(status_code={getattr(e, 'status_code', None)}, code={getattr(e, 'code', None)})"
+        )
+    except Exception as e:  # noqa: BLE001
+        fail(f"{name}: unexpected {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    say(f"   ok: {name} ({time.monotonic() - started:.1f}s)")
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        fail(msg)
+
+
+def check_eq(actual: Any, expected: Any, what: str) -> None:
+    if actual != expected:
+        fail(f"{what}: expected {expected!r}, got {actual!r}")
+
+
+def poll(what: str, timeout: float, probe: Callable[[], Any], interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    fail(f"{what}: not reached within {timeout:.0f}s (last probe: {last!r})")
+
+
+def raw_get(path: str) -> str:
+    """A plain request to the control plane, for diagnostics in failure messages."""
+    try:
+        r = httpx.get(f"{BASE_URL}{path}", headers={"X-API-Key": API_KEY}, timeout=10)
+        return f"GET {path} -> {r.status_code} {r.text[:600]}"
+    except Exception as e:  # noqa: BLE001
+        return f"GET {path} -> {type(e).__name__}: {e}"
+
+
+def name(kind: str) -> str:
+    return f"sdk-{kind}-{RUN_ID}"
+
+
+# ---------------------------------------------------------------------------------------
+# The scenario
+# ---------------------------------------------------------------------------------------
+
+cleanup: list[tuple[str, Callable[[], None]]] = []
+
+
+def scenario() -> None:
+    say(f"kiln at {BASE_URL}; image {IMAGE}; websockets {websockets.__version__} ({WS_HEADERS_KW})")
+    with step("health"):
+        r = httpx.get(f"{BASE_URL}/health", timeout=10)
+        check_eq(r.status_code, 200, "GET /health status")
+
+    with step("a wrong API key is refused (AuthenticationError)"):
+        try:
+            Template.list(api_key="not-a-kiln-key")
+        except AuthenticationError as e:
+            check_eq(e.status_code, 401, "status of a wrong key")
+        else:
+            fail("Template.list with a wrong API key succeeded")
+
+    # -- templates: one that builds, one whose step fails, both queued up front so the
+    #    two TCG builds overlap.
+    with step("Template.create (web)"):
+        web = Template.create(
+            name=name("web"),
+            from_=IMAGE,
+            vcpu=1,
+            memory_mib=384,
+            disk_mib=1024,
+            steps=[
+                EnvStep(env=EnvStepValue(key="GREETING", value="hello")),
+                RunStep(run="echo built > /opt/built.txt; echo run-step-stdout-marker"),
+                UserStep(user=UserStepValue(name="app", sudo=True)),
+                WorkdirStep(workdir="/srv/app"),
+                RunStep(run='echo "$GREETING from $(id -un)" > index.html'),
+            ],
+            start_cmd="python3 -m http.server 8000 --bind 127.0.0.1",
+            ready_cmd="curl -fsS http://127.0.0.1:8000/ >/dev/null",
+        )
+        cleanup.append(("delete template web", web.delete))
+        check_eq(web.name, name("web"), "template name")
+        check(bool(web.latest_build_id), f"no build id on the created template: {web!r}")
+        check(
+            web.status in (TemplateStatus.PENDING, TemplateStatus.BUILDING),
+            f"new template status {web.status!r}",
+        )
+        check_eq((web.vcpu, web.memory_mib, web.disk_mib), (1, 384, 1024), "template resources")
+
+    with step("Template.create (broken: run step exits 1)"):
+        broken = Template.create(
+            name=name("broken"),
+            from_=IMAGE,
+            memory_mib=384,
+            disk_mib=1024,
+            steps=[RunStep(run="echo about to fail; exit 1")],
+        )
+        cleanup.append(("delete template broken", broken.delete))
+
+    with step(f"RateLimitError past the team's {MAX_TEMPLATES} templates"):
+        check_eq(MAX_TEMPLATES, 2, "KILN_MAX_TEMPLATES (the scenario owns 2 templates here)")
+        try:
+            extra = Template.create(name=name("one-too-many"), from_=IMAGE, memory_mib=384, disk_mib=1024)
+        except RateLimitError as e:
+            check_eq(e.code, "too_many_templates", "RateLimitError.code")
+            check_eq(e.status_code, 429, "RateLimitError.status_code")
+        else:
+            cleanup.append(("delete template one-too-many", extra.delete))
+            fail(
+                "a third template was accepted: the server does not enforce "
+                f"KILN_MAX_TEMPLATES={MAX_TEMPLATES} (templates: "
+                f"{[t.name for t in Template.list()]})"
+            )
+
+    with step("Template.list / connect"):
+        names = {t.name for t in Template.list(name_prefix="sdk-")}
+        check({name("web"), name("broken")} <= names, f"Template.list: {names}")
+        again = Template.connect(name("web"))
+        check_eq(again.id, web.id, "Template.connect(name).id")
+
+    logs: list[BuildLogEvent] = []
+    with step("web: wait_until_ready(on_log=...)"):
+        info = web.wait_until_ready(on_log=logs.append, poll_interval_s=1.0)
+        check_eq(info.status, TemplateStatus.READY, "template status after wait_until_ready")
+        check(info.built_at is not None, f"built_at unset on a ready template: {info!r}")
+        streams = sorted({e.stream.value for e in logs})
+        say(f"   {len(logs)} log events, streams {streams}")
+        for e in logs[:3] + logs[-3:]:
+            say(f"   log: {e.stream.value}: {e.text!r} finished={e.finished} status={e.status}")
+        if not logs:
+            fail(
+                "no build log events reached on_log (the SDK swallows SSE errors); "
+                + raw_get(f"/templates/{web.id}/builds/{web.latest_build_id}/logs")
+            )
+        check(
+            any(e.stream.value == "stdout" and "run-step-stdout-marker" in e.text for e in logs),
+            "the run step's stdout line is not among the build logs",
+        )
+        check(any(e.stream.value == "system" for e in logs), "no system lines among the build logs")
+        finished = [e for e in logs if e.finished]
+        check(bool(finished), "the log stream ended without a finished event")
+        check_eq(finished[-1].status, "ready", "status on the finished log event")
+        builds = web.list_builds()
+        check_eq([b.id for b in builds], [web.latest_build_id], "list_builds ids")
+        build = web.get_build(web.latest_build_id)
+        check_eq(build.status, TemplateBuildStatus.READY, "get_build status")
+        check(build.build_spec_hash.startswith("sha256:"), f"build_spec_hash {build.build_spec_hash!r}")
+        check(build.finalized_at is not None, "finalized_at unset on a ready build")
+
+    with step("broken: wait_until_ready raises BuildError(step_failed)"):
+        try:
+            broken.wait_until_ready(poll_interval_s=1.0)
+        except BuildError as e:
+            say(f"   BuildError code={e.code} message={str(e)!r}")
+            check_eq(e.code, "step_failed", "BuildError.code")
+            check_eq(e.template_id, broken.id, "BuildError.template_id")
+            check_eq(e.build_id, broken.latest_build_id, "BuildError.build_id")
+        else:
+            fail("a template whose run step exits 1 became ready")
+        check_eq(broken.get_info().status, TemplateStatus.FAILED, "broken template status")
+
+    with step("Sandbox.create from a template that is not ready (ConflictError)"):
+        try:
+            stray = Sandbox.create(name=name("stray"), from_template=broken)
+        except ConflictError as e:
+            say(f"   ConflictError code={e.code} message={str(e)!r}")
+        else:
+            cleanup.insert(0, ("kill stray sandbox", stray.kill))
+            fail("a sandbox was created from a template whose build failed")
+
+    # -- a sandbox from the template
+    metadata = {"suite": "sdk-e2e", "run": RUN_ID}
+    with step("Sandbox.create"):
+        sandbox = Sandbox.create(
+            name=name("box"),
+            from_template=web,
+            env_vars={"KILN_SDK_VAR": "from-env-vars", "GREETING": "overridden"},
+            metadata=metadata,
+        )
+        cleanup.insert(0, ("kill sandbox", sandbox.kill))
+        check_eq(sandbox.name, name("box"), "sandbox name")
+        check_eq(sandbox.status, SandboxStatus.ACTIVE, "status returned by Sandbox.create")
+        check_eq(sandbox.metadata, metadata, "metadata returned by Sandbox.create")
+        info = sandbox.get_info()
+        check_eq(info.memory_mib, 384, "sandbox memory_mib (the template's)")
+        check_eq(info.vcpu_count, 1, "sandbox vcpu_count (the template's)")
+
+    with step(f"RateLimitError past the team's {MAX_SANDBOXES} sandbox"):
+        check_eq(MAX_SANDBOXES, 1, "KILN_MAX_SANDBOXES (the scenario runs 1 sandbox here)")
+        try:
+            extra_box = Sandbox.create(name=name("one-too-many"), from_template=web)
+        except RateLimitError as e:
+            check_eq(e.code, "too_many_sandboxes", "RateLimitError.code")
+        else:
+            cleanup.insert(0, ("kill sandbox one-too-many", extra_box.kill))
+            fail(
+                "a second sandbox was accepted: the server does not enforce "
+                f"KILN_MAX_SANDBOXES={MAX_SANDBOXES}"
+            )
+
+    with step("commands.run: env, user, workdir"):
+        r = sandbox.commands.run("echo $KILN_SDK_VAR; echo $GREETING; id -un; pwd")
+        check_eq(r.exit_code, 0, f"exit code (stderr {r.stderr!r})")
+        check_eq(
+            r.stdout.splitlines(),
+            ["from-env-vars", "overridden", "app", "/srv/app"],
+            "stdout of `echo $KILN_SDK_VAR; echo $GREETING; id -un; pwd`",
+        )
+        r = sandbox.commands.run("echo out; echo err >&2; cat /opt/built.txt", cwd="/tmp", env={"X": "1"})
+        check_eq((r.stdout, r.stderr, r.exit_code), ("out\nbuilt\n", "err\n", 0), "stdout/stderr/exit")
+        r = sandbox.commands.run("pwd; echo $X", cwd="/tmp", env={"X": "per-command"})
+        check_eq(r.stdout, "/tmp\nper-command\n", "cwd and env of one command")
+        r = sandbox.commands.run("sudo -n true && stat -c %U /srv/app")
+        check_eq((r.stdout, r.exit_code), ("app\n", 0), "sudo for the template's user; workdir owner")
+
+    with step("commands.run exit code"):
+        r = sandbox.commands.run("exit 3")
+        check_eq(r.exit_code, 3, "exit code of `exit 3`")
+
+    with step("commands.run streaming (on_stdout / on_stderr)"):
+        chunks: list[str] = []
+        errs: list[str] = []
+        r = sandbox.commands.run(
+            "for i in 1 2 3; do echo line $i; sleep 0.2; done; echo oops >&2; exit 4",
+            on_stdout=chunks.append,
+            on_stderr=errs.append,
+        )
+        check_eq("".join(chunks), "line 1\nline 2\nline 3\n", "streamed stdout")
+        check_eq("".join(errs), "oops\n", "streamed stderr")
+        check_eq(r.stdout, "line 1\nline 2\nline 3\n", "result stdout of a streamed run")
+        check_eq(r.exit_code, 4, "exit code of a streamed run")
+        say(f"   {len(chunks)} stdout chunks")
+
+    with step("files.write / files.read"):
+        sandbox.files.write("/tmp/x.txt", "hello")
+        check_eq(sandbox.files.read("/tmp/x.txt"), b"hello", "files.read after files.write")
+        blob = bytes(range(256)) * 64
+        sandbox.files.write("/tmp/blob.bin", blob)
+        check_eq(sandbox.files.read("/tmp/blob.bin"), blob, "binary round trip")
+        r = sandbox.commands.run("cat /tmp/x.txt; stat -c %s /tmp/blob.bin")
+        check_eq(r.stdout, "hello" + f"{len(blob)}\n", "the written files seen by a command")
+        check_eq(sandbox.files.read_text("/tmp/x.txt"), "hello", "files.read_text")
+        try:
+            sandbox.files.read("/tmp/no-such-file")
+        except NotFoundError:
+            pass
+        else:
+            fail("files.read of a missing file did not raise NotFoundError")
+
+    with step("files.download_dir (zip)"):
+        r = sandbox.commands.run(
+            "mkdir -p /tmp/d/sub && printf a > /tmp/d/a.txt && printf b > /tmp/d/sub/b.txt"
+        )
+        check_eq(r.exit_code, 0, f"preparing /tmp/d ({r.stderr!r})")
+        data = sandbox.files.download_dir("/tmp/d")
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile:
+            fail(f"download_dir did not return a zip: {data[:200]!r}")
+        entries = sorted(n for n in zf.namelist() if not n.endswith("/"))
+        check_eq(entries, ["d/a.txt", "d/sub/b.txt"], "zip file entries")
+        check_eq(zf.read("d/sub/b.txt"), b"b", "zip entry content")
+        check(zf.testzip() is None, "zip CRC check")
+
+    with step("the start process answers"):
+        r = sandbox.commands.run("curl -fsS http://127.0.0.1:8000/index.html")
+        check_eq((r.stdout.strip(), r.exit_code), ("hello from app", 0), "curl of the start process")
+
+    with step("Sandbox.list(metadata=...)"):
+        found = Sandbox.list(metadata={"run": RUN_ID})
+        check_eq([s.id for s in found], [sandbox.id], "Sandbox.list(metadata={run})")
+        check_eq(found[0].status, SandboxStatus.ACTIVE, "listed status")
+        active = Sandbox.list(metadata={"run": RUN_ID}, status=["active", "paused"])
+        check_eq([s.id for s in active], [sandbox.id], "Sandbox.list(status=[active, paused])")
+        check_eq(Sandbox.list(metadata={"run": "no-such-run"}), [], "Sandbox.list of another run")
+
+    with step("sandbox.update(metadata=...) / get_info"):
+        sandbox.update(metadata={"suite": "sdk-e2e", "run": RUN_ID, "stage": "updated"})
+        info = sandbox.get_info()
+        check_eq(info.metadata.get("stage"), "updated", f"metadata after update ({info.metadata})")
+        check_eq(info.status, SandboxStatus.ACTIVE, "status after update")
+
+    with step("pause"):
+        sandbox.commands.run("echo kept > /tmp/before-pause.txt")
+        old_token = sandbox._access_token  # read only: to prove resume rotates it
+        sandbox.pause()
+        poll(
+            "sandbox paused",
+            120,
+            lambda: sandbox.get_info().status == SandboxStatus.PAUSED,
+        )
+        listed = Sandbox.list(metadata={"run": RUN_ID}, status="paused")
+        check_eq([s.id for s in listed], [sandbox.id], "Sandbox.list(status=paused)")
+
+    with step("resume; the old access token is refused"):
+        sandbox.resume()
+        check_eq(sandbox.get_info().status, SandboxStatus.ACTIVE, "status after resume")
+        check(sandbox._access_token != old_token, "resume did not rotate the access token")
+        r = httpx.post(
+            f"{BASE_URL}/exec",
+            headers={SANDBOX_ID_HEADER: sandbox.id, "X-Access-Token": old_token},
+            json={"command": "true"},
+            timeout=30,
+        )
+        check_eq(r.status_code, 401, f"POST /exec with the pre-pause token ({r.text[:200]!r})")
+        r = sandbox.commands.run("cat /tmp/before-pause.txt")
+        check_eq((r.stdout, r.exit_code), ("kept\n", 0), "a file written before the pause")
+        r = sandbox.commands.run("curl -fsS http://127.0.0.1:8000/index.html")
+        check_eq(r.stdout.strip(), "hello from app", "the start process after resume")
+
+    with step("pause(wait=True); commands.run resumes it transparently"):
+        sandbox.pause(wait=True)
+        check_eq(sandbox.get_info().status, SandboxStatus.PAUSED, "status after pause(wait=True)")
+        r = sandbox.commands.run("cat /tmp/before-pause.txt")
+        check_eq((r.stdout, r.exit_code), ("kept\n", 0), "commands.run on a paused sandbox")
+        check_eq(sandbox.get_info().status, SandboxStatus.ACTIVE, "status after the auto-resume")
+
+    with step("Sandbox.connect to a running sandbox shares its token"):
+        other = Sandbox.connect(sandbox.id)
+        check_eq(other.status, SandboxStatus.ACTIVE, "Sandbox.connect status")
+        # activate on a running sandbox hands out its current token instead of rotating it,
+        # so connecting never cuts off the other clients.
+        check_eq(other._access_token, sandbox._access_token, "token after connect")
+        check_eq(other.commands.run("echo connected").stdout, "connected\n", "run on a connected handle")
+        r = sandbox.commands.run("echo first-handle")
+        check_eq(r.stdout, "first-handle\n", "run on the first handle after connect")
+
+    with step("AsyncSandbox.connect + commands.spawn (WebSocket)"):
+        asyncio.run(spawn_part(sandbox.id))
+        check(bool(WS_DIALS), "commands.spawn never dialled the WebSocket")
+        say(f"   dialled {WS_DIALS[0]['target']} (SDK asked for {WS_DIALS[0]['uri']})")
+
+    with step("Template.delete while a sandbox uses it (ConflictError)"):
+        try:
+            web.delete()
+        except ConflictError as e:
+            say(f"   ConflictError code={e.code} message={str(e)!r}")
+        else:
+            fail("a template was deleted while a sandbox made from it runs")
+
+    with step("sandbox.kill"):
+        sandbox_id = sandbox.id
+        sandbox.kill()
+        cleanup[:] = [c for c in cleanup if c[0] != "kill sandbox"]
+        check_eq(Sandbox.list(metadata={"run": RUN_ID}), [], "Sandbox.list after kill")
+        r = httpx.get(f"{BASE_URL}/sandboxes/{sandbox_id}", headers={"X-API-Key": API_KEY}, timeout=10)
+        check(
+            r.status_code == 404 or (r.status_code == 200 and r.json().get("status") == "deleted"),
+            f"GET a killed sandbox -> {r.status_code} {r.text[:200]}",
+        )
+
+    with step("Template.delete"):
+        web.delete()
+        Template.delete_by_id(broken.id)
+        cleanup.clear()
+        names = {t.name for t in Template.list(name_prefix="sdk-")}
+        check(not ({name("web"), name("broken")} & names), f"templates left: {names}")
+
+
+async def spawn_part(sandbox_id: str) -> None:
+    sb = await AsyncSandbox.connect(sandbox_id)
+    try:
+        check_eq(sb.status, SandboxStatus.ACTIVE, "AsyncSandbox.connect status")
+        r = await sb.commands.run("echo async-run")
+        check_eq(r.stdout, "async-run\n", "AsyncSandbox commands.run")
+
+        seen: list[str] = []
+        session = await sb.commands.spawn("cat; echo done-after-eof >&2", on_stdout=seen.append)
+        await session.stdin.write("hello over the socket\n")
+        await session.stdin.write(b"second line\n")
+        await session.stdin.close()
+        result = await asyncio.wait_for(session.wait(), 60)
+        check_eq(result.stdout, "hello over the socket\nsecond line\n", "spawned cat's stdout")
+        check_eq(result.stderr, "done-after-eof\n", "spawned command's stderr")
+        check_eq(result.exit_code, 0, "spawned cat's exit code")
+        check_eq("".join(seen), result.stdout, "on_stdout of a spawned session")
+        await session.close()
+
+        session = await sb.commands.spawn("sleep 600")
+        await asyncio.sleep(0.5)
+        await session.kill()
+        try:
+            result = await asyncio.wait_for(session.wait(), 30)
+        except asyncio.TimeoutError:
+            fail("a spawned `sleep 600` did not end within 30s of kill()")
+        say(f"   killed session ended: exit_code={result.exit_code} stderr={result.stderr!r}")
+        check(result.exit_code != 0, f"a killed session exited 0: {result!r}")
+        await session.close()
+    finally:
+        await sb._close_http_client()
+
+
+def main() -> int:
+    try:
+        scenario()
+    except Failure as e:
+        print(f"FAIL: {e}", flush=True)
+        code = 1
+    except Exception as e:  # noqa: BLE001
+        print(f"FAIL: unexpected {type(e).__name__}: {e}\n{traceback.format_exc()}", flush=True)
+        code = 1
+    else:
+        say("PASS: the SDK scenario completed")
+        return 0
+    for what, undo in cleanup:
+        try:
+            undo()
+            say(f"cleanup: {what}")
+        except Exception as e:  # noqa: BLE001
+            say(f"cleanup: {what} failed: {type(e).__name__}: {e}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

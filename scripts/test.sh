@@ -26,6 +26,8 @@ trap 'scripts/test-registry.sh stop || true' EXIT
 
 log "python SDK for the end-to-end test"
 scripts/sdk-venv.sh >/dev/null
+log "TypeScript SDK for the end-to-end test"
+scripts/sdk-node.sh >/dev/null
 
 log "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings

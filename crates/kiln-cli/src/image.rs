@@ -38,7 +38,11 @@ enum ImageCommand {
         reference: String,
     },
     /// List pulled images.
-    Ls,
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove images and blobs not reachable from the kept digests.
     Prune {
         /// Digest to keep (repeatable); nothing kept by default.
@@ -106,7 +110,21 @@ async fn run_async(args: Args, state_dir: &Path) -> anyhow::Result<()> {
             });
             println!("{}", serde_json::to_string_pretty(&json)?);
         }
-        ImageCommand::Ls => {
+        ImageCommand::Ls { json: true } => {
+            let all: Vec<_> = store
+                .list()?
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "reference": i.reference, "digest": i.digest,
+                        "manifest_digest": i.manifest_digest, "platform": i.platform,
+                        "compressed_size": i.compressed_size(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        ImageCommand::Ls { json: false } => {
             println!("{:<50} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
             for i in store.list()? {
                 println!(

@@ -44,6 +44,11 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Administration: API keys.
     Admin(serve::AdminArgs),
+    /// Print a shell completion script (`kiln completions bash > /etc/bash_completion.d/kiln`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn block_on(
@@ -114,6 +119,12 @@ fn init_logs(server: bool) {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix filter: a closed pipe (`kiln ... | head`) ends the process quietly
+    // instead of making println! panic.
+    // SAFETY: resetting a signal disposition before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_logs(matches!(cli.command, Command::Serve(_)));
     let result = match cli.command {
@@ -126,6 +137,11 @@ fn main() -> ExitCode {
         Command::Sandbox(args) => block_on(sandbox::run(args)),
         Command::Serve(args) => block_on(serve::serve(args)),
         Command::Admin(args) => block_on(serve::admin(args)),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use kiln_agent_proto::{ExecEvent, ExecRequest};
-use kiln_engine::{pid_alive, Engine};
+use kiln_engine::Engine;
 use kiln_store::{NewSandbox, Sandbox, SandboxFilter, SandboxStatus};
 
 use crate::engine;
@@ -277,28 +277,8 @@ async fn keep(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<ExitCo
 }
 
 async fn kill(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<()> {
-    let s = engine.store().sandbox_by_id(team_id, id).await?;
-    if matches!(s.status, SandboxStatus::Deleted) {
-        return Ok(());
-    }
-    if let Ok(endpoint) = engine.sandbox_endpoint(team_id, id).await {
-        // SAFETY: plain syscall on the keeper's pid, read from its own endpoint file.
-        unsafe { libc::kill(endpoint.owner_pid as i32, libc::SIGTERM) };
-        let started = Instant::now();
-        while pid_alive(endpoint.owner_pid) && started.elapsed() < Duration::from_secs(15) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if pid_alive(endpoint.owner_pid) {
-            // SAFETY: as above.
-            unsafe { libc::kill(endpoint.owner_pid as i32, libc::SIGKILL) };
-        }
-    }
-    let s = engine.store().sandbox_by_id(team_id, id).await?;
-    if s.status != SandboxStatus::Deleted {
-        engine
-            .finish_sandbox(team_id, id, SandboxStatus::Deleted)
-            .await?;
-    }
+    // Stops the keeper (or whichever process owns the VM) and marks the sandbox deleted.
+    engine.kill_live_sandbox(team_id, id).await?;
     Ok(())
 }
 

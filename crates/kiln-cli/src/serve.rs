@@ -97,12 +97,27 @@ enum AdminCmd {
         #[arg(long)]
         team: String,
     },
+    /// List a team's API keys (id, name, prefix, created, last used); never the keys.
+    ListApiKeys {
+        /// Team name.
+        #[arg(long)]
+        team: String,
+    },
+    /// Revoke an API key by id: it stops working at once.
+    RevokeApiKey {
+        /// Team name.
+        #[arg(long)]
+        team: String,
+        /// The key's id (from `list-api-keys`).
+        id: String,
+    },
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let state_dir = crate::state::state_dir();
     let conf = ServerConfig::load(&kiln_engine::registry_config_path(&state_dir))?;
     let mut cfg = kiln_engine::EngineConfig::new(state_dir);
+    cfg.owner = kiln_engine::Owner::Server;
     cfg.limits = kiln_store::Limits {
         max_templates: conf.max_templates.unwrap_or(DEFAULT_LIMITS.max_templates),
         max_concurrent_builds: conf
@@ -173,6 +188,38 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
             let (_, key) = engine.store().create_api_key(&team).await?;
             println!("{key}");
         }
+        AdminCmd::ListApiKeys { team } => {
+            let team = team_named(&engine, &team).await?;
+            println!(
+                "{:<36}  {:<12}  {:<14}  {:<25}  LAST USED",
+                "ID", "NAME", "PREFIX", "CREATED"
+            );
+            for k in engine.store().list_api_keys(&team.id).await? {
+                let used = k
+                    .last_used_at
+                    .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
+                println!(
+                    "{:<36}  {:<12}  {:<14}  {:<25}  {used}",
+                    k.id,
+                    k.name,
+                    k.prefix,
+                    k.created_at.to_rfc3339()
+                );
+            }
+        }
+        AdminCmd::RevokeApiKey { team, id } => {
+            let team = team_named(&engine, &team).await?;
+            engine.store().revoke_api_key(&team.id, &id).await?;
+            println!("{id}");
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn team_named(engine: &kiln_engine::Engine, name: &str) -> anyhow::Result<kiln_store::Team> {
+    engine
+        .store()
+        .team_by_name(name)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no team named {name:?}"))
 }

@@ -101,6 +101,7 @@ impl Engine {
             let (tx, rx) = mpsc::unbounded_channel();
             let observer = Observer { tx, also };
             let writer = tokio::spawn(write_events(self.store.clone(), build_id.to_owned(), rx));
+            self.store.claim_build(build_id, std::process::id()).await?;
             if self.build_slots.available_permits() == 0 {
                 observer.system("build queued, waiting for dispatch".into());
             }

@@ -35,6 +35,14 @@ pub enum EngineError {
     /// The sandbox's VM is not running.
     #[error("sandbox {0} is not running")]
     NotRunning(String),
+    /// The sandbox's VM is run by a `kiln serve` process, which keeps its agent channel.
+    #[error("sandbox {sandbox} is run by kiln serve (pid {pid}); use the API")]
+    OwnedByServer {
+        /// The sandbox.
+        sandbox: String,
+        /// The server's pid.
+        pid: u32,
+    },
     /// The sandbox is paused (or on its way there or back); resume it to use it.
     #[error("sandbox {0} is paused; resume or activate it")]
     Unavailable(String),

@@ -22,7 +22,7 @@ use tokio::sync::{OnceCell, Semaphore};
 pub use builds::{build_failure, BuildLogPrinter};
 pub use error::{EngineError, Result};
 pub use live::{Paused, Recovered, SandboxWithToken};
-pub use sandboxes::{pid_alive, LiveSandbox, SandboxEndpoint, ENDPOINT_FILE};
+pub use sandboxes::{pid_alive, LiveSandbox, Owner, SandboxEndpoint, ENDPOINT_FILE};
 
 /// The team the CLI's embedded mode works as.
 pub const LOCAL_TEAM: &str = "local";
@@ -44,6 +44,8 @@ pub struct EngineConfig {
     pub max_parallel_builds: usize,
     /// kiln's registry config file (see [`registry_config_path`]).
     pub registry_config: Option<PathBuf>,
+    /// What kind of process this is, as recorded in the endpoints of the sandboxes it runs.
+    pub owner: sandboxes::Owner,
 }
 
 impl EngineConfig {
@@ -66,6 +68,7 @@ impl EngineConfig {
             build_timeout: env_secs("KILN_BUILD_TIMEOUT_SECS").unwrap_or(Duration::from_secs(3600)),
             max_parallel_builds: 2,
             registry_config,
+            owner: sandboxes::Owner::Keeper,
         }
     }
 }

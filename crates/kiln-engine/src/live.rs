@@ -211,10 +211,8 @@ impl Engine {
             return Ok(Err(record));
         }
         let Some(running) = self.live.take(sandbox_id) else {
-            // Let the store name the refused transition (failed, deleted, ...).
-            self.store
-                .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Pausing)
-                .await?;
+            // Not ours to pause (another process runs it, or nothing does); its status is
+            // left as it is.
             return Err(EngineError::NotRunning(sandbox_id.to_owned()));
         };
         if let Err(e) = self
@@ -399,10 +397,13 @@ impl Engine {
         if record.status == SandboxStatus::Deleted {
             return Ok(record);
         }
-        if let Some(running) = self.live.take(sandbox_id) {
-            if let Some(vm) = running.vm.lock().await.take() {
-                vm.kill().await;
+        match self.live.take(sandbox_id) {
+            Some(running) => {
+                if let Some(vm) = running.vm.lock().await.take() {
+                    vm.kill().await;
+                }
             }
+            None => self.stop_other_owner(sandbox_id).await,
         }
         let sandbox = self
             .finish_sandbox(team_id, sandbox_id, SandboxStatus::Deleted)
@@ -437,7 +438,10 @@ impl Engine {
     /// directories removed. Paused sandboxes keep their snapshot and stay paused.
     pub async fn recover_after_restart(&self) -> Result<Recovered> {
         let mut out = Recovered::default();
-        for b in self.store.mark_interrupted_builds().await? {
+        // Our own pid in the table is a previous process's that happened to get it again.
+        let me = std::process::id();
+        let alive = |pid: u32| pid != me && crate::pid_alive(pid);
+        for b in self.store.mark_interrupted_builds(alive).await? {
             if let Ok(staging) = self.layout.staging_dir(&b.template_id, &b.id) {
                 remove_dir_quiet(&staging);
             }

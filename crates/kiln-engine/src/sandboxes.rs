@@ -31,6 +31,21 @@ pub struct SandboxEndpoint {
     pub qemu_pid: u32,
     /// The process that owns the VM; when it is gone, so is the VM.
     pub owner_pid: u32,
+    /// Whether the owner is a CLI keeper (which hands the agent channel to other
+    /// processes) or a server (which keeps it: use its API).
+    #[serde(default)]
+    pub owner: Owner,
+}
+
+/// What kind of process owns a sandbox's VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Owner {
+    /// `kiln sandbox keep`, started by `kiln sandbox create`.
+    #[default]
+    Keeper,
+    /// `kiln serve`.
+    Server,
 }
 
 /// A restored sandbox and its VM. Dropping it kills the VM.
@@ -131,6 +146,7 @@ impl Engine {
             agent_socket: vm.agent_socket().to_owned(),
             qemu_pid: vm.pid(),
             owner_pid: std::process::id(),
+            owner: self.cfg.owner,
         };
         let json = serde_json::to_vec_pretty(&endpoint).unwrap_or_default();
         kiln_store::write_atomic(&dir.join(ENDPOINT_FILE), &json)?;
@@ -173,6 +189,12 @@ impl Engine {
     /// connection: the channel takes one host connection at a time).
     pub async fn connect_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<AgentClient> {
         let endpoint = self.sandbox_endpoint(team_id, sandbox_id).await?;
+        if endpoint.owner == Owner::Server {
+            return Err(EngineError::OwnedByServer {
+                sandbox: sandbox_id.to_owned(),
+                pid: endpoint.owner_pid,
+            });
+        }
         AgentClient::connect_unix(&endpoint.agent_socket, CONNECT_TIMEOUT)
             .await
             .map_err(EngineError::Agent)
@@ -218,6 +240,36 @@ impl Engine {
         Ok(s)
     }
 
+    /// Stops the VM of a sandbox another process owns (a CLI keeper, or a server that is
+    /// not this one): SIGTERM to the owner, SIGKILL after [`STOP_GRACE`], and QEMU itself if
+    /// it outlived its owner.
+    pub(crate) async fn stop_other_owner(&self, sandbox_id: &str) {
+        let Some(endpoint) = self
+            .layout
+            .sandbox_dir(sandbox_id)
+            .ok()
+            .and_then(|d| std::fs::read(d.join(ENDPOINT_FILE)).ok())
+            .and_then(|b| serde_json::from_slice::<SandboxEndpoint>(&b).ok())
+        else {
+            return;
+        };
+        if endpoint.owner_pid != std::process::id() && pid_alive(endpoint.owner_pid) {
+            signal(endpoint.owner_pid, libc::SIGTERM);
+            let started = std::time::Instant::now();
+            while pid_alive(endpoint.owner_pid) && started.elapsed() < STOP_GRACE {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if pid_alive(endpoint.owner_pid) {
+                signal(endpoint.owner_pid, libc::SIGKILL);
+            }
+        }
+        // The owner's death takes QEMU with it (PDEATHSIG); this is for a QEMU whose owner
+        // died before it could arrange that.
+        if pid_alive(endpoint.qemu_pid) && qemu_of(endpoint.qemu_pid, &endpoint.agent_socket) {
+            signal(endpoint.qemu_pid, libc::SIGKILL);
+        }
+    }
+
     fn remove_sandbox_dir(&self, sandbox_id: &str) {
         if let Ok(dir) = self.layout.sandbox_dir(sandbox_id) {
             remove_dir_quiet(&dir);
@@ -237,6 +289,28 @@ fn chrono_now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// How long a sandbox's owner gets to stop its VM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+fn signal(pid: u32, sig: i32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        if pid > 0 {
+            // SAFETY: kill(2) on a pid read from the sandbox's own endpoint file.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}
+
+/// Whether `pid` is still the QEMU serving `socket` (not a recycled pid).
+fn qemu_of(pid: u32, socket: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("qemu-system") && c.contains(&*socket.to_string_lossy())
+        })
+        .unwrap_or(false)
 }
 
 /// Whether a process exists (signal 0).

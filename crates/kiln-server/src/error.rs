@@ -4,6 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kiln_engine::EngineError;
+use kiln_spec::RateLimitCode;
 use kiln_store::StoreError;
 
 /// An error response.
@@ -64,7 +65,7 @@ impl From<EngineError> for ApiError {
             EngineError::NotReady { .. } => {
                 Self::new(StatusCode::CONFLICT, "not_ready", e.to_string())
             }
-            EngineError::NotRunning(_) => {
+            EngineError::NotRunning(_) | EngineError::OwnedByServer { .. } => {
                 Self::new(StatusCode::CONFLICT, "not_running", e.to_string())
             }
             // The SDK resumes the sandbox (POST /activate) and retries on this one.
@@ -106,8 +107,19 @@ impl From<StoreError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
             StoreError::Invalid(m) => Self::bad_request(m.clone()),
-            StoreError::LimitReached { code, .. } => {
-                Self::new(StatusCode::TOO_MANY_REQUESTS, code.as_str(), e.to_string())
+            // The code is the machine-readable part; the message says it for people once.
+            StoreError::LimitReached { code, limit } => {
+                let what = match code {
+                    RateLimitCode::TooManyTemplates => "templates",
+                    RateLimitCode::TooManyBuilds => "builds queued or running",
+                    RateLimitCode::TooManySandboxes => "live sandboxes",
+                    _ => "requests",
+                };
+                Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    code.as_str(),
+                    format!("the team's limit of {limit} {what} is reached"),
+                )
             }
             _ => internal(&e),
         }

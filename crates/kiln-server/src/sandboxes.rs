@@ -156,7 +156,11 @@ fn parse_filter(query: &str) -> Result<SandboxFilter, ApiError> {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                filter.statuses = Some(statuses);
+                // `status=a,b` and `status=a&status=b` both mean either.
+                filter
+                    .statuses
+                    .get_or_insert_with(Vec::new)
+                    .extend(statuses);
             }
             "limit" => {
                 filter.limit =

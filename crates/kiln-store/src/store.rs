@@ -609,23 +609,49 @@ impl Store {
     /// Fails every pending, building or snapshotting build with
     /// `build_failed: interrupted by server restart`, and returns them.
     ///
-    /// Called once at start-up: no build survives a restart of the process running it, and
-    /// a build left "building" forever would hold a slot of the team's build limit.
-    pub async fn mark_interrupted_builds(&self) -> Result<Vec<Build>> {
+    /// Records that this process runs (or waits to run) a build, so that a restart of
+    /// another process leaves it alone ([`Store::mark_interrupted_builds`]).
+    pub async fn claim_build(&self, build_id: &str, pid: u32) -> Result<()> {
+        sqlx::query("UPDATE builds SET runner_pid = ? WHERE id = ?")
+            .bind(i64::from(pid))
+            .bind(build_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks every unfinished build whose runner is gone (`runner_alive` says no, or it
+    /// never had one) as failed, `build_failed: interrupted by server restart`, and returns
+    /// them.
+    ///
+    /// Called once at start-up: no build survives the death of the process running it, and
+    /// a build left "building" forever would hold a slot of the team's build limit. Builds
+    /// that another live process (a CLI) runs are not touched.
+    pub async fn mark_interrupted_builds(
+        &self,
+        runner_alive: impl Fn(u32) -> bool,
+    ) -> Result<Vec<Build>> {
         let message = CodedMessage::new(
             kiln_spec::BuildErrorCode::BuildFailed,
             "interrupted by server restart",
         )
         .to_string();
         let mut tx = self.write_tx().await?;
-        let ids: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT id FROM builds WHERE status IN {NON_TERMINAL_BUILD} ORDER BY created_at, rowid"
+        let rows: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
+            "SELECT id, runner_pid FROM builds WHERE status IN {NON_TERMINAL_BUILD}
+             ORDER BY created_at, rowid"
         ))
         .fetch_all(&mut *tx)
         .await?;
         let at = now();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in &ids {
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, runner) in &rows {
+            let alive = runner
+                .and_then(|p| u32::try_from(p).ok())
+                .is_some_and(&runner_alive);
+            if alive {
+                continue;
+            }
             sqlx::query(
                 "UPDATE builds SET status = 'failed', error_message = ?, finalized_at = ?
                  WHERE id = ?",

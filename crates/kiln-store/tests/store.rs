@@ -500,8 +500,19 @@ async fn restart_marks_in_flight_builds_failed() {
         .await
         .unwrap();
     store.cancel_build(&team.id, &cancelled.id).await.unwrap();
+    // One run by a process that is still alive: not interrupted.
+    let (_, other) = store
+        .create_template_with_build(&team.id, &request("o", "v1"), &Limits::UNLIMITED)
+        .await
+        .unwrap();
+    store.claim_build(&other.id, 4242).await.unwrap();
+    store.start_build(&other.id).await.unwrap();
+    store.claim_build(&building.id, 999).await.unwrap();
 
-    let marked = store.mark_interrupted_builds().await.unwrap();
+    let marked = store
+        .mark_interrupted_builds(|pid| pid == 4242)
+        .await
+        .unwrap();
     let mut ids: Vec<_> = marked.iter().map(|b| b.id.clone()).collect();
     ids.sort();
     let mut want = vec![pending.id.clone(), building.id.clone(), snap.id.clone()];
@@ -532,7 +543,15 @@ async fn restart_marks_in_flight_builds_failed() {
         store.get_build(&cancelled.id).await.unwrap().status,
         BuildStatus::Cancelled
     );
-    assert!(store.mark_interrupted_builds().await.unwrap().is_empty());
+    assert_eq!(
+        store.get_build(&other.id).await.unwrap().status,
+        BuildStatus::Building
+    );
+    assert!(store
+        .mark_interrupted_builds(|pid| pid == 4242)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]

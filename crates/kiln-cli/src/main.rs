@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod image;
+mod remote;
 mod sandbox;
 mod serve;
 mod state;
@@ -44,6 +45,18 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Administration: API keys.
     Admin(serve::AdminArgs),
+    /// Save a server and API key: `kiln template` and `kiln sandbox` then go to it
+    /// (`KILN_URL` / `KILN_API_KEY` do the same for one shell).
+    Login {
+        /// The server's base URL, e.g. `http://kiln.internal:8080`.
+        url: String,
+        /// The API key (default: read from standard input, so it stays out of the shell
+        /// history).
+        #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Forget the saved server: back to the local state dir.
+    Logout,
     /// Print a shell completion script (`kiln completions bash > /etc/bash_completion.d/kiln`).
     Completions {
         /// The shell.
@@ -137,6 +150,20 @@ fn main() -> ExitCode {
         Command::Sandbox(args) => block_on(sandbox::run(args)),
         Command::Serve(args) => block_on(serve::serve(args)),
         Command::Admin(args) => block_on(serve::admin(args)),
+        Command::Login { url, api_key } => {
+            let key = match api_key {
+                Some(k) => Ok(k),
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .map(|_| line.trim().to_owned())
+                        .map_err(anyhow::Error::from)
+                }
+            };
+            key.and_then(|k| block_on(remote::login(&url, &k)))
+        }
+        Command::Logout => remote::logout(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());

@@ -28,7 +28,7 @@ pub struct Args {
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum Cmd {
+pub(crate) enum Cmd {
     /// Start a sandbox from a template (name or id); prints the sandbox id.
     Create {
         /// Template name or id.
@@ -87,6 +87,9 @@ enum Cmd {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(client) = crate::remote::client()? {
+        return crate::remote::sandbox(args.command, client).await;
+    }
     let engine = engine().await?;
     let team = engine.local_team().await?;
     let team_id = team.id.as_str();
@@ -116,24 +119,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .store()
                 .list_sandboxes(team_id, &SandboxFilter::default())
                 .await?;
-            if json {
-                let docs: Vec<_> = all.iter().map(sandbox_json).collect();
-                println!("{}", serde_json::to_string_pretty(&docs)?);
-            } else {
-                println!(
-                    "{:<36}  {:<10}  {:<36}  CREATED",
-                    "ID", "STATUS", "TEMPLATE"
-                );
-                for s in &all {
-                    println!(
-                        "{:<36}  {:<10}  {:<36}  {}",
-                        s.id,
-                        s.status,
-                        s.template_id,
-                        s.created_at.to_rfc3339()
-                    );
-                }
-            }
+            let docs: Vec<_> = all.iter().map(Sandbox::to_wire).collect();
+            print_sandboxes(&docs, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Kill { id } => {
@@ -282,15 +269,29 @@ async fn kill(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sandbox_json(s: &Sandbox) -> serde_json::Value {
-    serde_json::json!({
-        "id": s.id, "name": s.name, "status": s.status.to_string(), "template_id": s.template_id,
-        "vcpu_count": s.vcpu_count, "memory_mib": s.memory_mib, "metadata": s.metadata,
-        "created_at": s.created_at.to_rfc3339(),
-    })
+/// `sandbox ls`: a table, or the wire JSON.
+pub(crate) fn print_sandboxes(all: &[serde_json::Value], json: bool) -> anyhow::Result<()> {
+    use crate::template::field;
+    if json {
+        println!("{}", serde_json::to_string_pretty(all)?);
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:<10}  {:<36}  CREATED",
+        "ID", "STATUS", "TEMPLATE"
+    );
+    for s in all {
+        println!(
+            "{:<36}  {:<10}  {:<36}  {}",
+            field(s, "id"),
+            field(s, "status"),
+            field(s, "template_id"),
+            field(s, "created_at")
+        );
+    }
+    Ok(())
 }
 
-/// Parses `K=V` arguments.
 pub fn pairs(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     items
         .iter()
@@ -301,7 +302,7 @@ pub fn pairs(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
         .collect()
 }
 
-fn split_remote(s: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_remote(s: &str) -> Option<(&str, &str)> {
     let (id, path) = s.split_once(':')?;
     (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
 }

@@ -18,7 +18,7 @@ pub struct Args {
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum Cmd {
+pub(crate) enum Cmd {
     /// Build a template from a spec file (either JSON form); rebuilds it if the name exists.
     Build {
         /// The spec file, or `-` for standard input.
@@ -75,27 +75,17 @@ enum Cmd {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(client) = crate::remote::client()? {
+        return crate::remote::template(args.command, client).await;
+    }
     let engine = engine().await?;
     let team = engine.local_team().await?;
     match args.command {
         Cmd::Build { file, name, detach } => build(&engine, &team.id, &file, name, detach).await,
         Cmd::Ls { json } => {
             let templates = engine.store().list_templates(&team.id).await?;
-            if json {
-                let all: Vec<_> = templates.iter().map(Template::to_wire).collect();
-                println!("{}", serde_json::to_string_pretty(&all)?);
-            } else {
-                println!(
-                    "{:<36}  {:<24}  {:<8}  {:>4}  {:>6}  {:>6}",
-                    "ID", "NAME", "STATUS", "VCPU", "MEM", "DISK"
-                );
-                for t in &templates {
-                    println!(
-                        "{:<36}  {:<24}  {:<8}  {:>4}  {:>6}  {:>6}",
-                        t.id, t.name, t.status, t.vcpu, t.memory_mib, t.disk_mib
-                    );
-                }
-            }
+            let all: Vec<_> = templates.iter().map(Template::to_wire).collect();
+            print_templates(&all, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Show { name, json } => {
@@ -107,27 +97,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut doc = t.to_wire();
             doc["build_spec"] = t.build_spec.clone();
             doc["builds"] = builds.iter().map(Build::to_wire).collect();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&doc)?);
-            } else {
-                println!("{} ({})  {}", t.name, t.id, t.status);
-                println!(
-                    "shape      {} vCPU, {} MiB memory, {} MiB disk",
-                    t.vcpu, t.memory_mib, t.disk_mib
-                );
-                if let Some(e) = &t.error_message {
-                    println!("error      {e}");
-                }
-                for b in &builds {
-                    let digest = b.image_digest.as_deref().unwrap_or("-");
-                    println!(
-                        "build      {}  {:<12}  {}  {digest}",
-                        b.id,
-                        b.status,
-                        b.created_at.to_rfc3339()
-                    );
-                }
-            }
+            print_template(&doc, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Logs {
@@ -257,28 +227,104 @@ async fn build(
 }
 
 fn finish(template: &Template, build: &Build) -> anyhow::Result<ExitCode> {
-    match build.status {
+    Ok(finish_wire(
+        &template.id,
+        build.status,
+        build.error_message.as_deref(),
+    ))
+}
+
+/// How a build ended, for people and scripts: the template id on stdout when it is ready,
+/// `<code>: <detail>` as the last stderr line and a non-zero exit otherwise (130 when
+/// cancelled).
+pub(crate) fn finish_wire(
+    template_id: &str,
+    status: BuildStatus,
+    error_message: Option<&str>,
+) -> ExitCode {
+    match status {
         BuildStatus::Ready => {
-            println!("{}", template.id);
-            Ok(ExitCode::SUCCESS)
+            println!("{template_id}");
+            ExitCode::SUCCESS
         }
         BuildStatus::Cancelled => {
             eprintln!("{}: build cancelled", BuildErrorCode::BuildFailed);
-            Ok(ExitCode::from(130))
+            ExitCode::from(130)
         }
         _ => {
-            let msg = build.error_message.as_deref().map_or_else(
-                || {
-                    CodedMessage::new(
-                        BuildErrorCode::BuildFailed,
-                        format!("build ended {}", build.status),
-                    )
-                },
+            let msg = error_message.map_or_else(
+                || CodedMessage::new(BuildErrorCode::BuildFailed, format!("build ended {status}")),
                 CodedMessage::parse,
             );
             eprintln!("{msg}");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
+    }
+}
+
+/// `template ls`: a table, or the wire JSON.
+pub(crate) fn print_templates(all: &[serde_json::Value], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(all)?);
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:<24}  {:<8}  {:>4}  {:>6}  {:>6}",
+        "ID", "NAME", "STATUS", "VCPU", "MEM", "DISK"
+    );
+    for t in all {
+        println!(
+            "{:<36}  {:<24}  {:<8}  {:>4}  {:>6}  {:>6}",
+            field(t, "id"),
+            field(t, "name"),
+            field(t, "status"),
+            field(t, "vcpu"),
+            field(t, "memory_mib"),
+            field(t, "disk_mib")
+        );
+    }
+    Ok(())
+}
+
+/// `template show`: the template (wire JSON with `builds`, newest first).
+pub(crate) fn print_template(doc: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(doc)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({})  {}",
+        field(doc, "name"),
+        field(doc, "id"),
+        field(doc, "status")
+    );
+    println!(
+        "shape      {} vCPU, {} MiB memory, {} MiB disk",
+        field(doc, "vcpu"),
+        field(doc, "memory_mib"),
+        field(doc, "disk_mib")
+    );
+    if let Some(e) = doc["error_message"].as_str() {
+        println!("error      {e}");
+    }
+    for b in doc["builds"].as_array().into_iter().flatten() {
+        let digest = b["image_digest"].as_str().unwrap_or("-");
+        println!(
+            "build      {}  {:<12}  {}  {digest}",
+            field(b, "id"),
+            field(b, "status"),
+            field(b, "created_at")
+        );
+    }
+    Ok(())
+}
+
+/// A JSON field as display text (`-` when absent).
+pub(crate) fn field(v: &serde_json::Value, key: &str) -> String {
+    match &v[key] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
     }
 }
 
@@ -299,8 +345,14 @@ async fn print_logs(engine: &Engine, build: &Build, follow: bool) -> anyhow::Res
 }
 
 fn print_line(line: &kiln_store::LogLine) {
-    match line.stream {
-        kiln_store::LogStream::System => println!("--> {}", line.text),
-        _ => println!("    {}", line.text),
+    print_log(line.stream == kiln_store::LogStream::System, &line.text);
+}
+
+/// One build log line: kiln's own lines marked `-->`, the build's output indented.
+pub(crate) fn print_log(system: bool, text: &str) {
+    if system {
+        println!("--> {text}");
+    } else {
+        println!("    {text}");
     }
 }

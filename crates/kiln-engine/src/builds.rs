@@ -33,9 +33,20 @@ impl Engine {
     /// Queues a rebuild of a template's current spec; an in-flight build of the same spec
     /// is returned instead of a new one.
     pub async fn rebuild(&self, team_id: &str, template: &str) -> Result<Rebuild> {
+        self.rebuild_with(team_id, template, None).await
+    }
+
+    /// Queues a rebuild; with `spec`, the template's spec and shape become that first (an
+    /// in-flight build of the same spec is still returned instead of a new one).
+    pub async fn rebuild_with(
+        &self,
+        team_id: &str,
+        template: &str,
+        spec: Option<&TemplateRequest>,
+    ) -> Result<Rebuild> {
         Ok(self
             .store
-            .start_rebuild(team_id, template, None, &self.cfg.limits)
+            .start_rebuild(team_id, template, spec, &self.cfg.limits)
             .await?)
     }
 

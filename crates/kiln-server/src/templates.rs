@@ -128,12 +128,40 @@ pub(crate) async fn list_builds(
     Ok(Json(page))
 }
 
+/// `POST /templates/{t}/builds`. Without a body (what the SDKs send) it rebuilds the
+/// stored spec; with one (the body of `POST /templates`, kiln's extension, which the CLI's
+/// remote mode uses) the spec is replaced first.
 pub(crate) async fn rebuild(
     State(state): State<AppState>,
     Auth(team): Auth,
     Path(template): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let r = state.engine.rebuild(&team.id, &template).await?;
+    let spec = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let doc = json_body(&body)?;
+        let req = TemplateRequest::parse_and_validate_as(&doc, Form::Wire)
+            .map_err(|p| ApiError::bad_request(p.to_string()))?;
+        if let Some(name) = &req.name {
+            let t = state
+                .engine
+                .store()
+                .template_by_id_or_name(&team.id, &template)
+                .await?;
+            if *name != t.name {
+                return Err(ApiError::bad_request(format!(
+                    "name: {name:?} is not this template's name ({:?})",
+                    t.name
+                )));
+            }
+        }
+        Some(req)
+    };
+    let r = state
+        .engine
+        .rebuild_with(&team.id, &template, spec.as_ref())
+        .await?;
     // 201 for a new build, 200 when an in-flight build of the same spec is returned.
     let status = if r.created {
         start_build(&state.engine, r.build.id.clone());

@@ -1,22 +1,17 @@
-//! The SDK against a real `kiln serve` on a fresh state dir, with real VMs (TCG here):
-//! one template build (the test registry's `kiln/minbase`), then a sandbox's whole life
-//! through the SDK: commands (run, streamed, spawned), files, metadata, pause and resume
-//! (and the data plane resuming a paused sandbox by itself), a second handle rotating the
-//! token under the first, kill, template delete.
-//!
-//! Needs what `scripts/test.sh` sets up: the guest kernel (`kiln setup` into
-//! `$KILN_TEST_ASSETS/state`), the test registry (`scripts/test-registry.sh start`) and the
-//! static agent (`scripts/build-agent.sh`). The `kiln` binary is built here if needed
-//! (`cargo build -p kiln-cli`). A missing prerequisite fails the test with the remedy; it
-//! never skips.
+//! The Rust SDK (`kiln-sdk`) against a real `kiln serve` on a fresh state dir, with real
+//! VMs (TCG here): one template build (the test registry's `kiln/minbase`), then a
+//! sandbox's whole life through the SDK: commands (run, streamed, spawned), files, metadata,
+//! pause and resume (and the data plane resuming a paused sandbox by itself), a second
+//! handle rotating the token under the first, kill, template delete. Then the SDK's own
+//! examples (`crates/kiln-sdk/examples`) run against the same server, as a user would run
+//! them. See `common` for the prerequisites.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_sdk::{
@@ -24,280 +19,52 @@ use kiln_sdk::{
     SandboxCreateOptions, SandboxStatus, Step, Template, TemplateCreateOptions, TemplateStatus,
 };
 
-const REMEDY: &str = "run scripts/test.sh (it provisions the test assets)";
+use common::{api_key, assert_no_qemu, assets, registry, repo_root, Server};
 
-/// Server settings a developer's shell may carry that would change what the test expects.
-const SERVER_ENV_CLEARED: &[&str] = &[
-    "KILN_CONFIG",
-    "KILN_LISTEN",
-    "KILN_MAX_TEMPLATES",
-    "KILN_MAX_CONCURRENT_BUILDS",
-    "KILN_MAX_SANDBOXES",
-    "KILN_MAX_PARALLEL_BUILDS",
-    "KILN_RATE_LIMIT_PER_SEC",
-    "KILN_RATE_LIMIT_BURST",
-];
-
-/// What `kiln serve` prints on stderr once it listens.
-const LISTENING: &str = "kiln API listening on ";
-
-fn assets() -> PathBuf {
-    std::env::var_os("KILN_TEST_ASSETS")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from("/var/tmp/kiln-test-assets"), PathBuf::from)
-}
-
-/// `KILN_TEST_REGISTRY` from `registry.env`, checked to answer.
-fn registry(assets: &Path) -> String {
-    let path = assets.join("registry.env");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}\n-> {REMEDY} (or scripts/test-registry.sh start)",
-            path.display()
-        )
-    });
-    let reg = text
-        .lines()
-        .find_map(|l| l.strip_prefix("KILN_TEST_REGISTRY="))
-        .map(|v| v.trim_matches('"').to_owned())
-        .unwrap_or_else(|| panic!("no KILN_TEST_REGISTRY in {}", path.display()));
-    let addr: SocketAddr = reg
-        .parse()
-        .unwrap_or_else(|e| panic!("KILN_TEST_REGISTRY={reg}: {e}"));
-    TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap_or_else(|e| {
-        panic!(
-            "the test registry at {reg} does not answer ({e})\n-> scripts/test-registry.sh start"
-        )
-    });
-    reg
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The static guest agent the server embeds in its VMs must be findable (as
-/// `kiln_vm::provision::find_agent_binary` looks for it).
-fn check_agent() {
-    if let Some(p) = std::env::var_os("KILN_AGENT_BIN").filter(|v| !v.is_empty()) {
-        assert!(
-            Path::new(&p).is_file(),
-            "KILN_AGENT_BIN={} does not exist\n-> scripts/build-agent.sh",
-            Path::new(&p).display()
-        );
-        return;
-    }
-    let built = workspace_root().join("target/x86_64-unknown-linux-gnu/release/kiln-agent");
-    assert!(
-        built.is_file(),
-        "no guest agent: {} missing and KILN_AGENT_BIN unset\n-> scripts/build-agent.sh \
-         (or {REMEDY})",
-        built.display()
-    );
-}
-
-/// The `kiln` binary of this build (the same target dir and profile as this test),
-/// built now if missing or stale: cargo makes that a no-op when it is fresh.
-fn kiln_binary() -> PathBuf {
+/// The SDK's example binaries, as `cargo test` builds them; built here if missing (a
+/// no-op when they are fresh).
+fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
-    // <target>/<profile>/deps/live-<hash>
+    // <target>/<profile>/deps/sdk_rust-<hash>
     let profile_dir = exe
         .parent()
-        .and_then(Path::parent)
+        .and_then(std::path::Path::parent)
         .expect("the test runs from <target>/<profile>/deps")
         .to_owned();
-    let release = profile_dir.file_name().is_some_and(|n| n == "release");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build
-        .args(["build", "-p", "kiln-cli", "--bin", "kiln"])
-        .current_dir(workspace_root())
-        .stdin(Stdio::null());
-    if release {
-        build.arg("--release");
+    let bin = profile_dir.join("examples").join(name);
+    if !bin.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "-p", "kiln-sdk", "--examples"])
+            .current_dir(repo_root())
+            .stdin(Stdio::null());
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            build.env("CARGO_TARGET_DIR", target_dir);
+        }
+        let status = build
+            .status()
+            .expect("running cargo build -p kiln-sdk --examples");
+        assert!(
+            status.success(),
+            "cargo build -p kiln-sdk --examples failed"
+        );
     }
-    if let Some(target_dir) = profile_dir.parent() {
-        build.env("CARGO_TARGET_DIR", target_dir);
-    }
-    let started = Instant::now();
-    let status = build.status().unwrap_or_else(|e| {
-        panic!(
-            "running `{} build -p kiln-cli`: {e}\n-> build it yourself: cargo build -p kiln-cli",
-            Path::new(&cargo).display()
-        )
-    });
-    assert!(
-        status.success(),
-        "`cargo build -p kiln-cli` failed ({status})\n-> fix the build, then rerun"
-    );
-    let bin = profile_dir.join("kiln");
-    assert!(
-        bin.is_file(),
-        "{} missing after cargo build -p kiln-cli",
-        bin.display()
-    );
-    eprintln!(
-        "kiln binary ready in {:.1?}: {}",
-        started.elapsed(),
-        bin.display()
-    );
+    assert!(bin.is_file(), "{} missing", bin.display());
     bin
 }
 
-/// `kiln ARGS` on the state dir `state`, with [`SERVER_ENV_CLEARED`] cleared.
-fn kiln(bin: &Path, state: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin);
-    cmd.args(args).env("KILN_HOME", state);
-    for var in SERVER_ENV_CLEARED {
-        cmd.env_remove(var);
-    }
-    cmd
-}
-
-/// Copies a child's output to ours line by line, tagged; `addr` gets the address of the
-/// first `kiln API listening on ADDR` line.
-fn forward(
-    from: impl Read + Send + 'static,
-    tag: &'static str,
-    addr: mpsc::Sender<String>,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let mut addr = Some(addr);
-        for line in BufReader::new(from).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[{tag}] {line}");
-            if let Some(found) = line.split(LISTENING).nth(1) {
-                if let Some(tx) = addr.take() {
-                    let _ = tx.send(found.trim().to_owned());
-                }
-            }
-        }
-    })
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
-
-/// Waits for a child up to `within`; true when it exited.
-fn wait_for(child: &mut Child, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => return true,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
-            _ => return false,
-        }
-    }
-}
-
-/// `kiln serve`, stopped when dropped (the test failing included): SIGINT first (its
-/// graceful shutdown stops the VMs), then SIGKILL.
-#[derive(Debug)]
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            signal(self.child.id(), libc::SIGINT);
-            if !wait_for(&mut self.child, Duration::from_secs(30)) {
-                eprintln!("kiln serve did not stop on SIGINT within 30s: killing it");
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
-}
-
-/// Pids and command lines of `qemu-system*` processes that mention `needle`.
-fn qemu_with(needle: &str) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmdline.contains("qemu-system") && cmdline.contains(needle) {
-            out.push((pid, cmdline));
-        }
-    }
-    out
-}
-
-/// Prints how long each phase took.
-struct Clock(Instant);
-
-impl Clock {
-    fn lap(&mut self, what: &str) {
-        eprintln!("[live] {what}: {:.1?}", self.0.elapsed());
-        self.0 = Instant::now();
-    }
-}
-
 #[test]
-fn the_sdk_drives_a_real_kiln_serve() {
-    // -- prerequisites
-    let assets = assets();
-    let kernel = assets.join("state/kernel");
-    assert!(kernel.is_dir(), "{} missing -> {REMEDY}", kernel.display());
-    let registry = registry(&assets);
-    check_agent();
-    let bin = kiln_binary();
-
-    // -- a fresh state dir; short, since VM sockets live under it
-    let dir = tempfile::Builder::new()
-        .prefix("ksdk")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let state = dir.path().to_owned();
-    std::os::unix::fs::symlink(&kernel, state.join("kernel")).unwrap();
-    let state_str = state.to_str().unwrap().to_owned();
-
-    let out = kiln(&bin, &state, &["admin", "create-api-key", "--team", "t"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kiln admin create-api-key: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert!(
-        !key.is_empty() && !key.contains(char::is_whitespace),
-        "not a key: {key:?}"
-    );
-
-    // -- the server, on a port of the system's choosing, reported on stderr
-    let mut child = kiln(&bin, &state, &["serve", "--listen", "127.0.0.1:0"])
-        .env("KILN_READY_TIMEOUT_SECS", "300")
-        .env(
-            "KILN_LOG",
-            std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    // Not joined: a VM that outlived the server may hold its stderr open.
-    let _logs = forward(child.stderr.take().unwrap(), "kiln serve", tx);
-    let server = Server { child };
-    let base_url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("kiln serve did not report its address within 60s");
-    eprintln!("kiln serve at {base_url}, state {state_str}");
+fn the_rust_sdk_and_its_examples_drive_a_real_kiln_serve() {
+    let registry = registry(&assets());
+    let dir = common::state_dir("ksdr");
+    let state = dir.path();
+    let key = api_key(state, "t");
+    let server = Server::start(state, &[("KILN_READY_TIMEOUT_SECS", "300")]);
+    let base_url = server.url.clone();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -309,18 +76,38 @@ fn the_sdk_drives_a_real_kiln_serve() {
     eprintln!("[live] the whole flow: {:.1?}", started.elapsed());
     drop(rt);
 
-    // -- the server stops, and leaves no VM behind
+    for (name, image) in [("quickstart", "python"), ("spawn", "minbase")] {
+        let started = Instant::now();
+        let status = Command::new(example(name))
+            .env("KILN_URL", &base_url)
+            .env("KILN_API_KEY", &key)
+            .env(
+                "KILN_EXAMPLE_IMAGE",
+                format!("{registry}/kiln/{image}:latest"),
+            )
+            .env_remove("KILN_EXAMPLE_TEMPLATE")
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        eprintln!(
+            "[live] example {name}: {status} in {:.1?}",
+            started.elapsed()
+        );
+        assert!(status.success(), "example {name} failed ({status})");
+    }
+
     drop(server);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut left = qemu_with(&state_str);
-    while !left.is_empty() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(200));
-        left = qemu_with(&state_str);
+    assert_no_qemu(state, Duration::from_secs(20));
+}
+
+/// Prints how long each phase took.
+struct Clock(Instant);
+
+impl Clock {
+    fn lap(&mut self, what: &str) {
+        eprintln!("[live] {what}: {:.1?}", self.0.elapsed());
+        self.0 = Instant::now();
     }
-    for (pid, _) in &left {
-        signal(*pid, libc::SIGKILL);
-    }
-    assert!(left.is_empty(), "VMs left behind by kiln serve: {left:#?}");
 }
 
 async fn wait_healthy(base_url: &str) {

@@ -102,6 +102,9 @@ enum AdminCmd {
         /// Team name.
         #[arg(long)]
         team: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke an API key by id: it stops working at once.
     RevokeApiKey {
@@ -188,13 +191,28 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
             let (_, key) = engine.store().create_api_key(&team).await?;
             println!("{key}");
         }
-        AdminCmd::ListApiKeys { team } => {
+        AdminCmd::ListApiKeys { team, json } => {
             let team = team_named(&engine, &team).await?;
+            let keys = engine.store().list_api_keys(&team.id).await?;
+            if json {
+                let docs: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "id": k.id, "name": k.name, "prefix": k.prefix,
+                            "created_at": k.created_at.to_rfc3339(),
+                            "last_used_at": k.last_used_at.map(|t| t.to_rfc3339()),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&docs)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "{:<36}  {:<12}  {:<14}  {:<25}  LAST USED",
                 "ID", "NAME", "PREFIX", "CREATED"
             );
-            for k in engine.store().list_api_keys(&team.id).await? {
+            for k in &keys {
                 let used = k
                     .last_used_at
                     .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());

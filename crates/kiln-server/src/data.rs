@@ -21,8 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, TryStreamExt as _};
 use kiln_agent_proto::{
-    AgentClient, ClientError, ErrorCode, ExecEvent, ExecRequest, ExitStatus, FileKind,
-    WriteFileRequest,
+    AgentClient, ClientError, ExecEvent, ExecRequest, ExitStatus, FileKind, WriteFileRequest,
 };
 use kiln_store::{Sandbox, SandboxAccess, SandboxStatus};
 use serde::Deserialize;
@@ -134,37 +133,6 @@ async fn authorise(headers: &HeaderMap, state: &AppState, id: &str) -> Result<Sa
     ))
 }
 
-/// An agent failure as a response: what the caller did wrong is a 4xx with a code, a lost
-/// connection to the guest is a 502.
-pub(crate) fn agent_error(e: ClientError) -> ApiError {
-    match e {
-        ClientError::Agent { code, message } => {
-            let (status, code) = match code {
-                ErrorCode::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),
-                ErrorCode::PermissionDenied => (StatusCode::BAD_REQUEST, "permission_denied"),
-                ErrorCode::FrameTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-                ErrorCode::IsADirectory
-                | ErrorCode::NotADirectory
-                | ErrorCode::AlreadyExists
-                | ErrorCode::DirectoryNotEmpty
-                | ErrorCode::InvalidRequest
-                | ErrorCode::UserNotFound
-                | ErrorCode::SpawnFailed => (StatusCode::BAD_REQUEST, "invalid_request"),
-                _ => (StatusCode::BAD_GATEWAY, "agent_error"),
-            };
-            ApiError::new(status, code, message)
-        }
-        other => {
-            tracing::warn!(error = %other, "guest agent unreachable");
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "agent_unreachable",
-                "the sandbox's guest agent did not answer",
-            )
-        }
-    }
-}
-
 // ------------------------------------------------------------------------------------ exec
 
 /// `POST /exec`, `POST /exec/stream` and the WebSocket start frame.
@@ -241,15 +209,15 @@ pub(crate) async fn exec(
     let req: ExecBody = parse(&body)?;
     let req = req.into_request(false)?;
     let timeout_ms = req.timeout_ms;
-    let mut handle = target.agent.exec(req).await.map_err(agent_error)?;
+    let mut handle = target.agent.exec(req).await.map_err(ApiError::from)?;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let mut truncated = false;
     let status = loop {
-        match handle.next_event().await.map_err(agent_error)? {
+        match handle.next_event().await.map_err(ApiError::from)? {
             Some(ExecEvent::Stdout(b)) => keep(&mut stdout, stderr.len(), &b, &mut truncated),
             Some(ExecEvent::Stderr(b)) => keep(&mut stderr, stdout.len(), &b, &mut truncated),
             Some(ExecEvent::Exit(st)) => break st,
-            None => return Err(agent_error(ClientError::StreamClosed)),
+            None => return Err(ClientError::StreamClosed.into()),
         }
     };
     let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
@@ -327,7 +295,7 @@ pub(crate) async fn exec_stream(
     let req = req.into_request(false)?;
     let timeout_ms = req.timeout_ms;
     // Started before answering, so a failure to start is a status code, not an event.
-    let handle = target.agent.exec(req).await.map_err(agent_error)?;
+    let handle = target.agent.exec(req).await.map_err(ApiError::from)?;
     struct St {
         handle: kiln_agent_proto::ExecHandle,
         out: Utf8Chunks,
@@ -455,7 +423,7 @@ pub(crate) async fn read_file(
             "format: unknown format {f:?}"
         )));
     }
-    let st = target.agent.stat(&path).await.map_err(agent_error)?;
+    let st = target.agent.stat(&path).await.map_err(ApiError::from)?;
     match st.kind {
         FileKind::Dir => {
             let zip = zip_dir(&target.agent, &path).await?;
@@ -536,7 +504,7 @@ async fn zip_dir(agent: &AgentClient, root: &str) -> Result<Vec<u8>, ApiError> {
                     if total > MAX_ZIP_BYTES {
                         return Err(too_big());
                     }
-                    let data = agent.read_file(&child).await.map_err(agent_error)?;
+                    let data = agent.read_file(&child).await.map_err(ApiError::from)?;
                     zip.start_file(inner, opts.unix_permissions(entry.stat.mode))
                         .map_err(|e| zip_err(&e))?;
                     zip.write_all(&data).map_err(|e| zip_err(&e))?;
@@ -552,7 +520,7 @@ async fn target_list(
     agent: &AgentClient,
     dir: &str,
 ) -> Result<Vec<kiln_agent_proto::DirEntry>, ApiError> {
-    agent.list(dir).await.map_err(agent_error)
+    agent.list(dir).await.map_err(ApiError::from)
 }
 
 /// `POST /files?path=`: the body becomes the file (parents created), owned by the
@@ -575,7 +543,7 @@ pub(crate) async fn write_file(
     if declared.is_some_and(|n| n > MAX_UPLOAD_BYTES) {
         return Err(upload_too_large());
     }
-    let defaults = target.agent.get_defaults().await.map_err(agent_error)?;
+    let defaults = target.agent.get_defaults().await.map_err(ApiError::from)?;
     let req = WriteFileRequest {
         path: path.clone(),
         mode: None,
@@ -600,7 +568,7 @@ pub(crate) async fn write_file(
                 ClientError::Io(io) => Err(ApiError::bad_request(format!(
                     "reading the request body: {io}"
                 ))),
-                other => Err(agent_error(other)),
+                other => Err(other.into()),
             }
         }
     }

@@ -3,6 +3,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use kiln_agent_proto::{ClientError, ErrorCode};
 use kiln_engine::EngineError;
 use kiln_spec::RateLimitCode;
 use kiln_store::StoreError;
@@ -91,6 +92,7 @@ impl From<EngineError> for ApiError {
                 )
             }
             EngineError::Store(store) => store.into(),
+            EngineError::Agent(agent) => agent.into(),
             other => internal(&other),
         }
     }
@@ -136,6 +138,41 @@ impl From<crate::ratelimit::RateLimited> for ApiError {
         );
         e.retry_after = Some(secs);
         e
+    }
+}
+
+/// An agent failure as a response: what the caller did wrong is a 4xx with a code, a lost
+/// connection to the guest is a 502.
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Agent { code, message } => {
+                let (status, code) = match code {
+                    ErrorCode::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),
+                    ErrorCode::PermissionDenied => (StatusCode::BAD_REQUEST, "permission_denied"),
+                    ErrorCode::FrameTooLarge => {
+                        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+                    }
+                    ErrorCode::IsADirectory
+                    | ErrorCode::NotADirectory
+                    | ErrorCode::AlreadyExists
+                    | ErrorCode::DirectoryNotEmpty
+                    | ErrorCode::InvalidRequest
+                    | ErrorCode::UserNotFound
+                    | ErrorCode::SpawnFailed => (StatusCode::BAD_REQUEST, "invalid_request"),
+                    _ => (StatusCode::BAD_GATEWAY, "agent_error"),
+                };
+                ApiError::new(status, code, message)
+            }
+            other => {
+                tracing::warn!(error = %other, "guest agent unreachable");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "agent_unreachable",
+                    "the sandbox's guest agent did not answer",
+                )
+            }
+        }
     }
 }
 

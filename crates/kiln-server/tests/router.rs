@@ -818,3 +818,38 @@ async fn a_queued_build_says_so_until_it_ends() {
         (&json!(true), &json!("cancelled"))
     );
 }
+
+#[tokio::test]
+async fn metrics_and_request_ids() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    a.ready_template("acme", "web").await;
+    a.call("GET", "/templates", Some(&key), None).await;
+    let (s, headers, body) = a.call_with("GET", "/metrics", &[], None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"),
+        "{headers:?}"
+    );
+    let text = body.as_str().unwrap();
+    for line in [
+        "kiln_templates 1",
+        r#"kiln_builds{status="ready"} 1"#,
+        r#"kiln_http_requests_total{method="GET",route="/templates",status="200"} 1"#,
+        "kiln_live_sandboxes 0",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    // Secrets never become labels or values.
+    assert!(!text.contains(&key), "the API key is in /metrics");
+    // Every response carries a request id; a sane one from the client is kept.
+    let (_, headers, _) = a
+        .call_with("GET", "/health", &[("x-request-id", "req-123")], None)
+        .await;
+    assert_eq!(headers["x-request-id"], "req-123");
+    let (_, headers, _) = a.call_with("GET", "/health", &[], None).await;
+    assert!(!headers["x-request-id"].is_empty());
+}

@@ -137,6 +137,7 @@ fn create_options(req: &TemplateRequest) -> anyhow::Result<TemplateCreateOptions
         vcpu: num(&doc["vcpu"]),
         memory_mib: num(&doc["memory_mib"]),
         disk_mib: num(&doc["disk_mib"]),
+        force: false,
     })
 }
 
@@ -157,7 +158,12 @@ fn print_event(e: &BuildLogEvent) {
 pub async fn template(cmd: crate::template::Cmd, client: Client) -> anyhow::Result<ExitCode> {
     use crate::template::Cmd;
     match cmd {
-        Cmd::Build { file, name, detach } => {
+        Cmd::Build {
+            file,
+            name,
+            detach,
+            no_cache,
+        } => {
             let text = crate::validate::read_spec(&file)?;
             let doc: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("{file} is not valid JSON"))?;
@@ -177,7 +183,8 @@ pub async fn template(cmd: crate::template::Cmd, client: Client) -> anyhow::Resu
                 bail!("the template needs a name: give `name` in the spec or --name");
             };
             req.validate().map_err(|p| anyhow::anyhow!("{p}"))?;
-            let options = create_options(&req)?;
+            let mut options = create_options(&req)?;
+            options.force = no_cache;
             let mut template = match Template::create(&client, options.clone()).await {
                 Ok(t) => t,
                 Err(e) if e.code() == "conflict" => {

@@ -30,6 +30,10 @@ pub(crate) enum Cmd {
         /// Queue the build, print its id and return at once.
         #[arg(long)]
         detach: bool,
+        /// Build from scratch even if an identical build (same spec, same base image
+        /// digest) can be reused.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// List templates.
     Ls {
@@ -81,7 +85,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let engine = engine().await?;
     let team = engine.local_team().await?;
     match args.command {
-        Cmd::Build { file, name, detach } => build(&engine, &team.id, &file, name, detach).await,
+        Cmd::Build {
+            file,
+            name,
+            detach,
+            no_cache,
+        } => build(&engine, &team.id, &file, name, detach, no_cache).await,
         Cmd::Ls { json } => {
             let templates = engine.store().list_templates(&team.id).await?;
             let all: Vec<_> = templates.iter().map(Template::to_wire).collect();
@@ -151,6 +160,7 @@ async fn build(
     file: &str,
     name: Option<String>,
     detach: bool,
+    no_cache: bool,
 ) -> anyhow::Result<ExitCode> {
     let text = crate::validate::read_spec(file)?;
     let doc: serde_json::Value =
@@ -171,12 +181,11 @@ async fn build(
         anyhow::bail!("the template needs a name: give `name` in the spec or --name");
     };
     req.validate().map_err(|p| anyhow::anyhow!("{p}"))?;
-    let (template, build) = match engine.submit(team_id, &req).await {
+    let (template, build) = match engine.submit_with(team_id, &req, no_cache).await {
         Ok(created) => created,
         Err(kiln_engine::EngineError::Store(StoreError::Conflict(_))) => {
             let rebuild = engine
-                .store()
-                .start_rebuild(team_id, &template_name, Some(&req), &engine.config().limits)
+                .rebuild_with(team_id, &template_name, Some(&req), no_cache)
                 .await?;
             let t = engine
                 .store()

@@ -23,31 +23,51 @@ impl Engine {
     /// Validates a request and records the template with its first build, `pending`.
     /// The build runs when [`Engine::run_build`] is called for it.
     pub async fn submit(&self, team_id: &str, req: &TemplateRequest) -> Result<(Template, Build)> {
+        self.submit_with(team_id, req, false).await
+    }
+
+    /// [`Engine::submit`]; with `no_cache` the build ignores the build cache.
+    pub async fn submit_with(
+        &self,
+        team_id: &str,
+        req: &TemplateRequest,
+        no_cache: bool,
+    ) -> Result<(Template, Build)> {
         req.validate().map_err(EngineError::Invalid)?;
-        Ok(self
+        let (t, mut b) = self
             .store
             .create_template_with_build(team_id, req, &self.cfg.limits)
-            .await?)
+            .await?;
+        if no_cache {
+            b = self.store.set_build_no_cache(&b.id).await?;
+        }
+        Ok((t, b))
     }
 
     /// Queues a rebuild of a template's current spec; an in-flight build of the same spec
     /// is returned instead of a new one.
     pub async fn rebuild(&self, team_id: &str, template: &str) -> Result<Rebuild> {
-        self.rebuild_with(team_id, template, None).await
+        self.rebuild_with(team_id, template, None, false).await
     }
 
     /// Queues a rebuild; with `spec`, the template's spec and shape become that first (an
-    /// in-flight build of the same spec is still returned instead of a new one).
+    /// in-flight build of the same spec is still returned instead of a new one). With
+    /// `no_cache` the new build ignores the build cache.
     pub async fn rebuild_with(
         &self,
         team_id: &str,
         template: &str,
         spec: Option<&TemplateRequest>,
+        no_cache: bool,
     ) -> Result<Rebuild> {
-        Ok(self
+        let mut r = self
             .store
             .start_rebuild(team_id, template, spec, &self.cfg.limits)
-            .await?)
+            .await?;
+        if no_cache && r.created {
+            r.build = self.store.set_build_no_cache(&r.build.id).await?;
+        }
+        Ok(r)
     }
 
     /// Marks a build cancelled; the process running it stops its VM within
@@ -186,6 +206,17 @@ impl Engine {
                 format!("creating {}: {e}", staging.display()),
             )
         })?;
+        if !build.no_cache {
+            match self
+                .reuse_artifact(build, template, &spec.from, &staging, observer)
+                .await
+            {
+                Ok(Some(size)) => return Ok(size),
+                Ok(None) => {}
+                // The cache is an optimisation: a miss for any reason builds normally.
+                Err(e) => observer.system(format!("build cache not used: {e}")),
+            }
+        }
         let job = BuildJob {
             name: format!("build-{}", short(&build.id)),
             spec,
@@ -212,6 +243,63 @@ impl Engine {
     }
 
     /// Writes the artifact manifest and makes the artifact visible at its final path.
+    /// The build cache: when a ready build of the team has the same spec hash (spec and
+    /// VM shape) and its base image reference still resolves to the same digest, its
+    /// artifact is this build's too (hard links, nothing copied, no VM booted). Returns the
+    /// artifact's size, or `None` on a miss.
+    async fn reuse_artifact(
+        &self,
+        build: &Build,
+        template: &Template,
+        from: &str,
+        staging: &std::path::Path,
+        observer: &Observer,
+    ) -> std::result::Result<Option<u64>, String> {
+        // A tag is resolved again (it may have moved); a digest reference is answered
+        // from the local store.
+        let image = self.images.resolve(from).await.map_err(|e| e.to_string())?;
+        let candidates = self
+            .store
+            .reusable_builds(
+                &build.team_id,
+                &build.build_spec_hash,
+                &image.digest,
+                &build.id,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        for prev in candidates {
+            let Ok(src) = self.layout.artifact_dir(&prev.template_id, &prev.id) else {
+                continue;
+            };
+            // Sizes checked; the files are immutable once published.
+            let Ok(mut manifest) = ArtifactManifest::read(&src) else {
+                continue;
+            };
+            link_tree(&src, staging).map_err(|e| format!("linking {}: {e}", src.display()))?;
+            manifest.template_id = template.id.clone();
+            manifest.build_id = build.id.clone();
+            manifest.created_at = chrono::Utc::now();
+            manifest.write(staging).map_err(|e| e.to_string())?;
+            let _ = self
+                .store
+                .set_build_image_digest(&build.id, &image.digest)
+                .await;
+            let dest = self
+                .layout
+                .artifact_dir(&template.id, &build.id)
+                .map_err(|e| e.to_string())?;
+            kiln_store::publish_dir(staging, &dest).map_err(|e| e.to_string())?;
+            observer.system(format!(
+                "build cache hit: the steps and the snapshot of build {} are reused (same spec, \
+                 base image {}); no VM was booted",
+                prev.id, image.digest
+            ));
+            return Ok(Some(manifest.total_size()));
+        }
+        Ok(None)
+    }
+
     async fn publish(
         &self,
         build: &Build,
@@ -249,6 +337,23 @@ impl Engine {
             .map_err(|e| fail(format!("publishing the artifact: {e}")))?;
         Ok(out.size_bytes)
     }
+}
+
+/// Recreates the tree at `src` under `dst` (which exists) with hard links to its files:
+/// published artifacts are never written again, so sharing them is safe and instant.
+fn link_tree(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            std::fs::create_dir(&to)?;
+            link_tree(&from, &to)?;
+        } else if kind.is_file() {
+            std::fs::hard_link(&from, &to)?;
+        }
+    }
+    Ok(())
 }
 
 /// How long deleting a template waits for its cancelled builds to stop.

@@ -387,3 +387,102 @@ async fn assert_no_vms(e: &Env) {
         .unwrap_or_default();
     assert!(vms.is_empty(), "VM run dirs left: {vms:?}");
 }
+
+/// Points `repo:latest` in the test registry at `image` (a tag that moves, as on Docker
+/// Hub).
+fn push_tag(registry: &str, image: &str, repo: &str) {
+    let status = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("docker://{registry}/kiln/{image}:latest"))
+        .arg(format!("docker://{registry}/{repo}:latest"))
+        .status()
+        .expect("skopeo (a Debian package scripts/test.sh installs)");
+    assert!(status.success(), "skopeo copy {image} -> {repo}");
+}
+
+fn log_has(logs: &[kiln_store::LogLine], text: &str) -> bool {
+    logs.iter().any(|l| l.text.contains(text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_build_cache_reuses_identical_builds_until_the_digest_moves_or_force() {
+    let e = env(Duration::from_secs(120)).await;
+    // A repository of this run's own, so the tag's history is this test's.
+    let repo = format!("cache-{}", std::process::id());
+    push_tag(&e.registry, "minbase", &repo);
+    let from = format!("{}/{repo}:latest", e.registry);
+    let spec = json!({
+        "memoryMib": 256, "diskMib": 1024, "from": from,
+        "steps": [{"run": "echo once > /opt/marker; date +%s%N > /opt/built-at"}],
+        "startCmd": "sleep 100000", "readyCmd": "true",
+    });
+    let first = e.build("cached", spec.clone()).await;
+    assert_eq!(first.status, BuildStatus::Ready, "{first:?}");
+    let store = e.engine.store();
+
+    // The same spec again: reused, no VM booted, and its sandboxes are the first build's.
+    let r = e.engine.rebuild(&e.team, "cached").await.unwrap();
+    let hit = e.engine.run_build(&r.build.id, None).await.unwrap();
+    assert_eq!(hit.status, BuildStatus::Ready, "{hit:?}");
+    assert_eq!(hit.image_digest, first.image_digest);
+    let logs = store.logs_since(&hit.id, 0).await.unwrap();
+    assert!(log_has(&logs, "build cache hit"), "{logs:#?}");
+    assert!(!log_has(&logs, "booting build VM"), "{logs:#?}");
+    let new = NewSandbox {
+        template: "cached".into(),
+        ..Default::default()
+    };
+    let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
+    assert_eq!(record.build_id, hit.id);
+    let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
+    let first_built_at = exec(&live.vm, "cat /opt/built-at").await.0;
+    e.engine
+        .finish_sandbox(&e.team, &record.id, SandboxStatus::Deleted)
+        .await
+        .unwrap();
+    drop(live);
+
+    // Shared within the team: another template with the same spec hits too.
+    let other = e.build("cached-too", spec.clone()).await;
+    assert_eq!(other.status, BuildStatus::Ready);
+    let logs = store.logs_since(&other.id, 0).await.unwrap();
+    assert!(log_has(&logs, "build cache hit"), "{logs:#?}");
+
+    // `force`: built again from scratch.
+    let r = e
+        .engine
+        .rebuild_with(&e.team, "cached", None, true)
+        .await
+        .unwrap();
+    let forced = e.engine.run_build(&r.build.id, None).await.unwrap();
+    assert_eq!(forced.status, BuildStatus::Ready, "{forced:?}");
+    let logs = store.logs_since(&forced.id, 0).await.unwrap();
+    assert!(!log_has(&logs, "build cache hit") && log_has(&logs, "booting build VM"));
+
+    // The tag now names another image: same spec text, new digest, a miss.
+    push_tag(&e.registry, "python", &repo);
+    let r = e.engine.rebuild(&e.team, "cached").await.unwrap();
+    let moved = e.engine.run_build(&r.build.id, None).await.unwrap();
+    assert_eq!(moved.status, BuildStatus::Ready, "{moved:?}");
+    assert_ne!(moved.image_digest, first.image_digest);
+    let logs = store.logs_since(&moved.id, 0).await.unwrap();
+    assert!(!log_has(&logs, "build cache hit") && log_has(&logs, "booting build VM"));
+    let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
+    let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
+    assert_ne!(exec(&live.vm, "cat /opt/built-at").await.0, first_built_at);
+    assert_eq!(
+        exec(&live.vm, "command -v python3 >/dev/null && echo py")
+            .await
+            .0,
+        "py"
+    );
+    e.engine
+        .finish_sandbox(&e.team, &record.id, SandboxStatus::Deleted)
+        .await
+        .unwrap();
+}

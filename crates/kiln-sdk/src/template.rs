@@ -261,6 +261,8 @@ pub struct TemplateCreateOptions {
     pub memory_mib: Option<u32>,
     /// Disk, MiB (1024-8192).
     pub disk_mib: Option<u32>,
+    /// Build from scratch, bypassing kiln's build cache (a kiln extension: `"force": true`).
+    pub force: bool,
 }
 
 impl TemplateCreateOptions {
@@ -286,6 +288,9 @@ impl TemplateCreateOptions {
             spec["ready_cmd"] = c.as_str().into();
         }
         let mut body = serde_json::json!({ "name": self.name, "build_spec": spec });
+        if self.force {
+            body["force"] = true.into();
+        }
         for (k, v) in [
             ("vcpu", self.vcpu),
             ("memory_mib", self.memory_mib),

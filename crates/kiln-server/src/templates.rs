@@ -31,18 +31,40 @@ fn start_build(engine: &Arc<Engine>, build_id: String) {
     });
 }
 
+/// `?force=true`, or `"force": true` in the body: build from scratch, bypassing the build
+/// cache (kiln's extension).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// Takes kiln's `force` flag out of a template body (it is not part of the spec).
+fn take_force(doc: &mut serde_json::Value, query: bool) -> Result<bool, ApiError> {
+    let body = match doc.as_object_mut().and_then(|o| o.remove("force")) {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => b,
+        Some(_) => return Err(ApiError::bad_request("force: must be a boolean")),
+    };
+    Ok(query || body)
+}
+
 pub(crate) async fn create_template(
     State(state): State<AppState>,
     Auth(team): Auth,
+    q: Result<Query<ForceQuery>, QueryRejection>,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let doc = json_body(&body)?;
+    let Query(q) = q.map_err(query_error)?;
+    let mut doc = json_body(&body)?;
+    let force = take_force(&mut doc, q.force)?;
     let req = TemplateRequest::parse_and_validate_as(&doc, Form::Wire)
         .map_err(|p| ApiError::bad_request(p.to_string()))?;
     if req.name.is_none() {
         return Err(ApiError::bad_request("name: is required"));
     }
-    let (template, build) = state.engine.submit(&team.id, &req).await?;
+    let (template, build) = state.engine.submit_with(&team.id, &req, force).await?;
     start_build(&state.engine, build.id.clone());
     let mut out = template.to_wire();
     out["build_id"] = build.id.into();
@@ -135,12 +157,20 @@ pub(crate) async fn rebuild(
     State(state): State<AppState>,
     Auth(team): Auth,
     Path(template): Path<String>,
+    q: Result<Query<ForceQuery>, QueryRejection>,
     body: axum::body::Bytes,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
+    let mut force = q.force;
     let spec = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        let doc = json_body(&body)?;
+        let mut doc = json_body(&body)?;
+        force = take_force(&mut doc, force)?;
+        // `{"force": true}` alone rebuilds the stored spec from scratch.
+        if doc.as_object().is_some_and(|o| o.is_empty()) {
+            return rebuild_stored(state, team, template, force).await;
+        }
         let req = TemplateRequest::parse_and_validate_as(&doc, Form::Wire)
             .map_err(|p| ApiError::bad_request(p.to_string()))?;
         if let Some(name) = &req.name {
@@ -160,16 +190,34 @@ pub(crate) async fn rebuild(
     };
     let r = state
         .engine
-        .rebuild_with(&team.id, &template, spec.as_ref())
+        .rebuild_with(&team.id, &template, spec.as_ref(), force)
         .await?;
-    // 201 for a new build, 200 when an in-flight build of the same spec is returned.
+    Ok(answer_rebuild(&state, r))
+}
+
+async fn rebuild_stored(
+    state: AppState,
+    team: Team,
+    template: String,
+    force: bool,
+) -> Result<axum::response::Response, ApiError> {
+    let r = state
+        .engine
+        .rebuild_with(&team.id, &template, None, force)
+        .await?;
+    Ok(answer_rebuild(&state, r))
+}
+
+/// 201 for a new build (dispatched now), 200 when an in-flight build of the same spec is
+/// returned.
+fn answer_rebuild(state: &AppState, r: kiln_store::Rebuild) -> axum::response::Response {
     let status = if r.created {
         start_build(&state.engine, r.build.id.clone());
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(r.build.to_wire())))
+    (status, Json(r.build.to_wire())).into_response()
 }
 
 /// A build, checked to belong to the template named in the path.

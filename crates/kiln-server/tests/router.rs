@@ -853,3 +853,36 @@ async fn metrics_and_request_ids() {
     let (_, headers, _) = a.call_with("GET", "/health", &[], None).await;
     assert!(!headers["x-request-id"].is_empty());
 }
+
+#[tokio::test]
+async fn force_bypasses_the_build_cache_and_is_checked() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    let spec = |force: Value| {
+        json!({"name": "f", "force": force, "build_spec": {"from": "127.0.0.1:9/kiln/none:1"}})
+            .to_string()
+            .into_bytes()
+    };
+    let (s, v) = a
+        .call("POST", "/templates", Some(&key), Some(spec(json!("yes"))))
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, t) = a
+        .call("POST", "/templates", Some(&key), Some(spec(json!(true))))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let b = a
+        .engine
+        .store()
+        .get_build(t["build_id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert!(b.no_cache, "{b:?}");
+    let (s, _) = a
+        .call("POST", "/templates/f/builds?force=maybe", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}

@@ -241,6 +241,8 @@ pub struct Build {
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a terminal status.
     pub finalized_at: Option<DateTime<Utc>>,
+    /// Built from scratch even when an identical artifact exists.
+    pub no_cache: bool,
 }
 
 impl Build {

@@ -609,6 +609,38 @@ impl Store {
     /// Fails every pending, building or snapshotting build with
     /// `build_failed: interrupted by server restart`, and returns them.
     ///
+    /// Makes a queued build skip the build cache.
+    pub async fn set_build_no_cache(&self, build_id: &str) -> Result<Build> {
+        sqlx::query("UPDATE builds SET no_cache = 1 WHERE id = ?")
+            .bind(build_id)
+            .execute(&self.pool)
+            .await?;
+        self.get_build(build_id).await
+    }
+
+    /// Ready builds of the team with this spec hash and base image digest, newest first,
+    /// other than `except`: the build cache's candidates. A tag re-pushed to another image
+    /// resolves to another digest, so it never matches.
+    pub async fn reusable_builds(
+        &self,
+        team_id: &str,
+        spec_hash: &str,
+        image_digest: &str,
+        except: &str,
+    ) -> Result<Vec<Build>> {
+        Ok(sqlx::query_as::<_, Build>(
+            "SELECT * FROM builds WHERE team_id = ? AND status = 'ready' AND build_spec_hash = ?
+               AND image_digest = ? AND id <> ?
+             ORDER BY finalized_at DESC, rowid DESC",
+        )
+        .bind(team_id)
+        .bind(spec_hash)
+        .bind(image_digest)
+        .bind(except)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Records that this process runs (or waits to run) a build, so that a restart of
     /// another process leaves it alone ([`Store::mark_interrupted_builds`]).
     pub async fn claim_build(&self, build_id: &str, pid: u32) -> Result<()> {

@@ -79,6 +79,9 @@ const DEFAULT_LIMITS: kiln_store::Limits = kiln_store::Limits {
     max_concurrent_builds: 4,
     max_live_sandboxes: 50,
 };
+/// How long open connections get to finish once the server is asked to stop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Requests per second per key, and burst, when nothing is configured.
 const DEFAULT_RATE: (u32, u32) = (50, 100);
 
@@ -161,9 +164,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(?limits, rate_per_sec = rate, "limits");
     eprintln!("kiln API listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signalled = stopping.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        signalled.notify_one();
+    });
+    // Open log streams and interactive sessions would hold a graceful shutdown forever:
+    // they get a short grace period, then the server stops regardless.
+    tokio::select! {
+        r = server => r?,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            eprintln!("kiln API: connections still open after {SHUTDOWN_GRACE:?}; closing them");
+        }
+    }
     // Running sandboxes die with their VMs; say so rather than leave them `active`.
     engine.stop_live_sandboxes().await;
     Ok(ExitCode::SUCCESS)

@@ -240,6 +240,21 @@ fn git(args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// The first line of `TOOL --version`.
+fn tool_version(tool: &str) -> String {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
 fn load_avg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -393,6 +408,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "accel": format!("{:?}", accel.accel).to_lowercase(),
             "accel_reason": accel.reason,
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "qemu": tool_version("qemu-system-x86_64"),
+            "skopeo": tool_version("skopeo"),
+            "umoci": tool_version("umoci"),
             "load_avg_start": load_start,
             "load_avg_end": load_end,
         },
@@ -752,14 +770,28 @@ async fn pull_bench(plan: &Plan, registry: &str, state: &Path) -> anyhow::Result
     let kdir = dir.join("kiln");
     let sdir = dir.join("peer");
     let (mut kc, mut kw, mut sc, mut sw) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..plan.pull_runs {
-        let _ = std::fs::remove_dir_all(&kdir);
+    for i in 0..plan.pull_runs {
+        let t = Instant::now();
+        remove_and_sync(&kdir).await;
         std::fs::create_dir_all(&kdir)?;
         kc.push(kiln_pull(&kdir, &reference).await?);
-        sc.push(skopeo_umoci(&sdir, &reference, true).await?);
-        let _ = std::fs::remove_dir_all(kdir.join("images"));
+        remove_and_sync(&sdir.join("layout")).await;
+        remove_and_sync(&sdir.join("bundle")).await;
+        sc.push(skopeo_umoci(&sdir, &reference).await?);
+        remove_and_sync(&kdir.join("images")).await;
         kw.push(kiln_pull(&kdir, &reference).await?);
-        sw.push(skopeo_umoci(&sdir, &reference, false).await?);
+        remove_and_sync(&sdir.join("bundle")).await;
+        sw.push(skopeo_umoci(&sdir, &reference).await?);
+        let s = |v: &[Duration]| v.last().map_or(0.0, Duration::as_secs_f64);
+        say(format!(
+            "  run {}: kiln {:.1}s vs {:.1}s cold, {:.1}s vs {:.1}s fresh unpack ({:.0}s with cleanup)",
+            i + 1,
+            s(&kc),
+            s(&sc),
+            s(&kw),
+            s(&sw),
+            t.elapsed().as_secs_f64()
+        ));
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(PullResult {
@@ -771,6 +803,18 @@ async fn pull_bench(plan: &Plan, registry: &str, state: &Path) -> anyhow::Result
     })
 }
 
+/// Removes a tree and flushes the removal, so that its writeback does not land in the
+/// next timed operation.
+async fn remove_and_sync(p: &Path) {
+    let p = p.to_owned();
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(&p);
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+    })
+    .await;
+}
+
 async fn kiln_pull(state: &Path, reference: &str) -> anyhow::Result<Duration> {
     let store = kiln_oci::ImageStore::open(state, kiln_oci::RegistryConfig::default())?;
     let t = Instant::now();
@@ -780,17 +824,11 @@ async fn kiln_pull(state: &Path, reference: &str) -> anyhow::Result<Duration> {
     Ok(t.elapsed())
 }
 
-async fn skopeo_umoci(
-    work: &Path,
-    reference: &str,
-    fresh_layout: bool,
-) -> anyhow::Result<Duration> {
+/// `skopeo copy` into an OCI layout, then `umoci unpack` of it (the caller removes what
+/// should not be reused).
+async fn skopeo_umoci(work: &Path, reference: &str) -> anyhow::Result<Duration> {
     let layout = work.join("layout");
     let bundle = work.join("bundle");
-    if fresh_layout {
-        let _ = std::fs::remove_dir_all(&layout);
-    }
-    let _ = std::fs::remove_dir_all(&bundle);
     std::fs::create_dir_all(work)?;
     let t = Instant::now();
     procs::run(procs::command("skopeo").args([

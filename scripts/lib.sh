@@ -15,14 +15,23 @@ install_debian_packages() {
         cpio file                              # initramfs inspection, static-binary checks
         curl python3-venv                      # HTTP in tests, the official Python SDK's venv
     )
-    local missing=()
-    for p in "${pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
+    # Two passes: installing one package can remove another (a backported qemu-utils on
+    # the machine conflicts with Debian's qemu-system-x86 and apt removes it), and the
+    # second pass puts back the matching version.
+    local pass missing
+    for pass in 1 2 3; do
+        missing=()
+        for p in "${pkgs[@]}"; do
+            dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+        done
+        [ ${#missing[@]} -eq 0 ] && return 0
+        if [ "$pass" -eq 3 ]; then
+            echo "Debian packages still missing after installing them: ${missing[*]}" >&2
+            return 1
+        fi
         log "installing Debian packages: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
+        [ "$pass" -eq 1 ] && apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    done
 }

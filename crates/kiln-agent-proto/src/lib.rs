@@ -20,3 +20,9 @@ pub mod client;
 pub use client::{AgentClient, ClientError, ExecEvent, ExecHandle, ExecOutput, ExecStdin};
 pub use frame::{DecodeEvent, Decoder, Frame, FrameKind};
 pub use msg::*;
+
+/// Where a guest reaches the outside: the egress proxy (HTTP `CONNECT` or absolute-form
+/// requests), at an address of QEMU's user network that nothing else uses. The agent puts
+/// it in every process's `http_proxy`/`https_proxy`; the host forwards it to
+/// `kiln egress-proxy` (crate `kiln-net`), which applies the sandbox's network rules.
+pub const EGRESS_PROXY: (&str, u16) = ("10.0.2.100", 3128);

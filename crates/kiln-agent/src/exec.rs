@@ -38,6 +38,7 @@ pub fn prepare(ctx: &Ctx, req: &ExecRequest) -> Result<Prepared, (ErrorCode, Str
     env.insert("HOME".to_owned(), user.home.clone());
     env.insert("USER".to_owned(), user.name.clone());
     env.insert("LOGNAME".to_owned(), user.name.clone());
+    env.extend(crate::net::proxy_env());
     env.extend(defaults.env.clone());
     env.extend(req.env.clone());
     let cwd = req

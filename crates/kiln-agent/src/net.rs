@@ -1,5 +1,10 @@
 //! Network bring-up with ioctls (the guest image may have no `ip` binary):
-//! `lo` up; `eth0` = 10.0.2.15/24 via 10.0.2.2 (QEMU user networking), DNS 10.0.2.3.
+//! `lo` up; `eth0` = 10.0.2.15/24 via 10.0.2.2 (QEMU user networking).
+//!
+//! The host runs that network restricted: nothing on or through the host answers, DNS
+//! included. The one way out is the egress proxy ([`kiln_agent_proto::EGRESS_PROXY`]),
+//! which every process finds in `http_proxy`/`https_proxy` (see [`proxy_env`]); names are
+//! resolved by the proxy, on the host, where the sandbox's rules are applied.
 
 use std::net::Ipv4Addr;
 
@@ -8,7 +13,26 @@ use anyhow::{bail, Result};
 const ETH_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 const ETH_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-const DNS: &str = "10.0.2.3";
+/// Whether eth0 is up, so that execs get the proxy variables.
+static PROXIED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The proxy variables every exec starts with once the network is up (a request's own
+/// env, or the template's, may override them).
+pub fn proxy_env() -> Vec<(String, String)> {
+    if !PROXIED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let (addr, port) = kiln_agent_proto::EGRESS_PROXY;
+    let url = format!("http://{addr}:{port}");
+    let mut out = Vec::new();
+    for key in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+        out.push((key.to_owned(), url.clone()));
+    }
+    for key in ["no_proxy", "NO_PROXY"] {
+        out.push((key.to_owned(), "localhost,127.0.0.1,::1".to_owned()));
+    }
+    out
+}
 
 /// glibc's `struct rtentry` (net/route.h), not exported by the libc crate for gnu.
 #[repr(C)]
@@ -117,8 +141,9 @@ impl Sock {
     }
 }
 
-/// Configure `lo` and (if present) `eth0`; write resolv.conf only if `dns`.
-pub fn setup(dns: bool) -> Result<()> {
+/// Configure `lo` and (if present) `eth0`; write resolv.conf and turn on the proxy
+/// variables only if `net` (the host gave the VM its network).
+pub fn setup(net: bool) -> Result<()> {
     let s = Sock::new()?;
     s.up("lo")?;
     if !std::path::Path::new("/sys/class/net/eth0").exists() {
@@ -128,11 +153,18 @@ pub fn setup(dns: bool) -> Result<()> {
     s.set_addr("eth0", ETH_ADDR, ETH_MASK)?;
     s.up("eth0")?;
     s.default_route(GATEWAY)?;
-    if dns {
+    if net {
         // resolv.conf may be a dangling symlink (systemd-resolved images): replace it.
+        // There is no DNS server to point at; a lookup fails at once instead of waiting
+        // out timeouts, and proxy-aware clients never look up names themselves.
         let _ = std::fs::remove_file("/etc/resolv.conf");
-        std::fs::write("/etc/resolv.conf", format!("nameserver {DNS}\n"))?;
+        std::fs::write(
+            "/etc/resolv.conf",
+            "# kiln: names are resolved by the egress proxy ($https_proxy); no DNS server\n\
+             options timeout:1 attempts:1\nnameserver 127.0.0.1\n",
+        )?;
+        PROXIED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    tracing::info!(addr = %ETH_ADDR, gw = %GATEWAY, dns, "network configured");
+    tracing::info!(addr = %ETH_ADDR, gw = %GATEWAY, net, "network configured");
     Ok(())
 }

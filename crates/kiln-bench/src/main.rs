@@ -962,7 +962,10 @@ async fn engine_create(ctx: &Ctx, label: &str) -> anyhow::Result<(CreateSample, 
         ..Default::default()
     };
     let t = Instant::now();
-    let s = ctx.engine.create_live_sandbox(&ctx.team_id, &new).await?;
+    let s = ctx
+        .engine
+        .create_live_sandbox(&ctx.team_id, &new, None)
+        .await?;
     let created = t.elapsed();
     let id = s.sandbox.id.clone();
     let exec = async {

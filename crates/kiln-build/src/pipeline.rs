@@ -53,6 +53,8 @@ pub struct BuildEnv {
     pub timing: Timing,
     /// Bound on the whole build.
     pub build_timeout: Duration,
+    /// The egress proxy command for build VMs (`kiln_vm::NetConfig::egress`).
+    pub egress: Option<Vec<String>>,
 }
 
 /// One build to run.
@@ -182,7 +184,10 @@ async fn build_inner(
             disk_mib: u64::from(job.resources.disk_mib),
             agent: env.agent.clone(),
         },
-        network: Some(NetConfig::default()),
+        network: Some(NetConfig {
+            forwards: Vec::new(),
+            egress: env.egress.clone(),
+        }),
         accel: env.accel,
         run_parent: env.vm_dir.clone(),
         console_log: None,

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod egress;
 mod image;
 mod remote;
 mod sandbox;
@@ -62,6 +63,9 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Run by QEMU for each connection a VM makes to the outside.
+    #[command(hide = true)]
+    EgressProxy(egress::Args),
 }
 
 fn block_on(
@@ -76,8 +80,15 @@ fn block_on(
 
 /// The engine on the local state dir.
 async fn engine() -> anyhow::Result<std::sync::Arc<kiln_engine::Engine>> {
-    let cfg = kiln_engine::EngineConfig::new(state::state_dir());
-    Ok(kiln_engine::Engine::open(cfg).await?)
+    Ok(kiln_engine::Engine::open(engine_config(state::state_dir())).await?)
+}
+
+/// The engine's configuration for a state dir, with this binary as the egress proxy
+/// VMs reach the outside through.
+fn engine_config(state_dir: std::path::PathBuf) -> kiln_engine::EngineConfig {
+    let mut cfg = kiln_engine::EngineConfig::new(state_dir);
+    cfg.egress_helper = std::env::current_exe().ok();
+    cfg
 }
 
 /// Starts `kiln ARGS...` in its own session, detached from this terminal, with its output
@@ -139,7 +150,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    init_logs(matches!(cli.command, Command::Serve(_)));
+    // The egress proxy logs nowhere: its stdio is a guest's connection.
+    if !matches!(cli.command, Command::EgressProxy(_)) {
+        init_logs(matches!(cli.command, Command::Serve(_)));
+    }
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Setup(args) => vm::setup(args),
@@ -169,6 +183,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
+        Command::EgressProxy(args) => Ok(egress::run(args)),
     };
     match result {
         Ok(code) => code,

@@ -285,6 +285,8 @@ pub async fn sandbox(cmd: crate::sandbox::Cmd, client: Client) -> anyhow::Result
             env,
             metadata,
             name,
+            allow_out,
+            deny_out,
         } => {
             // The API wants a name; the local default is the id, which only the server
             // knows, so the template's name and a random suffix stand in.
@@ -295,6 +297,12 @@ pub async fn sandbox(cmd: crate::sandbox::Cmd, client: Client) -> anyhow::Result
             let mut options = SandboxCreateOptions::new(name, template);
             options.env_vars = pairs(&env)?;
             options.metadata = pairs(&metadata)?;
+            options.network = crate::sandbox::network_rules(allow_out, deny_out)?.map(|r| {
+                kiln_sdk::NetworkConfig {
+                    allow_out: r.allow_out,
+                    deny_out: r.deny_out,
+                }
+            });
             let s = Sandbox::create(&client, options).await?;
             println!("{}", s.id());
             Ok(ExitCode::SUCCESS)

@@ -42,6 +42,13 @@ pub(crate) enum Cmd {
         /// Sandbox name.
         #[arg(long)]
         name: Option<String>,
+        /// Egress: a CIDR, address or domain (`*.example.com`) it may reach even where a
+        /// `--deny-out` covers it (repeatable). The host and private ranges stay closed.
+        #[arg(long = "allow-out", value_name = "CIDR|DOMAIN")]
+        allow_out: Vec<String>,
+        /// Egress: a CIDR it may not reach (repeatable; `0.0.0.0/0` for an allowlist).
+        #[arg(long = "deny-out", value_name = "CIDR")]
+        deny_out: Vec<String>,
     },
     /// List live sandboxes.
     Ls {
@@ -99,7 +106,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             env,
             metadata,
             name,
+            allow_out,
+            deny_out,
         } => {
+            let network = network_rules(allow_out, deny_out)?;
             let new = NewSandbox {
                 template,
                 name,
@@ -107,6 +117,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 env: pairs(&env)?,
             };
             let (sandbox, _token) = engine.create_sandbox_record(team_id, &new).await?;
+            if network.is_some() {
+                engine
+                    .set_network_rules(team_id, &sandbox.id, network.as_ref())
+                    .await?;
+            }
             let logs = engine.layout().root().join("logs");
             crate::spawn_detached(&["sandbox", "keep", &sandbox.id], &logs, &sandbox.id)?;
             let up = wait_started(&engine, team_id, &sandbox.id).await?;
@@ -316,4 +331,24 @@ pub fn shell_join(cmd: &[String]) -> String {
         .map(|a| kiln_build::steps::shell_quote(a))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The egress rules of `--allow-out` / `--deny-out`, checked here so that a typo is an
+/// error before anything starts; `None` when neither was given.
+pub(crate) fn network_rules(
+    allow_out: Vec<String>,
+    deny_out: Vec<String>,
+) -> anyhow::Result<Option<kiln_net::NetworkRules>> {
+    if allow_out.is_empty() && deny_out.is_empty() {
+        return Ok(None);
+    }
+    let rules = kiln_net::NetworkRules {
+        allow_out,
+        deny_out,
+    };
+    if let Err(errs) = rules.compile() {
+        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        anyhow::bail!("invalid egress rules: {}", shown.join("; "));
+    }
+    Ok(Some(rules))
 }

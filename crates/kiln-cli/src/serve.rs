@@ -122,7 +122,7 @@ enum AdminCmd {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let state_dir = crate::state::state_dir();
     let conf = ServerConfig::load(&kiln_engine::registry_config_path(&state_dir))?;
-    let mut cfg = kiln_engine::EngineConfig::new(state_dir);
+    let mut cfg = crate::engine_config(state_dir);
     cfg.owner = kiln_engine::Owner::Server;
     cfg.limits = kiln_store::Limits {
         max_templates: conf.max_templates.unwrap_or(DEFAULT_LIMITS.max_templates),

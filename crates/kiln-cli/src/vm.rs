@@ -240,7 +240,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             disk_mib: args.disk,
             agent: Some(agent),
         },
-        network: (!args.no_network).then(NetConfig::default),
+        network: (!args.no_network).then(|| NetConfig {
+            forwards: Vec::new(),
+            egress: std::env::current_exe()
+                .ok()
+                .map(|exe| vec![exe.display().to_string(), "egress-proxy".to_owned()]),
+        }),
         accel: accel.accel,
         run_parent: scratch.path().to_owned(),
         console_log: None,

@@ -15,8 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_sdk::{
-    BuildLogEvent, BuildStatus, Client, Error, ListOptions, LogStream, Output, RunOptions, Sandbox,
-    SandboxCreateOptions, SandboxStatus, Step, Template, TemplateCreateOptions, TemplateStatus,
+    BuildLogEvent, BuildStatus, Client, Error, ListOptions, LogStream, NetworkConfig, Output,
+    RunOptions, Sandbox, SandboxCreateOptions, SandboxStatus, Step, Template,
+    TemplateCreateOptions, TemplateStatus,
 };
 
 use common::{api_key, assert_no_qemu, assets, registry, repo_root, Server};
@@ -232,12 +233,17 @@ async fn flow(base_url: &str, key: &str, registry: &str) {
         BuildStatus::Ready
     );
 
-    // -- a sandbox
+    // -- a sandbox, with egress rules (applied by the proxy: see tests/network.rs)
+    let rules = NetworkConfig {
+        allow_out: vec!["*.example.com".to_owned()],
+        deny_out: vec!["0.0.0.0/0".to_owned()],
+    };
     let sandbox = Sandbox::create(
         &client,
         SandboxCreateOptions {
             env_vars: [("FOO".to_owned(), "bar".to_owned())].into(),
             metadata: [("suite".to_owned(), "sdk-live".to_owned())].into(),
+            network: Some(rules.clone()),
             ..SandboxCreateOptions::new("live-1", name)
         },
     )
@@ -245,6 +251,9 @@ async fn flow(base_url: &str, key: &str, registry: &str) {
     .unwrap();
     clock.lap("sandbox created");
     assert_eq!(sandbox.status(), SandboxStatus::Active);
+    assert_eq!(sandbox.get_info().await.unwrap().network, Some(rules));
+    sandbox.set_network(None).await.unwrap();
+    assert_eq!(sandbox.get_info().await.unwrap().network, None);
     let id = sandbox.id().to_owned();
     let listed = Sandbox::list(
         &client,

@@ -46,6 +46,10 @@ pub struct EngineConfig {
     pub registry_config: Option<PathBuf>,
     /// What kind of process this is, as recorded in the endpoints of the sandboxes it runs.
     pub owner: sandboxes::Owner,
+    /// The `kiln` binary, run by QEMU as `kiln egress-proxy` for every connection a VM
+    /// makes to the outside (see `kiln_net::proxy`). `None`: VMs have no way out at all
+    /// (they never reach the host either way).
+    pub egress_helper: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -69,6 +73,7 @@ impl EngineConfig {
             max_parallel_builds: 2,
             registry_config,
             owner: sandboxes::Owner::Keeper,
+            egress_helper: None,
         }
     }
 }
@@ -181,9 +186,27 @@ impl Engine {
                     vm_dir: self.vm_dir(),
                     timing: self.cfg.timing,
                     build_timeout: self.cfg.build_timeout,
+                    egress: self.egress_command(None),
                 })
             })
             .await
+    }
+
+    /// The command QEMU runs per outgoing guest connection: the proxy with the rules file
+    /// of a sandbox (read per connection, so updates apply at once) and its connection
+    /// log next to it; builds have no rules file (the public internet, nothing else).
+    pub(crate) fn egress_command(&self, sandbox_dir: Option<&Path>) -> Option<Vec<String>> {
+        let helper = self.cfg.egress_helper.as_ref()?;
+        let mut argv = vec![helper.display().to_string(), "egress-proxy".to_owned()];
+        if let Some(dir) = sandbox_dir {
+            argv.extend([
+                "--rules".to_owned(),
+                dir.join(sandboxes::NETWORK_RULES).display().to_string(),
+                "--log".to_owned(),
+                dir.join(sandboxes::NETWORK_LOG).display().to_string(),
+            ]);
+        }
+        Some(argv)
     }
 
     /// Parent of VM run directories: short, because unix socket paths are limited to 107

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent_proto::AgentClient;
 use kiln_store::{NewSandbox, Sandbox, SandboxStatus};
-use kiln_vm::{RestoreConfig, Vm};
+use kiln_vm::Vm;
 use tracing::Instrument as _;
 
 use crate::error::{EngineError, Result};
@@ -128,8 +128,16 @@ impl Engine {
         &self,
         team_id: &str,
         new: &NewSandbox,
+        network: Option<&kiln_net::NetworkRules>,
     ) -> Result<SandboxWithToken> {
         let (record, access_token) = self.create_sandbox_record(team_id, new).await?;
+        if network.is_some() {
+            if let Err(e) = self.set_network_rules(team_id, &record.id, network).await {
+                self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
+                    .await?;
+                return Err(e);
+            }
+        }
         let started = Instant::now();
         let live = self.start_sandbox(team_id, &record.id).await?;
         let restore_time = started.elapsed();
@@ -362,11 +370,7 @@ impl Engine {
         self.store
             .set_sandbox_status(team_id, &record.id, SandboxStatus::Resuming)
             .await?;
-        let mut cfg = RestoreConfig::new(
-            format!("sbx-{}", record.id.get(..8).unwrap_or(&record.id)),
-            self.vm_dir(),
-        );
-        cfg.console_log = Some(dir.join("console.log"));
+        let cfg = self.restore_config(&record.id, &dir);
         match Vm::restore(&bundle, cfg).await {
             Ok(vm) => {
                 self.write_endpoint(&dir, &vm)?;

@@ -19,6 +19,11 @@ use crate::Engine;
 
 /// Name of the endpoint file in a sandbox's directory.
 pub const ENDPOINT_FILE: &str = "endpoint.json";
+/// The sandbox's egress rules ([`kiln_net::NetworkRules`] as JSON), read by the egress
+/// proxy on every connection; absent means the defaults (the public internet).
+pub const NETWORK_RULES: &str = "network.json";
+/// One line per outgoing connection of the sandbox, allowed or refused.
+pub const NETWORK_LOG: &str = "network.log";
 /// Bound on reaching a sandbox's agent.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -117,11 +122,7 @@ impl Engine {
         let bundle = artifact.join("bundle");
         let dir = self.layout.sandbox_dir(&record.id)?;
         std::fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
-        let mut cfg = RestoreConfig::new(
-            format!("sbx-{}", record.id.get(..8).unwrap_or(&record.id)),
-            self.vm_dir(),
-        );
-        cfg.console_log = Some(dir.join("console.log"));
+        let cfg = self.restore_config(&record.id, &dir);
         let vm = Vm::restore(&bundle, cfg)
             .await
             .map_err(EngineError::Restore)?;
@@ -138,6 +139,58 @@ impl Engine {
         }
         self.write_endpoint(&dir, &vm)?;
         Ok((vm, dir))
+    }
+
+    /// How a sandbox's VM is restored: console log and egress rules in its directory.
+    pub(crate) fn restore_config(&self, sandbox_id: &str, dir: &Path) -> RestoreConfig {
+        let mut cfg = RestoreConfig::new(
+            format!("sbx-{}", sandbox_id.get(..8).unwrap_or(sandbox_id)),
+            self.vm_dir(),
+        );
+        cfg.console_log = Some(dir.join("console.log"));
+        cfg.egress = self.egress_command(Some(dir));
+        cfg
+    }
+
+    /// Sets (or with `None`, clears) a sandbox's egress rules. They apply to its next
+    /// connection: the proxy reads them per connection. Also valid before the sandbox's
+    /// VM exists (at create) and while it is paused.
+    pub async fn set_network_rules(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        rules: Option<&kiln_net::NetworkRules>,
+    ) -> Result<()> {
+        let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        if record.status == SandboxStatus::Deleted {
+            return Err(kiln_store::StoreError::not_found("sandbox", sandbox_id).into());
+        }
+        let dir = self.layout.sandbox_dir(sandbox_id)?;
+        std::fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
+        let path = dir.join(NETWORK_RULES);
+        match rules {
+            Some(r) => {
+                let json = serde_json::to_vec_pretty(r).expect("rules serialize");
+                kiln_store::write_atomic(&path, &json)?;
+            }
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EngineError::io("removing", &path)(e)),
+            },
+        }
+        tracing::info!(sandbox = %sandbox_id, rules = ?rules, "network rules set");
+        Ok(())
+    }
+
+    /// A sandbox's egress rules, if any were set (what [`Engine::set_network_rules`] wrote).
+    pub fn network_rules(&self, sandbox_id: &str) -> Option<kiln_net::NetworkRules> {
+        let path = self
+            .layout
+            .sandbox_dir(sandbox_id)
+            .ok()?
+            .join(NETWORK_RULES);
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
     }
 
     /// Publishes how to reach a sandbox's VM, naming this process as its owner.

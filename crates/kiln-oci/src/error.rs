@@ -66,6 +66,14 @@ pub enum OciError {
         /// The disk size asked for.
         disk_mib: u64,
     },
+    /// The layers hold more content than any disk kiln makes could take: refused while
+    /// unpacking, before the host's disk fills (a few bytes of sparse or compressed layer
+    /// can claim terabytes).
+    #[error("the image's layers hold more than {limit_mib} MiB of content (the largest diskMib)")]
+    ContentTooLarge {
+        /// The cap, in MiB.
+        limit_mib: u64,
+    },
     /// A nonexistent image was asked for from the local store.
     #[error("image {0} is not in the local store (pull it first)")]
     NotPulled(String),
@@ -90,7 +98,7 @@ impl OciError {
                 BuildErrorCode::ImagePullFailed
             }
             Self::UnsafeEntry { .. } | Self::Refused(_) => BuildErrorCode::ImageUnsafe,
-            Self::TooLarge { .. } => BuildErrorCode::ImageTooLarge,
+            Self::TooLarge { .. } | Self::ContentTooLarge { .. } => BuildErrorCode::ImageTooLarge,
             Self::Io { .. } => BuildErrorCode::BuildFailed,
         }
     }

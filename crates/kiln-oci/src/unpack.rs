@@ -88,7 +88,13 @@ pub struct Unpacker {
     /// re-walking the same chain. Dropped whenever anything is removed.
     last_parent: Option<(Vec<OsString>, OwnedFd)>,
     stats: UnpackStats,
+    /// Content bytes (holes included) the layers may write in all.
+    limit: u64,
 }
+
+/// The default content cap: the largest disk a spec may ask for. A rootfs past it could
+/// never be built into a VM disk, so unpacking it would only fill the host's.
+pub const DEFAULT_CONTENT_LIMIT: u64 = (*kiln_spec::Resources::DISK_MIB.end() as u64) << 20;
 
 fn io_err(context: impl Into<String>, e: impl Into<std::io::Error>) -> OciError {
     OciError::io(context, e.into())
@@ -132,7 +138,22 @@ impl Unpacker {
             layer_dirs: HashSet::new(),
             last_parent: None,
             stats: UnpackStats::default(),
+            limit: DEFAULT_CONTENT_LIMIT,
         })
+    }
+
+    /// Caps the content the layers may write, holes included ([`DEFAULT_CONTENT_LIMIT`]
+    /// unless set): past it unpacking stops with [`OciError::ContentTooLarge`].
+    #[must_use]
+    pub fn with_limit(mut self, bytes: u64) -> Self {
+        self.limit = bytes;
+        self
+    }
+
+    fn too_large(&self) -> OciError {
+        OciError::ContentTooLarge {
+            limit_mib: self.limit.div_ceil(1 << 20),
+        }
     }
 
     /// Applies one layer (plain, gzip or zstd tar).
@@ -182,8 +203,8 @@ impl Unpacker {
         self.stats.entries += 1;
         let header = entry.header();
         let mode = header.mode().map_err(|e| bad_header(&shown, e))? & 0o7777;
-        let uid = header.uid().map_err(|e| bad_header(&shown, e))?;
-        let gid = header.gid().map_err(|e| bad_header(&shown, e))?;
+        let uid = owner_id(header.uid(), &shown)?;
+        let gid = owner_id(header.gid(), &shown)?;
         let mtime = header.mtime().map_err(|e| bad_header(&shown, e))?;
 
         let Some((name, parent_comps)) = comps.split_last() else {
@@ -234,6 +255,12 @@ impl Unpacker {
                 self.layer_dirs.insert(comps.clone());
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                // The declared size first: a sparse entry of a few bytes can claim a
+                // terabyte of zeros, which would take hours just to read through.
+                let budget = self.limit.saturating_sub(self.stats.bytes);
+                if entry.size() > budget {
+                    return Err(self.too_large());
+                }
                 self.clear_slot(&parent, &comps, &shown)?;
                 let fd = rustix::fs::openat(
                     &parent,
@@ -247,8 +274,11 @@ impl Unpacker {
                 )
                 .map_err(|e| io_err(format!("create {shown}"), e))?;
                 let mut file = std::fs::File::from(fd);
-                let n = copy_sparse(&mut entry, &mut file)
-                    .map_err(|e| io_err(format!("write {shown}"), e))?;
+                let n = match copy_sparse(&mut entry, &mut file, budget) {
+                    Ok(n) => n,
+                    Err(CopyError::OverBudget) => return Err(self.too_large()),
+                    Err(CopyError::Io(e)) => return Err(io_err(format!("write {shown}"), e)),
+                };
                 file.flush()
                     .map_err(|e| io_err(format!("write {shown}"), e))?;
                 self.stats.bytes += n;
@@ -492,16 +522,27 @@ fn mkdir(parent: &OwnedFd, name: &OsStr, shown: &str) -> Result<()> {
         .map_err(|e| io_err(format!("mkdir {shown}"), e))
 }
 
+/// A uid or gid from a header, as Linux can hold it. `u32::MAX` is `-1`, which chown
+/// reads as "leave unchanged" (and rustix refuses), and anything wider is no id at all:
+/// an image carrying either was not made by a real build, so it is refused.
+fn owner_id(raw: std::io::Result<u64>, shown: &str) -> Result<u32> {
+    let v = raw.map_err(|e| bad_header(shown, e))?;
+    u32::try_from(v)
+        .ok()
+        .filter(|v| *v != u32::MAX)
+        .ok_or_else(|| OciError::unsafe_entry(shown, format!("owner id {v} is out of range")))
+}
+
 /// chown before chmod: chown clears setuid/setgid bits.
 fn set_owner_mode(
     fd: impl std::os::fd::AsFd,
-    uid: u64,
-    gid: u64,
+    uid: u32,
+    gid: u32,
     mode: u32,
     shown: &str,
 ) -> Result<()> {
-    let owner = u32::try_from(uid).ok().map(rustix::fs::Uid::from_raw);
-    let group = u32::try_from(gid).ok().map(rustix::fs::Gid::from_raw);
+    let owner = Some(rustix::fs::Uid::from_raw(uid));
+    let group = Some(rustix::fs::Gid::from_raw(gid));
     if let Err(e) = rustix::fs::fchown(&fd, owner, group) {
         // Unprivileged runs (tests as a user) cannot chown; the VM disk is built as root.
         tracing::trace!(path = %shown, error = %e, "chown refused");
@@ -605,15 +646,15 @@ pub fn unpack_files(
 fn set_owner_times_nofollow(
     parent: &impl rustix::fd::AsFd,
     name: &std::ffi::OsStr,
-    uid: u64,
-    gid: u64,
+    uid: u32,
+    gid: u32,
     mtime: u64,
 ) {
     let _ = rustix::fs::chownat(
         parent,
         name,
-        Some(rustix::fs::Uid::from_raw(uid as u32)),
-        Some(rustix::fs::Gid::from_raw(gid as u32)),
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
         AtFlags::SYMLINK_NOFOLLOW,
     );
     let _ = rustix::fs::utimensat(parent, name, &times_of(mtime), AtFlags::SYMLINK_NOFOLLOW);
@@ -624,7 +665,11 @@ fn set_owner_times_nofollow(
 /// Images carry sparse files (GNU sparse entries, or just large zero-filled files such
 /// as `/var/log/lastlog`); writing their zeros out would cost host disk and time for
 /// nothing, since the VM disk builder keeps holes too.
-fn copy_sparse(src: &mut impl std::io::Read, dst: &mut std::fs::File) -> std::io::Result<u64> {
+fn copy_sparse(
+    src: &mut impl std::io::Read,
+    dst: &mut std::fs::File,
+    budget: u64,
+) -> std::result::Result<u64, CopyError> {
     use std::io::{Seek, SeekFrom, Write};
     const CHUNK: usize = 64 * 1024;
     let mut buf = vec![0u8; CHUNK];
@@ -635,9 +680,12 @@ fn copy_sparse(src: &mut impl std::io::Read, dst: &mut std::fs::File) -> std::io
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         total += n as u64;
+        if total > budget {
+            return Err(CopyError::OverBudget);
+        }
         if buf[..n].iter().all(|&b| b == 0) {
             dst.seek(SeekFrom::Current(n as i64))?;
             pending_hole = true;
@@ -651,4 +699,18 @@ fn copy_sparse(src: &mut impl std::io::Read, dst: &mut std::fs::File) -> std::io
         dst.set_len(total)?;
     }
     Ok(total)
+}
+
+/// Why [`copy_sparse`] stopped.
+#[derive(Debug)]
+enum CopyError {
+    /// More content than the unpacker's cap allows (the header under-declared it).
+    OverBudget,
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for CopyError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
 }

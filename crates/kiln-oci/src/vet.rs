@@ -70,7 +70,7 @@ pub fn vet(rootfs: &Path, disk_mib: Option<u64>) -> Result<VetReport> {
 fn os_release_id(rootfs: &Path) -> Option<String> {
     let path = resolve_in_root(rootfs, "/etc/os-release")
         .or_else(|| resolve_in_root(rootfs, "/usr/lib/os-release"))?;
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = read_small_regular(&path, 64 * 1024)?;
     text.lines().find_map(|l| {
         let v = l.trim().strip_prefix("ID=")?;
         Some(
@@ -78,6 +78,23 @@ fn os_release_id(rootfs: &Path) -> Option<String> {
                 .to_ascii_lowercase(),
         )
     })
+}
+
+/// Reads at most `cap` bytes of a regular file, as text. The image decides what the path
+/// is: a FIFO would block a plain read forever, a device node such as `/dev/zero` would
+/// never end, so the file is opened without blocking and refused unless it is regular.
+fn read_small_regular(path: &Path, cap: u64) -> Option<String> {
+    use rustix::fs::{Mode, OFlags};
+    use std::io::Read as _;
+    let flags =
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let f = std::fs::File::from(rustix::fs::open(path, flags, Mode::empty()).ok()?);
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.take(cap).read_to_end(&mut bytes).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn musl_loader(rootfs: &Path) -> Option<String> {

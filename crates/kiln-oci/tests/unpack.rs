@@ -400,3 +400,78 @@ fn opaque_marker_spares_implicit_parents_of_the_same_layer() {
     assert!(s.root.join("d/sub/file").exists());
     assert!(!s.root.join("d/old").exists());
 }
+
+/// Runs `f` on its own thread and fails the test if it takes longer than `secs`: the
+/// regressions below used to hang (a FIFO read) or run for hours (a terabyte of zeros).
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s"))
+}
+
+/// A raw layer kept by the unpack fuzz target (`fuzz/regressions/unpack/NAME`): its first
+/// byte is the target's mode byte (even: the rest is one raw layer).
+fn fuzz_regression(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/regressions/unpack")
+        .join(name);
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(data[0] & 1, 0, "{name} is not a raw-layer input");
+    data[1..].to_vec()
+}
+
+/// Unpacks a fuzz regression like `ImageStore::prepare` does (unpack, then vet) and
+/// returns the error code of whichever step refused it.
+fn replay(name: &'static str) -> Option<BuildErrorCode> {
+    within(60, name, move || {
+        let s = scratch();
+        let before = snapshot(&s.canary);
+        let layer = fuzz_regression(name);
+        let code = match apply(&s.root, &[layer]) {
+            Err(e) => Some(e.code()),
+            Ok(()) => kiln_oci::vet(&s.root, Some(8192)).err().map(|e| e.code()),
+        };
+        assert_eq!(snapshot(&s.canary), before, "{name} touched the canary");
+        code
+    })
+}
+
+#[test]
+fn a_tiny_layer_claiming_a_terabyte_is_refused_at_once() {
+    // 77 bytes of gzip holding one GNU sparse header whose real size is 1 TiB.
+    assert_eq!(
+        replay("sparse-terabyte"),
+        Some(BuildErrorCode::ImageTooLarge)
+    );
+}
+
+#[test]
+fn content_past_the_cap_across_entries_is_refused() {
+    let s = scratch();
+    let big = "x".repeat(3 << 20);
+    let l = layer(&[E::File("a", &big), E::File("b", &big)]);
+    let mut u = Unpacker::new(&s.root).expect("open").with_limit(4 << 20);
+    let err = u.apply_layer(l.as_slice()).expect_err("over the cap");
+    assert_eq!(err.code(), BuildErrorCode::ImageTooLarge, "{err}");
+    assert!(err.to_string().contains("4 MiB"), "{err}");
+}
+
+#[test]
+fn owner_id_minus_one_is_refused_not_a_panic() {
+    for name in ["uid-minus-one", "uid-minus-one-symlink"] {
+        assert_eq!(replay(name), Some(BuildErrorCode::ImageUnsafe), "{name}");
+    }
+}
+
+#[test]
+fn vetting_reads_os_release_only_when_it_is_a_regular_file() {
+    // `/etc/os-release` as a FIFO used to block vetting forever, and as the /dev/zero
+    // device node to read until memory ran out. Either way the image is still judged on
+    // the rest (these have no /bin/sh, so they are refused for that).
+    for name in ["os-release-fifo", "os-release-dev-zero"] {
+        assert_eq!(replay(name), Some(BuildErrorCode::ImageUnsafe), "{name}");
+    }
+}

@@ -60,7 +60,9 @@ pub use client::{
 pub use commands::{CommandResult, Commands, RunOptions};
 pub use error::{Error, Result};
 pub use files::{Files, MAX_DOWNLOAD_BYTES};
-pub use sandbox::{ListOptions, Sandbox, SandboxCreateOptions, SandboxInfo, SandboxStatus};
+pub use sandbox::{
+    ListOptions, NetworkConfig, Sandbox, SandboxCreateOptions, SandboxInfo, SandboxStatus,
+};
 pub use session::{CommandSession, Output, EXEC_SUBPROTOCOL};
 pub use template::{
     BuildInfo, BuildLogEvent, BuildStatus, LogCallback, LogStream, Step, Template,

@@ -96,6 +96,30 @@ pub struct SandboxInfo {
     /// Superserve's preview access policy (`legacy_public` in kiln).
     #[serde(default)]
     pub preview_access: Option<String>,
+    /// Its egress rules, when any were set.
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
+}
+
+/// Egress rules of a sandbox. Whatever they say, the host, its loopback, link-local
+/// (cloud metadata) and private ranges stay unreachable; an allow that overlaps a deny
+/// wins. Processes in the sandbox reach the outside through kiln's egress proxy, which
+/// they find in `http_proxy` / `https_proxy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkConfig {
+    /// CIDRs, addresses and domains (`*.example.com`: subdomains at any depth, not the
+    /// apex) that may be reached even where `deny_out` covers them.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub allow_out: Vec<String>,
+    /// CIDRs and addresses that may not be reached (`0.0.0.0/0` for an allowlist).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub deny_out: Vec<String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    Ok(<Option<Vec<String>> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
 }
 
 /// What [`Sandbox::create`] sends.
@@ -109,6 +133,8 @@ pub struct SandboxCreateOptions {
     pub env_vars: BTreeMap<String, String>,
     /// Tags, filterable in [`Sandbox::list`].
     pub metadata: BTreeMap<String, String>,
+    /// Egress rules from the start (none: the public internet).
+    pub network: Option<NetworkConfig>,
 }
 
 impl SandboxCreateOptions {
@@ -252,6 +278,9 @@ impl Sandbox {
         if !options.env_vars.is_empty() {
             body["env_vars"] = serde_json::to_value(&options.env_vars).expect("map");
         }
+        if let Some(network) = &options.network {
+            body["network"] = serde_json::to_value(network).expect("rules");
+        }
         let req = client
             .api(Method::POST, &["sandboxes"])
             .json(&body)
@@ -340,6 +369,17 @@ impl Sandbox {
             .json(&serde_json::json!({ "metadata": metadata }));
         self.client.empty(req).await?;
         self.lock().info.metadata = metadata;
+        Ok(())
+    }
+
+    /// Replaces its egress rules (`None` clears them); they apply to its next connection.
+    pub async fn set_network(&self, network: Option<NetworkConfig>) -> Result<()> {
+        let req = self
+            .client
+            .api(Method::PATCH, &["sandboxes", &self.id])
+            .json(&serde_json::json!({ "network": network }));
+        self.client.empty(req).await?;
+        self.lock().info.network = network;
         Ok(())
     }
 

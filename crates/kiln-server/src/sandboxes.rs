@@ -76,12 +76,44 @@ fn check_map(what: &str, map: &BTreeMap<String, String>) -> Result<(), ApiError>
     Ok(())
 }
 
+/// `network: {allow_out, deny_out}` as the SDKs send it (either list may be missing or
+/// `null`), checked into rules the egress proxy applies.
+fn network_rules(v: &serde_json::Value) -> Result<kiln_net::NetworkRules, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Wire {
+        allow_out: Option<Vec<String>>,
+        deny_out: Option<Vec<String>>,
+    }
+    let w: Wire = serde_json::from_value(v.clone())
+        .map_err(|e| ApiError::bad_request(format!("network: {e}")))?;
+    let rules = kiln_net::NetworkRules {
+        allow_out: w.allow_out.unwrap_or_default(),
+        deny_out: w.deny_out.unwrap_or_default(),
+    };
+    rules.compile().map_err(|errs| {
+        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        ApiError::bad_request(shown.join("; "))
+    })?;
+    Ok(rules)
+}
+
 fn is_set(v: &Option<serde_json::Value>) -> bool {
     v.as_ref().is_some_and(|v| !v.is_null())
 }
 
-fn with_token(s: &SandboxWithToken) -> serde_json::Value {
-    let mut out = s.sandbox.to_wire();
+/// The wire form of a sandbox, with its egress rules (kept next to its VM, not in the
+/// store).
+fn wire(state: &AppState, s: &kiln_store::Sandbox) -> serde_json::Value {
+    let mut out = s.to_wire();
+    if let Some(rules) = state.engine.network_rules(&s.id) {
+        out["network"] = serde_json::to_value(rules).unwrap_or_default();
+    }
+    out
+}
+
+fn with_token(state: &AppState, s: &SandboxWithToken) -> serde_json::Value {
+    let mut out = wire(state, &s.sandbox);
     out["access_token"] = s.access_token.clone().into();
     out
 }
@@ -98,9 +130,12 @@ pub(crate) async fn create(
         ("timeout_seconds", is_set(&req.timeout_seconds)),
         ("auto_delete_seconds", is_set(&req.auto_delete_seconds)),
         ("secrets", is_set(&req.secrets)),
-        ("network", is_set(&req.network)),
         ("preview_access", is_set(&req.preview_access)),
     ])?;
+    let network = match &req.network {
+        Some(v) if !v.is_null() => Some(network_rules(v)?),
+        _ => None,
+    };
     let template = req
         .from_template
         .filter(|t| !t.is_empty())
@@ -116,11 +151,14 @@ pub(crate) async fn create(
         metadata: req.metadata,
         env: req.env_vars,
     };
-    let created = state.engine.create_live_sandbox(&team.id, &new).await?;
+    let created = state
+        .engine
+        .create_live_sandbox(&team.id, &new, network.as_ref())
+        .await?;
     if let Some(t) = created.restore_time {
         state.metrics.observe_restore(t);
     }
-    Ok((StatusCode::CREATED, Json(with_token(&created))).into_response())
+    Ok((StatusCode::CREATED, Json(with_token(&state, &created))).into_response())
 }
 
 pub(crate) async fn list(
@@ -134,7 +172,9 @@ pub(crate) async fn list(
         .store()
         .list_sandboxes(&team.id, &filter)
         .await?;
-    Ok(Json(all.iter().map(|s| s.to_wire()).collect::<Vec<_>>()))
+    Ok(Json(
+        all.iter().map(|s| wire(&state, s)).collect::<Vec<_>>(),
+    ))
 }
 
 /// `metadata.<key>=<value>` (all must match), `status=a,b` (any), `limit`, `offset`.
@@ -203,7 +243,7 @@ pub(crate) async fn get(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let s = state.engine.store().sandbox_by_id(&team.id, &id).await?;
-    Ok(Json(s.to_wire()))
+    Ok(Json(wire(&state, &s)))
 }
 
 pub(crate) async fn update(
@@ -212,15 +252,21 @@ pub(crate) async fn update(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req: UpdateSandbox = serde_json::from_value(json_body(&body)?)
+    let body = json_body(&body)?;
+    // Present and `null` clears the rules; absent leaves them.
+    let network_given = body.get("network").is_some();
+    let req: UpdateSandbox = serde_json::from_value(body)
         .map_err(|e| ApiError::bad_request(format!("invalid sandbox update: {e}")))?;
     // `null` clears these in Superserve; kiln never sets them, so clearing is a no-op.
     unsupported(&[
         ("timeout_seconds", is_set(&req.timeout_seconds)),
         ("auto_delete_seconds", is_set(&req.auto_delete_seconds)),
-        ("network", is_set(&req.network)),
         ("preview_access", is_set(&req.preview_access)),
     ])?;
+    let network = match &req.network {
+        Some(v) if !v.is_null() => Some(network_rules(v)?),
+        _ => None,
+    };
     let store = state.engine.store();
     let s = store.sandbox_by_id(&team.id, &id).await?;
     if s.status == SandboxStatus::Deleted {
@@ -229,6 +275,12 @@ pub(crate) async fn update(
     if let Some(metadata) = req.metadata {
         check_map("metadata", &metadata)?;
         store.set_sandbox_metadata(&team.id, &id, &metadata).await?;
+    }
+    if network_given {
+        state
+            .engine
+            .set_network_rules(&team.id, &id, network.as_ref())
+            .await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -278,7 +330,7 @@ pub(crate) async fn resume(
     if let Some(t) = resumed.restore_time {
         state.metrics.observe_restore(t);
     }
-    Ok(Json(with_token(&resumed)))
+    Ok(Json(with_token(&state, &resumed)))
 }
 
 /// `POST /sandboxes/{id}/activate`: the sandbox running (resumed if paused) and a token
@@ -292,5 +344,5 @@ pub(crate) async fn activate(
     if let Some(t) = resumed.restore_time {
         state.metrics.observe_restore(t);
     }
-    Ok(Json(with_token(&resumed)))
+    Ok(Json(with_token(&state, &resumed)))
 }

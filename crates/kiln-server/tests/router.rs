@@ -478,21 +478,55 @@ async fn sandboxes_list_filter_get_patch_and_refusals() {
         .call("GET", &format!("/sandboxes/{s1}"), Some(&key), None)
         .await;
     assert_eq!(got["metadata"], json!({"env": "staging"}));
-    let patch = json!({"network": {"allow_out": ["1.1.1.1"]}})
-        .to_string()
-        .into_bytes();
+    // Egress rules: set, shown, refused when invalid, cleared with null.
+    let patch = |body: serde_json::Value| body.to_string().into_bytes();
+    let rules = json!({"allow_out": ["1.1.1.1", "*.example.com"], "deny_out": ["0.0.0.0/0"]});
+    let (s, _) = a
+        .call(
+            "PATCH",
+            &format!("/sandboxes/{s1}"),
+            Some(&key),
+            Some(patch(json!({ "network": rules }))),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, got) = a
+        .call("GET", &format!("/sandboxes/{s1}"), Some(&key), None)
+        .await;
+    assert_eq!(got["network"], rules);
     let (s, v) = a
         .call(
             "PATCH",
             &format!("/sandboxes/{s1}"),
             Some(&key),
-            Some(patch),
+            Some(patch(json!({"network": {"deny_out": ["example.com"]}}))),
         )
         .await;
     assert_eq!(
         (s, error_code(&v)),
-        (StatusCode::BAD_REQUEST, "unsupported")
+        (StatusCode::BAD_REQUEST, "invalid_request")
     );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("network.deny_out[0]"));
+    let (_, got) = a
+        .call("GET", &format!("/sandboxes/{s1}"), Some(&key), None)
+        .await;
+    assert_eq!(got["network"], rules, "a refused update changes nothing");
+    let (s, _) = a
+        .call(
+            "PATCH",
+            &format!("/sandboxes/{s1}"),
+            Some(&key),
+            Some(patch(json!({ "network": null }))),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, got) = a
+        .call("GET", &format!("/sandboxes/{s1}"), Some(&key), None)
+        .await;
+    assert_eq!(got["network"], serde_json::Value::Null);
 
     // Creation refusals, each with its code; nothing is created.
     for (body, status, code) in [

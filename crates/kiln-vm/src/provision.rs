@@ -227,29 +227,43 @@ fn package_installed(pkg: &str) -> bool {
 }
 
 /// Installs the missing [`HOST_PACKAGES`]; returns what it installed.
+///
+/// Installing one package can remove another: a backported `qemu-utils` conflicts with
+/// Debian's `qemu-system-x86`, and apt resolves that by removing it. So this checks again
+/// after installing, and installs what went missing (now in the matching version).
 pub fn install_host_packages() -> Result<Vec<String>> {
-    let missing: Vec<String> = HOST_PACKAGES
-        .iter()
-        .filter(|p| !package_installed(p))
-        .map(|p| p.to_string())
-        .collect();
-    if missing.is_empty() {
-        return Ok(missing);
+    let mut installed: Vec<String> = Vec::new();
+    for pass in 0..3 {
+        let missing: Vec<String> = HOST_PACKAGES
+            .iter()
+            .filter(|p| !package_installed(p))
+            .map(|p| p.to_string())
+            .collect();
+        if missing.is_empty() {
+            return Ok(installed);
+        }
+        if pass == 2 {
+            return Err(Error::NotProvisioned(format!(
+                "host packages still missing after installing them: {}",
+                missing.join(" ")
+            )));
+        }
+        tracing::info!(packages = ?missing, "installing host packages");
+        let install = || {
+            Tool::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .run()
+        };
+        if install().is_err() {
+            // Stale or absent package lists are the usual cause: refresh once and retry.
+            Tool::new("apt-get").args(["update", "-q"]).run()?;
+            install()?;
+        }
+        installed.extend(missing);
     }
-    tracing::info!(packages = ?missing, "installing host packages");
-    let install = || {
-        Tool::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .run()
-    };
-    if install().is_err() {
-        // Stale or absent package lists are the usual cause: refresh once and retry.
-        Tool::new("apt-get").args(["update", "-q"]).run()?;
-        install()?;
-    }
-    Ok(missing)
+    Ok(installed)
 }
 
 /// Resolves `linux-image-cloud-amd64` to the versioned package's kernel release.

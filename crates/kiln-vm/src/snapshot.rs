@@ -95,6 +95,8 @@ pub struct RestoreConfig {
     pub run_parent: PathBuf,
     /// Port forwards (only if the snapshot has a network device).
     pub forwards: Vec<PortForward>,
+    /// The egress proxy command (see [`crate::NetConfig::egress`]); `None`: no way out.
+    pub egress: Option<Vec<String>>,
     /// Console log location (`None`: in the run dir).
     pub console_log: Option<PathBuf>,
     /// Bound for the whole restore to agent-connected.
@@ -108,6 +110,7 @@ impl RestoreConfig {
             name: name.into(),
             run_parent: run_parent.into(),
             forwards: Vec::new(),
+            egress: None,
             console_log: None,
             timeout: Duration::from_secs(30),
         }
@@ -364,7 +367,10 @@ impl Vm {
             &cfg.run_parent,
             memory.as_deref(),
             &bundle.join("disk.raw"),
-            cfg.forwards.clone(),
+            crate::NetConfig {
+                forwards: cfg.forwards.clone(),
+                egress: cfg.egress.clone(),
+            },
             cfg.console_log.clone(),
         )
         .await?;

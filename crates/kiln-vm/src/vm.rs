@@ -59,11 +59,54 @@ pub struct PortForward {
     pub guest_port: u16,
 }
 
-/// Guest networking: user-mode (slirp) with egress and optional port forwards.
+/// Guest networking: user-mode (slirp), restricted so that the guest reaches nothing on
+/// or through the host, with an optional egress proxy and port forwards.
+///
+/// QEMU's user network maps its gateway (10.0.2.2) to the host's loopback and makes
+/// every other guest connection from a host socket, so an unrestricted guest reaches the
+/// kiln API, the registry and the host's private networks. `restrict=on` closes all of
+/// that; the guest's one way out is [`kiln_agent_proto::EGRESS_PROXY`], forwarded per connection
+/// to `egress` (see `kiln_net::proxy`).
 #[derive(Debug, Clone, Default)]
 pub struct NetConfig {
     /// Ingress forwards.
     pub forwards: Vec<PortForward>,
+    /// The command (argv) QEMU runs per guest connection to the egress proxy address, on
+    /// the connection's stdio; `None`: the guest has no way out at all.
+    pub egress: Option<Vec<String>>,
+}
+
+impl NetConfig {
+    /// The `-netdev user` option string.
+    fn netdev(&self) -> Result<String> {
+        let mut netdev = "user,id=net0,restrict=on".to_owned();
+        if let Some(argv) = &self.egress {
+            let (addr, port) = kiln_agent_proto::EGRESS_PROXY;
+            let mut cmd = Vec::with_capacity(argv.len());
+            for arg in argv {
+                // libslirp splits the command with g_shell_parse_argv, and QEMU's option
+                // parser ends a value at a single comma: single-quote every argument and
+                // keep quotes and commas out of it.
+                if arg.contains(['\'', ',', '\n']) {
+                    return Err(Error::Config(format!(
+                        "egress command argument {arg:?} holds a quote, comma or newline"
+                    )));
+                }
+                cmd.push(format!("'{arg}'"));
+            }
+            netdev.push_str(&format!(
+                ",guestfwd=tcp:{addr}:{port}-cmd:{}",
+                cmd.join(" ")
+            ));
+        }
+        for f in &self.forwards {
+            netdev.push_str(&format!(
+                ",hostfwd=tcp:{}:{}-:{}",
+                f.host_addr, f.host_port, f.guest_port
+            ));
+        }
+        Ok(netdev)
+    }
 }
 
 /// Everything needed to boot a VM.
@@ -177,12 +220,12 @@ struct Launch<'a> {
     console: &'a Path,
     ram: &'a Ram,
     disk: &'a Disk,
-    forwards: &'a [PortForward],
+    net: &'a NetConfig,
     incoming: bool,
 }
 
 impl Launch<'_> {
-    fn args(&self) -> Vec<String> {
+    fn args(&self) -> Result<Vec<String>> {
         let s = self.shape;
         let d = self.dir.display();
         let (mem_path, share) = match self.ram {
@@ -253,16 +296,9 @@ impl Launch<'_> {
             "virtio-blk-pci,drive=root".into(),
         ];
         if s.network {
-            let mut netdev = "user,id=net0".to_owned();
-            for f in self.forwards {
-                netdev.push_str(&format!(
-                    ",hostfwd=tcp:{}:{}-:{}",
-                    f.host_addr, f.host_port, f.guest_port
-                ));
-            }
             a.extend([
                 "-netdev".into(),
-                netdev,
+                self.net.netdev()?,
                 "-device".into(),
                 "virtio-net-pci,netdev=net0".into(),
             ]);
@@ -270,7 +306,7 @@ impl Launch<'_> {
         if self.incoming {
             a.extend(["-incoming".into(), "defer".into()]);
         }
-        a
+        Ok(a)
     }
 }
 
@@ -466,11 +502,8 @@ impl Vm {
             .clone()
             .unwrap_or_else(|| dir.path().join("console.log"));
         let ram = Ram::SharedFile(dir.path().join("memory"));
-        let forwards = config
-            .network
-            .as_ref()
-            .map(|n| n.forwards.clone())
-            .unwrap_or_default();
+        let net = config.network.clone().unwrap_or_default();
+        let forwards = net.forwards.clone();
         let launch = Launch {
             shape: &shape,
             kernel: &config.kernel,
@@ -478,10 +511,10 @@ impl Vm {
             console: &console,
             ram: &ram,
             disk: &disk,
-            forwards: &forwards,
+            net: &net,
             incoming: false,
         };
-        let (pid, exit) = spawn_qemu(&launch.args(), dir.path(), &span)?;
+        let (pid, exit) = spawn_qemu(&launch.args()?, dir.path(), &span)?;
         let agent_sock = dir.path().join("agent.sock");
         let timeout = config
             .boot_timeout
@@ -752,7 +785,7 @@ impl Vm {
         run_parent: &Path,
         memory: Option<&Path>,
         base_disk: &Path,
-        forwards: Vec<PortForward>,
+        net: NetConfig,
         console_log: Option<PathBuf>,
     ) -> Result<Self> {
         let span = tracing::info_span!("vm", name = %name);
@@ -773,10 +806,10 @@ impl Vm {
             console: &console,
             ram: &ram,
             disk: &disk,
-            forwards: &forwards,
+            net: &net,
             incoming: true,
         };
-        let (pid, exit) = spawn_qemu(&launch.args(), dir.path(), &span)?;
+        let (pid, exit) = spawn_qemu(&launch.args()?, dir.path(), &span)?;
         let qmp = connect_qmp(dir.path(), pid, &exit)
             .await
             .map_err(Error::Restore)?;
@@ -795,7 +828,7 @@ impl Vm {
             disk,
             shape,
             kernel,
-            forwards,
+            forwards: net.forwards,
         })
     }
 }

@@ -139,8 +139,10 @@ async fn boot_failure_is_boot_failed_with_console() {
     env.assert_no_leaks().await;
 }
 
+/// Ingress forwards work on the restricted network, and the guest's way to the host
+/// (QEMU's gateway address, the host's loopback behind it) is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn port_forward_reaches_guest_listener() {
+async fn port_forward_reaches_guest_listener_and_the_guest_never_reaches_the_host() {
     use tokio::io::AsyncReadExt as _;
     let env = common::env("net").await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -155,6 +157,7 @@ async fn port_forward_reaches_guest_listener() {
             host_port: port,
             guest_port: 8080,
         }],
+        egress: None,
     });
     let vm = Vm::boot(cfg)
         .await
@@ -181,6 +184,24 @@ async fn port_forward_reaches_guest_listener() {
         }
     };
     assert_eq!(got, b"hello from guest\n");
+
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_port = trap.local_addr().unwrap().port();
+    for host in ["10.0.2.2", "10.0.2.100", "10.0.2.3"] {
+        let out = vm
+            .exec_collect(req(&format!(
+                "perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(PeerAddr=>\"{host}:{trap_port}\", \
+                 Timeout=>5) ? \"open\" : \"blocked\"'"
+            )))
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "blocked", "{host}");
+    }
+    assert!(
+        trap.accept().is_err(),
+        "the guest reached the host's loopback"
+    );
     vm.kill().await;
     env.assert_no_leaks().await;
 }

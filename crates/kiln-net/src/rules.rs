@@ -1,0 +1,390 @@
+//! Egress rules: what a sandbox may reach.
+//!
+//! The wire form is Superserve's `network: {allow_out, deny_out}`. `allow_out` holds
+//! CIDRs and domains (`*.example.com` matches subdomains at any depth, not the apex),
+//! `deny_out` holds CIDRs only, and an allow that overlaps a deny wins. Whatever the rules
+//! say, the ranges of [`always_blocked`] stay blocked: a sandbox never reaches the host,
+//! its loopback, link-local (cloud metadata) or private networks.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+/// Most entries either list may hold; the rules are checked on every connection.
+pub const MAX_RULES: usize = 256;
+/// Longest domain name (RFC 1035).
+const MAX_DOMAIN: usize = 253;
+
+/// The rules as the API and the SDKs carry them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRules {
+    /// CIDRs and domain patterns that may be reached even when a deny rule covers them.
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    /// CIDRs that may not be reached (`0.0.0.0/0` for an allowlist).
+    #[serde(default)]
+    pub deny_out: Vec<String>,
+}
+
+/// A rule that could not be understood, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("network.{field}[{index}]: {reason}")]
+pub struct RuleError {
+    /// `allow_out` or `deny_out`.
+    pub field: &'static str,
+    /// Position in that list.
+    pub index: usize,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Allow {
+    Net(IpNet),
+    /// A lowercase domain, matched exactly.
+    Domain(String),
+    /// `*.suffix`: stored as `.suffix`, matched by any name ending in it.
+    Wildcard(String),
+}
+
+/// Compiled rules, ready to decide connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    allow: Vec<Allow>,
+    deny: Vec<IpNet>,
+}
+
+/// What happens to one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// It may be made.
+    Allow,
+    /// It is refused, and why (shown to the guest and logged).
+    Deny(String),
+}
+
+impl NetworkRules {
+    /// Checks and compiles the rules; every bad entry is reported, not just the first.
+    pub fn compile(&self) -> Result<Policy, Vec<RuleError>> {
+        let mut errors = Vec::new();
+        let mut policy = Policy::default();
+        for (field, list) in [("allow_out", &self.allow_out), ("deny_out", &self.deny_out)] {
+            if list.len() > MAX_RULES {
+                errors.push(RuleError {
+                    field,
+                    index: MAX_RULES,
+                    reason: format!("at most {MAX_RULES} rules"),
+                });
+            }
+        }
+        for (index, raw) in self.allow_out.iter().enumerate().take(MAX_RULES) {
+            match parse_allow(raw) {
+                Ok(a) => policy.allow.push(a),
+                Err(reason) => errors.push(RuleError {
+                    field: "allow_out",
+                    index,
+                    reason,
+                }),
+            }
+        }
+        for (index, raw) in self.deny_out.iter().enumerate().take(MAX_RULES) {
+            match parse_net(raw) {
+                Some(n) => policy.deny.push(n),
+                None => errors.push(RuleError {
+                    field: "deny_out",
+                    index,
+                    reason: format!("{raw:?} is not a CIDR (deny_out takes CIDRs only)"),
+                }),
+            }
+        }
+        if errors.is_empty() {
+            Ok(policy)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// A CIDR, or a bare address as its /32 or /128.
+fn parse_net(raw: &str) -> Option<IpNet> {
+    let raw = raw.trim();
+    raw.parse::<IpNet>()
+        .ok()
+        .map(|n| n.trunc())
+        .or_else(|| raw.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn parse_allow(raw: &str) -> Result<Allow, String> {
+    if let Some(n) = parse_net(raw) {
+        return Ok(Allow::Net(n));
+    }
+    let name = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+    let (wild, bare) = match name.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, name.as_str()),
+    };
+    if !valid_domain(bare) {
+        return Err(format!(
+            "{raw:?} is neither a CIDR nor a domain (letters, digits, `-` and `.`, with an \
+             optional leading `*.`)"
+        ));
+    }
+    Ok(if wild {
+        Allow::Wildcard(format!(".{bare}"))
+    } else {
+        Allow::Domain(bare.to_owned())
+    })
+}
+
+fn valid_domain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_DOMAIN
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+impl Policy {
+    /// Decides a connection to `ip`, asked for by `domain` when the guest named one. The
+    /// always-blocked ranges are checked first and cannot be allowed.
+    pub fn decide(&self, domain: Option<&str>, ip: IpAddr) -> Decision {
+        if let Some(why) = always_blocked(ip) {
+            return Decision::Deny(format!("{ip} is {why}, always blocked"));
+        }
+        let ip = canonical(ip);
+        let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
+        let allowed = self.allow.iter().any(|a| match a {
+            Allow::Net(n) => n.contains(&ip),
+            Allow::Domain(d) => domain.as_deref() == Some(d.as_str()),
+            Allow::Wildcard(suffix) => domain.as_deref().is_some_and(|d| d.ends_with(suffix)),
+        });
+        if allowed {
+            return Decision::Allow;
+        }
+        match self.deny.iter().find(|n| n.contains(&ip)) {
+            Some(n) => Decision::Deny(format!("{ip} is in deny_out {n}")),
+            None => Decision::Allow,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are the IPv4 address they carry.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Why `ip` can never be reached from a sandbox, or `None` when it is a public address.
+pub fn always_blocked(ip: IpAddr) -> Option<&'static str> {
+    match canonical(ip) {
+        IpAddr::V4(v4) => blocked_v4(v4),
+        IpAddr::V6(v6) => blocked_v6(v6),
+    }
+}
+
+fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
+    let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(Ipv4Addr::from(net)) & mask
+}
+
+fn blocked_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    const RANGES: &[([u8; 4], u32, &str)] = &[
+        ([0, 0, 0, 0], 8, "an unspecified (this-network) address"),
+        ([127, 0, 0, 0], 8, "loopback"),
+        ([10, 0, 0, 0], 8, "a private address (10/8)"),
+        ([172, 16, 0, 0], 12, "a private address (172.16/12)"),
+        ([192, 168, 0, 0], 16, "a private address (192.168/16)"),
+        ([100, 64, 0, 0], 10, "a shared (CGNAT) address (100.64/10)"),
+        ([169, 254, 0, 0], 16, "link-local (cloud metadata)"),
+        ([192, 0, 0, 0], 24, "IETF protocol assignments"),
+        ([198, 18, 0, 0], 15, "a benchmarking network"),
+        ([224, 0, 0, 0], 4, "multicast"),
+        ([240, 0, 0, 0], 4, "reserved or broadcast"),
+    ];
+    RANGES
+        .iter()
+        .find(|(net, prefix, _)| in_v4(ip, *net, *prefix))
+        .map(|r| r.2)
+}
+
+fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    let seg = ip.segments();
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if seg[0] & 0xfe00 == 0xfc00 {
+        Some("a unique local address (fc00::/7)")
+    } else if seg[0] & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else if seg[0] & 0xff00 == 0xff00 {
+        Some("multicast")
+    } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        // NAT64 (64:ff9b::/96) reaches the IPv4 address it embeds.
+        let v4 = Ipv4Addr::new(
+            (seg[6] >> 8) as u8,
+            seg[6] as u8,
+            (seg[7] >> 8) as u8,
+            seg[7] as u8,
+        );
+        blocked_v4(v4).map(|_| "a NAT64 address of a blocked IPv4 range")
+    } else if seg[0] == 0x2001 && seg[1] == 0x0db8 {
+        Some("documentation")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(allow: &[&str], deny: &[&str]) -> Policy {
+        NetworkRules {
+            allow_out: allow.iter().map(|s| (*s).to_owned()).collect(),
+            deny_out: deny.iter().map(|s| (*s).to_owned()).collect(),
+        }
+        .compile()
+        .expect("valid rules")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    const PUBLIC: &str = "140.82.112.4";
+
+    #[test]
+    fn no_rules_reach_any_public_address_and_nothing_private() {
+        let p = Policy::default();
+        assert_eq!(p.decide(None, ip(PUBLIC)), Decision::Allow);
+        assert_eq!(
+            p.decide(Some("example.com"), ip("2606:4700::1")),
+            Decision::Allow
+        );
+        for blocked in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "10.0.2.2",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "fc00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+        ] {
+            assert!(
+                matches!(p.decide(None, ip(blocked)), Decision::Deny(_)),
+                "{blocked} must be blocked"
+            );
+        }
+        // Neighbours of the private ranges are public.
+        for public in ["172.32.0.1", "100.128.0.1", "11.0.0.1", "64:ff9b::808:808"] {
+            assert_eq!(p.decide(None, ip(public)), Decision::Allow, "{public}");
+        }
+    }
+
+    #[test]
+    fn allow_rules_cannot_open_the_always_blocked_ranges() {
+        let p = rules(&["127.0.0.0/8", "0.0.0.0/0", "metadata.internal"], &[]);
+        for (d, a) in [
+            (None, "127.0.0.1"),
+            (None, "10.1.2.3"),
+            (Some("metadata.internal"), "169.254.169.254"),
+        ] {
+            assert!(matches!(p.decide(d, ip(a)), Decision::Deny(_)), "{a}");
+        }
+    }
+
+    #[test]
+    fn an_allowlist_is_deny_everything_plus_exceptions_and_allow_wins() {
+        let p = rules(
+            &["api.openai.com", "*.github.com", "140.82.112.0/20"],
+            &["0.0.0.0/0"],
+        );
+        assert_eq!(
+            p.decide(Some("api.openai.com"), ip("1.2.3.4")),
+            Decision::Allow
+        );
+        assert_eq!(
+            p.decide(Some("API.OpenAI.com."), ip("1.2.3.4")),
+            Decision::Allow
+        );
+        assert_eq!(
+            p.decide(Some("codeload.github.com"), ip("1.2.3.4")),
+            Decision::Allow
+        );
+        assert_eq!(
+            p.decide(Some("a.b.github.com"), ip("1.2.3.4")),
+            Decision::Allow
+        );
+        // The wildcard does not match the apex, nor a name that merely ends the same.
+        assert!(matches!(
+            p.decide(Some("github.com"), ip("1.2.3.4")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            p.decide(Some("evilgithub.com"), ip("1.2.3.4")),
+            Decision::Deny(_)
+        ));
+        assert_eq!(p.decide(None, ip(PUBLIC)), Decision::Allow);
+        assert!(matches!(p.decide(None, ip("8.8.8.8")), Decision::Deny(_)));
+        // IPv6 is not covered by 0.0.0.0/0.
+        assert_eq!(p.decide(None, ip("2606:4700::1")), Decision::Allow);
+    }
+
+    #[test]
+    fn deny_rules_take_cidrs_and_addresses() {
+        let p = rules(&[], &["8.8.8.0/24", "1.1.1.1", "2001:4860::/32"]);
+        assert!(matches!(p.decide(None, ip("8.8.8.8")), Decision::Deny(_)));
+        assert!(matches!(p.decide(None, ip("1.1.1.1")), Decision::Deny(_)));
+        assert!(matches!(
+            p.decide(None, ip("2001:4860::8888")),
+            Decision::Deny(_)
+        ));
+        assert_eq!(p.decide(None, ip("1.1.1.2")), Decision::Allow);
+    }
+
+    #[test]
+    fn every_bad_rule_is_reported_with_its_position() {
+        let errs = NetworkRules {
+            allow_out: vec!["ok.example.com".into(), "not a domain".into(), "*.".into()],
+            deny_out: vec!["example.com".into(), "10.0.0.0/33".into()],
+        }
+        .compile()
+        .expect_err("invalid");
+        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 4, "{shown:?}");
+        assert!(shown[0].starts_with("network.allow_out[1]: "), "{shown:?}");
+        assert!(shown[1].starts_with("network.allow_out[2]: "), "{shown:?}");
+        assert!(shown[2].contains("deny_out[0]") && shown[2].contains("CIDRs only"));
+        assert!(shown[3].starts_with("network.deny_out[1]: "), "{shown:?}");
+    }
+
+    #[test]
+    fn the_wire_form_refuses_unknown_fields() {
+        let r: NetworkRules =
+            serde_json::from_str(r#"{"allow_out":["a.com"]}"#).expect("partial is fine");
+        assert!(r.deny_out.is_empty());
+        assert!(serde_json::from_str::<NetworkRules>(r#"{"allowOut":[]}"#).is_err());
+    }
+}

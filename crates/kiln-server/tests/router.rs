@@ -920,3 +920,83 @@ async fn force_bypasses_the_build_cache_and_is_checked() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
+
+/// A log sink for [`secrets_stay_out_of_logs_errors_and_metrics`].
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn secrets_stay_out_of_logs_errors_and_metrics() {
+    // Every log line of the server, at the most verbose level, with span fields.
+    let sink = Captured::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    let other = a.key("evil").await;
+    a.ready_template("acme", "web").await;
+    let (sid, token) = a.sandbox("acme", "web", &[], SandboxStatus::Active).await;
+    let wrong_key = format!("{key}x");
+    let wrong_token = format!("{token}x");
+    let mut bodies = Vec::new();
+    for (method, uri, headers) in [
+        ("GET", "/templates".to_owned(), vec![("x-api-key", key.as_str())]),
+        ("GET", "/templates".to_owned(), vec![("x-api-key", wrong_key.as_str())]),
+        ("GET", format!("/sandboxes/{sid}"), vec![("x-api-key", other.as_str())]),
+        (
+            "POST",
+            "/exec".to_owned(),
+            vec![("x-superserve-sandbox-id", sid.as_str()), ("x-access-token", token.as_str())],
+        ),
+        (
+            "POST",
+            "/exec".to_owned(),
+            vec![
+                ("x-superserve-sandbox-id", sid.as_str()),
+                ("x-access-token", wrong_token.as_str()),
+            ],
+        ),
+        (
+            "GET",
+            format!("/files?path=/etc/{token}"),
+            vec![("x-superserve-sandbox-id", sid.as_str()), ("x-access-token", token.as_str())],
+        ),
+        (
+            "POST",
+            format!("/sandboxes/{sid}/resume"),
+            vec![("x-api-key", key.as_str())],
+        ),
+    ] {
+        let body = json!({"command": "true"}).to_string().into_bytes();
+        let (_, _, v) = a.call_with(method, &uri, &headers, Some(body)).await;
+        bodies.push(v.to_string());
+    }
+    let (_, _, metrics) = a.call_with("GET", "/metrics", &[], None).await;
+    let logs = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    assert!(!logs.is_empty(), "the capture saw no log line");
+    for secret in [&key, &other, &wrong_key, &token, &wrong_token] {
+        // A prefix long enough to be the secret, short enough to catch a truncation.
+        let probe = &secret[..secret.len().min(24)];
+        assert!(!logs.contains(probe), "a secret is in the logs:\n{logs}");
+        assert!(!metrics.to_string().contains(probe), "a secret is in /metrics");
+        for b in &bodies {
+            assert!(!b.contains(probe), "a secret is in an error: {b}");
+        }
+    }
+}

@@ -66,6 +66,9 @@ pub struct GuestError {
     /// The transport error below, if any.
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// The VM or the connection to its agent is gone (as opposed to the agent refusing
+    /// one request): the build cannot go on, and it is not the step's fault.
+    pub vm_gone: bool,
 }
 
 impl GuestError {
@@ -74,6 +77,7 @@ impl GuestError {
         Self {
             message: message.into(),
             source: None,
+            vm_gone: false,
         }
     }
 }

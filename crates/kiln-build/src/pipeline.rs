@@ -279,10 +279,20 @@ fn to_agent(d: &RuntimeDefaults) -> kiln_agent_proto::RuntimeDefaults {
 /// The build VM as a [`Guest`].
 struct VmGuest<'a>(&'a Vm);
 
-fn guest_err(e: impl std::error::Error + Send + Sync + 'static) -> GuestError {
-    GuestError {
-        message: e.to_string(),
-        source: Some(Box::new(e)),
+impl VmGuest<'_> {
+    /// A failed agent call; the VM is gone when the connection broke or QEMU exited.
+    fn err(&self, e: kiln_agent_proto::ClientError) -> GuestError {
+        let vm_gone = matches!(e, kiln_agent_proto::ClientError::Disconnected)
+            || self.0.exit_status().is_some();
+        let message = match self.0.exit_status() {
+            Some(status) => format!("{e} (QEMU exited: {status})"),
+            None => e.to_string(),
+        };
+        GuestError {
+            message,
+            source: Some(Box::new(e)),
+            vm_gone,
+        }
     }
 }
 
@@ -319,9 +329,9 @@ impl Guest for VmGuest<'_> {
             .agent()
             .exec(exec_request(cmd))
             .await
-            .map_err(guest_err)?;
+            .map_err(|e| self.err(e))?;
         loop {
-            match handle.next_event().await.map_err(guest_err)? {
+            match handle.next_event().await.map_err(|e| self.err(e))? {
                 Some(kiln_vm::ExecEvent::Stdout(b)) => on_output(OutputStream::Stdout, &b),
                 Some(kiln_vm::ExecEvent::Stderr(b)) => on_output(OutputStream::Stderr, &b),
                 Some(kiln_vm::ExecEvent::Exit(status)) => return Ok(exit_of(status)),
@@ -345,7 +355,7 @@ impl Guest for VmGuest<'_> {
             .agent()
             .spawn_background(req)
             .await
-            .map_err(guest_err)?;
+            .map_err(|e| self.err(e))?;
         u32::try_from(pid).map_err(|_| GuestError::msg(format!("agent returned pid {pid}")))
     }
 
@@ -356,7 +366,7 @@ impl Guest for VmGuest<'_> {
             .agent()
             .wait_pid(pid, Some(Duration::ZERO))
             .await
-            .map_err(guest_err)?;
+            .map_err(|e| self.err(e))?;
         Ok(match (status.alive, status.exit) {
             (true, _) => None,
             (false, Some(exit)) => Some(exit_of(exit)),

@@ -39,6 +39,15 @@ impl Default for Timing {
     }
 }
 
+/// How a step did not succeed.
+#[derive(Debug)]
+enum StepError {
+    /// It ran and failed (exit status, signal, timeout): the user's step.
+    Failed(String),
+    /// It could not be run or followed to its end: the VM or agent is gone.
+    Guest(GuestError),
+}
+
 /// Runs steps in a build VM, keeping the runtime defaults as they evolve.
 #[derive(Debug)]
 pub struct StepRunner<'a, G: ?Sized> {
@@ -71,25 +80,36 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
         }
     }
 
-    /// Runs every step in order; the first failure stops the build with `step_failed`.
+    /// Runs every step in order; the first failure stops the build with `step_failed` (or
+    /// `build_failed` when the VM itself stopped answering).
     pub async fn run_steps(&mut self, steps: &[Step]) -> Result<(), BuildError> {
         let n = steps.len();
         for (i, step) in steps.iter().enumerate() {
             self.sink
                 .system(format!("step {}/{n}: {}", i + 1, describe(step)));
             let started = Instant::now();
-            self.run_step(step).await.map_err(|why| {
-                BuildError::new(
+            self.run_step(step).await.map_err(|e| match e {
+                StepError::Failed(why) => BuildError::new(
                     BuildErrorCode::StepFailed,
                     format!("step {}/{n} ({}) {why}", i + 1, describe(step)),
+                ),
+                // The VM or its agent went away: nothing the step did wrong.
+                StepError::Guest(e) => BuildError::new(
+                    BuildErrorCode::BuildFailed,
+                    format!(
+                        "the build VM stopped answering during step {}/{n} ({}): {e}",
+                        i + 1,
+                        describe(step)
+                    ),
                 )
+                .with_source(e),
             })?;
             tracing::debug!(step = i + 1, elapsed = ?started.elapsed(), "step done");
         }
         Ok(())
     }
 
-    async fn run_step(&mut self, step: &Step) -> Result<(), String> {
+    async fn run_step(&mut self, step: &Step) -> Result<(), StepError> {
         let timeout = Some(self.timing.step_timeout);
         match step {
             Step::Run(script) => {
@@ -125,7 +145,7 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
     }
 
     /// Runs a command with its output going to the log; `Err` says how it ended.
-    async fn run_logged(&self, cmd: &Command) -> Result<(), String> {
+    async fn run_logged(&self, cmd: &Command) -> Result<(), StepError> {
         let mut lines = LineSplitter::default();
         let sink = self.sink;
         let exit = self
@@ -135,8 +155,9 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
         lines.flush(sink);
         match exit {
             Ok(exit) if exit.success() => Ok(()),
-            Ok(exit) => Err(format!("failed with {exit}")),
-            Err(e) => Err(format!("could not run: {e}")),
+            Ok(exit) => Err(StepError::Failed(format!("failed with {exit}"))),
+            Err(e) if e.vm_gone => Err(StepError::Guest(e)),
+            Err(e) => Err(StepError::Failed(format!("could not run: {e}"))),
         }
     }
 

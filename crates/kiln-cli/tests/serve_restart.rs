@@ -110,7 +110,30 @@ fn a_restarted_server_settles_what_the_dead_one_left() {
         staging.display()
     );
 
+    // A create in flight: its VM is being restored when the server dies.
+    let midway = {
+        let (url, key) = (url.clone(), key.clone());
+        std::thread::spawn(move || {
+            // Its answer never comes: the connection dies with the server.
+            let _ = std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "120", "-X", "POST", "-H"])
+                .arg(format!("x-api-key: {key}"))
+                .args(["-H", "content-type: application/json", "--data-binary"])
+                .arg(json!({"name": "midway", "from_template": "base"}).to_string())
+                .arg(format!("{url}/sandboxes"))
+                .output();
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while qemu_with(&needle).len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mid-create VM never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.kill_9();
+    midway.join().unwrap();
     // The VMs die with their owner (PDEATHSIG), with no clean-up code running.
     assert_no_qemu(state, Duration::from_secs(20));
 
@@ -133,6 +156,21 @@ fn a_restarted_server_settles_what_the_dead_one_left() {
     assert!(!state.join("sandboxes").join(&live).exists());
     let (_, s) = http("GET", &format!("{url}/sandboxes/{paused}"), &h, None);
     assert_eq!(status(&s), "paused", "{s}");
+    // The sandbox created midway is not left `starting` (or `active` without a VM).
+    let (_, all) = http(
+        "GET",
+        &format!("{url}/sandboxes?status=starting,active,failed"),
+        &h,
+        None,
+    );
+    let mid: Vec<_> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "midway")
+        .collect();
+    assert_eq!(mid.len(), 1, "{all}");
+    assert_eq!(status(mid[0]), "failed", "{all}");
 
     // The paused sandbox comes back as it was, its start process still running.
     let (s, v) = http(

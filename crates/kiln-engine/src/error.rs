@@ -29,6 +29,9 @@ pub enum EngineError {
     /// The image store could not be opened.
     #[error("image store unavailable")]
     Images(#[source] kiln_oci::OciError),
+    /// A snapshot failed its checksum check: no VM was started from it.
+    #[error("the snapshot is corrupt: {}", kiln_vm::error_chain(.0))]
+    CorruptArtifact(#[source] kiln_vm::Error),
     /// Restoring a sandbox from its template's snapshot failed.
     #[error("restoring the sandbox failed: {}", kiln_vm::error_chain(.0))]
     Restore(#[source] kiln_vm::Error),
@@ -66,6 +69,15 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// A failed restore: a bundle that failed verification is told apart, since
+    /// retrying cannot help (the template needs a rebuild).
+    pub(crate) fn restore(e: kiln_vm::Error) -> Self {
+        match e {
+            kiln_vm::Error::Bundle { .. } => Self::CorruptArtifact(e),
+            e => Self::Restore(e),
+        }
+    }
+
     pub(crate) fn io(
         what: &'static str,
         path: &std::path::Path,

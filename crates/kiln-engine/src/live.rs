@@ -387,7 +387,7 @@ impl Engine {
                 self.store
                     .set_sandbox_status(team_id, &record.id, SandboxStatus::Paused)
                     .await?;
-                Err(EngineError::Restore(e))
+                Err(EngineError::restore(e))
             }
         }
     }

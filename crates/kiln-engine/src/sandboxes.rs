@@ -125,7 +125,7 @@ impl Engine {
         let cfg = self.restore_config(&record.id, &dir);
         let vm = Vm::restore(&bundle, cfg)
             .await
-            .map_err(EngineError::Restore)?;
+            .map_err(EngineError::restore)?;
         if !record.env.is_empty() {
             let agent = vm.agent();
             let mut defaults = agent.get_defaults().await.map_err(EngineError::Agent)?;

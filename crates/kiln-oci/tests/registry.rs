@@ -440,3 +440,83 @@ async fn prune_keeps_only_what_is_reachable() {
     assert!(blobs(dir.path()).is_empty());
     assert!(s.list().expect("list").is_empty());
 }
+
+/// A loopback TCP proxy in front of the test registry that cuts every connection once it
+/// has sent `cut_after` bytes back to the client: small answers (manifests, configs) get
+/// through, a layer blob is cut off mid-body.
+fn cutting_proxy(upstream: &str, cut_after: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let upstream = upstream.to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let Ok(mut server) = std::net::TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+            });
+            std::thread::spawn(move || {
+                let mut sent = 0;
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = server.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let n = n.min(cut_after.saturating_sub(sent));
+                    if n == 0 || client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_registry_cutting_a_blob_midway_fails_cleanly_and_leaves_no_partial_blob() {
+    let e = env();
+    let proxy = cutting_proxy(&e.reg, 48 * 1024);
+    let (dir, s) = store(RegistryConfig::default());
+    let err = s
+        .prepare(&format!("{proxy}/kiln/minbase:latest"), None, &none)
+        .await
+        .expect_err("a cut blob must fail the pull");
+    assert_eq!(
+        code(&err),
+        BuildErrorCode::ImagePullFailed,
+        "{}",
+        err.detail()
+    );
+    // Whatever is in the blob cache is whole: every file's name is its own digest, and
+    // no temp file is left.
+    let blobs = dir.path().join("blobs/sha256");
+    for entry in std::fs::read_dir(&blobs).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let bytes = std::fs::read(entry.path()).expect("read blob");
+        let digest = {
+            use sha2::Digest as _;
+            hex::encode(sha2::Sha256::digest(&bytes))
+        };
+        assert_eq!(name, digest, "a partial or corrupt blob was kept");
+    }
+    assert!(
+        !dir.path().join("images/sha256").exists()
+            || std::fs::read_dir(dir.path().join("images/sha256"))
+                .expect("ls images")
+                .next()
+                .is_none(),
+        "an image was published from a cut pull"
+    );
+    // The same store then pulls the same image whole from the registry itself.
+    s.prepare(&format!("{}/kiln/minbase:latest", e.reg), None, &none)
+        .await
+        .expect("pull after the cut");
+}

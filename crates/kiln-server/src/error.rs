@@ -83,6 +83,15 @@ impl From<EngineError> for ApiError {
                     "pausing the sandbox failed; it could not be saved",
                 )
             }
+            EngineError::CorruptArtifact(_) => {
+                tracing::error!(error = %e, "template artifact failed verification");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "restore_failed",
+                    "the template's snapshot failed its checksum check (corrupt on disk): \
+                     rebuild the template",
+                )
+            }
             EngineError::Restore(_) => {
                 tracing::warn!(error = %e, "restore failed");
                 Self::new(

@@ -956,13 +956,28 @@ async fn secrets_stay_out_of_logs_errors_and_metrics() {
     let wrong_token = format!("{token}x");
     let mut bodies = Vec::new();
     for (method, uri, headers) in [
-        ("GET", "/templates".to_owned(), vec![("x-api-key", key.as_str())]),
-        ("GET", "/templates".to_owned(), vec![("x-api-key", wrong_key.as_str())]),
-        ("GET", format!("/sandboxes/{sid}"), vec![("x-api-key", other.as_str())]),
+        (
+            "GET",
+            "/templates".to_owned(),
+            vec![("x-api-key", key.as_str())],
+        ),
+        (
+            "GET",
+            "/templates".to_owned(),
+            vec![("x-api-key", wrong_key.as_str())],
+        ),
+        (
+            "GET",
+            format!("/sandboxes/{sid}"),
+            vec![("x-api-key", other.as_str())],
+        ),
         (
             "POST",
             "/exec".to_owned(),
-            vec![("x-superserve-sandbox-id", sid.as_str()), ("x-access-token", token.as_str())],
+            vec![
+                ("x-superserve-sandbox-id", sid.as_str()),
+                ("x-access-token", token.as_str()),
+            ],
         ),
         (
             "POST",
@@ -975,7 +990,10 @@ async fn secrets_stay_out_of_logs_errors_and_metrics() {
         (
             "GET",
             format!("/files?path=/etc/{token}"),
-            vec![("x-superserve-sandbox-id", sid.as_str()), ("x-access-token", token.as_str())],
+            vec![
+                ("x-superserve-sandbox-id", sid.as_str()),
+                ("x-access-token", token.as_str()),
+            ],
         ),
         (
             "POST",
@@ -994,7 +1012,10 @@ async fn secrets_stay_out_of_logs_errors_and_metrics() {
         // A prefix long enough to be the secret, short enough to catch a truncation.
         let probe = &secret[..secret.len().min(24)];
         assert!(!logs.contains(probe), "a secret is in the logs:\n{logs}");
-        assert!(!metrics.to_string().contains(probe), "a secret is in /metrics");
+        assert!(
+            !metrics.to_string().contains(probe),
+            "a secret is in /metrics"
+        );
         for b in &bodies {
             assert!(!b.contains(probe), "a secret is in an error: {b}");
         }

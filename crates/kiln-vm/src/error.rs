@@ -66,6 +66,9 @@ pub enum Error {
     /// Capturing the VM failed.
     #[error("snapshot failed: {0}")]
     Snapshot(String),
+    /// Writing the snapshot's files failed (a full disk, a failed copy): the cause below.
+    #[error("snapshot failed while writing its files")]
+    SnapshotFiles(#[source] Box<Error>),
     /// A snapshot bundle is unusable (missing file, bad manifest, checksum mismatch).
     #[error("snapshot bundle {}: {reason}", path.display())]
     Bundle {
@@ -90,7 +93,7 @@ impl Error {
             Self::Boot { .. } | Self::Spawn(_) | Self::NotProvisioned(_) | Self::AgentBinary(_) => {
                 BuildErrorCode::BootFailed
             }
-            Self::Snapshot(_) => BuildErrorCode::SnapshotFailed,
+            Self::Snapshot(_) | Self::SnapshotFiles(_) => BuildErrorCode::SnapshotFailed,
             _ => BuildErrorCode::BuildFailed,
         }
     }

@@ -143,6 +143,21 @@ async fn counter_survives_snapshot_and_restores_are_isolated() {
     std::fs::remove_dir_all(&bundle2).unwrap();
     // The bundle was never written by the restores.
     kiln_vm::snapshot::verify_bundle(&bundle).await.unwrap();
+
+    // A corrupted artifact (same size, one byte flipped) is refused before any VM starts.
+    let a_state = bundle.join("state");
+    let mut bytes = std::fs::read(&a_state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&a_state, &bytes).unwrap();
+    let err = Vm::restore(&bundle, RestoreConfig::new("snap-d", &env.run_parent))
+        .await
+        .expect_err("a corrupt bundle must not restore");
+    assert!(
+        kiln_vm::error_chain(&err).contains("state: checksum mismatch"),
+        "{}",
+        kiln_vm::error_chain(&err)
+    );
     std::fs::remove_dir_all(&bundle).unwrap();
     env.assert_no_leaks().await;
 }
@@ -175,5 +190,64 @@ async fn killing_qemu_mid_exec_is_a_clear_error() {
     assert!(matches!(err, Error::Exited { .. }), "{err:?}");
     drop(vm);
     assert!(!run_dir.exists(), "run dir left: {}", run_dir.display());
+    env.assert_no_leaks().await;
+}
+
+/// A size-limited tmpfs mounted for one test, unmounted (lazily) on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        // SAFETY: geteuid(2) has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            root,
+            "this test mounts a tmpfs and needs root (CI runs the suite as root)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "kiln-full"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs failed");
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_filesystem_during_a_snapshot_is_snapshot_failed_and_leaves_nothing() {
+    let env = common::env("full").await;
+    let full = Tmpfs::mount("2m");
+    let vm = Vm::boot(env.config("full"))
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    let bundle = full.0.path().join("bundle");
+    let err = vm
+        .snapshot(&bundle)
+        .await
+        .expect_err("a snapshot into 2 MiB must fail");
+    eprintln!("{}", kiln_vm::error_chain(&err));
+    assert_eq!(
+        err.code(),
+        kiln_spec::BuildErrorCode::SnapshotFailed,
+        "{err:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(full.0.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left on the full filesystem: {left:?}");
     env.assert_no_leaks().await;
 }

@@ -277,6 +277,14 @@ pub async fn template(cmd: crate::template::Cmd, client: Client) -> anyhow::Resu
 }
 
 /// `kiln sandbox ...` against the server.
+/// The SDK's form of checked egress rules.
+fn sdk_network(r: kiln_net::NetworkRules) -> kiln_sdk::NetworkConfig {
+    kiln_sdk::NetworkConfig {
+        allow_out: r.allow_out,
+        deny_out: r.deny_out,
+    }
+}
+
 pub async fn sandbox(cmd: crate::sandbox::Cmd, client: Client) -> anyhow::Result<ExitCode> {
     use crate::sandbox::{pairs, print_sandboxes, shell_join, split_remote, Cmd};
     match cmd {
@@ -297,12 +305,7 @@ pub async fn sandbox(cmd: crate::sandbox::Cmd, client: Client) -> anyhow::Result
             let mut options = SandboxCreateOptions::new(name, template);
             options.env_vars = pairs(&env)?;
             options.metadata = pairs(&metadata)?;
-            options.network = crate::sandbox::network_rules(allow_out, deny_out)?.map(|r| {
-                kiln_sdk::NetworkConfig {
-                    allow_out: r.allow_out,
-                    deny_out: r.deny_out,
-                }
-            });
+            options.network = crate::sandbox::network_rules(allow_out, deny_out)?.map(sdk_network);
             let s = Sandbox::create(&client, options).await?;
             println!("{}", s.id());
             Ok(ExitCode::SUCCESS)
@@ -311,6 +314,18 @@ pub async fn sandbox(cmd: crate::sandbox::Cmd, client: Client) -> anyhow::Result
             let all = Sandbox::list(&client, ListOptions::default()).await?;
             let docs = all.iter().map(wire).collect::<anyhow::Result<Vec<_>>>()?;
             print_sandboxes(&docs, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Network {
+            id,
+            allow_out,
+            deny_out,
+            clear,
+        } => {
+            let rules =
+                crate::sandbox::network_update(allow_out, deny_out, clear)?.map(sdk_network);
+            Sandbox::set_network_by_id(&client, &id, rules.as_ref()).await?;
+            println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Kill { id } => {

@@ -56,6 +56,21 @@ pub(crate) enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Replace a sandbox's egress rules; they apply to its next connection.
+    Network {
+        /// Sandbox id.
+        id: String,
+        /// A CIDR, address or domain (`*.example.com`) it may reach even where a
+        /// `--deny-out` covers it (repeatable).
+        #[arg(long = "allow-out", value_name = "CIDR|DOMAIN")]
+        allow_out: Vec<String>,
+        /// A CIDR it may not reach (repeatable; `0.0.0.0/0` for an allowlist).
+        #[arg(long = "deny-out", value_name = "CIDR")]
+        deny_out: Vec<String>,
+        /// Remove every rule (the public internet, never the host or private ranges).
+        #[arg(long, conflicts_with_all = ["allow_out", "deny_out"])]
+        clear: bool,
+    },
     /// Stop a sandbox and remove everything it had.
     Kill {
         /// Sandbox id.
@@ -136,6 +151,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .await?;
             let docs: Vec<_> = all.iter().map(Sandbox::to_wire).collect();
             print_sandboxes(&docs, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Network {
+            id,
+            allow_out,
+            deny_out,
+            clear,
+        } => {
+            let rules = network_update(allow_out, deny_out, clear)?;
+            engine
+                .set_network_rules(team_id, &id, rules.as_ref())
+                .await?;
+            println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Kill { id } => {
@@ -351,4 +379,20 @@ pub(crate) fn network_rules(
         anyhow::bail!("invalid egress rules: {}", shown.join("; "));
     }
     Ok(Some(rules))
+}
+
+/// The rules `kiln sandbox network` sets: `None` with `--clear`; at least one rule
+/// otherwise, so that a bare call cannot wipe the rules by accident.
+pub(crate) fn network_update(
+    allow_out: Vec<String>,
+    deny_out: Vec<String>,
+    clear: bool,
+) -> anyhow::Result<Option<kiln_net::NetworkRules>> {
+    if clear {
+        return Ok(None);
+    }
+    match network_rules(allow_out, deny_out)? {
+        Some(r) => Ok(Some(r)),
+        None => anyhow::bail!("give --allow-out / --deny-out rules, or --clear to remove them"),
+    }
 }

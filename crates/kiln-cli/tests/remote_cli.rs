@@ -103,9 +103,31 @@ fn template_and_sandbox_commands_work_against_a_server() {
         .success());
     assert_eq!(std::fs::read(&back).unwrap(), b"through the API\n");
 
+    // Egress rules: checked on the client, set through the API, shown in listings.
+    let out = remote(&["sandbox", "network", &id, "--deny-out", "example.com"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("network.deny_out[0]"));
+    assert!(remote(&[
+        "sandbox",
+        "network",
+        &id,
+        "--allow-out",
+        "*.example.com",
+        "--deny-out",
+        "0.0.0.0/0"
+    ])
+    .status
+    .success());
     let out = remote(&["sandbox", "ls", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(
+        list[0]["network"],
+        serde_json::json!({"allow_out": ["*.example.com"], "deny_out": ["0.0.0.0/0"]})
+    );
+    assert!(remote(&["sandbox", "network", &id, "--clear"])
+        .status
+        .success());
     assert!(remote(&["sandbox", "kill", &id]).status.success());
 
     // A failing rebuild of the same name, with a new spec: the last stderr line is the

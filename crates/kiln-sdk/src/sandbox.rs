@@ -304,6 +304,19 @@ impl Sandbox {
         client.json(req).await
     }
 
+    /// Replaces a sandbox's egress rules by id (`None` clears them), without connecting to
+    /// it (a paused sandbox stays paused; the rules apply from its next connection).
+    pub async fn set_network_by_id(
+        client: &Client,
+        sandbox_id: &str,
+        network: Option<&NetworkConfig>,
+    ) -> Result<()> {
+        let req = client
+            .api(Method::PATCH, &["sandboxes", sandbox_id])
+            .json(&serde_json::json!({ "network": network }));
+        client.empty(req).await
+    }
+
     /// Deletes a sandbox by id. Already gone is fine.
     pub async fn kill_by_id(client: &Client, sandbox_id: &str) -> Result<()> {
         let req = client
@@ -374,11 +387,7 @@ impl Sandbox {
 
     /// Replaces its egress rules (`None` clears them); they apply to its next connection.
     pub async fn set_network(&self, network: Option<NetworkConfig>) -> Result<()> {
-        let req = self
-            .client
-            .api(Method::PATCH, &["sandboxes", &self.id])
-            .json(&serde_json::json!({ "network": network }));
-        self.client.empty(req).await?;
+        Self::set_network_by_id(&self.client, &self.id, network.as_ref()).await?;
         self.lock().info.network = network;
         Ok(())
     }

@@ -251,3 +251,60 @@ async fn a_full_filesystem_during_a_snapshot_is_snapshot_failed_and_leaves_nothi
     assert!(left.is_empty(), "left on the full filesystem: {left:?}");
     env.assert_no_leaks().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_killed_mid_snapshot_is_snapshot_failed_and_leaves_nothing() {
+    let env = common::env("midsnap").await;
+    let vm = Vm::boot(env.config("midsnap"))
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    let first = env.run_parent.join("first");
+    vm.snapshot(&first)
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    // A restored VM snapshots by streaming its RAM (as a pause does): seconds under TCG,
+    // a window wide enough to kill QEMU in.
+    let vm = Vm::restore(&first, RestoreConfig::new("midsnap-r", &env.run_parent))
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    vm.exec_collect(req("head -c 100M /dev/urandom > /dev/shm/ballast"))
+        .await
+        .unwrap();
+    let pid = vm.pid();
+    let second = env.run_parent.join("second");
+    let target = second.clone();
+    let snap = tokio::spawn(async move { vm.snapshot(&target).await });
+    // Once the temp bundle exists, QEMU is saving.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(&env.run_parent)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(".snapshot-"))
+    {
+        assert!(Instant::now() < deadline, "the snapshot never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // SAFETY: kill(2) of the VM's QEMU, which the snapshot task still owns.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let err = tokio::time::timeout(Duration::from_secs(60), snap)
+        .await
+        .expect("the snapshot hung after QEMU died")
+        .unwrap()
+        .expect_err("a snapshot whose QEMU was killed must fail");
+    eprintln!("{}", kiln_vm::error_chain(&err));
+    assert_eq!(
+        err.code(),
+        kiln_spec::BuildErrorCode::SnapshotFailed,
+        "{err:?}"
+    );
+    assert!(!second.exists(), "a bundle was published");
+    let temps: Vec<_> = std::fs::read_dir(&env.run_parent)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".snapshot-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(temps.is_empty(), "temp bundles left: {temps:?}");
+    std::fs::remove_dir_all(&first).unwrap();
+    env.assert_no_leaks().await;
+}

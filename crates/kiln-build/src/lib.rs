@@ -8,6 +8,7 @@ pub mod error;
 pub mod guest;
 pub mod log;
 pub mod pipeline;
+pub mod stepcache;
 pub mod steps;
 
 pub use error::BuildError;
@@ -15,4 +16,5 @@ pub use guest::{Command, Exit, Guest, GuestError, OutputStream};
 pub use kiln_spec::RuntimeDefaults;
 pub use log::{LineSplitter, LogLine, LogSink, Stream};
 pub use pipeline::{run_build, BuildEnd, BuildEnv, BuildJob, BuildObserver, BuildOutput, Phase};
+pub use stepcache::StepCache;
 pub use steps::{StepRunner, Timing};

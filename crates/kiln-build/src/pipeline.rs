@@ -19,6 +19,7 @@ use crate::guest::{Command, Exit, Guest, GuestError, OutputStream};
 use crate::log::LogSink;
 use kiln_spec::RuntimeDefaults;
 
+use crate::stepcache::{self, Entry, StepCache};
 use crate::steps::{StepRunner, Timing};
 
 /// A build's phases, as the build status follows them.
@@ -55,6 +56,8 @@ pub struct BuildEnv {
     pub build_timeout: Duration,
     /// The egress proxy command for build VMs (`kiln_vm::NetConfig::egress`).
     pub egress: Option<Vec<String>>,
+    /// The step cache (`None`: every build runs every step on a fresh disk).
+    pub step_cache: Option<StepCache>,
 }
 
 /// One build to run.
@@ -68,6 +71,10 @@ pub struct BuildJob {
     pub resources: Resources,
     /// Where the snapshot bundle goes (must not exist yet).
     pub bundle_dir: PathBuf,
+    /// Who shares step cache entries (the team): nobody else's layers are used.
+    pub cache_scope: String,
+    /// Run every step even where the step cache has it (`force`, `--no-cache`).
+    pub no_cache: bool,
 }
 
 /// What a successful build produced.
@@ -173,17 +180,45 @@ async fn build_inner(
         "booting build VM ({} vCPU, {} MiB memory, {} MiB disk)",
         job.resources.vcpu, job.resources.memory_mib, job.resources.disk_mib
     ));
-    let boot_started = Instant::now();
-    let vm = Vm::boot(VmConfig {
-        name: job.name.clone(),
-        vcpus: job.resources.vcpu,
-        memory_mib: u64::from(job.resources.memory_mib),
-        kernel: env.kernel.clone(),
-        disk: RootDisk::Ext4 {
+    let config = &image.config;
+    let defaults = RuntimeDefaults::from_image_config(
+        &config.env,
+        config.workdir.as_deref(),
+        config.user.as_deref(),
+    );
+    let steps = &spec.steps;
+    let n = steps.len();
+    let layers = match &env.step_cache {
+        Some(cache) => Some(
+            Layers::find(
+                cache,
+                env,
+                job,
+                &image.digest,
+                &prepared.unpacked.rootfs,
+                observer,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let disk = match &layers {
+        Some(l) => RootDisk::Overlay(l.top.disk.clone()),
+        None => RootDisk::Ext4 {
             rootfs: prepared.unpacked.rootfs.clone(),
             disk_mib: u64::from(job.resources.disk_mib),
             agent: env.agent.clone(),
         },
+    };
+    let cached = layers.as_ref().map_or(0, |l| l.cached);
+
+    let boot_started = Instant::now();
+    let mut vm = Vm::boot(VmConfig {
+        name: job.name.clone(),
+        vcpus: job.resources.vcpu,
+        memory_mib: u64::from(job.resources.memory_mib),
+        kernel: env.kernel.clone(),
+        disk,
         network: Some(NetConfig {
             forwards: Vec::new(),
             egress: env.egress.clone(),
@@ -201,15 +236,25 @@ async fn build_inner(
     ));
     vm.sync_clock().await.map_err(vm_err)?;
 
-    let config = &image.config;
-    let defaults = RuntimeDefaults::from_image_config(
-        &config.env,
-        config.workdir.as_deref(),
-        config.user.as_deref(),
-    );
+    let mut defaults = defaults;
+    let mut layers = layers;
+    for (i, step) in steps.iter().enumerate() {
+        let guest = VmGuest(&vm);
+        let mut runner = StepRunner::new(&guest, observer, defaults, env.timing);
+        if i < cached {
+            runner.skip_cached(i, n, step);
+        } else {
+            runner.run_one(i, n, step).await?;
+        }
+        defaults = runner.defaults;
+        if i >= cached {
+            if let Some(l) = &mut layers {
+                l.publish(&mut vm, i, step).await;
+            }
+        }
+    }
     let guest = VmGuest(&vm);
-    let mut runner = StepRunner::new(&guest, observer, defaults, env.timing);
-    runner.run_steps(&spec.steps).await?;
+    let runner = StepRunner::new(&guest, observer, defaults, env.timing);
     let start_pid = runner
         .start_and_wait_ready(spec.start_cmd.as_deref(), spec.ready_cmd.as_deref())
         .await?;
@@ -251,6 +296,157 @@ async fn build_inner(
         start_pid,
         size_bytes,
     })
+}
+
+/// The step cache's part in one build: where it starts and the chain it publishes.
+struct Layers<'a> {
+    cache: &'a StepCache,
+    /// Key of the disk after each step.
+    keys: Vec<String>,
+    /// Steps taken from the cache (a prefix).
+    cached: usize,
+    /// The entry the VM's disk currently sits on (the last published layer).
+    top: Entry,
+    /// Cleared when a publish fails: later layers would be backed by a missing one.
+    publishing: bool,
+    observer: &'a dyn BuildObserver,
+}
+
+impl<'a> Layers<'a> {
+    /// The longest cached prefix of the spec's steps (none with `no_cache`), and the
+    /// base disk under it, made and published when missing.
+    async fn find(
+        cache: &'a StepCache,
+        env: &BuildEnv,
+        job: &BuildJob,
+        image_digest: &str,
+        rootfs: &std::path::Path,
+        observer: &'a dyn BuildObserver,
+    ) -> Result<Layers<'a>, BuildError> {
+        let agent_digest = match &env.agent {
+            Some(p) => kiln_vm::provision::file_sha256(p).map_err(vm_err)?,
+            None => "no-agent".to_owned(),
+        };
+        let base = stepcache::base_key(
+            &job.cache_scope,
+            image_digest,
+            job.resources.disk_mib,
+            &agent_digest,
+        );
+        let mut keys = Vec::with_capacity(job.spec.steps.len());
+        let mut parent = base.clone();
+        for step in &job.spec.steps {
+            parent = stepcache::step_key(&parent, step);
+            keys.push(parent.clone());
+        }
+        let hit = if job.no_cache {
+            None
+        } else {
+            keys.iter()
+                .enumerate()
+                .rev()
+                .find_map(|(i, k)| cache.lookup(k).map(|e| (i + 1, e)))
+        };
+        let (cached, top) = match hit {
+            Some((cached, entry)) => {
+                observer.system(format!(
+                    "step cache: reusing the disk after step {cached}/{}",
+                    keys.len()
+                ));
+                (cached, entry)
+            }
+            None => {
+                let entry = match cache.lookup(&base).filter(|_| !job.no_cache) {
+                    Some(e) => e,
+                    None => {
+                        let (cache, base, rootfs, agent, disk_mib) = (
+                            cache.clone(),
+                            base.clone(),
+                            rootfs.to_owned(),
+                            env.agent.clone(),
+                            u64::from(job.resources.disk_mib),
+                        );
+                        tokio::task::spawn_blocking(move || {
+                            cache.publish_base(&base, |p| {
+                                kiln_vm::disk::make_ext4(&rootfs, p, disk_mib, agent.as_deref())
+                            })
+                        })
+                        .await
+                        .map_err(|e| BuildError::new(BuildErrorCode::BuildFailed, e.to_string()))?
+                        .map_err(|e| {
+                            let code = match &e {
+                                stepcache::StepCacheError::Disk(d) => d.code(),
+                                _ => BuildErrorCode::BuildFailed,
+                            };
+                            BuildError::new(code, kiln_vm::error_chain(&e)).with_source(e)
+                        })?
+                    }
+                };
+                (0, entry)
+            }
+        };
+        Ok(Layers {
+            cache,
+            keys,
+            cached,
+            top,
+            publishing: true,
+            observer,
+        })
+    }
+
+    /// Publishes the disk as step `index` left it. Failing to is not the build's
+    /// failure: the cache is an optimisation, so the build goes on without it.
+    async fn publish(&mut self, vm: &mut Vm, index: usize, step: &kiln_spec::Step) {
+        if !self.publishing {
+            return;
+        }
+        let key = self.keys[index].clone();
+        let published = if matches!(step, kiln_spec::Step::Env { .. }) {
+            self.cache
+                .publish_alias(&key, &self.top)
+                .map_err(|e| kiln_vm::error_chain(&e))
+        } else {
+            self.freeze_and_publish(vm, index, &key).await
+        };
+        match published {
+            Ok(entry) => self.top = entry,
+            Err(e) => {
+                // Later layers would sit on a disk the cache does not have.
+                self.publishing = false;
+                tracing::info!(error = %e, "step cache: not published");
+                self.observer
+                    .system(format!("step cache: step {} not cached: {e}", index + 1));
+            }
+        }
+    }
+
+    async fn freeze_and_publish(
+        &self,
+        vm: &mut Vm,
+        index: usize,
+        key: &str,
+    ) -> Result<Entry, String> {
+        // What the step wrote must be on the disk, not in the guest's page cache.
+        let sync = ExecRequest {
+            command: "sync".into(),
+            timeout_ms: Some(120_000),
+            ..ExecRequest::default()
+        };
+        vm.exec_collect(sync)
+            .await
+            .map_err(|e| kiln_vm::error_chain(&e))?;
+        let next = vm.run_dir().join(format!("disk-{}.qcow2", index + 1));
+        let frozen = vm
+            .freeze_disk(&next)
+            .await
+            .map_err(|e| kiln_vm::error_chain(&e))?;
+        let (cache, key, parent) = (self.cache.clone(), key.to_owned(), self.top.clone());
+        tokio::task::spawn_blocking(move || cache.publish_layer(&key, &frozen, &parent))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| kiln_vm::error_chain(&e))
+    }
 }
 
 fn vm_err(e: kiln_vm::Error) -> BuildError {

@@ -83,30 +83,56 @@ impl<'a, G: Guest + ?Sized> StepRunner<'a, G> {
     /// Runs every step in order; the first failure stops the build with `step_failed` (or
     /// `build_failed` when the VM itself stopped answering).
     pub async fn run_steps(&mut self, steps: &[Step]) -> Result<(), BuildError> {
-        let n = steps.len();
         for (i, step) in steps.iter().enumerate() {
-            self.sink
-                .system(format!("step {}/{n}: {}", i + 1, describe(step)));
-            let started = Instant::now();
-            self.run_step(step).await.map_err(|e| match e {
-                StepError::Failed(why) => BuildError::new(
-                    BuildErrorCode::StepFailed,
-                    format!("step {}/{n} ({}) {why}", i + 1, describe(step)),
-                ),
-                // The VM or its agent went away: nothing the step did wrong.
-                StepError::Guest(e) => BuildError::new(
-                    BuildErrorCode::BuildFailed,
-                    format!(
-                        "the build VM stopped answering during step {}/{n} ({}): {e}",
-                        i + 1,
-                        describe(step)
-                    ),
-                )
-                .with_source(e),
-            })?;
-            tracing::debug!(step = i + 1, elapsed = ?started.elapsed(), "step done");
+            self.run_one(i, steps.len(), step).await?;
         }
         Ok(())
+    }
+
+    /// Runs step `index` (0-based) of `total`, logged as such.
+    pub async fn run_one(
+        &mut self,
+        index: usize,
+        total: usize,
+        step: &Step,
+    ) -> Result<(), BuildError> {
+        let (i, n) = (index + 1, total);
+        self.sink
+            .system(format!("step {i}/{n}: {}", describe(step)));
+        let started = Instant::now();
+        self.run_step(step).await.map_err(|e| match e {
+            StepError::Failed(why) => BuildError::new(
+                BuildErrorCode::StepFailed,
+                format!("step {i}/{n} ({}) {why}", describe(step)),
+            ),
+            // The VM or its agent went away: nothing the step did wrong.
+            StepError::Guest(e) => BuildError::new(
+                BuildErrorCode::BuildFailed,
+                format!(
+                    "the build VM stopped answering during step {i}/{n} ({}): {e}",
+                    describe(step)
+                ),
+            )
+            .with_source(e),
+        })?;
+        tracing::debug!(step = i, elapsed = ?started.elapsed(), "step done");
+        Ok(())
+    }
+
+    /// Takes step `index` of `total` from the step cache: its effect on the disk is in the
+    /// cached layer, so only its effect on the runtime defaults is applied here.
+    pub fn skip_cached(&mut self, index: usize, total: usize, step: &Step) {
+        self.sink.system(format!(
+            "step {}/{total}: {} (cached)",
+            index + 1,
+            describe(step)
+        ));
+        match step {
+            Step::Run(_) => {}
+            Step::Env { key, value } => self.defaults.set_env(key, value),
+            Step::Workdir(dir) => self.defaults.workdir = dir.clone(),
+            Step::User { name, .. } => self.defaults.user = name.clone(),
+        }
     }
 
     async fn run_step(&mut self, step: &Step) -> Result<(), StepError> {

@@ -137,9 +137,11 @@ async fn run_async(args: Args, state_dir: &Path) -> anyhow::Result<()> {
         }
         ImageCommand::Prune { mut keep } => {
             let db = kiln_store::Layout::new(state_dir).db_path();
+            let mut builds_running = 0;
             if db.exists() {
                 let store = kiln_store::Store::open(&db).await?;
                 keep.extend(store.image_digests_in_use().await?);
+                builds_running = store.unfinished_builds().await?;
             }
             let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
             let r = store.prune(&keep)?;
@@ -149,6 +151,16 @@ async fn run_async(args: Args, state_dir: &Path) -> anyhow::Result<()> {
                 r.blobs_removed,
                 human(r.blob_bytes_freed)
             );
+            // Build VMs read their step layers through the cache's paths: the cache
+            // goes only when no build is under way.
+            let steps =
+                kiln_build::StepCache::new(kiln_store::Layout::new(state_dir).step_cache_dir());
+            if builds_running > 0 {
+                println!("step cache kept: {builds_running} builds are not finished");
+            } else {
+                let freed = steps.prune()?;
+                println!("removed the step cache ({})", human(freed));
+            }
         }
     }
     Ok(())

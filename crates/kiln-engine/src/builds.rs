@@ -222,6 +222,8 @@ impl Engine {
             spec,
             resources: template.resources(),
             bundle_dir: staging.join("bundle"),
+            cache_scope: build.team_id.clone(),
+            no_cache: build.no_cache,
         };
 
         let cancel = CancellationToken::new();

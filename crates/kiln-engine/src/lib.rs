@@ -187,6 +187,7 @@ impl Engine {
                     timing: self.cfg.timing,
                     build_timeout: self.cfg.build_timeout,
                     egress: self.egress_command(None),
+                    step_cache: Some(kiln_build::StepCache::new(self.layout.step_cache_dir())),
                 })
             })
             .await

@@ -272,6 +272,99 @@ async fn a_build_cancelled_mid_step_stops_and_leaves_nothing() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_step_cache_replays_only_the_steps_after_a_change() {
+    let e = env(Duration::from_secs(120)).await;
+    let store = e.engine.store();
+    let spec = |last: &str, start: &str| {
+        json!({
+            "name": "layered", "memoryMib": 256, "diskMib": 1024, "from": e.image("minbase"),
+            "steps": [
+                {"run": "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /opt/one"},
+                {"env": {"key": "LAYER", "value": "two"}},
+                {"workdir": "/srv/app"},
+                {"run": last},
+            ],
+            "startCmd": start, "readyCmd": "true",
+        })
+    };
+    let built = |spec: serde_json::Value, force: bool| {
+        let e = &e;
+        async move {
+            let req = TemplateRequest::parse_and_validate(&spec).unwrap();
+            let r = e
+                .engine
+                .rebuild_with(&e.team, "layered", Some(&req), force)
+                .await
+                .unwrap();
+            let b = e.engine.run_build(&r.build.id, None).await.unwrap();
+            assert_eq!(b.status, BuildStatus::Ready, "{b:?}");
+            let logs = e.engine.store().logs_since(&b.id, 0).await.unwrap();
+            let new = NewSandbox {
+                template: "layered".into(),
+                ..Default::default()
+            };
+            let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
+            let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
+            let seen = exec(
+                &live.vm,
+                "cat /opt/one; echo; echo \"$(cat last) $LAYER $PWD\"",
+            )
+            .await
+            .0;
+            e.engine
+                .finish_sandbox(&e.team, &record.id, SandboxStatus::Deleted)
+                .await
+                .unwrap();
+            (logs, seen)
+        }
+    };
+    let first = e
+        .build("layered", spec("echo v1 > last", "sleep 100000"))
+        .await;
+    assert_eq!(first.status, BuildStatus::Ready, "{first:?}");
+    let logs = store.logs_since(&first.id, 0).await.unwrap();
+    assert!(!log_has(&logs, "(cached)"), "{logs:#?}");
+
+    // The last step changed: steps 1-3 come from the cache (the random bytes of step 1
+    // are the first build's), only step 4 runs.
+    let (logs, a) = built(spec("echo v2 > last", "sleep 100000"), false).await;
+    for cached in ["step 1/4", "step 2/4", "step 3/4"] {
+        assert!(
+            logs.iter()
+                .any(|l| l.text.starts_with(cached) && l.text.ends_with("(cached)")),
+            "{cached} not from the cache: {logs:#?}"
+        );
+    }
+    assert!(
+        logs.iter()
+            .any(|l| l.text.starts_with("step 4/4") && !l.text.ends_with("(cached)")),
+        "{logs:#?}"
+    );
+    let (one, rest) = a.split_once('\n').unwrap();
+    assert_eq!(rest, "v2 two /srv/app", "{a}");
+    assert_eq!(one.len(), 32, "{a}");
+
+    // The first build's steps with another start command (so not a whole-build hit):
+    // all four steps from the cache, the same bytes.
+    let (logs, b) = built(spec("echo v1 > last", "sleep 200000"), false).await;
+    assert_eq!(
+        logs.iter().filter(|l| l.text.ends_with("(cached)")).count(),
+        4,
+        "{logs:#?}"
+    );
+    assert_eq!(b, format!("{one}\nv1 two /srv/app"));
+
+    // `force`: every step runs again (new random bytes).
+    let (logs, c) = built(spec("echo v1 > last", "sleep 200000"), true).await;
+    assert!(!log_has(&logs, "(cached)"), "{logs:#?}");
+    assert_ne!(
+        c.split_once('\n').unwrap().0,
+        one,
+        "step 1 did not run again"
+    );
+}
+
 /// Points `repo:latest` in the test registry at `image` (a tag that moves, as on Docker
 /// Hub).
 fn push_tag(registry: &str, image: &str, repo: &str) {
@@ -347,6 +440,10 @@ async fn the_build_cache_reuses_identical_builds_until_the_digest_moves_or_force
     assert_eq!(forced.status, BuildStatus::Ready, "{forced:?}");
     let logs = store.logs_since(&forced.id, 0).await.unwrap();
     assert!(!log_has(&logs, "build cache hit") && log_has(&logs, "booting build VM"));
+    assert!(
+        !log_has(&logs, "(cached)"),
+        "force replays every step: {logs:#?}"
+    );
 
     // The tag now names another image: same spec text, new digest, a miss.
     push_tag(&e.registry, "python", &repo);
@@ -356,6 +453,10 @@ async fn the_build_cache_reuses_identical_builds_until_the_digest_moves_or_force
     assert_ne!(moved.image_digest, first.image_digest);
     let logs = store.logs_since(&moved.id, 0).await.unwrap();
     assert!(!log_has(&logs, "build cache hit") && log_has(&logs, "booting build VM"));
+    assert!(
+        !log_has(&logs, "(cached)"),
+        "a moved tag misses the step cache: {logs:#?}"
+    );
     let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
     let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
     assert_ne!(exec(&live.vm, "cat /opt/built-at").await.0, first_built_at);

@@ -5,7 +5,8 @@
 //! <root>/blobs/sha256/<hex>                    OCI blob cache (owned by kiln-oci)
 //! <root>/images/sha256/<hex>/                  unpacked, vetted rootfs (owned by kiln-oci)
 //! <root>/templates/<template_id>/<build_id>/   disk, memory snapshot, manifest.json
-//! <root>/sandboxes/<sandbox_id>/               overlay, sockets, logs
+//! <root>/sandboxes/<sandbox_id>/               overlay, sockets, logs, network rules
+//! <root>/cache/steps/<key>/                    build step layers (owned by kiln-build)
 //! ```
 //!
 //! Nothing half-written is ever visible under its final name: files go through
@@ -115,6 +116,11 @@ impl Layout {
         Ok(self
             .template_dir(template_id)?
             .join(format!(".{}.partial", component(build_id)?)))
+    }
+
+    /// The build step cache (owned by `kiln-build`'s `StepCache`).
+    pub fn step_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("steps")
     }
 
     /// The sandboxes root.

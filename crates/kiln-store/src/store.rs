@@ -499,6 +499,16 @@ impl Store {
         Ok(builds)
     }
 
+    /// How many builds of any team are not finished (pending, building, snapshotting).
+    pub async fn unfinished_builds(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM builds WHERE status IN {NON_TERMINAL_BUILD}"
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Every `pending` build, oldest first: the builder's queue.
     pub async fn pending_builds(&self) -> Result<Vec<Build>> {
         Ok(sqlx::query_as::<_, Build>(

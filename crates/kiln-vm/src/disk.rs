@@ -114,10 +114,38 @@ pub fn inject_file(image: &Path, src: &Path, dest: &str, mode: u32) -> Result<()
 /// read-only by QEMU, so many overlays can share one base).
 pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
     let base = std::fs::canonicalize(base).map_err(Error::io("resolve", base))?;
+    let format = image_format(&base)?;
     Tool::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
         .arg(&base)
         .arg(overlay)
+        .run()?;
+    Ok(())
+}
+
+/// `qcow2` for a qcow2 image (by its magic), `raw` for anything else: the only two
+/// formats kiln writes.
+pub fn image_format(path: &Path) -> Result<&'static str> {
+    use std::io::Read as _;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(Error::io("open", path))?;
+    let n = f.read(&mut magic).map_err(Error::io("read", path))?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
+}
+
+/// Points a qcow2 image at another backing file without touching its data (`qemu-img
+/// rebase -u`): for a layer copied out of a VM's chain, whose recorded backing path is
+/// the VM's run directory.
+pub fn set_backing(image: &Path, backing: &Path) -> Result<()> {
+    let format = image_format(backing)?;
+    Tool::new("qemu-img")
+        .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", format, "-b"])
+        .arg(backing)
+        .arg(image)
         .run()?;
     Ok(())
 }

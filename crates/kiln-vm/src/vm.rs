@@ -776,6 +776,33 @@ impl Vm {
         }
     }
 
+    /// Freezes the disk as it is now: `new_top`, a fresh qcow2 overlay, takes all writes
+    /// from here on (QMP `blockdev-snapshot-sync`, atomic with respect to guest I/O), and
+    /// the previous top is returned, read-only from now on. The guest should `sync` first
+    /// so that the frozen image holds a consistent filesystem. Only for a VM booted on an
+    /// overlay ([`RootDisk::Overlay`]).
+    pub async fn freeze_disk(&mut self, new_top: &Path) -> Result<PathBuf> {
+        let Disk::Overlay(old) = &self.disk else {
+            return Err(Error::Config(
+                "freezing the disk needs a VM booted on an overlay".into(),
+            ));
+        };
+        let old = old.clone();
+        let args = serde_json::json!({
+            "device": "root",
+            "snapshot-file": new_top.display().to_string(),
+            "format": "qcow2",
+            "mode": "absolute-paths",
+        });
+        self.qmp
+            .lock()
+            .await
+            .execute("blockdev-snapshot-sync", Some(args))
+            .await?;
+        self.disk = Disk::Overlay(new_top.to_owned());
+        Ok(old)
+    }
+
     /// Launches QEMU waiting for an incoming migration (used by restore).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn launch_incoming(

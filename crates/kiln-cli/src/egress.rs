@@ -16,6 +16,24 @@ pub struct Args {
     log: Option<PathBuf>,
 }
 
+/// The log is kept to about [`MAX_LOG`]: past it, the current file becomes `.1` (the
+/// previous `.1` goes) and a new one starts.
+const MAX_LOG: u64 = 8 << 20;
+
+fn append_log(path: &std::path::Path, record: &serde_json::Value) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_LOG) {
+        let _ = std::fs::rename(path, path.with_extension("log.1"));
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        // One write per line: concurrent proxies append whole lines.
+        let _ = f.write_all(format!("{record}\n").as_bytes());
+    }
+}
+
 pub fn run(args: Args) -> ExitCode {
     // libslirp hands the connection over as stdin, stdout *and* stderr: anything written
     // to stderr would reach the guest inside its byte stream. Point it at /dev/null.
@@ -34,19 +52,21 @@ pub fn run(args: Args) -> ExitCode {
         rules: args.rules,
         ..kiln_net::ProxyConfig::default()
     };
-    let outcome = match kiln_net::serve_stdio(&cfg) {
-        Ok(o) => o.to_string(),
-        Err(e) => format!("refused - (500): {e}"),
-    };
+    let outcome = kiln_net::serve_stdio(&cfg);
     if let Some(path) = args.log {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let _ = writeln!(f, "{now} {outcome}");
-        }
+        let now = chrono::Utc::now();
+        let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let mut record = match &outcome {
+            Ok(o) => o.log_record(&ts),
+            Err(e) => serde_json::json!({
+                "kind": "connection", "ts": ts, "verdict": "failed",
+                "match_rule": format!("proxy error: {e}"),
+            }),
+        };
+        // Ids order the log (the SDKs page with them); one process per connection, so
+        // the time in microseconds is as good a sequence as any.
+        record["id"] = now.timestamp_micros().into();
+        append_log(&path, &record);
     }
     ExitCode::SUCCESS
 }

@@ -174,11 +174,23 @@ fn vms_never_reach_the_host_whatever_the_rules_say() {
         Some(&json!({"network": {"deny_out": ["not-a-cidr"]}})),
     );
     assert_eq!(s, 400, "{v}");
-    // Every connection the proxy saw is in the sandbox's network log.
-    let log =
-        std::fs::read_to_string(state.join("sandboxes").join(&id).join("network.log")).unwrap();
+    // Every connection the proxy saw is in the sandbox's network log (the SDKs'
+    // `get_network_log`), newest first, with why it was refused.
+    let (s, log) = http(
+        "GET",
+        &format!("{url}/sandboxes/{id}/network?verdict=blocked"),
+        &h,
+        None,
+    );
+    assert_eq!(s, 200, "{log}");
+    let events = log["data"].as_array().unwrap();
+    assert!(events.len() >= 6, "{log}");
+    assert_eq!(events[0]["host"], "127.0.0.1", "{log}");
+    assert_eq!(events[0]["dst_port"], port, "{log}");
     assert!(
-        log.lines().filter(|l| l.contains(" refused ")).count() >= 6,
+        events
+            .iter()
+            .all(|e| e["match_rule"].as_str().unwrap().contains("always blocked")),
         "{log}"
     );
     trap.assert_untouched("after the rule change");

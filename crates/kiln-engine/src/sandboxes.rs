@@ -183,6 +183,28 @@ impl Engine {
         Ok(())
     }
 
+    /// A sandbox's network log, oldest first: one JSON object per connection its VMs
+    /// made through the egress proxy (see `kiln egress-proxy --log`). Lines that do not
+    /// parse are skipped.
+    pub async fn network_log(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+    ) -> Result<Vec<serde_json::Value>> {
+        // The sandbox must be the team's (any status: the log outlives a pause).
+        self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        let path = self.layout.sandbox_dir(sandbox_id)?.join(NETWORK_LOG);
+        let text = match tokio::fs::read(&path).await {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(EngineError::io("reading", &path)(e)),
+        };
+        Ok(text
+            .split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect())
+    }
+
     /// A sandbox's egress rules, if any were set (what [`Engine::set_network_rules`] wrote).
     pub fn network_rules(&self, sandbox_id: &str) -> Option<kiln_net::NetworkRules> {
         let path = self

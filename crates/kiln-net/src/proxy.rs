@@ -48,6 +48,10 @@ pub enum Outcome {
         target: String,
         /// The address connected to.
         addr: SocketAddr,
+        /// Bytes from the guest to the destination.
+        bytes_sent: u64,
+        /// Bytes from the destination to the guest.
+        bytes_recv: u64,
     },
     /// Refused with this HTTP status and reason.
     Refused {
@@ -63,13 +67,53 @@ pub enum Outcome {
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Connected { target, addr } => write!(f, "allowed {target} -> {addr}"),
+            Self::Connected { target, addr, .. } => write!(f, "allowed {target} -> {addr}"),
             Self::Refused {
                 target,
                 status,
                 reason,
             } => write!(f, "refused {target} ({status}): {reason}"),
         }
+    }
+}
+
+impl Outcome {
+    /// The connection as a row of the sandbox's network log, in the SDKs' shape
+    /// (`kind: connection`, `verdict: allowed | blocked | failed`); `ts` is RFC 3339.
+    pub fn log_record(&self, ts: &str) -> serde_json::Value {
+        let (host, port) = split_target(self.target());
+        match self {
+            Self::Connected {
+                addr,
+                bytes_sent,
+                bytes_recv,
+                ..
+            } => serde_json::json!({
+                "kind": "connection", "ts": ts, "host": host,
+                "dst_ip": addr.ip().to_string(), "dst_port": addr.port(),
+                "verdict": "allowed", "bytes_sent": bytes_sent, "bytes_recv": bytes_recv,
+            }),
+            Self::Refused { status, reason, .. } => serde_json::json!({
+                "kind": "connection", "ts": ts, "host": host, "dst_port": port,
+                "verdict": if *status == 403 { "blocked" } else { "failed" },
+                "match_rule": reason, "error_code": status.to_string(),
+                "bytes_sent": 0, "bytes_recv": 0,
+            }),
+        }
+    }
+
+    fn target(&self) -> &str {
+        match self {
+            Self::Connected { target, .. } | Self::Refused { target, .. } => target,
+        }
+    }
+}
+
+/// `host:port` or `[v6]:port` as logged: the host without brackets, and the port.
+fn split_target(target: &str) -> (String, Option<u16>) {
+    match target.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(['[', ']']).to_owned(), p.parse().ok()),
+        None => (target.to_owned(), None),
     }
 }
 
@@ -120,33 +164,39 @@ where
     if let Err(e) = sent {
         return refuse(&mut output, &target, 502, format!("write: {e}"));
     }
-    splice(reader, output, upstream);
-    Outcome::Connected { target, addr }
+    let (bytes_sent, bytes_recv) = splice(reader, output, upstream);
+    Outcome::Connected {
+        target,
+        addr,
+        bytes_sent,
+        bytes_recv,
+    }
 }
 
 /// Copies both ways until both directions are done; a side's EOF is passed on as a
 /// half-close so request/response protocols finish cleanly.
-fn splice<I, O>(mut from_guest: BufReader<I>, mut to_guest: O, upstream: TcpStream)
+fn splice<I, O>(mut from_guest: BufReader<I>, mut to_guest: O, upstream: TcpStream) -> (u64, u64)
 where
     I: Read + Send + 'static,
     O: Write + Send + 'static,
 {
     let Ok(mut up_write) = upstream.try_clone() else {
-        return;
+        return (0, 0);
     };
     let up_read = upstream;
     let outbound = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from_guest, &mut up_write);
+        let sent = std::io::copy(&mut from_guest, &mut up_write).unwrap_or(0);
         let _ = up_write.shutdown(std::net::Shutdown::Write);
+        sent
     });
     let mut up_read = up_read;
-    let _ = std::io::copy(&mut up_read, &mut to_guest);
+    let recv = std::io::copy(&mut up_read, &mut to_guest).unwrap_or(0);
     let _ = to_guest.flush();
     drop(to_guest);
     // The guest may keep its side open after the destination closed: the VM closing the
     // connection (or QEMU exiting) ends the outbound copy.
     let _ = up_read.shutdown(std::net::Shutdown::Both);
-    let _ = outbound.join();
+    (outbound.join().unwrap_or(0), recv)
 }
 
 fn refuse(out: &mut impl Write, target: &str, status: u16, reason: String) -> Outcome {

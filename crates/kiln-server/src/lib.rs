@@ -62,6 +62,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/sandboxes/{sandbox}/pause"),
     ("POST", "/sandboxes/{sandbox}/resume"),
     ("POST", "/sandboxes/{sandbox}/activate"),
+    ("GET", "/sandboxes/{sandbox}/network"),
     ("POST", "/exec"),
     ("POST", "/exec/stream"),
     ("GET", "/exec/connect"),
@@ -137,6 +138,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{sandbox}/pause", post(sandboxes::pause))
         .route("/sandboxes/{sandbox}/resume", post(sandboxes::resume))
         .route("/sandboxes/{sandbox}/activate", post(sandboxes::activate))
+        .route("/sandboxes/{sandbox}/network", get(sandboxes::network_log))
         .route("/exec", post(data::exec))
         .route("/exec/stream", post(data::exec_stream))
         .route("/exec/connect", get(ws::exec_connect))

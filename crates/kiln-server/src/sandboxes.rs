@@ -346,3 +346,86 @@ pub(crate) async fn activate(
     }
     Ok(Json(with_token(&state, &resumed)))
 }
+
+/// `GET /sandboxes/{id}/network` query: the SDKs' `get_network_log` filters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkLogQuery {
+    limit: Option<usize>,
+    /// An event id (the previous page's `next_cursor`): only older events.
+    before: Option<String>,
+    /// An RFC 3339 time: only events at or after it.
+    since: Option<String>,
+    verdict: Option<String>,
+}
+
+/// Most events in one page of the network log.
+const MAX_NETWORK_PAGE: usize = 1000;
+
+/// `GET /sandboxes/{id}/network`: the connections the sandbox made, newest first.
+pub(crate) async fn network_log(
+    State(state): State<AppState>,
+    Auth(team): Auth,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let q: NetworkLogQuery = axum::extract::Query::try_from_uri(
+        &format!("/?{}", query.as_deref().unwrap_or(""))
+            .parse()
+            .map_err(|_| ApiError::bad_request("invalid query string"))?,
+    )
+    .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?
+    .0;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_NETWORK_PAGE);
+    let before = match q.before.as_deref() {
+        Some(b) => Some(
+            b.parse::<i64>()
+                .map_err(|_| ApiError::bad_request("before: must be an event id"))?,
+        ),
+        None => None,
+    };
+    let since = match q.since.as_deref() {
+        Some(t) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|_| ApiError::bad_request("since: must be an RFC 3339 time"))?,
+        ),
+        None => None,
+    };
+    if let Some(v) = q.verdict.as_deref() {
+        if !matches!(v, "allowed" | "blocked" | "failed") {
+            return Err(ApiError::bad_request(
+                "verdict: must be allowed, blocked or failed",
+            ));
+        }
+    }
+    let events = state.engine.network_log(&team.id, &id).await?;
+    let mut page: Vec<serde_json::Value> = events
+        .into_iter()
+        .rev()
+        .filter(|e| before.is_none_or(|b| e["id"].as_i64().is_some_and(|id| id < b)))
+        .filter(|e| {
+            since.is_none_or(|s| {
+                e["ts"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .is_some_and(|t| t >= s)
+            })
+        })
+        .filter(|e| q.verdict.as_deref().is_none_or(|v| e["verdict"] == v))
+        .take(limit + 1)
+        .collect();
+    let has_more = page.len() > limit;
+    page.truncate(limit);
+    let next_cursor = has_more
+        .then(|| {
+            page.last()
+                .and_then(|e| e["id"].as_i64())
+                .map(|i| i.to_string())
+        })
+        .flatten();
+    Ok(Json(serde_json::json!({
+        "data": page,
+        "has_more": has_more,
+        "next_cursor": next_cursor,
+    })))
+}

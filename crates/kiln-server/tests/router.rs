@@ -1021,3 +1021,75 @@ async fn secrets_stay_out_of_logs_errors_and_metrics() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_network_log_pages_newest_first_with_filters_and_stays_in_its_team() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    let other = a.key("evil").await;
+    a.ready_template("acme", "web").await;
+    let (sid, _) = a.sandbox("acme", "web", &[], SandboxStatus::Active).await;
+    // What `kiln egress-proxy --log` appends, one JSON line per connection.
+    let dir = a.engine.layout().sandbox_dir(&sid).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut lines = String::new();
+    for i in 1..=5 {
+        let verdict = if i % 2 == 0 { "blocked" } else { "allowed" };
+        lines += &format!(
+            "{}\n",
+            json!({"id": i, "kind": "connection", "ts": format!("2026-11-29T10:00:0{i}Z"),
+                   "host": "example.com", "verdict": verdict})
+        );
+    }
+    lines += "not json\n";
+    std::fs::write(dir.join("network.log"), lines).unwrap();
+
+    let ids = |v: &Value| -> Vec<i64> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_i64().unwrap())
+            .collect()
+    };
+    let uri = format!("/sandboxes/{sid}/network");
+    let (s, v) = a
+        .call("GET", &format!("{uri}?limit=2"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(ids(&v), [5, 4]);
+    assert_eq!(
+        (&v["has_more"], &v["next_cursor"]),
+        (&json!(true), &json!("4"))
+    );
+    let (_, v) = a
+        .call("GET", &format!("{uri}?limit=2&before=4"), Some(&key), None)
+        .await;
+    assert_eq!(ids(&v), [3, 2]);
+    let (_, v) = a
+        .call("GET", &format!("{uri}?verdict=blocked"), Some(&key), None)
+        .await;
+    assert_eq!(ids(&v), [4, 2]);
+    assert_eq!(v["has_more"], json!(false));
+    let (_, v) = a
+        .call(
+            "GET",
+            &format!("{uri}?since=2026-11-29T10:00:04Z"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&v), [5, 4]);
+    for bad in ["verdict=maybe", "before=x", "since=yesterday", "nope=1"] {
+        let (s, v) = a
+            .call("GET", &format!("{uri}?{bad}"), Some(&key), None)
+            .await;
+        assert_eq!(
+            (s, error_code(&v)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{bad}"
+        );
+    }
+    let (s, v) = a.call("GET", &uri, Some(&other), None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+}

@@ -124,6 +124,7 @@ from superserve import (  # noqa: E402
     BuildLogEvent,
     EnvStep,
     EnvStepValue,
+    NetworkConfig,
     NotFoundError,
     RateLimitError,
     RunStep,
@@ -442,6 +443,21 @@ def scenario() -> None:
         info = sandbox.get_info()
         check_eq(info.metadata.get("stage"), "updated", f"metadata after update ({info.metadata})")
         check_eq(info.status, SandboxStatus.ACTIVE, "status after update")
+
+    with step("sandbox.update(network=...) / get_network_log: the host stays unreachable"):
+        sandbox.update(network=NetworkConfig(allow_out=["127.0.0.0/8"], deny_out=["0.0.0.0/0"]))
+        probe = (
+            "python3 -c \"import socket; s = socket.create_connection(('10.0.2.100', 3128)); "
+            "s.sendall(b'CONNECT 127.0.0.1:9 HTTP/1.1\\r\\n\\r\\n'); "
+            "print(s.recv(64).split(b'\\r')[0].decode())\""
+        )
+        r = sandbox.commands.run(probe)
+        check_eq(r.stdout.strip(), "HTTP/1.1 403 Forbidden", f"CONNECT to the host ({r.stderr})")
+        page = sandbox.get_network_log(verdict="blocked")
+        check(len(page.events) >= 1, f"no blocked event in the network log: {page}")
+        check_eq(page.events[0].host, "127.0.0.1", "blocked host")
+        check("always blocked" in (page.events[0].match_rule or ""), f"rule: {page.events[0]}")
+        sandbox.update(network=NetworkConfig(allow_out=[], deny_out=[]))
 
     with step("pause"):
         sandbox.commands.run("echo kept > /tmp/before-pause.txt")

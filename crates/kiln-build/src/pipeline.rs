@@ -356,7 +356,8 @@ impl<'a> Layers<'a> {
                 (cached, entry)
             }
             None => {
-                let entry = match cache.lookup(&base).filter(|_| !job.no_cache) {
+                // The base disk is the image's, whatever the steps: `no_cache` reuses it.
+                let entry = match cache.lookup(&base) {
                     Some(e) => e,
                     None => {
                         let (cache, base, rootfs, agent, disk_mib) = (

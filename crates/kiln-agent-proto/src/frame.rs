@@ -245,11 +245,17 @@ impl Decoder {
         self.state == State::Hunting
     }
 
-    /// Give up on the frame in progress (its writer went away) and rescan the bytes
-    /// already buffered for [`SYNC`]. Returns whether a partial frame was dropped.
+    /// Give up on the frame in progress (its writer went away) and resume at the **last**
+    /// [`SYNC`] buffered: the newest writer's start (a host sends SYNC only when it
+    /// connects, with each hello). Resuming at the first one instead would re-enter the
+    /// stale frames the old writer left half-sent, one deadline each, before the new
+    /// host's hello got through. Returns whether a partial frame was dropped.
     pub fn expire_partial(&mut self) -> bool {
         if !self.is_mid_frame() {
             return false;
+        }
+        if let Some(pos) = rfind(&self.buf, &SYNC) {
+            self.buf.advance(pos);
         }
         self.state = State::Hunting;
         true
@@ -365,6 +371,13 @@ impl Decoder {
     }
 }
 
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if hay.len() < needle.len() {
         return None;
@@ -459,6 +472,33 @@ mod tests {
         Frame::control(0, &b"hello"[..]).encode_into(&mut b);
         d.push(&b);
         assert_eq!(decode_all(&mut d), vec![]);
+        assert!(d.is_mid_frame());
+        assert!(d.expire_partial());
+        assert_eq!(
+            decode_all(&mut d),
+            vec![
+                DecodeEvent::Sync,
+                DecodeEvent::Frame(Frame::control(0, &b"hello"[..]))
+            ]
+        );
+    }
+
+    #[test]
+    fn expire_partial_resumes_at_the_newest_writer_not_inside_older_stale_frames() {
+        // Found by the guest_stream fuzz target: an old writer left several frames
+        // half-sent, each after a SYNC, inside each other's announced payloads. One expiry
+        // must reach the new host's hello, not the next stale frame (one deadline each).
+        let mut d = Decoder::new(MAX_FRAME);
+        let mut b = BytesMut::new();
+        for stream in [1, 2, 3] {
+            b.extend_from_slice(&SYNC);
+            let stale = Frame::data(stream, 0, vec![0u8; 5000]).encode();
+            b.extend_from_slice(&stale[..HEADER_LEN + 7]);
+        }
+        b.extend_from_slice(&SYNC);
+        Frame::control(0, &b"hello"[..]).encode_into(&mut b);
+        d.push(&b);
+        let _ = decode_all(&mut d);
         assert!(d.is_mid_frame());
         assert!(d.expire_partial());
         assert_eq!(

@@ -28,8 +28,18 @@ pub fn proxy_env() -> Vec<(String, String)> {
     for key in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
         out.push((key.to_owned(), url.clone()));
     }
+    // The guest itself never goes through the proxy (which refuses loopback): by name,
+    // by loopback address or by its own address.
+    let mut local = format!("localhost,127.0.0.1,::1,{ETH_ADDR}");
+    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let name = name.trim();
+        if !name.is_empty() {
+            local.push(',');
+            local.push_str(name);
+        }
+    }
     for key in ["no_proxy", "NO_PROXY"] {
-        out.push((key.to_owned(), "localhost,127.0.0.1,::1".to_owned()));
+        out.push((key.to_owned(), local.clone()));
     }
     out
 }

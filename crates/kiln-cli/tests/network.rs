@@ -141,6 +141,15 @@ fn vms_never_reach_the_host_whatever_the_rules_say() {
         exec("echo $https_proxy").contains("http://10.0.2.100:3128"),
         "no proxy in the sandbox's environment"
     );
+    // ... and the guest's own names and addresses bypass it.
+    let local = exec("echo \"$(hostname) $no_proxy\"");
+    let (name, list) = local.trim().split_once(' ').unwrap();
+    for own in ["localhost", "127.0.0.1", "10.0.2.15", name] {
+        assert!(
+            list.split(',').any(|e| e == own),
+            "{own} not in no_proxy: {list}"
+        );
+    }
     assert_eq!(exec(&direct("10.0.2.2", port)).trim(), "blocked");
     for target in [
         format!("127.0.0.1:{port}"),

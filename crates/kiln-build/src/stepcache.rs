@@ -133,9 +133,6 @@ impl StepCache {
         key: &str,
         make: impl FnOnce(&Path) -> Result<(), kiln_vm::Error>,
     ) -> Result<Entry, StepCacheError> {
-        if let Some(e) = self.lookup(key) {
-            return Ok(e);
-        }
         match self.publish(key, "disk.raw", |tmp_disk| {
             make(tmp_disk).map_err(StepCacheError::Disk)
         }) {

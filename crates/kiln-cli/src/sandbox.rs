@@ -375,8 +375,7 @@ pub(crate) fn network_rules(
         deny_out,
     };
     if let Err(errs) = rules.compile() {
-        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        anyhow::bail!("invalid egress rules: {}", shown.join("; "));
+        anyhow::bail!("invalid egress rules: {errs}");
     }
     Ok(Some(rules))
 }

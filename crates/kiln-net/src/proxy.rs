@@ -232,10 +232,9 @@ fn load_policy(cfg: &ProxyConfig) -> Result<Policy, String> {
     };
     let rules: NetworkRules =
         serde_json::from_slice(&text).map_err(|e| format!("network rules unreadable: {e}"))?;
-    rules.compile().map_err(|errs| {
-        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        format!("network rules invalid: {}", shown.join("; "))
-    })
+    rules
+        .compile()
+        .map_err(|errs| format!("network rules invalid: {errs}"))
 }
 
 fn read_request(reader: &mut impl BufRead) -> Result<Request, String> {

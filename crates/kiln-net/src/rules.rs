@@ -48,6 +48,11 @@ enum Allow {
     Wildcard(String),
 }
 
+/// Every bad rule of a [`NetworkRules`], shown `; `-joined.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct RuleErrors(pub Vec<RuleError>);
+
 /// Compiled rules, ready to decide connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
@@ -66,7 +71,7 @@ pub enum Decision {
 
 impl NetworkRules {
     /// Checks and compiles the rules; every bad entry is reported, not just the first.
-    pub fn compile(&self) -> Result<Policy, Vec<RuleError>> {
+    pub fn compile(&self) -> Result<Policy, RuleErrors> {
         let mut errors = Vec::new();
         let mut policy = Policy::default();
         for (field, list) in [("allow_out", &self.allow_out), ("deny_out", &self.deny_out)] {
@@ -101,7 +106,7 @@ impl NetworkRules {
         if errors.is_empty() {
             Ok(policy)
         } else {
-            Err(errors)
+            Err(RuleErrors(errors))
         }
     }
 }
@@ -372,7 +377,7 @@ mod tests {
         }
         .compile()
         .expect_err("invalid");
-        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        let shown: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
         assert_eq!(shown.len(), 4, "{shown:?}");
         assert!(shown[0].starts_with("network.allow_out[1]: "), "{shown:?}");
         assert!(shown[1].starts_with("network.allow_out[2]: "), "{shown:?}");

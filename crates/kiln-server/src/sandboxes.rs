@@ -91,10 +91,9 @@ fn network_rules(v: &serde_json::Value) -> Result<kiln_net::NetworkRules, ApiErr
         allow_out: w.allow_out.unwrap_or_default(),
         deny_out: w.deny_out.unwrap_or_default(),
     };
-    rules.compile().map_err(|errs| {
-        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        ApiError::bad_request(shown.join("; "))
-    })?;
+    rules
+        .compile()
+        .map_err(|errs| ApiError::bad_request(errs.to_string()))?;
     Ok(rules)
 }
 

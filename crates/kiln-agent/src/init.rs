@@ -292,22 +292,28 @@ pub fn find_port(port_name: &str, timeout: Duration) -> Result<PathBuf> {
     }
 }
 
-fn term_signals() -> libc::sigset_t {
+fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: initialising a sigset_t on the stack.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
         set
     }
 }
 
+fn term_signals() -> libc::sigset_t {
+    sigset(&[libc::SIGTERM, libc::SIGINT])
+}
+
 /// Block SIGTERM/SIGINT in this (the main) thread; threads created later inherit the
-/// mask, so only [`forward_signals`]' `sigwait` ever receives them. Children reset their
-/// mask before exec (see `exec::command`).
+/// mask, so only [`forward_signals`]' `sigwait` ever receives them. SIGIO is blocked too:
+/// it only ever wakes the port loop's `sigtimedwait` (see [`arm_port_sigio`]). Children
+/// reset their mask before exec (see `exec::command`).
 pub fn block_signals() {
-    let set = term_signals();
+    let set = sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGIO]);
     // SAFETY: valid sigset.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
@@ -330,4 +336,48 @@ pub fn forward_signals(procs: std::sync::Arc<Procs>) {
                 tracing::info!(sig, "forwarded signal to children");
             }
         });
+}
+
+/// Asks the kernel to raise SIGIO (blocked, so it stays pending) whenever
+/// the host side of the agent port connects or disconnects, or data arrives.
+///
+/// A virtio-serial port reads as EOF and polls as `POLLHUP` for as long as no host is
+/// connected, so `poll` cannot wait for the next host. Without this the port loop
+/// could only re-check on a timer, and every restored sandbox's first host connection
+/// would wait out the rest of that timer before its hello was even read. The virtio
+/// console driver raises SIGIO on the port-open control message, which is exactly the
+/// event needed. Without it (a port that refuses `O_ASYNC`) [`wait_for_host`] falls
+/// back to a short timer.
+pub fn arm_port_sigio(fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl on an fd we own. The signal goes to the process; every thread
+    // blocks SIGIO, so it stays pending until the port loop's `sigtimedwait` takes it.
+    let armed = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETOWN, libc::getpid()) == 0
+            && flags >= 0
+            && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC) == 0
+    };
+    PORT_SIGIO.store(armed, std::sync::atomic::Ordering::Relaxed);
+    if !armed {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "agent port without SIGIO; polling for the host");
+    }
+}
+
+static PORT_SIGIO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Called by the port loop while no host is connected: returns on the kernel's SIGIO
+/// (consuming it; a stale one costs one extra turn of the loop) or after a timer that
+/// only backs it up.
+pub fn wait_for_host() {
+    if !PORT_SIGIO.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        return;
+    }
+    let set = sigset(&[libc::SIGIO]);
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 250_000_000,
+    };
+    // SAFETY: valid sigset and timespec; a null siginfo pointer is allowed.
+    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
 }

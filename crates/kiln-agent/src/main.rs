@@ -180,6 +180,7 @@ fn run_pid1() -> Result<()> {
     println!("kiln-agent: ready");
     let _ = std::io::stdout().flush();
     let fd = port.as_raw_fd();
+    init::arm_port_sigio(fd);
     loop {
         // PID 1 must never die (the kernel would panic): a bug that panics the serving
         // loop costs the current connection state, not the VM.

@@ -31,6 +31,10 @@ use crate::{exec, files};
 /// buffered bytes is abandoned and the buffer rescanned (see [`try_expire`]).
 const FRAME_DEADLINE: Duration = Duration::from_secs(2);
 
+/// How long the agent port must read as closed before the host connection is written
+/// off (see the EOF branch of [`serve`]).
+const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -334,6 +338,8 @@ pub fn serve(
     let ServeState { dec, streams } = state;
     let mut buf = vec![0u8; 256 * 1024];
     let mut frame_started: Option<Instant> = None;
+    // When the port last started reading as closed (see the EOF branch).
+    let mut closed_since: Option<Instant> = None;
     loop {
         let timeout = frame_started.map(|t| {
             FRAME_DEADLINE
@@ -374,8 +380,17 @@ pub fn serve(
                     return;
                 }
                 Transport::Port => {
-                    // Host side closed. Forget partial input; the next host starts with SYNC.
-                    if !dec.is_hunting() {
+                    // No host is connected *now*. Inside a reconnect that can be a
+                    // moment only: the new host's first bytes may overtake its
+                    // port-open event (data interrupts are handled at once, control
+                    // messages from a work queue), so the port reads as closed right
+                    // after the new hello was read. Writing the connection off then
+                    // would drop the reply to that hello. So the old connection is only
+                    // written off once the port stays closed; a new host's hello resets
+                    // the streams and the output generation anyway.
+                    let since = *closed_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= DISCONNECT_GRACE && !dec.is_hunting() {
+                        // Forget partial input; the next host starts with SYNC.
                         tracing::info!("host disconnected from the agent port");
                         agent.out.disconnected();
                         dec.reset();
@@ -383,11 +398,12 @@ pub fn serve(
                         streams.clear();
                     }
                     // poll() reports POLLHUP at once while nobody is connected.
-                    std::thread::sleep(Duration::from_millis(50));
+                    crate::init::wait_for_host();
                     continue;
                 }
             }
         }
+        closed_since = None;
         dec.push(&buf[..n]);
         let progressed = drain(agent, dec, streams);
         if !dec.is_mid_frame() {

@@ -92,6 +92,10 @@ struct Args {
     /// Keep the run's state dir (templates, logs, the server's log) for inspection.
     #[arg(long)]
     keep_state: bool,
+    /// QEMU processes the engine and the server keep started per template build
+    /// (`KILN_RESTORE_POOL`; 0: no pool) [default: --parallel].
+    #[arg(long)]
+    restore_pool: Option<usize>,
 }
 
 struct Plan {
@@ -102,6 +106,7 @@ struct Plan {
     cold_runs: usize,
     pull_runs: usize,
     idle: usize,
+    restore_pool: usize,
 }
 
 impl Plan {
@@ -118,6 +123,7 @@ impl Plan {
             cold_runs: a.cold_runs.unwrap_or(if q { 1 } else { 3 }).max(1),
             pull_runs: a.pull_runs.unwrap_or(if q { 1 } else { 3 }).max(1),
             idle: a.idle_sandboxes.unwrap_or(if q { 2 } else { 4 }).max(1),
+            restore_pool: a.restore_pool.unwrap_or(parallel),
         }
     }
 }
@@ -357,6 +363,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg = EngineConfig::new(&state.path);
     cfg.owner = Owner::Server;
     cfg.registry_config = None;
+    cfg.restore_pool = plan.restore_pool;
     let engine = Engine::open(cfg).await?;
     let env = engine.build_env().await?;
     let accel = kiln_vm::accel::choose(
@@ -373,8 +380,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await?
         .context("team bench")?
         .id;
-    let server =
-        procs::Server::start(&kiln_bin, &state.path, &state.path.join("server.log")).await?;
+    let server = procs::Server::start(
+        &kiln_bin,
+        &state.path,
+        &state.path.join("server.log"),
+        plan.restore_pool,
+    )
+    .await?;
     say(format!("kiln serve (pid {}) on {}", server.pid, server.url));
     let client = Client::new(&server.url, &api_key)?;
 
@@ -422,6 +434,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "cold_runs": plan.cold_runs,
             "pull_runs": plan.pull_runs,
             "idle_sandboxes": plan.idle,
+            "restore_pool": plan.restore_pool,
             "quick": args.quick,
         },
         "template": {
@@ -435,11 +448,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "failures": failures,
     });
     let md = format!(
-        "kiln-bench at `{commit}`{}, {}, {} CPUs, accel {:?}; load average {load_start} at the start, {load_end} at the end.\n{}",
+        "kiln-bench at `{commit}`{}, {}, {} CPUs, accel {:?}, restore pool {}; load average {load_start} at the start, {load_end} at the end.\n{}",
         if dirty { " (with uncommitted changes)" } else { "" },
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         accel.accel,
+        plan.restore_pool,
         report::markdown(&rows, &targets),
     );
     std::fs::create_dir_all(&args.out)?;

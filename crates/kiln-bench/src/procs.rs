@@ -67,9 +67,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `kiln serve --listen 127.0.0.1:0` with `KILN_HOME=state` and waits until it
+    /// Starts `kiln serve --listen 127.0.0.1:0` with `KILN_HOME=state` (and the restore
+    /// pool size) and waits until it
     /// says where it listens and answers `/health`.
-    pub async fn start(kiln: &Path, state: &Path, log: &Path) -> anyhow::Result<Self> {
+    pub async fn start(
+        kiln: &Path,
+        state: &Path,
+        log: &Path,
+        restore_pool: usize,
+    ) -> anyhow::Result<Self> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = command(kiln);
@@ -77,6 +83,7 @@ impl Server {
             .env("KILN_HOME", state)
             // Exec loops send far more than the default 50 requests/s.
             .env("KILN_RATE_LIMIT_PER_SEC", "0")
+            .env("KILN_RESTORE_POOL", restore_pool.to_string())
             .env_remove("KILN_CONFIG")
             .env_remove("KILN_LISTEN")
             .env_remove("KILN_URL")

@@ -6,6 +6,9 @@ use anyhow::Context as _;
 
 use crate::engine;
 
+/// Pooled QEMU processes per template build in use (about 40 MiB each while waiting).
+const DEFAULT_RESTORE_POOL: usize = 1;
+
 /// `kiln serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -33,6 +36,9 @@ struct ServerConfig {
     rate_limit_burst: Option<u32>,
     /// Builds run at once on this host; more queue (`KILN_MAX_PARALLEL_BUILDS`).
     max_parallel_builds: Option<usize>,
+    /// QEMU processes kept started per template build in use, so that creating a
+    /// sandbox skips process start-up; 0 turns it off (`KILN_RESTORE_POOL`).
+    restore_pool: Option<usize>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -68,6 +74,7 @@ impl ServerConfig {
         env("KILN_RATE_LIMIT_PER_SEC", &mut cfg.rate_limit_per_sec)?;
         env("KILN_RATE_LIMIT_BURST", &mut cfg.rate_limit_burst)?;
         env("KILN_MAX_PARALLEL_BUILDS", &mut cfg.max_parallel_builds)?;
+        env("KILN_RESTORE_POOL", &mut cfg.restore_pool)?;
         Ok(cfg)
     }
 }
@@ -136,6 +143,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = conf.max_parallel_builds {
         cfg.max_parallel_builds = n.max(1);
     }
+    cfg.restore_pool = conf.restore_pool.unwrap_or(DEFAULT_RESTORE_POOL);
     let limits = cfg.limits;
     let engine = kiln_engine::Engine::open(cfg).await?;
     // Builds and sandboxes a previous server left behind when it died.

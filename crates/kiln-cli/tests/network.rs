@@ -206,6 +206,61 @@ fn vms_never_reach_the_host_whatever_the_rules_say() {
 
     let (s, _) = http("DELETE", &format!("{url}/sandboxes/{id}"), &h, None);
     assert_eq!(s, 204);
+
+    // The next sandbox is restored into the QEMU the server's restore pool started in
+    // the meantime, whose egress command was fixed before this sandbox existed: it must
+    // still read this sandbox's rules and write this sandbox's log.
+    let metric = |name: &str, value: &str| {
+        let line = format!("{name} {value}");
+        move |b: &serde_json::Value| b.as_str().is_some_and(|t| t.lines().any(|l| l == line))
+    };
+    poll(
+        &format!("{url}/metrics"),
+        &[],
+        Duration::from_secs(120),
+        metric("kiln_restore_pool_waiting", "1"),
+    );
+    let (s, v) = http(
+        "POST",
+        &format!("{url}/sandboxes"),
+        &h,
+        Some(&json!({"name": "s2", "from_template": "net",
+                     "network": {"deny_out": ["1.1.1.0/24"]}})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let id2 = v["id"].as_str().unwrap().to_owned();
+    poll(
+        &format!("{url}/metrics"),
+        &[],
+        Duration::from_secs(10),
+        metric("kiln_restore_pool_claims_total", "1"),
+    );
+    let (s, v) = http(
+        "POST",
+        &format!("{url}/exec"),
+        &[
+            ("x-api-key", key.as_str()),
+            ("x-superserve-sandbox-id", &id2),
+        ],
+        Some(&json!({"command": via_proxy("1.1.1.1:80"), "timeout_s": 60})),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["stdout"].as_str().unwrap().starts_with("HTTP/1.1 403"),
+        "{v}"
+    );
+    let (s, log) = http("GET", &format!("{url}/sandboxes/{id2}/network"), &h, None);
+    assert_eq!(s, 200, "{log}");
+    assert_eq!(log["data"][0]["host"], "1.1.1.1", "{log}");
+    assert!(
+        log["data"][0]["match_rule"]
+            .as_str()
+            .unwrap()
+            .contains("deny_out"),
+        "{log}"
+    );
+    let (s, _) = http("DELETE", &format!("{url}/sandboxes/{id2}"), &h, None);
+    assert_eq!(s, 204);
     drop(server);
     assert_no_qemu(state, Duration::from_secs(30));
 }

@@ -7,6 +7,7 @@
 mod builds;
 mod error;
 mod live;
+mod pool;
 mod sandboxes;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use tokio::sync::{OnceCell, Semaphore};
 pub use builds::{build_failure, BuildLogPrinter};
 pub use error::{EngineError, Result};
 pub use live::{Paused, Recovered, SandboxWithToken};
+pub use pool::PoolStats;
 pub use sandboxes::{pid_alive, LiveSandbox, Owner, SandboxEndpoint, ENDPOINT_FILE};
 
 /// The team the CLI's embedded mode works as.
@@ -50,6 +52,12 @@ pub struct EngineConfig {
     /// makes to the outside (see `kiln_net::proxy`). `None`: VMs have no way out at all
     /// (they never reach the host either way).
     pub egress_helper: Option<PathBuf>,
+    /// QEMU processes kept started per template build in use, waiting for its snapshot
+    /// (see `pool.rs`); 0 turns the pool off. Only a long-lived process (the server)
+    /// gains from it.
+    pub restore_pool: usize,
+    /// How long a pooled process may wait unclaimed before it is stopped.
+    pub restore_pool_idle: Duration,
 }
 
 impl EngineConfig {
@@ -74,6 +82,8 @@ impl EngineConfig {
             registry_config,
             owner: sandboxes::Owner::Keeper,
             egress_helper: None,
+            restore_pool: 0,
+            restore_pool_idle: Duration::from_secs(600),
         }
     }
 }
@@ -108,6 +118,8 @@ pub struct Engine {
     live: live::LiveSandboxes,
     /// Builds this process is running.
     running_builds: builds::RunningBuilds,
+    /// QEMU processes waiting for a snapshot to load.
+    pool: pool::RestorePool,
 }
 
 impl Engine {
@@ -120,6 +132,7 @@ impl Engine {
             RegistryConfig::load(cfg.registry_config.as_deref()).map_err(EngineError::Images)?;
         let images = ImageStore::open(layout.root(), registries).map_err(EngineError::Images)?;
         let slots = cfg.max_parallel_builds.max(1);
+        let pool = pool::RestorePool::new(cfg.restore_pool, cfg.restore_pool_idle);
         Ok(Arc::new(Self {
             cfg,
             store,
@@ -129,6 +142,7 @@ impl Engine {
             build_slots: Semaphore::new(slots),
             live: live::LiveSandboxes::default(),
             running_builds: builds::RunningBuilds::default(),
+            pool,
         }))
     }
 
@@ -196,6 +210,9 @@ impl Engine {
     /// The command QEMU runs per outgoing guest connection: the proxy with the rules file
     /// of a sandbox (read per connection, so updates apply at once) and its connection
     /// log next to it; builds have no rules file (the public internet, nothing else).
+    ///
+    /// With an empty `sandbox_dir` the files are named relative to the VM's run directory
+    /// (QEMU's working directory): a pooled VM's, linked to the sandbox's files on claim.
     pub(crate) fn egress_command(&self, sandbox_dir: Option<&Path>) -> Option<Vec<String>> {
         let helper = self.cfg.egress_helper.as_ref()?;
         let mut argv = vec![helper.display().to_string(), "egress-proxy".to_owned()];

@@ -64,6 +64,30 @@ pub struct LiveSandbox {
     pub dir: PathBuf,
 }
 
+/// Finishes a pooled restore for the sandbox in `dir`: its egress rules and network
+/// log, named relative to the VM's run directory, become links to the sandbox's files
+/// before the guest runs, and its console log is linked into the sandbox's directory.
+async fn claim(incoming: kiln_vm::Incoming, dir: &Path, timeout: Duration) -> Result<Vm> {
+    let run = incoming.run_dir().to_owned();
+    for name in [NETWORK_RULES, NETWORK_LOG] {
+        let link = run.join(name);
+        std::os::unix::fs::symlink(dir.join(name), &link)
+            .map_err(EngineError::io("linking", &link))?;
+    }
+    let vm = incoming
+        .finish(timeout)
+        .await
+        .map_err(EngineError::restore)?;
+    let console = dir.join("console.log");
+    let _ = std::fs::remove_file(&console);
+    // A hard link outlives the run directory; across filesystems, a symlink must do.
+    if std::fs::hard_link(vm.console_log(), &console).is_err() {
+        let _ = std::os::unix::fs::symlink(vm.console_log(), &console);
+    }
+    tracing::info!("restored from the pool");
+    Ok(vm)
+}
+
 impl Engine {
     /// Records a new sandbox (`starting`) after the team's limit check; the access token
     /// is returned once, in plain text. Call [`Engine::start_sandbox`] to bring it up.
@@ -123,9 +147,34 @@ impl Engine {
         let dir = self.layout.sandbox_dir(&record.id)?;
         std::fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
         let cfg = self.restore_config(&record.id, &dir);
-        let vm = Vm::restore(&bundle, cfg)
-            .await
-            .map_err(EngineError::restore)?;
+        let pooled = match self.pool.take(&record.template_id, &record.build_id) {
+            Some(incoming) => match claim(incoming, &dir, cfg.timeout).await {
+                Ok(vm) => Some(vm),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pooled restore failed; restoring afresh");
+                    None
+                }
+            },
+            None => None,
+        };
+        let vm = match pooled {
+            Some(vm) => vm,
+            None => Vm::restore(&bundle, cfg)
+                .await
+                .map_err(EngineError::restore)?,
+        };
+        if self.cfg.restore_pool > 0 {
+            let mut pool_cfg = RestoreConfig::new(
+                format!(
+                    "pool-{}",
+                    record.build_id.get(..8).unwrap_or(&record.build_id)
+                ),
+                self.vm_dir(),
+            );
+            pool_cfg.egress = self.egress_command(Some(Path::new("")));
+            self.pool
+                .refill(&record.template_id, &record.build_id, bundle, pool_cfg);
+        }
         if !record.env.is_empty() {
             let agent = vm.agent();
             let mut defaults = agent.get_defaults().await.map_err(EngineError::Agent)?;
@@ -139,6 +188,16 @@ impl Engine {
         }
         self.write_endpoint(&dir, &vm)?;
         Ok((vm, dir))
+    }
+
+    /// Stops the pooled processes waiting for `template_id`'s builds.
+    pub(crate) fn forget_pooled(&self, template_id: &str) {
+        self.pool.forget_template(template_id);
+    }
+
+    /// The restore pool's processes waiting now and handed out so far.
+    pub fn restore_pool_stats(&self) -> crate::PoolStats {
+        self.pool.stats()
     }
 
     /// How a sandbox's VM is restored: console log and egress rules in its directory.

@@ -7,14 +7,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_no_vms, env, exec};
+use common::{assert_no_vms, env, env_with_pool, exec};
 use kiln_spec::{BuildErrorCode, TemplateRequest};
 use kiln_store::{BuildStatus, LogStream, NewSandbox, SandboxStatus};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_template_builds_and_its_sandboxes_come_up_live() {
-    let e = env(Duration::from_secs(300)).await;
+    // With a restore pool: the first sandbox starts its own QEMU, the second claims the
+    // one started for it in the meantime.
+    let e = env_with_pool(Duration::from_secs(300), 1).await;
     let spec = json!({
         "memoryMib": 384, "diskMib": 1024,
         "from": e.image("python"),
@@ -104,7 +106,16 @@ async fn a_template_builds_and_its_sandboxes_come_up_live() {
     assert_eq!(exec(vm, "sudo -n true && echo ok").await, ("ok".into(), 0));
     assert_eq!(exec(vm, "cat /opt/built.txt").await.0, "built");
 
-    // A second sandbox is independent and sees the template's own defaults.
+    // A second sandbox is independent and sees the template's own defaults. It comes
+    // from the pool, which has a QEMU waiting by now.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while e.engine.restore_pool_stats().waiting < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (second, _) = e
         .engine
         .create_sandbox_record(
@@ -117,6 +128,11 @@ async fn a_template_builds_and_its_sandboxes_come_up_live() {
         .await
         .unwrap();
     let live2 = e.engine.start_sandbox(&e.team, &second.id).await.unwrap();
+    assert_eq!(e.engine.restore_pool_stats().claimed, 1);
+    let run_dir = live2.vm.run_dir().file_name().unwrap().to_string_lossy();
+    assert!(run_dir.starts_with("pool-"), "{run_dir}");
+    // Its console log is kept with the sandbox, like a fresh restore's.
+    assert!(live2.dir.join("console.log").is_file());
     exec(vm, "echo mine > /srv/app/only-in-first").await;
     assert_eq!(
         exec(

@@ -244,7 +244,9 @@ async fn openapi() -> Response {
 
 async fn metrics_text(State(state): State<AppState>) -> Result<Response, ApiError> {
     let stats = state.engine.store().stats().await?;
-    Ok(metrics::render_response(state.metrics.render(&stats)))
+    let mut text = state.metrics.render(&stats);
+    metrics::render_pool(&mut text, state.engine.restore_pool_stats());
+    Ok(metrics::render_response(text))
 }
 
 /// Parses a JSON body ourselves so that bad JSON gets the API's error shape.

@@ -317,6 +317,29 @@ impl Metrics {
     }
 }
 
+/// The engine's restore pool (process-local, so not part of [`StoreStats`]).
+pub fn render_pool(out: &mut String, pool: kiln_engine::PoolStats) {
+    family(
+        out,
+        "kiln_restore_pool_waiting",
+        "QEMU processes started ahead of time, waiting for a sandbox of their template build.",
+        "gauge",
+    );
+    sample(out, "kiln_restore_pool_waiting", &[], pool.waiting as f64);
+    family(
+        out,
+        "kiln_restore_pool_claims_total",
+        "Sandboxes restored into a process from the pool (the others started their own).",
+        "counter",
+    );
+    sample(
+        out,
+        "kiln_restore_pool_claims_total",
+        &[],
+        pool.claimed as f64,
+    );
+}
+
 /// A `/metrics` response carrying `text`.
 pub fn render_response(text: String) -> Response {
     (

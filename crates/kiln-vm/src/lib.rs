@@ -26,7 +26,7 @@ pub use kiln_agent_proto::{
     AgentClient, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ExitStatus,
 };
 pub use provision::{KernelAssets, StateDir};
-pub use snapshot::{Manifest, RamMode, RestoreConfig, SnapshotInfo};
+pub use snapshot::{Incoming, Manifest, RamMode, RestoreConfig, SnapshotInfo};
 pub use vm::{
     error_chain, NetConfig, PortForward, RootDisk, Shape, Vm, VmConfig, AGENT_PORT, READY_MARKER,
 };

@@ -424,8 +424,23 @@ impl Vm {
     /// Starts a new VM from a bundle on a fresh copy-on-write overlay of its disk, waits for
     /// the agent (same process as at snapshot time) and syncs the guest clock. Restores of
     /// one bundle are independent of each other and never write to the bundle.
+    ///
+    /// The same as [`Vm::prepare_restore`] followed at once by [`Incoming::finish`].
     pub async fn restore(bundle: &Path, cfg: RestoreConfig) -> Result<Vm> {
+        let timeout = cfg.timeout;
         let started = Instant::now();
+        let incoming = Self::prepare_restore(bundle, &cfg).await?;
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        incoming.finish(left).await
+    }
+
+    /// The first half of a restore, everything that does not depend on *when* the VM is
+    /// wanted: checks the bundle, creates the disk overlay and starts a QEMU that waits
+    /// for its migration stream (`-incoming defer`), its guest not yet loaded. A pool of
+    /// these hides process start-up from the sandbox that finally claims one.
+    pub async fn prepare_restore(bundle: &Path, cfg: &RestoreConfig) -> Result<Incoming> {
         let m = read_manifest(bundle)?;
         let bundle = std::fs::canonicalize(bundle).map_err(Error::io("resolve", bundle))?;
         ensure_verified(&bundle, &m).await?;
@@ -445,7 +460,7 @@ impl Vm {
             RamMode::File => Some(bundle.join("memory")),
             RamMode::Stream => None,
         };
-        let mut vm = Vm::launch_incoming(
+        let vm = Vm::launch_incoming(
             &cfg.name,
             m.shape.clone(),
             kernel,
@@ -459,15 +474,60 @@ impl Vm {
             cfg.console_log.clone(),
         )
         .await?;
+        Ok(Incoming {
+            vm,
+            bundle,
+            manifest: m,
+        })
+    }
+}
+
+/// A QEMU started by [`Vm::prepare_restore`], waiting for its snapshot. Dropping it
+/// kills the process and removes its run directory.
+#[derive(Debug)]
+pub struct Incoming {
+    vm: Vm,
+    bundle: PathBuf,
+    manifest: Manifest,
+}
+
+impl Incoming {
+    /// The bundle it will load.
+    pub fn bundle(&self) -> &Path {
+        &self.bundle
+    }
+
+    /// The VM's run directory: QEMU's working directory, so relative paths in its
+    /// egress command (see [`crate::NetConfig::egress`]) resolve here.
+    pub fn run_dir(&self) -> &Path {
+        self.vm.run_dir()
+    }
+
+    /// False once QEMU has exited (it can no longer be finished).
+    pub fn is_alive(&self) -> bool {
+        self.vm.exit_status().is_none()
+    }
+
+    /// Loads the snapshot, resumes the guest, connects to its agent and sets the guest
+    /// clock, all within `timeout`. The bundle is checked again first (a cheap `stat`
+    /// unless it changed since it was last hashed): it may have sat in a pool a while.
+    pub async fn finish(self, timeout: Duration) -> Result<Vm> {
+        let Self {
+            mut vm,
+            bundle,
+            manifest: m,
+        } = self;
+        ensure_verified(&bundle, &m).await?;
+        let started = Instant::now();
         let span = vm.span.clone();
         async {
-            let res = tokio::time::timeout(cfg.timeout, async {
+            let res = tokio::time::timeout(timeout, async {
                 let mut qmp = vm.qmp.lock().await;
                 qmp.migrate_set_capabilities(&[("x-ignore-shared", m.ram == RamMode::File)])
                     .await?;
                 let uri = format!("exec:cat {}", shell_quote(&bundle.join("state")));
                 qmp.migrate_incoming(&uri).await?;
-                qmp.wait_migration(cfg.timeout).await?;
+                qmp.wait_migration(timeout).await?;
                 // The source was paused when saved, and QEMU keeps that run state.
                 if qmp.query_status().await?.status != "running" {
                     qmp.cont().await?;
@@ -487,8 +547,7 @@ impl Vm {
                 Ok(Ok(())) => {}
             }
             let loaded = started.elapsed();
-            let remaining = cfg
-                .timeout
+            let remaining = timeout
                 .saturating_sub(started.elapsed())
                 .max(Duration::from_secs(1));
             let agent = vm

@@ -72,7 +72,9 @@ pub struct NetConfig {
     /// Ingress forwards.
     pub forwards: Vec<PortForward>,
     /// The command (argv) QEMU runs per guest connection to the egress proxy address, on
-    /// the connection's stdio; `None`: the guest has no way out at all.
+    /// the connection's stdio; `None`: the guest has no way out at all. It runs in the
+    /// VM's run directory, so relative paths in it name files there (a pooled restore's
+    /// rules file is only linked in when a sandbox claims the VM).
     pub egress: Option<Vec<String>>,
 }
 
@@ -319,7 +321,10 @@ fn spawn_qemu(
     let stderr_path = dir.join("qemu.stderr");
     let stderr = std::fs::File::create(&stderr_path).map_err(Error::io("create", &stderr_path))?;
     let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
+    // The run dir as working directory: relative paths in the egress command resolve
+    // there (see `NetConfig::egress`).
     cmd.args(args)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
@@ -816,7 +821,7 @@ impl Vm {
         console_log: Option<PathBuf>,
     ) -> Result<Self> {
         let span = tracing::info_span!("vm", name = %name);
-        let dir = make_run_dir(run_parent, &shape.hostname)?;
+        let dir = make_run_dir(run_parent, name)?;
         let ov = dir.path().join("disk.qcow2");
         disk::create_overlay(base_disk, &ov)
             .map_err(|e| Error::Restore(format!("overlay: {}", error_chain(&e))))?;

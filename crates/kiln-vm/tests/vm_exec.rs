@@ -111,6 +111,9 @@ async fn exec_files_and_concurrency() {
         t.elapsed()
     );
 
+    let mut vm = vm;
+    common::reconnect_cycles(&mut vm, 10).await;
+
     vm.shutdown().await;
     env.assert_no_leaks().await;
 }

@@ -41,6 +41,11 @@ pub fn registry(assets: &Path) -> String {
 /// An engine on a fresh state dir; `ready_timeout` bounds `readyCmd` (short where a test
 /// wants `ready_cmd_failed` soon).
 pub async fn env(ready_timeout: Duration) -> Env {
+    env_with_pool(ready_timeout, 0).await
+}
+
+/// [`env`] with a restore pool of `pool` processes per build.
+pub async fn env_with_pool(ready_timeout: Duration, pool: usize) -> Env {
     let assets = assets();
     let kernel = assets.join("state/kernel");
     assert!(
@@ -57,6 +62,7 @@ pub async fn env(ready_timeout: Duration) -> Env {
     let mut cfg = EngineConfig::new(dir.path());
     cfg.timing.ready_timeout = ready_timeout;
     cfg.timing.ready_interval = Duration::from_secs(1);
+    cfg.restore_pool = pool;
     let engine = Engine::open(cfg).await.unwrap();
     let team = engine.local_team().await.unwrap().id;
     Env {

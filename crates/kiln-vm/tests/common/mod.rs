@@ -188,3 +188,26 @@ pub fn req(cmd: &str) -> kiln_vm::ExecRequest {
         ..Default::default()
     }
 }
+
+/// Host connections come and go (a CLI per command, a server after a restore); each new
+/// one must be served. A lost reply shows as a hang here. (A reconnect used to lose the
+/// reply to its hello or first request now and then, see `DISCONNECT_GRACE` in the
+/// agent; this loop exercises the path but seldom hits that race, which showed when
+/// restoring fresh QEMUs over and over.)
+pub async fn reconnect_cycles(vm: &mut kiln_vm::Vm, cycles: usize) {
+    for i in 0..cycles {
+        drop(vm.release_agent());
+        // Long enough for the agent to see the port closed and wait for the next host.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let cycle = async {
+            vm.reconnect_agent(std::time::Duration::from_secs(10))
+                .await
+                .unwrap();
+            vm.exec_collect(req(&format!("echo {i}"))).await.unwrap()
+        };
+        let out = tokio::time::timeout(std::time::Duration::from_secs(30), cycle)
+            .await
+            .unwrap_or_else(|_| panic!("reconnect {i}: no reply"));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), i.to_string());
+    }
+}

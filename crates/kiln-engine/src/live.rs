@@ -421,9 +421,10 @@ impl Engine {
     }
 
     /// Stops every VM this process owns and marks those sandboxes `failed` (their memory
-    /// is lost with the VM). Paused sandboxes are on disk and stay paused. Called on
-    /// shutdown.
+    /// is lost with the VM). Paused sandboxes are on disk and stay paused. The restore
+    /// pool is emptied and closed too. Called on shutdown.
     pub async fn stop_live_sandboxes(&self) {
+        self.pool.close();
         for id in self.live.ids() {
             let Some(running) = self.live.take(&id) else {
                 continue;

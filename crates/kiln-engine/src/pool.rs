@@ -44,6 +44,8 @@ struct Slots {
     starting: HashMap<String, usize>,
     /// Deleted templates: a launch for one that completes late is stopped at once.
     deleted: HashSet<String>,
+    /// Set by [`RestorePool::close`]: nothing is started or kept any more.
+    closed: bool,
 }
 
 #[derive(Debug)]
@@ -149,7 +151,7 @@ impl RestorePool {
     ) {
         let missing = {
             let mut g = self.inner.lock();
-            if g.deleted.contains(template_id) {
+            if g.closed || g.deleted.contains(template_id) {
                 return;
             }
             let have = g.ready.get(build_id).map_or(0, Vec::len);
@@ -171,7 +173,7 @@ impl RestorePool {
                     *n = n.saturating_sub(1);
                 }
                 match started {
-                    Ok(incoming) if g.deleted.contains(&template_id) => {
+                    Ok(incoming) if g.closed || g.deleted.contains(&template_id) => {
                         drop(g);
                         drop(incoming);
                     }
@@ -199,6 +201,14 @@ impl RestorePool {
         }
         self.inner.lock().deleted.insert(template_id.to_owned());
         drop(self.inner.remove_where(|_, s| s.template_id == template_id));
+    }
+
+    /// Stops every waiting process (and those still starting, once up) for good: the
+    /// server is shutting down, and its VMs' run directories should go with them rather
+    /// than be left behind when the process exits.
+    pub(crate) fn close(&self) {
+        self.inner.lock().closed = true;
+        drop(self.inner.remove_where(|_, _| true));
     }
 
     pub(crate) fn stats(&self) -> PoolStats {

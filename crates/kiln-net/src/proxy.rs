@@ -207,13 +207,14 @@ fn refuse(out: &mut impl Write, target: &str, status: u16, reason: String) -> Ou
         _ => "Service Unavailable",
     };
     let body = format!("kiln: egress to {target} refused: {reason}\n");
-    let _ = write!(
-        out,
+    // One write: `write!` on an unbuffered stdout is a syscall per piece, and the guest
+    // would see the status line arrive in fragments.
+    let reply = format!(
         "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nConnection: close\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    let _ = out.flush();
+    let _ = out.write_all(reply.as_bytes()).and_then(|()| out.flush());
     Outcome::Refused {
         target: target.to_owned(),
         status,

@@ -449,7 +449,7 @@ def scenario() -> None:
         probe = (
             "python3 -c \"import socket; s = socket.create_connection(('10.0.2.100', 3128)); "
             "s.sendall(b'CONNECT 127.0.0.1:9 HTTP/1.1\\r\\n\\r\\n'); "
-            "print(s.recv(64).split(b'\\r')[0].decode())\""
+            "print(s.makefile('rb').readline().split(b'\\r')[0].decode())\""
         )
         r = sandbox.commands.run(probe)
         check_eq(r.stdout.strip(), "HTTP/1.1 403 Forbidden", f"CONNECT to the host ({r.stderr})")

@@ -26,7 +26,15 @@ fn a_restarted_server_settles_what_the_dead_one_left() {
     let h = [("x-api-key", key.as_str())];
     let image = format!("{registry}/kiln/minbase:latest");
 
-    let server = Server::start(state, &[("KILN_READY_TIMEOUT_SECS", "120")]);
+    // No restore pool: the test counts this state dir's QEMUs to know when the create in
+    // flight has its VM, and a pooled process would both count and be claimed.
+    let server = Server::start(
+        state,
+        &[
+            ("KILN_READY_TIMEOUT_SECS", "120"),
+            ("KILN_RESTORE_POOL", "0"),
+        ],
+    );
     let url = server.url.clone();
 
     // A ready template whose start process is a sleeper.

@@ -154,6 +154,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for s in &recovered.sandboxes {
         tracing::warn!(sandbox = %s, "sandbox whose VM is gone marked failed");
     }
+    if recovered.run_dirs > 0 {
+        tracing::warn!(
+            count = recovered.run_dirs,
+            "VM run dirs of dead processes removed"
+        );
+    }
     let rate = conf.rate_limit_per_sec.unwrap_or(DEFAULT_RATE.0);
     let limiter = if rate == 0 {
         kiln_server::RateLimiter::disabled()

@@ -188,16 +188,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let run_parent = state.vms_dir();
     std::fs::create_dir_all(&run_parent)
         .with_context(|| format!("create {}", run_parent.display()))?;
-    sweep_stale_runs(&run_parent);
+    kiln_vm::sweep_stale_run_dirs(&run_parent);
     // Everything temporary lives under this dir and goes when it drops. QEMU dies with us
-    // (PR_SET_PDEATHSIG) even on SIGKILL; the dir is then swept by the next `kiln run`.
-    let scratch = tempfile::Builder::new()
-        .prefix("run-")
-        .tempdir_in(&run_parent)?;
-    std::fs::write(
-        scratch.path().join("owner.pid"),
-        std::process::id().to_string(),
-    )?;
+    // (PR_SET_PDEATHSIG) even on SIGKILL; the dir is then swept by the next `kiln run` or
+    // server start.
+    let scratch = kiln_vm::RunDir::create(&run_parent, "run")
+        .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
     let image = Path::new(&args.image);
     let rootfs = if image.is_dir() {
         image.to_owned()
@@ -258,39 +254,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     vm.shutdown().await;
     drop(scratch);
     result
-}
-
-/// Removes `run-*` dirs left by a `kiln run` that was killed (its owner pid is gone).
-fn sweep_stale_runs(run_parent: &Path) {
-    let Ok(rd) = std::fs::read_dir(run_parent) else {
-        return;
-    };
-    for e in rd.flatten() {
-        if !e.file_name().to_string_lossy().starts_with("run-") {
-            continue;
-        }
-        let owner = std::fs::read_to_string(e.path().join("owner.pid")).ok();
-        // A dir without its owner file may be one being created right now.
-        let young = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < std::time::Duration::from_secs(60));
-        if owner.is_none() && young {
-            continue;
-        }
-        let alive = owner
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .is_some_and(|pid| {
-                // SAFETY: signal 0 only checks that the pid exists.
-                unsafe { libc::kill(pid, 0) == 0 }
-            });
-        if !alive {
-            tracing::info!(dir = %e.path().display(), "removing stale run dir");
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
 }
 
 async fn exec_streaming(

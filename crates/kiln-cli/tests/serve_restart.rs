@@ -1,7 +1,8 @@
 //! Restart safety: `kill -9` of `kiln serve` with a build running, a sandbox live and one
-//! paused, then a restart on the same state dir. Nothing stays orphaned (no VM, no staging
-//! files, no `active` row without a VM), and nothing that was saved is lost (the paused
-//! sandbox resumes with its files and processes, the template still starts sandboxes).
+//! paused, then a restart on the same state dir. Nothing stays orphaned (no VM, no VM run
+//! dir, no staging files, no `active` row without a VM), and nothing that was saved is
+//! lost (the paused sandbox resumes with its files and processes, the template still
+//! starts sandboxes).
 //! Real VMs under TCG; see `common` for the prerequisites.
 
 mod common;
@@ -140,13 +141,25 @@ fn a_restarted_server_settles_what_the_dead_one_left() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The VMs' run dirs (the build VM's disk and memory file, the sandboxes' overlays).
+    let run_dirs: Vec<_> = std::fs::read_dir(state.join("vms"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(run_dirs.len() >= 3, "{run_dirs:?}");
     server.kill_9();
     midway.join().unwrap();
     // The VMs die with their owner (PDEATHSIG), with no clean-up code running.
     assert_no_qemu(state, Duration::from_secs(20));
+    assert!(run_dirs.iter().all(|d| d.exists()), "{run_dirs:?}");
 
     let server = Server::start(state, &[]);
     let url = server.url.clone();
+    let left: Vec<_> = run_dirs.iter().filter(|d| d.exists()).collect();
+    assert!(
+        left.is_empty(),
+        "run dirs of the dead server left: {left:?}"
+    );
     let (_, b) = http(
         "GET",
         &format!("{url}/templates/slow/builds/{slow_build}"),

@@ -440,9 +440,13 @@ impl Engine {
 
     /// After a crash: builds that were running are marked failed and their staging files
     /// removed; sandboxes whose owner process is gone are marked failed and their
-    /// directories removed. Paused sandboxes keep their snapshot and stay paused.
+    /// directories removed; VM run directories (disk overlays, memory files) whose owner
+    /// is gone are removed. Paused sandboxes keep their snapshot and stay paused.
     pub async fn recover_after_restart(&self) -> Result<Recovered> {
-        let mut out = Recovered::default();
+        let mut out = Recovered {
+            run_dirs: self.sweep_run_dirs().await,
+            ..Recovered::default()
+        };
         // Our own pid in the table is a previous process's that happened to get it again.
         let me = std::process::id();
         let alive = |pid: u32| pid != me && crate::pid_alive(pid);
@@ -497,6 +501,8 @@ pub struct Recovered {
     pub builds: Vec<String>,
     /// Sandboxes marked failed.
     pub sandboxes: Vec<String>,
+    /// VM run directories of dead processes removed.
+    pub run_dirs: usize,
 }
 
 fn paused_bundle(dir: &Path) -> Option<PathBuf> {

@@ -334,9 +334,21 @@ impl Engine {
             .map_err(EngineError::Agent)
     }
 
+    /// Removes the VM run directories (overlays, memory files) of processes that died
+    /// without cleaning up; returns how many. Safe with other kiln processes running:
+    /// see [`kiln_vm::sweep_stale_run_dirs`].
+    pub(crate) async fn sweep_run_dirs(&self) -> usize {
+        let vm_dir = self.vm_dir();
+        tokio::task::spawn_blocking(move || kiln_vm::sweep_stale_run_dirs(&vm_dir).len())
+            .await
+            .unwrap_or(0)
+    }
+
     /// Marks sandboxes whose owner process is gone as `failed` and removes their
-    /// directories: after a crash or `kill -9`, nothing stays orphaned. Returns their ids.
+    /// directories and VM run directories: after a crash or `kill -9`, nothing stays
+    /// orphaned. Returns their ids.
     pub async fn reap_orphaned_sandboxes(&self, team_id: &str) -> Result<Vec<String>> {
+        self.sweep_run_dirs().await;
         let filter = kiln_store::SandboxFilter {
             statuses: Some(vec![SandboxStatus::Starting, SandboxStatus::Active]),
             ..Default::default()

@@ -3,6 +3,7 @@
 //! - [`provision`]: host packages, guest kernel, initramfs with the agent (`kiln setup`).
 //! - [`accel`]: KVM only where a guest really boots, else TCG.
 //! - [`disk`]: ext4 image from a rootfs dir, qcow2 overlays.
+//! - [`digest`]: content digests of sparse files (snapshot manifests).
 //! - [`Vm`]: boot, exec through the agent, snapshot into a bundle, restore, kill.
 //! - [`qmp`]: the small QMP client underneath.
 //!
@@ -11,11 +12,13 @@
 //! -> [`Vm::snapshot`]; a sandbox is [`Vm::restore`].
 
 pub mod accel;
+pub mod digest;
 pub mod disk;
 mod error;
 pub mod initramfs;
 pub mod provision;
 pub mod qmp;
+mod rundir;
 pub mod snapshot;
 pub mod tool;
 mod vm;
@@ -26,6 +29,7 @@ pub use kiln_agent_proto::{
     AgentClient, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ExitStatus,
 };
 pub use provision::{KernelAssets, StateDir};
+pub use rundir::{sweep_stale_run_dirs, RunDir};
 pub use snapshot::{Incoming, Manifest, RamMode, RestoreConfig, SnapshotInfo};
 pub use vm::{
     error_chain, NetConfig, PortForward, RootDisk, Shape, Vm, VmConfig, AGENT_PORT, READY_MARKER,

@@ -442,22 +442,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Hex sha256 of a file.
-///
-/// Snapshot bundles hash hundreds of MiB (guest RAM, disk). `sha2` uses the CPU's SHA
-/// extensions in an optimised build, but is ~10x slower in an unoptimised (dev/test) build,
-/// so those shell out to `openssl dgst` (SHA-NI too) when it is installed.
+/// Hex sha256 of a whole file (the agent binary; version 1 snapshot manifests).
 pub fn file_sha256(path: &Path) -> Result<String> {
-    if cfg!(debug_assertions) && which("openssl").is_some() {
-        let out = Tool::new("openssl")
-            .args(["dgst", "-sha256", "-r"])
-            .arg(path)
-            .run()?;
-        let text = String::from_utf8_lossy(&out);
-        if let Some(hex) = text.split_whitespace().next().filter(|h| h.len() == 64) {
-            return Ok(hex.to_owned());
-        }
-    }
     let mut f = std::fs::File::open(path).map_err(Error::io("open", path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -3,7 +3,7 @@
 //! Bundle layout (a directory, published by an atomic rename of a temp sibling):
 //!
 //! ```text
-//! manifest.json   version, machine shape, ram mode, sha256 + size of every file below
+//! manifest.json   version, machine shape, ram mode, digest + size of every file below
 //! state           QEMU migration stream (device state; RAM too in `stream` mode)
 //! memory          guest RAM image (`file` mode)
 //! disk.raw        the frozen root disk: the read-only base of every restore's overlay
@@ -29,13 +29,29 @@ use kiln_agent_proto::AgentClient;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
 
+use crate::digest::chunked_sha256;
 use crate::error::{Error, Result};
 use crate::provision::{file_sha256, write_atomic, KernelAssets};
 use crate::tool::Tool;
 use crate::vm::{error_chain, kill_pid, PortForward, Shape, Vm};
 
-/// Current manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Current manifest format version, the one snapshots write.
+///
+/// - 2: file digests are [`chunked_sha256`], which reads only a sparse file's data.
+/// - 1: file digests are a plain sha256 of the whole file (holes included). Still read,
+///   verified and restored: a kiln upgrade keeps the templates built before it.
+pub const MANIFEST_VERSION: u32 = 2;
+/// The oldest manifest version restores accept.
+const OLDEST_MANIFEST_VERSION: u32 = 1;
+
+/// How a manifest of `version` digests its files.
+fn digest_for(version: u32) -> fn(&Path) -> Result<String> {
+    if version >= 2 {
+        chunked_sha256
+    } else {
+        file_sha256
+    }
+}
 
 /// Where guest RAM lives in a bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,8 +66,10 @@ pub enum RamMode {
 /// One file of a bundle.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileEntry {
-    /// Hex sha256.
-    pub sha256: String,
+    /// Hex content digest, as [`Manifest::version`] defines it (see [`MANIFEST_VERSION`]).
+    /// Named `sha256` in version 1.
+    #[serde(alias = "sha256")]
+    pub digest: String,
     /// Size in bytes (apparent).
     pub size: u64,
 }
@@ -128,9 +146,9 @@ pub fn read_manifest(bundle: &Path) -> Result<Manifest> {
     let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("manifest.json: {e}")))?;
     let m: Manifest =
         serde_json::from_str(&text).map_err(|e| bad(format!("manifest.json: {e}")))?;
-    if m.version != MANIFEST_VERSION {
+    if !(OLDEST_MANIFEST_VERSION..=MANIFEST_VERSION).contains(&m.version) {
         return Err(bad(format!(
-            "manifest version {} (expected {MANIFEST_VERSION})",
+            "manifest version {} (this kiln reads {OLDEST_MANIFEST_VERSION} to {MANIFEST_VERSION})",
             m.version
         )));
     }
@@ -162,7 +180,7 @@ struct Stamp {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
-    sha256: String,
+    digest: String,
 }
 
 /// Bundle files this process hashed (at snapshot time, or at an earlier restore) and
@@ -173,7 +191,7 @@ struct Stamp {
 static VERIFIED: std::sync::LazyLock<std::sync::Mutex<HashMap<(u64, u64), Stamp>>> =
     std::sync::LazyLock::new(Default::default);
 
-fn stamp_of(path: &Path, sha256: &str) -> Result<((u64, u64), Stamp)> {
+fn stamp_of(path: &Path, digest: &str) -> Result<((u64, u64), Stamp)> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).map_err(Error::io("stat", path))?;
     Ok((
@@ -182,7 +200,7 @@ fn stamp_of(path: &Path, sha256: &str) -> Result<((u64, u64), Stamp)> {
             size: m.len(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
-            sha256: sha256.to_owned(),
+            digest: digest.to_owned(),
         },
     ))
 }
@@ -192,7 +210,7 @@ fn remember_verified(dir: &Path, files: &BTreeMap<String, FileEntry>) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     for (name, entry) in files {
-        if let Ok((id, stamp)) = stamp_of(&dir.join(name), &entry.sha256) {
+        if let Ok((id, stamp)) = stamp_of(&dir.join(name), &entry.digest) {
             cache.insert(id, stamp);
         }
     }
@@ -207,7 +225,7 @@ pub async fn ensure_verified(bundle: &Path, m: &Manifest) -> Result<()> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut stale = Vec::new();
         for (name, entry) in &m.files {
-            let (id, stamp) = stamp_of(&bundle.join(name), &entry.sha256)?;
+            let (id, stamp) = stamp_of(&bundle.join(name), &entry.digest)?;
             if cache.get(&id) != Some(&stamp) {
                 stale.push(name.clone());
             }
@@ -218,9 +236,9 @@ pub async fn ensure_verified(bundle: &Path, m: &Manifest) -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let sums = hash_files(bundle, stale.clone()).await?;
+    let sums = hash_files(bundle, stale.clone(), m.version).await?;
     for name in &stale {
-        if sums.get(name).map(|e| &e.sha256) != m.files.get(name).map(|e| &e.sha256) {
+        if sums.get(name).map(|e| &e.digest) != m.files.get(name).map(|e| &e.digest) {
             return Err(Error::Bundle {
                 path: bundle.to_owned(),
                 reason: format!(
@@ -237,9 +255,9 @@ pub async fn ensure_verified(bundle: &Path, m: &Manifest) -> Result<()> {
 /// Re-hashes every file of a bundle against its manifest (slow: reads everything).
 pub async fn verify_bundle(bundle: &Path) -> Result<Manifest> {
     let m = read_manifest(bundle)?;
-    let sums = hash_files(bundle, m.files.keys().cloned().collect()).await?;
+    let sums = hash_files(bundle, m.files.keys().cloned().collect(), m.version).await?;
     for (name, entry) in &m.files {
-        if sums.get(name).map(|e| &e.sha256) != Some(&entry.sha256) {
+        if sums.get(name).map(|e| &e.digest) != Some(&entry.digest) {
             return Err(Error::Bundle {
                 path: bundle.to_owned(),
                 reason: format!("{name}: checksum mismatch"),
@@ -249,7 +267,13 @@ pub async fn verify_bundle(bundle: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
-async fn hash_files(dir: &Path, names: Vec<String>) -> Result<BTreeMap<String, FileEntry>> {
+/// Digests files of `dir` as a manifest of `version` does, in parallel.
+async fn hash_files(
+    dir: &Path,
+    names: Vec<String>,
+    version: u32,
+) -> Result<BTreeMap<String, FileEntry>> {
+    let digest = digest_for(version);
     let tasks: Vec<_> = names
         .into_iter()
         .map(|n| {
@@ -259,7 +283,7 @@ async fn hash_files(dir: &Path, names: Vec<String>) -> Result<BTreeMap<String, F
                 Ok((
                     n,
                     FileEntry {
-                        sha256: file_sha256(&p)?,
+                        digest: digest(&p)?,
                         size,
                     },
                 ))
@@ -329,7 +353,10 @@ impl Vm {
         async move {
             let started = Instant::now();
             if bundle.exists() {
-                return Err(Error::Snapshot(format!("{} already exists", bundle.display())));
+                return Err(Error::Snapshot(format!(
+                    "{} already exists",
+                    bundle.display()
+                )));
             }
             let parent = bundle.parent().unwrap_or(Path::new("."));
             let tmp = tempfile::Builder::new()
@@ -337,7 +364,11 @@ impl Vm {
                 .tempdir_in(parent)
                 .map_err(|e| Error::Snapshot(format!("temp dir in {}: {e}", parent.display())))?;
             let state = tmp.path().join("state");
-            let ram = if self.ram_shared_file().is_some() { RamMode::File } else { RamMode::Stream };
+            let ram = if self.ram_shared_file().is_some() {
+                RamMode::File
+            } else {
+                RamMode::Stream
+            };
             let save_time;
             {
                 let mut qmp = self.qmp.lock().await;
@@ -348,17 +379,29 @@ impl Vm {
                     .map_err(snap_err)?;
                 let uri = format!("exec:cat > {}", shell_quote(&state));
                 qmp.migrate(&uri).await.map_err(snap_err)?;
-                qmp.wait_migration(Duration::from_secs(300)).await.map_err(snap_err)?;
+                qmp.wait_migration(Duration::from_secs(300))
+                    .await
+                    .map_err(snap_err)?;
                 save_time = t0.elapsed();
-                tracing::info!(ms = save_time.as_millis() as u64, ?ram, "device state saved");
+                tracing::info!(
+                    ms = save_time.as_millis() as u64,
+                    ?ram,
+                    "device state saved"
+                );
                 let _ = qmp.quit().await;
             }
             // QEMU must be gone before its memory file and disk are taken over.
             let mut exit = self.exit.clone();
-            if tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some)).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
+                .await
+                .is_err()
+            {
                 kill_pid(self.pid, &self.exit);
-                let _ = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some))
+                        .await;
             }
+            let t_files = Instant::now();
             if let Some(mem) = self.ram_shared_file() {
                 move_file(mem, &tmp.path().join("memory"))?;
             }
@@ -367,7 +410,8 @@ impl Vm {
             if owned {
                 move_file(disk, &dest)?;
             } else if overlay {
-                crate::disk::flatten_to_raw(disk, &dest).map_err(|e| Error::Snapshot(error_chain(&e)))?;
+                crate::disk::flatten_to_raw(disk, &dest)
+                    .map_err(|e| Error::Snapshot(error_chain(&e)))?;
             } else {
                 copy_sparse(disk, &dest)?;
             }
@@ -377,7 +421,15 @@ impl Vm {
             if ram == RamMode::File {
                 names.push("memory");
             }
-            let files = hash_files(tmp.path(), names.into_iter().map(String::from).collect()).await?;
+            let files_ms = t_files.elapsed().as_millis() as u64;
+            let t_hash = Instant::now();
+            let files = hash_files(
+                tmp.path(),
+                names.into_iter().map(String::from).collect(),
+                MANIFEST_VERSION,
+            )
+            .await?;
+            let hash_ms = t_hash.elapsed().as_millis() as u64;
             remember_verified(tmp.path(), &files);
             let manifest = Manifest {
                 version: MANIFEST_VERSION,
@@ -390,24 +442,42 @@ impl Vm {
                 ram,
                 files,
             };
-            let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Snapshot(e.to_string()))?;
+            let json =
+                serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Snapshot(e.to_string()))?;
             write_atomic(&tmp.path().join("manifest.json"), &json)?;
+            let t_sync = Instant::now();
             for name in manifest.files.keys() {
                 if let Ok(f) = std::fs::File::open(tmp.path().join(name)) {
                     let _ = f.sync_all();
                 }
             }
             fsync_dir(tmp.path());
+            let sync_ms = t_sync.elapsed().as_millis() as u64;
             let tmp_path = tmp.keep();
             if let Err(e) = std::fs::rename(&tmp_path, bundle) {
                 let _ = std::fs::remove_dir_all(&tmp_path);
-                return Err(Error::Snapshot(format!("publish {}: {e}", bundle.display())));
+                return Err(Error::Snapshot(format!(
+                    "publish {}: {e}",
+                    bundle.display()
+                )));
             }
             fsync_dir(parent);
             self.cleanup_after_snapshot();
             let total_time = started.elapsed();
-            tracing::info!(ms = total_time.as_millis() as u64, bundle = %bundle.display(), "snapshot written");
-            Ok(SnapshotInfo { bundle: bundle.to_owned(), manifest, save_time, total_time })
+            tracing::info!(
+                ms = total_time.as_millis() as u64,
+                files_ms,
+                hash_ms,
+                sync_ms,
+                bundle = %bundle.display(),
+                "snapshot written"
+            );
+            Ok(SnapshotInfo {
+                bundle: bundle.to_owned(),
+                manifest,
+                save_time,
+                total_time,
+            })
         }
         .instrument(span)
         .await
@@ -576,20 +646,22 @@ fn shell_quote(p: &Path) -> String {
 mod tests {
     use super::*;
 
-    fn fake_bundle(dir: &Path) -> Manifest {
+    /// A bundle of small files with a manifest of `version`, written as that version's
+    /// JSON (version 1 names the digest `sha256`).
+    fn fake_bundle_v(dir: &Path, version: u32) -> Manifest {
         let mut files = BTreeMap::new();
         for name in ["state", "disk.raw", "vmlinuz", "initramfs.cpio", "memory"] {
             std::fs::write(dir.join(name), name.as_bytes()).unwrap();
             files.insert(
                 name.to_owned(),
                 FileEntry {
-                    sha256: file_sha256(&dir.join(name)).unwrap(),
+                    digest: digest_for(version)(&dir.join(name)).unwrap(),
                     size: name.len() as u64,
                 },
             );
         }
         let m = Manifest {
-            version: MANIFEST_VERSION,
+            version,
             created_unix: 0,
             shape: Shape {
                 vcpus: 1,
@@ -603,8 +675,37 @@ mod tests {
             ram: RamMode::File,
             files,
         };
-        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        let mut json = serde_json::to_string(&m).unwrap();
+        if version == 1 {
+            json = json.replace("\"digest\":", "\"sha256\":");
+        }
+        std::fs::write(dir.join("manifest.json"), json).unwrap();
         m
+    }
+
+    fn fake_bundle(dir: &Path) -> Manifest {
+        fake_bundle_v(dir, MANIFEST_VERSION)
+    }
+
+    #[tokio::test]
+    async fn version_1_bundles_still_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = fake_bundle_v(dir.path(), 1);
+        // The two digests differ, so a v1 manifest is really checked the v1 way.
+        assert_ne!(
+            m.files["state"].digest,
+            chunked_sha256(&dir.path().join("state")).unwrap()
+        );
+        let read = read_manifest(dir.path()).unwrap();
+        assert_eq!(read.files, m.files);
+        verify_bundle(dir.path()).await.unwrap();
+        ensure_verified(dir.path(), &read).await.unwrap();
+        std::fs::write(dir.path().join("disk.raw"), b"DISK.RAW").unwrap();
+        let err = ensure_verified(dir.path(), &read).await.unwrap_err();
+        assert!(
+            err.to_string().contains("disk.raw: checksum mismatch"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use crate::disk;
 use crate::error::{Error, Result};
 use crate::provision::KernelAssets;
 use crate::qmp::Qmp;
+use crate::rundir::RunDir;
 
 /// The line the agent prints on the console once its port is open.
 pub const READY_MARKER: &str = "kiln-agent: ready";
@@ -200,7 +201,7 @@ pub(crate) struct Exit(pub String);
 pub struct Vm {
     pub(crate) name: String,
     pub(crate) span: tracing::Span,
-    pub(crate) dir: Option<tempfile::TempDir>,
+    pub(crate) dir: Option<RunDir>,
     pub(crate) pid: u32,
     pub(crate) exit: watch::Receiver<Option<Exit>>,
     pub(crate) qmp: Mutex<Qmp>,
@@ -413,26 +414,6 @@ pub(crate) fn console_tail(path: &Path) -> String {
     String::from_utf8_lossy(&data[start..]).into_owned()
 }
 
-fn make_run_dir(parent: &Path, name: &str) -> Result<tempfile::TempDir> {
-    std::fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
-    let prefix: String = name
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .take(16)
-        .collect();
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("{prefix}-"))
-        .tempdir_in(parent)
-        .map_err(Error::io("create run dir in", parent))?;
-    if dir.path().join("agent.sock").as_os_str().len() > 107 {
-        return Err(Error::Config(format!(
-            "run dir path too long for unix sockets: {}",
-            dir.path().display()
-        )));
-    }
-    Ok(dir)
-}
-
 fn validate_hostname(name: &str) -> Result<String> {
     let h: String = name
         .chars()
@@ -469,7 +450,7 @@ impl Vm {
             return Err(Error::Config("need vcpus >= 1 and memory_mib >= 64".into()));
         }
         let hostname = validate_hostname(&config.name)?;
-        let dir = make_run_dir(&config.run_parent, &hostname)?;
+        let dir = RunDir::create(&config.run_parent, &hostname)?;
         let disk = match &config.disk {
             RootDisk::Ext4 {
                 rootfs,
@@ -821,7 +802,7 @@ impl Vm {
         console_log: Option<PathBuf>,
     ) -> Result<Self> {
         let span = tracing::info_span!("vm", name = %name);
-        let dir = make_run_dir(run_parent, name)?;
+        let dir = RunDir::create(run_parent, name)?;
         let ov = dir.path().join("disk.qcow2");
         disk::create_overlay(base_disk, &ov)
             .map_err(|e| Error::Restore(format!("overlay: {}", error_chain(&e))))?;

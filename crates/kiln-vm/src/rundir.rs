@@ -26,7 +26,7 @@ const LOCK_FILE: &str = "owner.lock";
 pub struct RunDir {
     dir: tempfile::TempDir,
     /// Holds the `flock`; closed after the directory is removed.
-    _lock: File,
+    _lock: Option<File>,
 }
 
 impl RunDir {
@@ -49,19 +49,15 @@ impl RunDir {
                 dir.path().display()
             )));
         }
-        // Locked under a temporary name, then renamed: a sweep never sees an unlocked
-        // `owner.lock` of a live owner (the lock belongs to the open file, not the name).
-        let tmp = dir.path().join(".owner.lock.new");
-        let lock = File::create(&tmp).map_err(Error::io("create", &tmp))?;
-        if !try_lock(&lock) {
-            return Err(Error::Io {
-                what: "flock",
-                path: tmp,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let path = dir.path().join(LOCK_FILE);
-        std::fs::rename(&tmp, &path).map_err(Error::io("rename", &tmp))?;
+        let lock = match lock_owner(dir.path()) {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                // A filesystem without flock: the VM works, its directory is just not
+                // swept if this process is killed.
+                tracing::warn!(dir = %dir.path().display(), error = %e, "no owner lock on the run dir");
+                None
+            }
+        };
         Ok(Self { dir, _lock: lock })
     }
 
@@ -74,6 +70,21 @@ impl RunDir {
     pub fn close(self) -> std::io::Result<()> {
         self.dir.close()
     }
+}
+
+/// Creates `dir/owner.lock` locked. It is locked under a temporary name and then renamed:
+/// a sweep never sees an unlocked `owner.lock` of a live owner (the lock belongs to the
+/// open file, not to its name).
+fn lock_owner(dir: &Path) -> std::io::Result<File> {
+    let tmp = dir.join(".owner.lock.new");
+    let lock = File::create(&tmp)?;
+    if !try_lock(&lock) {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, dir.join(LOCK_FILE))?;
+    Ok(lock)
 }
 
 /// An exclusive, non-blocking `flock`.

@@ -11,7 +11,7 @@
 //! starting: CMD | waiting for ready: CMD | snapshotting    the steps are over
 //! ready after K probe(s), X.Xs
 //! snapshotting
-//! snapshot taken in X.XXs (SIZE)
+//! snapshot taken in X.XXs (SIZE, ...)
 //! done in X.Xs                          the pipeline's total
 //! ```
 
@@ -161,7 +161,12 @@ mod tests {
             ),
             line(15.7, true, "ready after 3 probe(s), 4.0s"),
             line(15.8, true, "snapshotting"),
-            line(16.8, true, "snapshot taken in 1.00s (1.2 GiB)"),
+            line(
+                16.8,
+                true,
+                "snapshot taken in 1.00s (1.2 GiB, 300.0 MiB allocated; device state 0.01s, \
+                 disk 0.20s, digests 0.30s, sync 0.40s)",
+            ),
             line(16.9, true, "done in 16.9s"),
         ];
         let p = phases(&log).unwrap();

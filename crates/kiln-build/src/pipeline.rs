@@ -285,9 +285,15 @@ async fn build_inner(
     let info = vm.snapshot(&job.bundle_dir).await.map_err(vm_err)?;
     let size_bytes = info.manifest.files.values().map(|f| f.size).sum();
     observer.system(format!(
-        "snapshot taken in {:.2}s ({})",
+        "snapshot taken in {:.2}s ({}, {} allocated; device state {:.2}s, disk {:.2}s, \
+         digests {:.2}s, sync {:.2}s)",
         info.total_time.as_secs_f64(),
-        human_bytes(size_bytes)
+        human_bytes(size_bytes),
+        human_bytes(info.allocated),
+        info.save_time.as_secs_f64(),
+        info.files_time.as_secs_f64(),
+        info.digest_time.as_secs_f64(),
+        info.sync_time.as_secs_f64(),
     ));
     Ok(BuildOutput {
         image_digest: image.digest.clone(),

@@ -100,8 +100,17 @@ pub struct SnapshotInfo {
     pub manifest: Manifest,
     /// Time the vCPUs were stopped until the device state was saved.
     pub save_time: Duration,
+    /// Moving the memory file and the disk into the bundle (flattening a disk overlay).
+    pub files_time: Duration,
+    /// Computing the manifest's digests.
+    pub digest_time: Duration,
+    /// Flushing the bundle to stable storage.
+    pub sync_time: Duration,
     /// Total time including moving files and checksums.
     pub total_time: Duration,
+    /// Bytes the bundle's files take on disk (sparse files count only their data; the
+    /// boot files are hard links shared by every bundle).
+    pub allocated: u64,
 }
 
 /// Options for [`Vm::restore`].
@@ -334,6 +343,12 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a file takes on disk (0 if it cannot be read).
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
 fn fsync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
@@ -421,7 +436,7 @@ impl Vm {
             if ram == RamMode::File {
                 names.push("memory");
             }
-            let files_ms = t_files.elapsed().as_millis() as u64;
+            let files_time = t_files.elapsed();
             let t_hash = Instant::now();
             let files = hash_files(
                 tmp.path(),
@@ -429,7 +444,7 @@ impl Vm {
                 MANIFEST_VERSION,
             )
             .await?;
-            let hash_ms = t_hash.elapsed().as_millis() as u64;
+            let digest_time = t_hash.elapsed();
             remember_verified(tmp.path(), &files);
             let manifest = Manifest {
                 version: MANIFEST_VERSION,
@@ -452,7 +467,12 @@ impl Vm {
                 }
             }
             fsync_dir(tmp.path());
-            let sync_ms = t_sync.elapsed().as_millis() as u64;
+            let sync_time = t_sync.elapsed();
+            let allocated = manifest
+                .files
+                .keys()
+                .map(|n| allocated_bytes(&tmp.path().join(n)))
+                .sum();
             let tmp_path = tmp.keep();
             if let Err(e) = std::fs::rename(&tmp_path, bundle) {
                 let _ = std::fs::remove_dir_all(&tmp_path);
@@ -466,9 +486,10 @@ impl Vm {
             let total_time = started.elapsed();
             tracing::info!(
                 ms = total_time.as_millis() as u64,
-                files_ms,
-                hash_ms,
-                sync_ms,
+                files_ms = files_time.as_millis() as u64,
+                digest_ms = digest_time.as_millis() as u64,
+                sync_ms = sync_time.as_millis() as u64,
+                allocated,
                 bundle = %bundle.display(),
                 "snapshot written"
             );
@@ -476,7 +497,11 @@ impl Vm {
                 bundle: bundle.to_owned(),
                 manifest,
                 save_time,
+                files_time,
+                digest_time,
+                sync_time,
                 total_time,
+                allocated,
             })
         }
         .instrument(span)

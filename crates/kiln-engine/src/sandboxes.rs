@@ -67,7 +67,13 @@ pub struct LiveSandbox {
 /// Finishes a pooled restore for the sandbox in `dir`: its egress rules and network
 /// log, named relative to the VM's run directory, become links to the sandbox's files
 /// before the guest runs, and its console log is linked into the sandbox's directory.
-async fn claim(incoming: kiln_vm::Incoming, dir: &Path, timeout: Duration) -> Result<Vm> {
+async fn claim(
+    incoming: kiln_vm::Incoming,
+    sandbox_id: &str,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<Vm> {
+    incoming.claimed_by(sandbox_id);
     let run = incoming.run_dir().to_owned();
     for name in [NETWORK_RULES, NETWORK_LOG] {
         let link = run.join(name);
@@ -148,7 +154,7 @@ impl Engine {
         std::fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
         let cfg = self.restore_config(&record.id, &dir);
         let pooled = match self.pool.take(&record.template_id, &record.build_id) {
-            Some(incoming) => match claim(incoming, &dir, cfg.timeout).await {
+            Some(incoming) => match claim(incoming, &record.id, &dir, cfg.timeout).await {
                 Ok(vm) => Some(vm),
                 Err(e) => {
                     tracing::warn!(error = %e, "pooled restore failed; restoring afresh");

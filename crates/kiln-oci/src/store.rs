@@ -646,70 +646,69 @@ impl ImageStore {
     ) -> Result<()> {
         let final_path = self.blob_path(&d.digest)?;
         let dir = final_path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let tmp = dir.join(tmp_name(hex_of(&d.digest)?));
         let client = self.registries.client(ep);
         let reference = oci_ref(ep, repo, &d.digest);
         client
             .store_auth_if_needed(reference.resolve_registry(), &self.registries.auth(ep))
             .await;
-        let result = async {
-            let mut stream = client
-                .pull_blob_stream(&reference, &desc_for_client(d))
+        let mut stream = client
+            .pull_blob_stream(&reference, &desc_for_client(d))
+            .await
+            .map_err(|e| pull_error(shown, ep, e))?;
+        // The download goes to a temp file that is removed on drop: on an error, and also
+        // when this future is dropped mid-way (another blob of the image failed and the
+        // pull gave up on the rest, or the caller was cancelled). Created synchronously so
+        // that no creation is still in flight when it is dropped.
+        let (file, tmp) = tempfile::Builder::new()
+            .prefix(&format!(".tmp-{}-", hex_of(&d.digest)?))
+            // What `File::create` would give: cached blobs are not secrets.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .tempfile_in(&dir)
+            .map_err(ioe(format!("create a temp file in {}", dir.display())))?
+            .into_parts();
+        let mut file = tokio::fs::File::from_std(file);
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| OciError::Pull {
+                reference: shown.to_owned(),
+                detail: format!("download of {} from {} broke off", d.digest, ep.host),
+                source: Some(Box::new(e)),
+            })?;
+            hasher.update(&chunk);
+            total += chunk.len() as u64;
+            file.write_all(&chunk)
                 .await
-                .map_err(|e| pull_error(shown, ep, e))?;
-            let mut file = tokio::fs::File::create(&tmp)
-                .await
-                .map_err(ioe(format!("create {}", tmp.display())))?;
-            let mut hasher = Sha256::new();
-            let mut total = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| OciError::Pull {
-                    reference: shown.to_owned(),
-                    detail: format!("download of {} from {} broke off", d.digest, ep.host),
-                    source: Some(Box::new(e)),
-                })?;
-                hasher.update(&chunk);
-                total += chunk.len() as u64;
-                file.write_all(&chunk)
-                    .await
-                    .map_err(ioe(format!("write {}", tmp.display())))?;
-                downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                progress(Progress::BlobBytes {
-                    digest: d.digest.clone(),
-                    bytes: chunk.len() as u64,
-                });
-            }
-            let got = format!("sha256:{}", hex::encode(hasher.finalize()));
-            if got != d.digest || total != d.size {
-                return Err(OciError::Invalid {
-                    reference: shown.to_owned(),
-                    detail: format!(
-                        "blob {} from {} failed verification (got {got}, {total} bytes)",
-                        d.digest, ep.host
-                    ),
-                });
-            }
-            file.sync_all()
-                .await
-                .map_err(ioe(format!("fsync {}", tmp.display())))?;
-            drop(file);
-            tokio::fs::rename(&tmp, &final_path)
-                .await
-                .map_err(ioe(format!("rename to {}", final_path.display())))?;
-            if let Ok(f) = std::fs::File::open(&dir) {
-                let _ = f.sync_all();
-            }
-            Ok(())
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        } else {
-            progress(Progress::BlobDone {
+                .map_err(ioe(format!("write {}", tmp.display())))?;
+            downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            progress(Progress::BlobBytes {
                 digest: d.digest.clone(),
+                bytes: chunk.len() as u64,
             });
         }
-        result
+        let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if got != d.digest || total != d.size {
+            return Err(OciError::Invalid {
+                reference: shown.to_owned(),
+                detail: format!(
+                    "blob {} from {} failed verification (got {got}, {total} bytes)",
+                    d.digest, ep.host
+                ),
+            });
+        }
+        file.sync_all()
+            .await
+            .map_err(ioe(format!("fsync {}", tmp.display())))?;
+        drop(file);
+        tmp.persist(&final_path)
+            .map_err(|e| OciError::io(format!("rename to {}", final_path.display()), e.error))?;
+        if let Ok(f) = std::fs::File::open(&dir) {
+            let _ = f.sync_all();
+        }
+        progress(Progress::BlobDone {
+            digest: d.digest.clone(),
+        });
+        Ok(())
     }
 
     /// Unpacks a pulled image's layers into its cached rootfs (reused when present).
@@ -739,48 +738,48 @@ impl ImageStore {
         std::fs::create_dir(&tmp).map_err(ioe(format!("create {}", tmp.display())))?;
         let count = layers.len();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let tmp2 = tmp.clone();
+        // The whole unpack, publication or clean-up included, runs in the blocking task: it
+        // finishes even if this future is dropped (a cancelled build), so the temp tree is
+        // either published or removed, never left behind.
+        let rootfs2 = rootfs.clone();
         let task = tokio::task::spawn_blocking(move || {
-            unpack::unpack_files(&tmp2, &layers, &mut |index| {
+            let stats = match unpack::unpack_files(&tmp, &layers, &mut |index| {
                 let _ = tx.send(index);
-            })
+            }) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = unpack::remove_tree(&tmp);
+                    return Err(e);
+                }
+            };
+            match std::fs::rename(&tmp, &rootfs2) {
+                Ok(()) => {
+                    if let Ok(f) = std::fs::File::open(&dir) {
+                        let _ = f.sync_all();
+                    }
+                    Ok(Some(stats))
+                }
+                // Another build unpacked the same image first: use theirs.
+                Err(_) if rootfs2.is_dir() => {
+                    let _ = unpack::remove_tree(&tmp);
+                    Ok(None)
+                }
+                Err(e) => {
+                    let _ = unpack::remove_tree(&tmp);
+                    Err(OciError::io(format!("rename to {}", rootfs2.display()), e))
+                }
+            }
         });
         while let Some(index) = rx.recv().await {
             progress(Progress::Unpacking { index, count });
         }
-        let res = task
+        let published = task
             .await
-            .map_err(|e| OciError::io("unpack task", std::io::Error::other(e)))?;
-        let stats = match res {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = unpack::remove_tree(&tmp);
-                return Err(e);
-            }
-        };
-        match std::fs::rename(&tmp, &rootfs) {
-            Ok(()) => {}
-            Err(_) if rootfs.is_dir() => {
-                // Another build unpacked the same image first: use theirs.
-                let _ = unpack::remove_tree(&tmp);
-                return Ok(Unpacked {
-                    rootfs,
-                    reused: true,
-                    stats: UnpackStats::default(),
-                });
-            }
-            Err(e) => {
-                let _ = unpack::remove_tree(&tmp);
-                return Err(OciError::io(format!("rename to {}", rootfs.display()), e));
-            }
-        }
-        if let Ok(f) = std::fs::File::open(&dir) {
-            let _ = f.sync_all();
-        }
+            .map_err(|e| OciError::io("unpack task", std::io::Error::other(e)))??;
         Ok(Unpacked {
             rootfs,
-            reused: false,
-            stats,
+            reused: published.is_none(),
+            stats: published.unwrap_or_default(),
         })
     }
 

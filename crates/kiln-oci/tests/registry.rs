@@ -443,8 +443,9 @@ async fn prune_keeps_only_what_is_reachable() {
 
 /// A loopback TCP proxy in front of the test registry that cuts every connection once it
 /// has sent `cut_after` bytes back to the client: small answers (manifests, configs) get
-/// through, a layer blob is cut off mid-body.
-fn cutting_proxy(upstream: &str, cut_after: usize) -> String {
+/// through, a layer blob is cut off mid-body. With `stall`, the connection is held open
+/// instead, sending nothing more: the download hangs mid-body.
+fn cutting_proxy(upstream: &str, cut_after: usize, stall: bool) -> String {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
     let addr = listener.local_addr().expect("addr").to_string();
@@ -468,6 +469,9 @@ fn cutting_proxy(upstream: &str, cut_after: usize) -> String {
                     }
                     let n = n.min(cut_after.saturating_sub(sent));
                     if n == 0 || client.write_all(&buf[..n]).is_err() {
+                        if stall {
+                            std::thread::sleep(std::time::Duration::from_secs(120));
+                        }
                         break;
                     }
                     sent += n;
@@ -480,10 +484,50 @@ fn cutting_proxy(upstream: &str, cut_after: usize) -> String {
     addr
 }
 
+/// A pull dropped while a blob is mid-download (the caller gave up, or another blob of the
+/// image failed and the rest were abandoned) leaves no temp file in the blob cache.
+#[tokio::test]
+async fn a_pull_dropped_midway_leaves_no_temp_file() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let e = env();
+    let proxy = cutting_proxy(&e.reg, 48 * 1024, true);
+    let (dir, s) = store(RegistryConfig::default());
+    let received = AtomicU64::new(0);
+    let progress = |p: kiln_oci::Progress| {
+        if let kiln_oci::Progress::BlobBytes { bytes, .. } = p {
+            received.fetch_add(bytes, Ordering::Relaxed);
+        }
+    };
+    let blobs = dir.path().join("blobs/sha256");
+    let temp_files = || -> Vec<String> {
+        std::fs::read_dir(&blobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect()
+    };
+    let reference = format!("{proxy}/kiln/minbase:latest");
+    tokio::select! {
+        r = s.prepare(&reference, None, &progress) => {
+            panic!("the pull should hang on the stalled blob, it ended: ok = {}", r.is_ok());
+        }
+        () = async {
+            while received.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        } => {}
+    }
+    // The pull was dropped above, with a blob's bytes arriving.
+    assert!(received.load(Ordering::Relaxed) > 0);
+    assert_eq!(temp_files(), Vec::<String>::new(), "a temp file was left");
+}
+
 #[tokio::test]
 async fn a_registry_cutting_a_blob_midway_fails_cleanly_and_leaves_no_partial_blob() {
     let e = env();
-    let proxy = cutting_proxy(&e.reg, 48 * 1024);
+    let proxy = cutting_proxy(&e.reg, 48 * 1024, false);
     let (dir, s) = store(RegistryConfig::default());
     let err = s
         .prepare(&format!("{proxy}/kiln/minbase:latest"), None, &none)

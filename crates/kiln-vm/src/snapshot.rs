@@ -603,6 +603,12 @@ impl Incoming {
         self.vm.exit_status().is_none()
     }
 
+    /// Names who this VM serves in its logs: a process started ahead of time is named
+    /// after what it was started for, and this ties its later log lines to its user.
+    pub fn claimed_by(&self, who: &str) {
+        self.vm.span.record("claimed_by", who);
+    }
+
     /// Loads the snapshot, resumes the guest, connects to its agent and sets the guest
     /// clock, all within `timeout`. The bundle is checked again first (a cheap `stat`
     /// unless it changed since it was last hashed): it may have sat in a pool a while.

@@ -801,7 +801,8 @@ impl Vm {
         net: NetConfig,
         console_log: Option<PathBuf>,
     ) -> Result<Self> {
-        let span = tracing::info_span!("vm", name = %name);
+        // `claimed_by`: who a pooled VM ended up serving (see `Incoming::claimed_by`).
+        let span = tracing::info_span!("vm", name = %name, claimed_by = tracing::field::Empty);
         let dir = RunDir::create(run_parent, name)?;
         let ov = dir.path().join("disk.qcow2");
         disk::create_overlay(base_disk, &ov)

@@ -261,7 +261,7 @@ pub async fn ensure_verified(bundle: &Path, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Re-hashes every file of a bundle against its manifest (slow: reads everything).
+/// Re-hashes every file of a bundle against its manifest (reads all of their data).
 pub async fn verify_bundle(bundle: &Path) -> Result<Manifest> {
     let m = read_manifest(bundle)?;
     let sums = hash_files(bundle, m.files.keys().cloned().collect(), m.version).await?;

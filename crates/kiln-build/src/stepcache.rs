@@ -228,17 +228,34 @@ impl StepCache {
             serde_json::to_vec(&meta).expect("meta serializes"),
         )
         .map_err(io("writing", &meta_path))?;
+        // Everything in the entry reaches the disk before the entry is published: after a
+        // crash, a published entry is a whole one, never a layer with unwritten blocks.
+        for f in std::fs::read_dir(tmp.path())
+            .map_err(io("listing", tmp.path()))?
+            .flatten()
+        {
+            sync_file(&f.path())?;
+        }
+        sync_file(tmp.path())?;
         let dest = self.root.join(key);
         match std::fs::rename(tmp.path(), &dest) {
             Ok(()) => {
                 // Renamed: nothing left for the TempDir to remove.
                 let _ = tmp.keep();
+                let _ = sync_file(&self.root);
                 Ok(entry.clone())
             }
             Err(_) if self.lookup(key).is_some() => Err(StepCacheError::Exists(key.to_owned())),
             Err(e) => Err(io("publishing", &dest)(e)),
         }
     }
+}
+
+/// `fsync` of a file or a directory.
+fn sync_file(path: &Path) -> Result<(), StepCacheError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io("flushing", path))
 }
 
 /// Bytes a tree takes on disk.

@@ -147,6 +147,26 @@ async fn counter_survives_snapshot_and_restores_are_isolated() {
     // The bundle was never written by the restores.
     kiln_vm::snapshot::verify_bundle(&bundle).await.unwrap();
 
+    // A bundle of manifest version 1 (a template built before the chunked digests: a
+    // plain sha256 per file, named `sha256`) still restores, and is checked the v1 way.
+    let manifest_path = bundle.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    assert_eq!(m["version"], kiln_vm::snapshot::MANIFEST_VERSION);
+    m["version"] = 1.into();
+    for (name, entry) in m["files"].as_object_mut().unwrap() {
+        let entry = entry.as_object_mut().unwrap();
+        entry.remove("digest").expect("a v2 entry has a digest");
+        let sha = kiln_vm::provision::file_sha256(&bundle.join(name)).unwrap();
+        entry.insert("sha256".into(), sha.into());
+    }
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let v1 = Vm::restore(&bundle, RestoreConfig::new("snap-v1", &env.run_parent))
+        .await
+        .unwrap_or_else(|e| panic!("{}", kiln_vm::error_chain(&e)));
+    assert!(v1.guard(v1.agent().pid_alive(pid)).await.unwrap());
+    v1.shutdown().await;
+
     // A corrupted artifact (same size, one byte flipped) is refused before any VM starts.
     let a_state = bundle.join("state");
     let mut bytes = std::fs::read(&a_state).unwrap();

@@ -315,6 +315,9 @@ struct Layers<'a> {
     top: Entry,
     /// Cleared when a publish fails: later layers would be backed by a missing one.
     publishing: bool,
+    /// A base disk made for this build alone (the published one was damaged); removed
+    /// with the build.
+    _private_base: Option<tempfile::TempDir>,
     observer: &'a dyn BuildObserver,
 }
 
@@ -353,7 +356,37 @@ impl<'a> Layers<'a> {
                 .rev()
                 .find_map(|(i, k)| cache.lookup(k).map(|e| (i + 1, e)))
         };
-        let (cached, top) = match hit {
+        let make_base = |private: bool| {
+            let (cache, base, rootfs, agent, disk_mib) = (
+                cache.clone(),
+                base.clone(),
+                rootfs.to_owned(),
+                env.agent.clone(),
+                u64::from(job.resources.disk_mib),
+            );
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let make = |p: &std::path::Path| {
+                        kiln_vm::disk::make_ext4(&rootfs, p, disk_mib, agent.as_deref())
+                    };
+                    if private {
+                        cache.private_base(make).map(|(dir, e)| (Some(dir), e))
+                    } else {
+                        cache.publish_base(&base, make).map(|e| (None, e))
+                    }
+                })
+                .await
+                .map_err(|e| BuildError::new(BuildErrorCode::BuildFailed, e.to_string()))?
+                .map_err(|e| {
+                    let code = match &e {
+                        stepcache::StepCacheError::Disk(d) => d.code(),
+                        _ => BuildErrorCode::BuildFailed,
+                    };
+                    BuildError::new(code, kiln_vm::error_chain(&e)).with_source(e)
+                })
+            }
+        };
+        let (mut cached, mut top) = match hit {
             Some((cached, entry)) => {
                 observer.system(format!(
                     "step cache: reusing the disk after step {cached}/{}",
@@ -365,39 +398,64 @@ impl<'a> Layers<'a> {
                 // The base disk is the image's, whatever the steps: `no_cache` reuses it.
                 let entry = match cache.lookup(&base) {
                     Some(e) => e,
-                    None => {
-                        let (cache, base, rootfs, agent, disk_mib) = (
-                            cache.clone(),
-                            base.clone(),
-                            rootfs.to_owned(),
-                            env.agent.clone(),
-                            u64::from(job.resources.disk_mib),
-                        );
-                        tokio::task::spawn_blocking(move || {
-                            cache.publish_base(&base, |p| {
-                                kiln_vm::disk::make_ext4(&rootfs, p, disk_mib, agent.as_deref())
-                            })
-                        })
-                        .await
-                        .map_err(|e| BuildError::new(BuildErrorCode::BuildFailed, e.to_string()))?
-                        .map_err(|e| {
-                            let code = match &e {
-                                stepcache::StepCacheError::Disk(d) => d.code(),
-                                _ => BuildErrorCode::BuildFailed,
-                            };
-                            BuildError::new(code, kiln_vm::error_chain(&e)).with_source(e)
-                        })?
-                    }
+                    None => make_base(false).await?.1,
                 };
                 (0, entry)
             }
         };
+        // Every layer under the VM's disk must be whole: a damaged one is not built on.
+        let chain: Vec<String> = std::iter::once(base.clone())
+            .chain(keys[..cached].iter().cloned())
+            .collect();
+        let mut publishing = true;
+        let mut private = None;
+        let damaged = {
+            let cache = cache.clone();
+            tokio::task::spawn_blocking(move || {
+                chain.iter().position(|k| {
+                    cache
+                        .lookup(k)
+                        .is_none_or(|e| !StepCache::verify(&e).unwrap_or(false))
+                })
+            })
+            .await
+            .map_err(|e| BuildError::new(BuildErrorCode::BuildFailed, e.to_string()))?
+        };
+        if let Some(p) = damaged {
+            // Position 0 is the base, position p the disk after step p. The steps before
+            // the damaged layer can still come from the cache; nothing is published on
+            // top of it (its key is taken, and later layers would stack on a private disk).
+            publishing = false;
+            observer.system(if p == 0 {
+                "step cache: the cached base disk of this image is damaged; building one \
+                 for this build only (`kiln image prune` clears the cache)"
+                    .to_owned()
+            } else {
+                format!(
+                    "step cache: the cached disk after step {p}/{} is damaged or missing; \
+                     running the steps from step {p} on (`kiln image prune` clears the cache)",
+                    keys.len()
+                )
+            });
+            if p == 0 {
+                let (dir, entry) = make_base(true).await?;
+                private = dir;
+                (cached, top) = (0, entry);
+            } else {
+                let k = if p == 1 { &base } else { &keys[p - 2] };
+                let entry = cache.lookup(k).ok_or_else(|| {
+                    BuildError::new(BuildErrorCode::BuildFailed, "step cache: entry vanished")
+                })?;
+                (cached, top) = (p - 1, entry);
+            }
+        }
         Ok(Layers {
             cache,
             keys,
             cached,
             top,
-            publishing: true,
+            publishing,
+            _private_base: private,
             observer,
         })
     }

@@ -9,10 +9,14 @@
 //! parent's disk. An `env` step changes no disk: its entry names its parent's disk.
 //!
 //! ```text
-//! <root>/<key>/meta.json      {"version": 1, "disk": "<absolute path of the disk>"}
+//! <root>/<key>/meta.json      {"version": 2, "disk": "<absolute path of the disk>",
+//!                              "digest": "<chunked sha256 of the layer>"}
 //! <root>/<key>/disk.raw|qcow2 the layer (absent for an env step)
 //! <root>/.tmp-*               entries being written, renamed into place when whole
 //! ```
+//!
+//! A build checks the digests of the layers it reuses ([`StepCache::verify`]), so a layer
+//! damaged on disk is never built on. Version 1 entries (no digest) are still used.
 //!
 //! Entries are immutable once published (a rename of a complete directory), because the
 //! layers above them and running build VMs read them through their paths. Two builds
@@ -24,8 +28,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Format of `meta.json`.
-const META_VERSION: u32 = 1;
+/// Format of `meta.json`: 2 added the layer's digest.
+const META_VERSION: u32 = 2;
 
 /// The step cache of one state directory.
 #[derive(Debug, Clone)]
@@ -41,12 +45,17 @@ pub struct Entry {
     /// The disk image (raw base or qcow2 layer) holding the disk as it was after the
     /// step.
     pub disk: PathBuf,
+    /// The layer's [`kiln_vm::digest::chunked_sha256`]; `None` for an env step's entry
+    /// (its disk is its parent's) and for entries of meta version 1.
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Meta {
     version: u32,
     disk: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
 }
 
 /// What went wrong writing an entry (the build goes on without it).
@@ -120,10 +129,21 @@ impl StepCache {
     pub fn lookup(&self, key: &str) -> Option<Entry> {
         let text = std::fs::read(self.root.join(key).join("meta.json")).ok()?;
         let meta: Meta = serde_json::from_slice(&text).ok()?;
-        (meta.version == META_VERSION && meta.disk.is_file()).then(|| Entry {
+        ((1..=META_VERSION).contains(&meta.version) && meta.disk.is_file()).then(|| Entry {
             key: key.to_owned(),
             disk: meta.disk,
+            digest: meta.digest,
         })
+    }
+
+    /// Whether `entry`'s layer still has the digest it was published with (true when it
+    /// has none to check). Hashes the layer's data unless this process already checked
+    /// it unchanged.
+    pub fn verify(entry: &Entry) -> Result<bool, StepCacheError> {
+        match &entry.digest {
+            None => Ok(true),
+            Some(d) => kiln_vm::digest::check_chunked(&entry.disk, d).map_err(StepCacheError::Disk),
+        }
     }
 
     /// Publishes the base disk, made by `make` at the path it is given; the entry already
@@ -141,6 +161,23 @@ impl StepCache {
                 .ok_or_else(|| StepCacheError::Exists(key.to_owned())),
             other => other,
         }
+    }
+
+    /// A base disk made by `make` for one build only, not published: for when the
+    /// published one is damaged. It is removed when the returned directory is dropped.
+    pub fn private_base(
+        &self,
+        make: impl FnOnce(&Path) -> Result<(), kiln_vm::Error>,
+    ) -> Result<(tempfile::TempDir, Entry), StepCacheError> {
+        let tmp = self.tmp_dir()?;
+        let disk = tmp.path().join("disk.raw");
+        make(&disk).map_err(StepCacheError::Disk)?;
+        let entry = Entry {
+            key: String::new(),
+            disk,
+            digest: None,
+        };
+        Ok((tmp, entry))
     }
 
     /// Publishes `frozen`, the qcow2 delta a step wrote on top of `parent`'s disk, as the
@@ -167,6 +204,7 @@ impl StepCache {
         let entry = Entry {
             key: key.to_owned(),
             disk: parent.disk.clone(),
+            digest: None,
         };
         self.finish(tmp, key, &entry)
     }
@@ -204,12 +242,19 @@ impl StepCache {
             return Err(StepCacheError::Exists(key.to_owned()));
         }
         let tmp = self.tmp_dir()?;
-        write(&tmp.path().join(disk_name))?;
+        let tmp_disk = tmp.path().join(disk_name);
+        write(&tmp_disk)?;
+        let digest = kiln_vm::digest::chunked_sha256(&tmp_disk).map_err(StepCacheError::Disk)?;
         let entry = Entry {
             key: key.to_owned(),
             disk: self.root.join(key).join(disk_name),
+            digest: Some(digest),
         };
-        self.finish(tmp, key, &entry)
+        let entry = self.finish(tmp, key, &entry)?;
+        if let Some(d) = &entry.digest {
+            kiln_vm::digest::mark_verified(&entry.disk, d);
+        }
+        Ok(entry)
     }
 
     fn finish(
@@ -221,6 +266,7 @@ impl StepCache {
         let meta = Meta {
             version: META_VERSION,
             disk: entry.disk.clone(),
+            digest: entry.digest.clone(),
         };
         let meta_path = tmp.path().join("meta.json");
         std::fs::write(

@@ -379,6 +379,35 @@ async fn the_step_cache_replays_only_the_steps_after_a_change() {
         one,
         "step 1 did not run again"
     );
+
+    // A cached layer damaged on disk (one byte of every step layer flipped, the size
+    // unchanged) is never built on: the steps from the damaged one run again.
+    let steps_dir = e.engine.layout().step_cache_dir();
+    let mut damaged = 0;
+    for entry in std::fs::read_dir(&steps_dir).unwrap().flatten() {
+        let layer = entry.path().join("disk.qcow2");
+        if let Ok(mut bytes) = std::fs::read(&layer) {
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            std::fs::write(&layer, &bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(
+        damaged >= 2,
+        "no step layers found in {}",
+        steps_dir.display()
+    );
+    let (logs, d) = built(spec("echo v1 > last", "sleep 300000"), false).await;
+    assert!(
+        log_has(
+            &logs,
+            "step cache: the cached disk after step 1/4 is damaged"
+        ),
+        "{logs:#?}"
+    );
+    assert!(!log_has(&logs, "(cached)"), "{logs:#?}");
+    assert_eq!(d.split_once('\n').unwrap().1, "v1 two /srv/app", "{d}");
 }
 
 /// Points `repo:latest` in the test registry at `image` (a tag that moves, as on Docker

@@ -15,11 +15,12 @@
 //! with or without `--sparse` has the same digests, and data turned into zeros (or zeros
 //! written over a hole) changes a chunk like any other write would.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
@@ -62,6 +63,69 @@ pub fn chunked_sha256(path: &Path) -> Result<String> {
         start = end;
     }
     Ok(hex::encode(outer.finalize()))
+}
+
+/// A file's identity and the metadata any write changes: a file whose stamp is the same as
+/// when its content was hashed has not been written since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    digest: String,
+}
+
+/// Files this process hashed and found to have a digest, by `(dev, ino)`: snapshot
+/// bundles checked before every restore and step-cache layers before every build are
+/// re-hashed only when they changed since, so a corrupted or replaced file is caught
+/// while the common case costs a `stat`. (What this does not catch: bit rot under an
+/// unchanged inode after the first check in this process, or a write within the same
+/// tick of the kernel's coarse clock as that check.)
+static VERIFIED: LazyLock<Mutex<HashMap<(u64, u64), Stamp>>> = LazyLock::new(Default::default);
+
+fn stamp_of(path: &Path, digest: &str) -> Result<((u64, u64), Stamp)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).map_err(Error::io("stat", path))?;
+    Ok((
+        (m.dev(), m.ino()),
+        Stamp {
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            digest: digest.to_owned(),
+        },
+    ))
+}
+
+fn verified() -> std::sync::MutexGuard<'static, HashMap<(u64, u64), Stamp>> {
+    VERIFIED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether this process already found `path` to have `digest`, and the file has not
+/// been written since (a `stat`, no reading).
+pub fn is_verified(path: &Path, digest: &str) -> Result<bool> {
+    let (id, stamp) = stamp_of(path, digest)?;
+    Ok(verified().get(&id) == Some(&stamp))
+}
+
+/// Records that `path`, as it is now, has `digest` (it was just computed or checked).
+pub fn mark_verified(path: &Path, digest: &str) {
+    if let Ok((id, stamp)) = stamp_of(path, digest) {
+        verified().insert(id, stamp);
+    }
+}
+
+/// Whether `path` has the [`chunked_sha256`] `digest`: hashed only when it is not
+/// already [`is_verified`] (and remembered when it matches).
+pub fn check_chunked(path: &Path, digest: &str) -> Result<bool> {
+    if is_verified(path, digest)? {
+        return Ok(true);
+    }
+    let ok = chunked_sha256(path)? == digest;
+    if ok {
+        mark_verified(path, digest);
+    }
+    Ok(ok)
 }
 
 /// The file's data extents as sorted, disjoint `(start, end)` byte ranges, from
@@ -174,6 +238,23 @@ mod tests {
             assert_ne!(chunked_sha256(other).unwrap(), base, "{}", other.display());
         }
         assert_eq!(chunked_sha256(&d).unwrap(), chunked_sha256(&empty).unwrap());
+    }
+
+    #[test]
+    fn a_checked_file_is_rehashed_only_after_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = sparse(dir.path(), "layer", 200_000, &[(100, b"data")]);
+        let digest = chunked_sha256(&path).unwrap();
+        assert!(!is_verified(&path, &digest).unwrap());
+        assert!(check_chunked(&path, &digest).unwrap());
+        assert!(is_verified(&path, &digest).unwrap());
+        assert!(!check_chunked(&path, "not-the-digest").unwrap());
+        // The same size, one byte different: the stamp no longer matches, the hash fails.
+        // (File times come from the kernel's coarse clock: let it tick first.)
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let (path, _) = sparse(dir.path(), "layer", 200_000, &[(100, b"dat!")]);
+        assert!(!is_verified(&path, &digest).unwrap());
+        assert!(!check_chunked(&path, &digest).unwrap());
     }
 
     #[test]

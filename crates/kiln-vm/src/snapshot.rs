@@ -21,7 +21,7 @@
 //! not skip, so its snapshot streams RAM into `state` (`stream` mode); restoring such a
 //! bundle loads RAM from the stream into a fresh per-VM memory file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -182,65 +182,21 @@ pub fn read_manifest(bundle: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
-/// A file's identity and the metadata any write changes: a file whose stamp is the same as
-/// when its content was hashed has not been written since.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    digest: String,
-}
-
-/// Bundle files this process hashed (at snapshot time, or at an earlier restore) and
-/// found matching their manifest, by `(dev, ino)`: a restore re-hashes only what changed
-/// since, so a corrupted or replaced artifact is caught before a VM starts from it while
-/// the common case costs a few `stat`s. (What this does not catch: bit rot under an
-/// unchanged inode after the first check in this process.)
-static VERIFIED: std::sync::LazyLock<std::sync::Mutex<HashMap<(u64, u64), Stamp>>> =
-    std::sync::LazyLock::new(Default::default);
-
-fn stamp_of(path: &Path, digest: &str) -> Result<((u64, u64), Stamp)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).map_err(Error::io("stat", path))?;
-    Ok((
-        (m.dev(), m.ino()),
-        Stamp {
-            size: m.len(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-            digest: digest.to_owned(),
-        },
-    ))
-}
-
 fn remember_verified(dir: &Path, files: &BTreeMap<String, FileEntry>) {
-    let mut cache = VERIFIED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for (name, entry) in files {
-        if let Ok((id, stamp)) = stamp_of(&dir.join(name), &entry.digest) {
-            cache.insert(id, stamp);
-        }
+        crate::digest::mark_verified(&dir.join(name), &entry.digest);
     }
 }
 
 /// Checks every file of a bundle against its manifest's checksum, hashing only the files
-/// not already verified unchanged by this process (see [`VERIFIED`]).
+/// not already verified unchanged by this process (see [`crate::digest::is_verified`]).
 pub async fn ensure_verified(bundle: &Path, m: &Manifest) -> Result<()> {
-    let stale: Vec<String> = {
-        let cache = VERIFIED
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut stale = Vec::new();
-        for (name, entry) in &m.files {
-            let (id, stamp) = stamp_of(&bundle.join(name), &entry.digest)?;
-            if cache.get(&id) != Some(&stamp) {
-                stale.push(name.clone());
-            }
+    let mut stale = Vec::new();
+    for (name, entry) in &m.files {
+        if !crate::digest::is_verified(&bundle.join(name), &entry.digest)? {
+            stale.push(name.clone());
         }
-        stale
-    };
+    }
     if stale.is_empty() {
         return Ok(());
     }

@@ -408,6 +408,39 @@ async fn the_step_cache_replays_only_the_steps_after_a_change() {
     );
     assert!(!log_has(&logs, "(cached)"), "{logs:#?}");
     assert_eq!(d.split_once('\n').unwrap().1, "v1 two /srv/app", "{d}");
+
+    // A damaged base disk: the build makes one of its own, used once and removed.
+    let mut bases = 0;
+    for entry in std::fs::read_dir(&steps_dir).unwrap().flatten() {
+        let base = entry.path().join("disk.raw");
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&base) {
+            // Byte 0: the ext4 image's unused boot sector, zero until now.
+            std::os::unix::fs::FileExt::write_all_at(&f, b"!", 0).unwrap();
+            bases += 1;
+        }
+    }
+    assert_eq!(
+        bases,
+        1,
+        "one base disk expected in {}",
+        steps_dir.display()
+    );
+    let (logs, d) = built(spec("echo v1 > last", "sleep 400000"), false).await;
+    assert!(
+        log_has(
+            &logs,
+            "step cache: the cached base disk of this image is damaged"
+        ),
+        "{logs:#?}"
+    );
+    assert!(!log_has(&logs, "(cached)"), "{logs:#?}");
+    assert_eq!(d.split_once('\n').unwrap().1, "v1 two /srv/app", "{d}");
+    let temps: Vec<_> = std::fs::read_dir(&steps_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "the private base was left: {temps:?}");
 }
 
 /// Points `repo:latest` in the test registry at `image` (a tag that moves, as on Docker

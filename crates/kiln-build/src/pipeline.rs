@@ -409,44 +409,44 @@ impl<'a> Layers<'a> {
             .collect();
         let mut publishing = true;
         let mut private = None;
-        let damaged = {
+        // The entries of the chain, in order, up to the first damaged or missing one.
+        let whole = {
             let cache = cache.clone();
             tokio::task::spawn_blocking(move || {
-                chain.iter().position(|k| {
-                    cache
-                        .lookup(k)
-                        .is_none_or(|e| !StepCache::verify(&e).unwrap_or(false))
-                })
+                chain
+                    .iter()
+                    .map_while(|k| cache.lookup(k).filter(|e| e.verify().unwrap_or(false)))
+                    .collect::<Vec<Entry>>()
             })
             .await
             .map_err(|e| BuildError::new(BuildErrorCode::BuildFailed, e.to_string()))?
         };
-        if let Some(p) = damaged {
-            // Position 0 is the base, position p the disk after step p. The steps before
-            // the damaged layer can still come from the cache; nothing is published on
-            // top of it (its key is taken, and later layers would stack on a private disk).
+        // Position 0 is the base, position p the disk after step p.
+        let damaged = whole.len();
+        if damaged <= cached {
+            // The steps before the damaged layer can still come from the cache; nothing
+            // is published on top of it (its key is taken, and later layers would stack
+            // on a private disk).
             publishing = false;
-            observer.system(if p == 0 {
+            observer.system(if damaged == 0 {
                 "step cache: the cached base disk of this image is damaged; building one \
                  for this build only (`kiln image prune` clears the cache)"
                     .to_owned()
             } else {
                 format!(
-                    "step cache: the cached disk after step {p}/{} is damaged or missing; \
-                     running the steps from step {p} on (`kiln image prune` clears the cache)",
+                    "step cache: the cached disk after step {damaged}/{} is damaged or \
+                     missing; running the steps from step {damaged} on (`kiln image prune` \
+                     clears the cache)",
                     keys.len()
                 )
             });
-            if p == 0 {
-                let (dir, entry) = make_base(true).await?;
-                private = dir;
-                (cached, top) = (0, entry);
-            } else {
-                let k = if p == 1 { &base } else { &keys[p - 2] };
-                let entry = cache.lookup(k).ok_or_else(|| {
-                    BuildError::new(BuildErrorCode::BuildFailed, "step cache: entry vanished")
-                })?;
-                (cached, top) = (p - 1, entry);
+            match whole.last() {
+                None => {
+                    let (dir, entry) = make_base(true).await?;
+                    private = dir;
+                    (cached, top) = (0, entry);
+                }
+                Some(entry) => (cached, top) = (damaged - 1, entry.clone()),
             }
         }
         Ok(Layers {

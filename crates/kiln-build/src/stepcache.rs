@@ -15,7 +15,7 @@
 //! <root>/.tmp-*               entries being written, renamed into place when whole
 //! ```
 //!
-//! A build checks the digests of the layers it reuses ([`StepCache::verify`]), so a layer
+//! A build checks the digests of the layers it reuses ([`Entry::verify`]), so a layer
 //! damaged on disk is never built on. Version 1 entries (no digest) are still used.
 //!
 //! Entries are immutable once published (a rename of a complete directory), because the
@@ -48,6 +48,18 @@ pub struct Entry {
     /// The layer's [`kiln_vm::digest::chunked_sha256`]; `None` for an env step's entry
     /// (its disk is its parent's) and for entries of meta version 1.
     pub digest: Option<String>,
+}
+
+impl Entry {
+    /// Whether the layer still has the digest it was published with (true when it has
+    /// none to check). Hashes the layer's data unless this process already checked it
+    /// unchanged.
+    pub fn verify(&self) -> Result<bool, StepCacheError> {
+        match &self.digest {
+            None => Ok(true),
+            Some(d) => kiln_vm::digest::check_chunked(&self.disk, d).map_err(StepCacheError::Disk),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -134,16 +146,6 @@ impl StepCache {
             disk: meta.disk,
             digest: meta.digest,
         })
-    }
-
-    /// Whether `entry`'s layer still has the digest it was published with (true when it
-    /// has none to check). Hashes the layer's data unless this process already checked
-    /// it unchanged.
-    pub fn verify(entry: &Entry) -> Result<bool, StepCacheError> {
-        match &entry.digest {
-            None => Ok(true),
-            Some(d) => kiln_vm::digest::check_chunked(&entry.disk, d).map_err(StepCacheError::Disk),
-        }
     }
 
     /// Publishes the base disk, made by `make` at the path it is given; the entry already

@@ -3,23 +3,48 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::future::Future;
 
 use common::{ready_template, request, team};
 use kiln_spec::RateLimitCode;
-use kiln_store::{Limits, NewSandbox, Store, StoreError};
+use kiln_store::{
+    Build, BuiltArtifact, Limits, NewSandbox, Sandbox, SandboxStatus, Store, StoreError, Team,
+    Template, TemplateStatus,
+};
 
 const RACERS: usize = 20;
 const LIMIT: u32 = 3;
 
-async fn file_store() -> (tempfile::TempDir, Store) {
+/// A store on a file under a fresh temp dir (in a subdirectory `open` must create), with one
+/// team, `acme`. The dir is removed when the returned guard drops.
+async fn file_store() -> (tempfile::TempDir, Store, Team) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("state/kiln.db")).await.unwrap();
-    (dir, store)
+    let acme = team(&store, "acme").await;
+    (dir, store, acme)
 }
 
-/// Splits results into (successes, limit refusals) and fails on anything else.
-fn tally<T>(results: Vec<Result<T, StoreError>>, code: RateLimitCode) -> (Vec<T>, usize) {
+/// Starts `RACERS` tasks at once, task `i` running `task(i)`, then collects their results.
+async fn race<T, Fut>(task: impl Fn(usize) -> Fut) -> Vec<T>
+where
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = (0..RACERS).map(|i| tokio::spawn(task(i))).collect();
+    let mut out = Vec::with_capacity(RACERS);
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// Checks that exactly `winners` racers succeeded and every other one was refused with
+/// `code` (any other error fails the test); returns the successes.
+fn expect_winners<T>(
+    results: Vec<Result<T, StoreError>>,
+    code: RateLimitCode,
+    winners: usize,
+) -> Vec<T> {
     let mut ok = Vec::new();
     let mut refused = 0;
     for r in results {
@@ -29,38 +54,59 @@ fn tally<T>(results: Vec<Result<T, StoreError>>, code: RateLimitCode) -> (Vec<T>
             Err(e) => panic!("unexpected error: {e:?}"),
         }
     }
-    (ok, refused)
+    assert_eq!(ok.len(), winners, "successes");
+    assert_eq!(refused, RACERS - winners, "refusals");
+    ok
 }
 
-async fn join_all<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.unwrap());
-    }
-    out
+/// Templates `t0`, `t1`, ... created at once under `limits`.
+async fn race_to_create_templates(
+    store: &Store,
+    team: &Team,
+    limits: Limits,
+) -> Vec<Result<(Template, Build), StoreError>> {
+    race(|i| {
+        let (store, team_id) = (store.clone(), team.id.clone());
+        async move {
+            store
+                .create_template_with_build(&team_id, &request(&format!("t{i}"), "v1"), &limits)
+                .await
+        }
+    })
+    .await
+}
+
+/// Sandboxes `s0`, `s1`, ... of `template` created at once under `limits`.
+async fn race_to_create_sandboxes(
+    store: &Store,
+    team: &Team,
+    template: &str,
+    limits: Limits,
+) -> Vec<Result<(Sandbox, String), StoreError>> {
+    race(|i| {
+        let (store, team_id) = (store.clone(), team.id.clone());
+        let new = NewSandbox {
+            template: template.to_owned(),
+            name: Some(format!("s{i}")),
+            ..Default::default()
+        };
+        async move { store.create_sandbox(&team_id, &new, &limits).await }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn template_limit_holds_under_concurrency() {
-    let (_dir, store) = file_store().await;
-    let team = Arc::new(team(&store, "acme").await);
+    let (_dir, store, team) = file_store().await;
     let limits = Limits {
         max_templates: LIMIT,
         ..Limits::UNLIMITED
     };
-    let handles = (0..RACERS)
-        .map(|i| {
-            let (store, team) = (store.clone(), team.clone());
-            tokio::spawn(async move {
-                store
-                    .create_template_with_build(&team.id, &request(&format!("t{i}"), "v1"), &limits)
-                    .await
-            })
-        })
-        .collect();
-    let (ok, refused) = tally(join_all(handles).await, RateLimitCode::TooManyTemplates);
-    assert_eq!(ok.len(), LIMIT as usize);
-    assert_eq!(refused, RACERS - LIMIT as usize);
+    expect_winners(
+        race_to_create_templates(&store, &team, limits).await,
+        RateLimitCode::TooManyTemplates,
+        LIMIT as usize,
+    );
     assert_eq!(store.list_templates(&team.id).await.unwrap().len(), 3);
     // Every winner got its build, and no loser left one behind.
     assert_eq!(store.pending_builds().await.unwrap().len(), 3);
@@ -68,70 +114,55 @@ async fn template_limit_holds_under_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn build_limit_holds_under_concurrency() {
-    let (_dir, store) = file_store().await;
-    let team = Arc::new(team(&store, "acme").await);
+    let (_dir, store, team) = file_store().await;
     let limits = Limits {
         max_concurrent_builds: LIMIT,
         ..Limits::UNLIMITED
     };
-    let handles = (0..RACERS)
-        .map(|i| {
-            let (store, team) = (store.clone(), team.clone());
-            tokio::spawn(async move {
-                store
-                    .create_template_with_build(&team.id, &request(&format!("t{i}"), "v1"), &limits)
-                    .await
-            })
-        })
-        .collect();
-    let (ok, refused) = tally(join_all(handles).await, RateLimitCode::TooManyBuilds);
-    assert_eq!(ok.len(), LIMIT as usize);
-    assert_eq!(refused, RACERS - LIMIT as usize);
+    let ok = expect_winners(
+        race_to_create_templates(&store, &team, limits).await,
+        RateLimitCode::TooManyBuilds,
+        LIMIT as usize,
+    );
     assert_eq!(store.list_templates(&team.id).await.unwrap().len(), 3);
 
     // Rebuilds with distinct specs race for the slots freed by finishing the builds.
     for (_, b) in &ok {
         store.start_build(&b.id).await.unwrap();
         store
-            .finish_build(&b.id, Ok(kiln_store::BuiltArtifact { size_bytes: 1 }))
+            .finish_build(&b.id, Ok(BuiltArtifact { size_bytes: 1 }))
             .await
             .unwrap();
     }
     let template = ok[0].0.id.clone();
-    let handles = (0..RACERS)
-        .map(|i| {
-            let (store, team, template) = (store.clone(), team.clone(), template.clone());
-            tokio::spawn(async move {
-                let spec = request("ignored", &format!("v{i}"));
-                store
-                    .start_rebuild(&team.id, &template, Some(&spec), &limits)
-                    .await
-            })
-        })
-        .collect();
-    let (ok, refused) = tally(join_all(handles).await, RateLimitCode::TooManyBuilds);
-    assert_eq!(ok.len(), LIMIT as usize);
+    let rebuilds = race(|i| {
+        let (store, team_id, template) = (store.clone(), team.id.clone(), template.clone());
+        async move {
+            let spec = request("ignored", &format!("v{i}"));
+            store
+                .start_rebuild(&team_id, &template, Some(&spec), &limits)
+                .await
+        }
+    })
+    .await;
+    let ok = expect_winners(rebuilds, RateLimitCode::TooManyBuilds, LIMIT as usize);
     assert!(ok.iter().all(|r| r.created));
-    assert_eq!(refused, RACERS - LIMIT as usize);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_identical_rebuilds_share_one_build() {
-    let (_dir, store) = file_store().await;
-    let team = Arc::new(team(&store, "acme").await);
+    let (_dir, store, team) = file_store().await;
     let (template, _) = ready_template(&store, &team, "web").await;
-    let handles = (0..RACERS)
-        .map(|_| {
-            let (store, team, template) = (store.clone(), team.clone(), template.clone());
-            tokio::spawn(async move {
-                store
-                    .start_rebuild(&team.id, &template, None, &Limits::UNLIMITED)
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    let results = join_all(handles).await;
+    let results = race(|_| {
+        let (store, team_id, template) = (store.clone(), team.id.clone(), template.clone());
+        async move {
+            store
+                .start_rebuild(&team_id, &template, None, &Limits::UNLIMITED)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
     assert_eq!(results.iter().filter(|r| r.created).count(), 1);
     let id = &results[0].build.id;
     assert!(results.iter().all(|r| &r.build.id == id));
@@ -143,51 +174,32 @@ async fn concurrent_identical_rebuilds_share_one_build() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sandbox_limit_holds_under_concurrency() {
-    let (_dir, store) = file_store().await;
-    let team = Arc::new(team(&store, "acme").await);
+    let (_dir, store, team) = file_store().await;
     let (template, _) = ready_template(&store, &team, "web").await;
     let limits = Limits {
         max_live_sandboxes: LIMIT,
         ..Limits::UNLIMITED
     };
-    let race = |store: Store, team: Arc<kiln_store::Team>, template: String| {
-        let handles = (0..RACERS)
-            .map(|i| {
-                let (store, team, template) = (store.clone(), team.clone(), template.clone());
-                tokio::spawn(async move {
-                    let new = NewSandbox {
-                        template,
-                        name: Some(format!("s{i}")),
-                        ..Default::default()
-                    };
-                    store.create_sandbox(&team.id, &new, &limits).await
-                })
-            })
-            .collect();
-        join_all(handles)
-    };
-    let (ok, refused) = tally(
-        race(store.clone(), team.clone(), template.clone()).await,
+    let ok = expect_winners(
+        race_to_create_sandboxes(&store, &team, &template, limits).await,
         RateLimitCode::TooManySandboxes,
+        LIMIT as usize,
     );
-    assert_eq!(ok.len(), LIMIT as usize);
-    assert_eq!(refused, RACERS - LIMIT as usize);
 
     // Failed and deleted sandboxes free their slot.
     store
-        .set_sandbox_status(&team.id, &ok[0].0.id, kiln_store::SandboxStatus::Failed)
+        .set_sandbox_status(&team.id, &ok[0].0.id, SandboxStatus::Failed)
         .await
         .unwrap();
     store
-        .set_sandbox_status(&team.id, &ok[1].0.id, kiln_store::SandboxStatus::Deleted)
+        .set_sandbox_status(&team.id, &ok[1].0.id, SandboxStatus::Deleted)
         .await
         .unwrap();
-    let (ok, refused) = tally(
-        race(store.clone(), team.clone(), template).await,
+    expect_winners(
+        race_to_create_sandboxes(&store, &team, &template, limits).await,
         RateLimitCode::TooManySandboxes,
+        2,
     );
-    assert_eq!(ok.len(), 2);
-    assert_eq!(refused, RACERS - 2);
 }
 
 #[tokio::test]
@@ -204,5 +216,5 @@ async fn reopening_keeps_data_and_migrations_are_idempotent() {
     let store = Store::open(&path).await.unwrap();
     let t = store.template_by_id_or_name(&team.id, "web").await.unwrap();
     assert_eq!(t.id, template);
-    assert_eq!(t.status, kiln_store::TemplateStatus::Ready);
+    assert_eq!(t.status, TemplateStatus::Ready);
 }

@@ -5,16 +5,16 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{ready_template, request, team};
+use common::{memory_store, pending_template, ready_template, request, store_with_team, team};
 use kiln_spec::{BuildErrorCode, CodedMessage, RateLimitCode};
 use kiln_store::*;
 
-async fn store() -> Store {
-    Store::open_in_memory().await.expect("open in-memory store")
-}
-
 fn is_invalid_transition<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
     matches!(r, Err(StoreError::InvalidTransition { .. }))
+}
+
+fn is_not_found<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::NotFound { .. }))
 }
 
 #[tokio::test]
@@ -68,7 +68,7 @@ async fn api_keys_are_hashed_and_authenticate_their_team() {
 
 #[tokio::test]
 async fn duplicate_team_is_a_conflict() {
-    let store = store().await;
+    let store = memory_store().await;
     team(&store, "a").await;
     assert!(matches!(
         store.create_team("a").await,
@@ -78,8 +78,7 @@ async fn duplicate_team_is_a_conflict() {
 
 #[tokio::test]
 async fn create_template_records_template_and_first_build() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
+    let (store, team) = store_with_team().await;
     let req = request("web", "v1");
     let (t, b) = store
         .create_template_with_build(&team.id, &req, &Limits::UNLIMITED)
@@ -130,22 +129,17 @@ async fn create_template_records_template_and_first_build() {
         Err(StoreError::Invalid(_))
     ));
     // Unknown team.
-    assert!(matches!(
+    assert!(is_not_found(
         store
             .create_template_with_build("nope", &request("y", "v1"), &Limits::UNLIMITED)
-            .await,
-        Err(StoreError::NotFound { .. })
+            .await
     ));
 }
 
 #[tokio::test]
 async fn build_lifecycle_and_guards() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
-    let (t, b) = store
-        .create_template_with_build(&team.id, &request("web", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (store, team) = store_with_team().await;
+    let (t, b) = pending_template(&store, &team, "web").await;
 
     // Cannot skip building.
     assert!(is_invalid_transition(store.mark_snapshotting(&b.id).await));
@@ -202,20 +196,13 @@ async fn build_lifecycle_and_guards() {
     ));
     // Cancel of a terminal build is a no-op.
     assert_eq!(store.cancel_build(&team.id, &b.id).await.unwrap(), done);
-    assert!(matches!(
-        store.start_build("missing").await,
-        Err(StoreError::NotFound { .. })
-    ));
+    assert!(is_not_found(store.start_build("missing").await));
 }
 
 #[tokio::test]
 async fn failed_build_carries_coded_message_to_template() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
-    let (t, b) = store
-        .create_template_with_build(&team.id, &request("web", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (store, team) = store_with_team().await;
+    let (t, b) = pending_template(&store, &team, "web").await;
     store.start_build(&b.id).await.unwrap();
     let failed = store
         .finish_build(
@@ -240,14 +227,10 @@ async fn failed_build_carries_coded_message_to_template() {
 
 #[tokio::test]
 async fn cancel_follows_artifact_presence() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
+    let (store, team) = store_with_team().await;
 
     // No artifact: the template fails.
-    let (t, b) = store
-        .create_template_with_build(&team.id, &request("fresh", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (t, b) = pending_template(&store, &team, "fresh").await;
     let c = store.cancel_build(&team.id, &b.id).await.unwrap();
     assert_eq!(c.status, BuildStatus::Cancelled);
     assert!(c.finalized_at.is_some());
@@ -275,8 +258,7 @@ async fn cancel_follows_artifact_presence() {
 
 #[tokio::test]
 async fn rebuild_is_idempotent_per_spec_and_limited() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
+    let (store, team) = store_with_team().await;
     let (tid, first) = ready_template(&store, &team, "web").await;
 
     let r1 = store
@@ -368,8 +350,7 @@ async fn rebuild_is_idempotent_per_spec_and_limited() {
 
 #[tokio::test]
 async fn template_limit_is_enforced() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
+    let (store, team) = store_with_team().await;
     let limits = Limits {
         max_templates: 2,
         ..Limits::UNLIMITED
@@ -403,64 +384,49 @@ async fn template_limit_is_enforced() {
 
 #[tokio::test]
 async fn teams_are_walls() {
-    let store = store().await;
+    let store = memory_store().await;
     let a = team(&store, "a").await;
     let b = team(&store, "b").await;
     let (tid, bid) = ready_template(&store, &a, "web").await;
 
-    let not_found = |r: Result<(), StoreError>| matches!(r, Err(StoreError::NotFound { .. }));
-    assert!(not_found(
-        store.template_by_id_or_name(&b.id, &tid).await.map(|_| ())
+    assert!(is_not_found(
+        store.template_by_id_or_name(&b.id, &tid).await
     ));
-    assert!(not_found(
-        store.template_by_id_or_name(&b.id, "web").await.map(|_| ())
+    assert!(is_not_found(
+        store.template_by_id_or_name(&b.id, "web").await
     ));
-    assert!(not_found(
-        store.delete_template(&b.id, &tid).await.map(|_| ())
-    ));
-    assert!(not_found(
-        store.delete_template(&b.id, "web").await.map(|_| ())
-    ));
-    assert!(not_found(
+    assert!(is_not_found(store.delete_template(&b.id, &tid).await));
+    assert!(is_not_found(store.delete_template(&b.id, "web").await));
+    assert!(is_not_found(
         store
             .start_rebuild(&b.id, &tid, None, &Limits::UNLIMITED)
             .await
-            .map(|_| ())
     ));
-    assert!(not_found(store.build_by_id(&b.id, &bid).await.map(|_| ())));
-    assert!(not_found(store.cancel_build(&b.id, &bid).await.map(|_| ())));
-    assert!(not_found(store.list_builds(&b.id, &tid).await.map(|_| ())));
+    assert!(is_not_found(store.build_by_id(&b.id, &bid).await));
+    assert!(is_not_found(store.cancel_build(&b.id, &bid).await));
+    assert!(is_not_found(store.list_builds(&b.id, &tid).await));
     let new = NewSandbox {
         template: tid.clone(),
         ..Default::default()
     };
-    assert!(not_found(
-        store
-            .create_sandbox(&b.id, &new, &Limits::UNLIMITED)
-            .await
-            .map(|_| ())
+    assert!(is_not_found(
+        store.create_sandbox(&b.id, &new, &Limits::UNLIMITED).await
     ));
     assert!(store.list_templates(&b.id).await.unwrap().is_empty());
 
     // The same name is free in another team.
-    store
-        .create_template_with_build(&b.id, &request("web", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    pending_template(&store, &b, "web").await;
 
     // Sandboxes too.
     let (sb, _) = store
         .create_sandbox(&a.id, &new, &Limits::UNLIMITED)
         .await
         .unwrap();
-    assert!(not_found(
-        store.sandbox_by_id(&b.id, &sb.id).await.map(|_| ())
-    ));
-    assert!(not_found(
+    assert!(is_not_found(store.sandbox_by_id(&b.id, &sb.id).await));
+    assert!(is_not_found(
         store
             .set_sandbox_status(&b.id, &sb.id, SandboxStatus::Deleted)
             .await
-            .map(|_| ())
     ));
     assert!(store
         .list_sandboxes(&b.id, &SandboxFilter::default())
@@ -477,34 +443,18 @@ async fn teams_are_walls() {
 
 #[tokio::test]
 async fn restart_marks_in_flight_builds_failed() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
+    let (store, team) = store_with_team().await;
     let (_, ready) = ready_template(&store, &team, "done").await;
-    let (t1, pending) = store
-        .create_template_with_build(&team.id, &request("p", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
-    let (_, building) = store
-        .create_template_with_build(&team.id, &request("b", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (t1, pending) = pending_template(&store, &team, "p").await;
+    let (_, building) = pending_template(&store, &team, "b").await;
     store.start_build(&building.id).await.unwrap();
-    let (_, snap) = store
-        .create_template_with_build(&team.id, &request("s", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (_, snap) = pending_template(&store, &team, "s").await;
     store.start_build(&snap.id).await.unwrap();
     store.mark_snapshotting(&snap.id).await.unwrap();
-    let (_, cancelled) = store
-        .create_template_with_build(&team.id, &request("c", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (_, cancelled) = pending_template(&store, &team, "c").await;
     store.cancel_build(&team.id, &cancelled.id).await.unwrap();
     // One run by a process that is still alive: not interrupted.
-    let (_, other) = store
-        .create_template_with_build(&team.id, &request("o", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (_, other) = pending_template(&store, &team, "o").await;
     store.claim_build(&other.id, 4242).await.unwrap();
     store.start_build(&other.id).await.unwrap();
     store.claim_build(&building.id, 999).await.unwrap();
@@ -556,14 +506,10 @@ async fn restart_marks_in_flight_builds_failed() {
 
 #[tokio::test]
 async fn sandbox_lifecycle_listing_and_template_deletion() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
+    let (store, team) = store_with_team().await;
 
     // Not ready yet: nothing to start from.
-    store
-        .create_template_with_build(&team.id, &request("web", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    pending_template(&store, &team, "web").await;
     let new = |name: &str, env: &str| NewSandbox {
         template: "web".into(),
         name: Some(name.into()),
@@ -744,23 +690,13 @@ async fn sandbox_lifecycle_listing_and_template_deletion() {
     let (gone, builds) = store.delete_template(&team.id, "api").await.unwrap();
     assert_eq!(gone.id, tid);
     assert_eq!(builds.len(), 1);
-    assert!(matches!(
-        store.template_by_id_or_name(&team.id, &tid).await,
-        Err(StoreError::NotFound { .. })
+    assert!(is_not_found(
+        store.template_by_id_or_name(&team.id, &tid).await
     ));
-    assert!(matches!(
-        store.get_build(&bid).await,
-        Err(StoreError::NotFound { .. })
-    ));
-    assert!(matches!(
-        store.sandbox_by_id(&team.id, &s1.id).await,
-        Err(StoreError::NotFound { .. })
-    ));
+    assert!(is_not_found(store.get_build(&bid).await));
+    assert!(is_not_found(store.sandbox_by_id(&team.id, &s1.id).await));
     // The name is free again.
-    store
-        .create_template_with_build(&team.id, &request("api", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    pending_template(&store, &team, "api").await;
 }
 
 #[tokio::test]
@@ -816,12 +752,8 @@ async fn sandbox_transition_table() {
 
 #[tokio::test]
 async fn logs_append_read_since_and_follow_live() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
-    let (_, b) = store
-        .create_template_with_build(&team.id, &request("web", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (store, team) = store_with_team().await;
+    let (_, b) = pending_template(&store, &team, "web").await;
     store.start_build(&b.id).await.unwrap();
 
     let last = store
@@ -845,11 +777,10 @@ async fn logs_append_read_since_and_follow_live() {
     assert_eq!(tail[0].text, "warning");
     assert!(store.logs_since(&b.id, 3).await.unwrap().is_empty());
     assert_eq!(store.append_logs(&b.id, &[]).await.unwrap(), 3);
-    assert!(matches!(
+    assert!(is_not_found(
         store
             .append_logs("missing", &[NewLogLine::now(LogStream::Stdout, "x")])
-            .await,
-        Err(StoreError::NotFound { .. })
+            .await
     ));
 
     // A follower resuming after seq 1: history first, then live lines, then the end.
@@ -902,20 +833,13 @@ async fn logs_append_read_since_and_follow_live() {
     // Subscribing to a finished build: already finished.
     let rx = store.subscribe_logs(&b.id).await.unwrap();
     assert!(rx.borrow().finished);
-    assert!(matches!(
-        store.subscribe_logs("missing").await,
-        Err(StoreError::NotFound { .. })
-    ));
+    assert!(is_not_found(store.subscribe_logs("missing").await));
 }
 
 #[tokio::test]
 async fn log_follower_resumes_and_ends_with_the_build() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
-    let (_, b) = store
-        .create_template_with_build(&team.id, &request("web", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (store, team) = store_with_team().await;
+    let (_, b) = pending_template(&store, &team, "web").await;
     let line = |t: &str| NewLogLine::now(LogStream::Stdout, t);
     store
         .append_logs(&b.id, &[line("a"), line("b")])
@@ -969,12 +893,8 @@ async fn log_follower_resumes_and_ends_with_the_build() {
 
 #[tokio::test]
 async fn a_live_follower_is_woken_without_polling() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
-    let (_, b) = store
-        .create_template_with_build(&team.id, &request("web", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (store, team) = store_with_team().await;
+    let (_, b) = pending_template(&store, &team, "web").await;
     let mut rx = store.subscribe_logs(&b.id).await.unwrap();
     let waiter = tokio::spawn(async move {
         rx.changed().await.unwrap();
@@ -995,13 +915,9 @@ async fn a_live_follower_is_woken_without_polling() {
 
 #[tokio::test]
 async fn image_digests_in_use_are_those_of_existing_templates() {
-    let store = store().await;
-    let team = team(&store, "acme").await;
+    let (store, team) = store_with_team().await;
     assert!(store.image_digests_in_use().await.unwrap().is_empty());
-    let (_, b) = store
-        .create_template_with_build(&team.id, &request("web", "v1"), &Limits::UNLIMITED)
-        .await
-        .unwrap();
+    let (_, b) = pending_template(&store, &team, "web").await;
     store.start_build(&b.id).await.unwrap();
     store
         .set_build_image_digest(&b.id, "sha256:abc")

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kiln_agent_proto::frame::{channel, DATA_CHUNK};
 use kiln_agent_proto::{AgentMsg, ErrorCode, ExecRequest, ExitStatus, PidStatus};
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::unistd::{getuid, setgid, setgroups, setsid, setuid, Gid, Pid, Uid};
 
 use crate::server::{io_code, spawn_worker, Ctx, Entry, Input};
 use crate::users::{self, ResolvedUser};
@@ -59,29 +62,25 @@ fn command(
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c").arg(&req.command);
     cmd.env_clear().envs(env).current_dir(cwd);
-    let (uid, gid) = (user.uid, user.gid);
-    let groups: Vec<libc::gid_t> = user.groups.clone();
-    // SAFETY: the closure only makes async-signal-safe syscalls on pre-allocated data.
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    let groups: Vec<Gid> = user.groups.iter().copied().map(Gid::from_raw).collect();
+    let empty = SigSet::empty();
+    // SAFETY: the closure runs in the forked child, where only async-signal-safe calls
+    // are allowed: it makes plain syscalls on data allocated before the fork and
+    // allocates nothing itself.
     unsafe {
         cmd.pre_exec(move || {
             // PID 1 blocks SIGTERM/SIGINT in every thread so that only its forwarder
             // receives them; a child must not inherit that mask, or it could never be
             // stopped politely.
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getuid() == 0 {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if uid != libc::getuid() {
-                return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+            let _ = empty.thread_set_mask();
+            setsid()?;
+            if getuid().is_root() {
+                setgroups(&groups)?;
+                setgid(gid)?;
+                setuid(uid)?;
+            } else if uid != getuid() {
+                return Err(Errno::EPERM.into());
             }
             Ok(())
         });
@@ -200,8 +199,7 @@ pub fn start(ctx: Ctx, req: ExecRequest) -> Option<Entry> {
             Some(t) => match exit_rx.recv_timeout(t) {
                 Ok(s) => s,
                 Err(_) => {
-                    // SAFETY: kill(2) on the exec's own process group.
-                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                     let mut s = exit_rx.recv().unwrap_or_default();
                     s.timed_out = true;
                     s
@@ -332,9 +330,7 @@ pub fn kill_pid(ctx: &Ctx, pid: i32, signal: i32, group: bool) {
         return;
     }
     let target = if group { -pid } else { pid };
-    // SAFETY: plain kill(2).
-    if unsafe { libc::kill(target, signal) } != 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = crate::procs::kill(target, signal) {
         ctx.error(io_code(&e), format!("kill: {e}"));
         return;
     }

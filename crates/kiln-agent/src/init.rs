@@ -2,13 +2,21 @@
 //! chores in the real root (mounts, hostname, network, signal forwarding).
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::MsFlags;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::unistd::{dup2, Pid};
 
 use crate::net;
 use crate::procs::Procs;
@@ -25,46 +33,23 @@ pub fn cmdline() -> HashMap<String, String> {
         .collect()
 }
 
-fn cstr(s: &str) -> Result<CString> {
-    CString::new(s).context("nul byte in string")
-}
-
-/// mount(2); `EBUSY` (already mounted) is not an error.
-pub fn mount(
-    src: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> Result<()> {
+/// mount(2); an empty `fstype` or `data` is passed as NULL. `EBUSY` (already mounted)
+/// is not an error.
+pub fn mount(src: &str, target: &str, fstype: &str, flags: MsFlags, data: &str) -> Result<()> {
     let _ = std::fs::create_dir_all(target);
-    let (s, t, f, d) = (cstr(src)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
-    // SAFETY: valid NUL-terminated strings.
-    let r = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            if fstype.is_empty() {
-                std::ptr::null()
-            } else {
-                f.as_ptr()
-            },
-            flags,
-            if data.is_empty() {
-                std::ptr::null()
-            } else {
-                d.as_ptr().cast()
-            },
-        )
-    };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            return Ok(());
-        }
-        bail!("mount {src} on {target} ({fstype}): {e}");
+    match nix::mount::mount(
+        Some(src),
+        target,
+        (!fstype.is_empty()).then_some(fstype),
+        flags,
+        (!data.is_empty()).then_some(data),
+    ) {
+        Ok(()) | Err(Errno::EBUSY) => Ok(()),
+        Err(e) => bail!(
+            "mount {src} on {target} ({fstype}): {}",
+            std::io::Error::from(e)
+        ),
     }
-    Ok(())
 }
 
 fn is_mountpoint(target: &str) -> bool {
@@ -74,7 +59,7 @@ fn is_mountpoint(target: &str) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(target))
 }
 
-fn mount_if_missing(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
+fn mount_if_missing(src: &str, target: &str, fstype: &str, flags: MsFlags, data: &str) {
     if is_mountpoint(target) {
         return;
     }
@@ -86,8 +71,7 @@ fn mount_if_missing(src: &str, target: &str, fstype: &str, flags: libc::c_ulong,
 /// Make sure fds 0/1/2 exist and point at the console (the initramfs may lack
 /// /dev/console, in which case the kernel started us with no fds at all).
 fn ensure_console() {
-    // SAFETY: fcntl F_GETFD only queries.
-    let have_stderr = unsafe { libc::fcntl(2, libc::F_GETFD) } >= 0;
+    let have_stderr = fcntl(2, FcntlArg::F_GETFD).is_ok();
     if have_stderr {
         return;
     }
@@ -98,8 +82,7 @@ fn ensure_console() {
     {
         let fd = f.as_raw_fd();
         for target in 0..3 {
-            // SAFETY: dup2 onto the standard fds.
-            unsafe { libc::dup2(fd, target) };
+            let _ = dup2(fd, target);
         }
         if fd > 2 {
             // Keep the standard fds, drop the original.
@@ -112,17 +95,14 @@ fn ensure_console() {
 
 fn load_module(path: &Path) -> Result<()> {
     let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let empty = cstr("")?;
-    // SAFETY: finit_module(fd, "", 0) with a valid fd and params string.
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), empty.as_ptr(), 0) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(());
-        }
-        bail!("finit_module {}: {e}", path.display());
+    match finit_module(&f, c"", ModuleInitFlags::empty()) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(e) => bail!(
+            "finit_module {}: {}",
+            path.display(),
+            std::io::Error::from(e)
+        ),
     }
-    Ok(())
 }
 
 fn wait_for(path: &Path, timeout: Duration) -> bool {
@@ -138,20 +118,26 @@ fn wait_for(path: &Path, timeout: Duration) -> bool {
 
 /// The initramfs stage: modules, root disk, switch_root into it.
 pub fn initramfs_stage() -> Result<()> {
-    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
+    mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        "mode=0755",
+    )?;
     ensure_console();
     mount(
         "proc",
         "/proc",
         "proc",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         "",
     )?;
     mount(
         "sysfs",
         "/sys",
         "sysfs",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         "",
     )?;
     let args = cmdline();
@@ -175,11 +161,11 @@ pub fn initramfs_stage() -> Result<()> {
         bail!("root device {root_dev} did not appear within 10 s");
     }
     let fstype = args.get("rootfstype").map_or("ext4", String::as_str);
-    mount(&root_dev, "/newroot", fstype, 0, "")?;
+    mount(&root_dev, "/newroot", fstype, MsFlags::empty(), "")?;
     for d in ["dev", "proc", "sys"] {
         let target = format!("/newroot/{d}");
         let _ = std::fs::create_dir_all(&target);
-        mount(&format!("/{d}"), &target, "", libc::MS_MOVE, "")?;
+        mount(&format!("/{d}"), &target, "", MsFlags::MS_MOVE, "")?;
     }
     // Free the initramfs copies of the agent and modules (they would otherwise sit in
     // every VM's RAM and every memory snapshot). The running binary stays mapped.
@@ -187,12 +173,10 @@ pub fn initramfs_stage() -> Result<()> {
     let _ = std::fs::remove_dir_all("/lib/modules/kiln");
     let _ = std::fs::remove_dir_all("/kiln");
     std::env::set_current_dir("/newroot").context("chdir /newroot")?;
-    mount(".", "/", "", libc::MS_MOVE, "")?;
-    let dot = cstr(".")?;
-    // SAFETY: chroot into the new root we just moved onto /.
-    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        bail!("chroot: {}", std::io::Error::last_os_error());
-    }
+    mount(".", "/", "", MsFlags::MS_MOVE, "")?;
+    nix::unistd::chroot(".")
+        .map_err(std::io::Error::from)
+        .context("chroot")?;
     std::env::set_current_dir("/").context("chdir /")?;
     tracing::info!(root = %root_dev, "switched to the root disk");
     Ok(())
@@ -204,23 +188,41 @@ pub fn mount_proc() {
         "proc",
         "/proc",
         "proc",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         "",
     );
 }
 
 /// Init chores in the real root.
 pub fn real_root_setup(args: &HashMap<String, String>) {
-    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
-    mount_if_missing("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount_if_missing(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        "mode=0755",
+    );
     ensure_console();
-    mount_if_missing("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, "");
-    mount_if_missing("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, "");
+    mount_if_missing(
+        "proc",
+        "/proc",
+        "proc",
+        nosuid_nodev | MsFlags::MS_NOEXEC,
+        "",
+    );
+    mount_if_missing(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        nosuid_nodev | MsFlags::MS_NOEXEC,
+        "",
+    );
     mount_if_missing(
         "devpts",
         "/dev/pts",
         "devpts",
-        libc::MS_NOSUID | libc::MS_NOEXEC,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         "gid=5,mode=620,ptmxmode=666",
     );
     mount_if_missing("shm", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777");
@@ -251,10 +253,8 @@ pub fn real_root_setup(args: &HashMap<String, String>) {
 }
 
 fn set_hostname(name: &str) {
-    // SAFETY: pointer + length of a live buffer.
-    let r = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
-    if r != 0 {
-        tracing::warn!("sethostname: {}", std::io::Error::last_os_error());
+    if let Err(e) = nix::unistd::sethostname(name) {
+        tracing::warn!("sethostname: {}", std::io::Error::from(e));
     }
     let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
     if !hosts.split_whitespace().any(|w| w == name) {
@@ -292,48 +292,31 @@ pub fn find_port(port_name: &str, timeout: Duration) -> Result<PathBuf> {
     }
 }
 
-fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: initialising a sigset_t on the stack.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &s in signals {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    }
-}
-
-fn term_signals() -> libc::sigset_t {
-    sigset(&[libc::SIGTERM, libc::SIGINT])
+fn sigset(signals: &[Signal]) -> SigSet {
+    signals.iter().copied().collect()
 }
 
 /// Block SIGTERM/SIGINT in this (the main) thread; threads created later inherit the
 /// mask, so only [`forward_signals`]' `sigwait` ever receives them. SIGIO is blocked too:
-/// it only ever wakes the port loop's `sigtimedwait` (see [`arm_port_sigio`]). Children
+/// it only ever wakes the port loop through a signalfd (see [`arm_port_sigio`]). Children
 /// reset their mask before exec (see `exec::command`).
 pub fn block_signals() {
-    let set = sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGIO]);
-    // SAFETY: valid sigset.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let _ = sigset(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGIO]).thread_block();
 }
 
 /// PID 1 forwards SIGTERM/SIGINT to every process it started (their process groups).
 /// The kernel never delivers unhandled signals to PID 1, so this is the only way a
 /// `kill 1` / ctrl-alt-del reaches the workload.
 pub fn forward_signals(procs: std::sync::Arc<Procs>) {
-    let set = term_signals();
+    let set = sigset(&[Signal::SIGTERM, Signal::SIGINT]);
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: valid sigset and out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            if let Ok(sig) = set.wait() {
                 for pid in procs.running_pids() {
-                    // SAFETY: plain kill(2) on a child's process group.
-                    unsafe { libc::kill(-pid, sig) };
+                    let _ = killpg(Pid::from_raw(pid), sig);
                 }
-                tracing::info!(sig, "forwarded signal to children");
+                tracing::info!(sig = sig as i32, "forwarded signal to children");
             }
         });
 }
@@ -348,36 +331,47 @@ pub fn forward_signals(procs: std::sync::Arc<Procs>) {
 /// console driver raises SIGIO on the port-open control message, which is exactly the
 /// event needed. Without it (a port that refuses `O_ASYNC`) [`wait_for_host`] falls
 /// back to a short timer.
-pub fn arm_port_sigio(fd: std::os::fd::RawFd) {
-    // SAFETY: fcntl on an fd we own. The signal goes to the process; every thread
-    // blocks SIGIO, so it stays pending until the port loop's `sigtimedwait` takes it.
-    let armed = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETOWN, libc::getpid()) == 0
-            && flags >= 0
-            && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC) == 0
-    };
-    PORT_SIGIO.store(armed, std::sync::atomic::Ordering::Relaxed);
-    if !armed {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "agent port without SIGIO; polling for the host");
+pub fn arm_port_sigio(port: BorrowedFd<'_>) {
+    match port_sigio(port) {
+        Ok(sigio) => {
+            let _ = PORT_SIGIO.set(sigio);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "agent port without SIGIO; polling for the host")
+        }
     }
 }
 
-static PORT_SIGIO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Directs the port's SIGIO at this process and returns a signalfd that reads it. Every
+/// thread blocks SIGIO, so it stays pending until [`wait_for_host`] takes it.
+fn port_sigio(port: BorrowedFd<'_>) -> std::io::Result<SignalFd> {
+    let fd = port.as_raw_fd();
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    // SAFETY: F_SETOWN takes a plain integer (the pid to signal) and no pointer, and `fd`
+    // is borrowed, so open for the whole call. Neither nix nor rustix wraps F_SETOWN.
+    if unsafe { libc::fcntl(fd, libc::F_SETOWN, std::process::id() as libc::c_int) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_ASYNC))?;
+    let sigio = sigset(&[Signal::SIGIO]);
+    Ok(SignalFd::with_flags(
+        &sigio,
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )?)
+}
+
+/// Reads the port's SIGIO once [`arm_port_sigio`] succeeded.
+static PORT_SIGIO: OnceLock<SignalFd> = OnceLock::new();
 
 /// Called by the port loop while no host is connected: returns on the kernel's SIGIO
 /// (consuming it; a stale one costs one extra turn of the loop) or after a timer that
 /// only backs it up.
 pub fn wait_for_host() {
-    if !PORT_SIGIO.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let Some(sigio) = PORT_SIGIO.get() else {
+        std::thread::sleep(Duration::from_millis(50));
         return;
-    }
-    let set = sigset(&[libc::SIGIO]);
-    let ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 250_000_000,
     };
-    // SAFETY: valid sigset and timespec; a null siginfo pointer is allowed.
-    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    let mut fds = [PollFd::new(sigio.as_fd(), PollFlags::POLLIN)];
+    let _ = poll(&mut fds, PollTimeout::from(250u16));
+    let _ = sigio.read_signal();
 }

@@ -12,7 +12,7 @@ mod server;
 mod users;
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -100,11 +100,8 @@ fn main() {
         eprintln!("kiln-agent: fatal: {e:#}");
         if pid1 {
             // Exiting would panic the kernel; power off so the host sees QEMU exit quickly.
-            // SAFETY: sync + reboot(2) as PID 1.
-            unsafe {
-                libc::sync();
-                libc::reboot(libc::RB_POWER_OFF);
-            }
+            nix::unistd::sync();
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
@@ -140,12 +137,11 @@ fn run_unix(path: PathBuf, args: Args) -> Result<()> {
                 continue;
             }
         }
-        let fd = conn.as_raw_fd();
         if args.sticky {
-            server::serve(&agent, &mut conn, fd, Transport::Socket, &mut sticky_state);
+            server::serve(&agent, &mut conn, Transport::Socket, &mut sticky_state);
         } else {
             let mut st = ServeState::default();
-            server::serve(&agent, &mut conn, fd, Transport::Socket, &mut st);
+            server::serve(&agent, &mut conn, Transport::Socket, &mut st);
         }
         tracing::info!("host connection closed");
     }
@@ -179,14 +175,13 @@ fn run_pid1() -> Result<()> {
     tracing::info!(port = %port_path.display(), "serving");
     println!("kiln-agent: ready");
     let _ = std::io::stdout().flush();
-    let fd = port.as_raw_fd();
-    init::arm_port_sigio(fd);
+    init::arm_port_sigio(port.as_fd());
     loop {
         // PID 1 must never die (the kernel would panic): a bug that panics the serving
         // loop costs the current connection state, not the VM.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut st = ServeState::default();
-            server::serve(&agent, &mut port, fd, Transport::Port, &mut st);
+            server::serve(&agent, &mut port, Transport::Port, &mut st);
         }));
         if r.is_err() {
             tracing::error!("serving loop panicked; restarting it");

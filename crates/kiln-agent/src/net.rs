@@ -7,8 +7,10 @@
 //! resolved by the proxy, on the host, where the sandbox's rules are applied.
 
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 const ETH_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 const ETH_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
@@ -64,21 +66,22 @@ struct RtEntry {
     rt_irtt: libc::c_ushort,
 }
 
+/// An IPv4 `sockaddr_in` (port 0) in its generic `sockaddr` form, as the ioctls take it:
+/// `sa_data` holds the port and then the address, both in network byte order.
 fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
-    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    let mut sa_data = [0; 14];
+    for (d, s) in sa_data[2..6].iter_mut().zip(ip.octets()) {
+        *d = s as libc::c_char;
+    }
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data,
+    }
 }
 
 fn ifreq(name: &str) -> Result<libc::ifreq> {
-    // SAFETY: all-zero ifreq is valid.
+    // SAFETY: `ifreq` is plain data (a name array and a union of integers, sockaddrs and
+    // a pointer nothing here reads), so all zeroes is a valid value.
     let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
     if name.len() >= r.ifr_name.len() {
         bail!("interface name too long");
@@ -89,28 +92,28 @@ fn ifreq(name: &str) -> Result<libc::ifreq> {
     Ok(r)
 }
 
-struct Sock(libc::c_int);
-
-impl Drop for Sock {
-    fn drop(&mut self) {
-        // SAFETY: closing our own socket.
-        unsafe { libc::close(self.0) };
-    }
-}
+/// A datagram socket, only there to carry the interface and route ioctls.
+struct Sock(OwnedFd);
 
 impl Sock {
     fn new() -> Result<Self> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(std::io::Error::from)
+        .context("socket")?;
         Ok(Self(fd))
     }
 
+    /// Neither nix nor rustix wraps the interface and route ioctls used here.
     fn ioctl<T>(&self, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<()> {
-        // SAFETY: arg points to the struct the request expects.
-        let r = unsafe { libc::ioctl(self.0, req as _, arg as *mut T) };
+        // SAFETY: the fd is ours and open; each caller passes the struct its request
+        // reads and writes (`ifreq` for SIOC[GS]IF*, `RtEntry` for SIOCADDRT), and the
+        // kernel only touches it for the duration of the call.
+        let r = unsafe { libc::ioctl(self.0.as_raw_fd(), req as _, arg as *mut T) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EEXIST) {
@@ -124,7 +127,8 @@ impl Sock {
     fn up(&self, name: &str) -> Result<()> {
         let mut r = ifreq(name)?;
         self.ioctl(libc::SIOCGIFFLAGS, &mut r, "SIOCGIFFLAGS")?;
-        // SAFETY: union field written by SIOCGIFFLAGS.
+        // SAFETY: SIOCGIFFLAGS succeeded, so the union holds the flags; an integer field
+        // is valid for any bits anyway.
         unsafe {
             r.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         }
@@ -141,12 +145,23 @@ impl Sock {
     }
 
     fn default_route(&self, gw: Ipv4Addr) -> Result<()> {
-        // SAFETY: all-zero rtentry is valid.
-        let mut rt: RtEntry = unsafe { std::mem::zeroed() };
-        rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-        rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-        rt.rt_gateway = sockaddr_in(gw);
-        rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+        let mut rt = RtEntry {
+            rt_pad1: 0,
+            rt_dst: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+            rt_gateway: sockaddr_in(gw),
+            rt_genmask: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+            rt_flags: (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort,
+            rt_pad2: 0,
+            rt_pad3: 0,
+            rt_tos: 0,
+            rt_class: 0,
+            rt_pad4: [0; 3],
+            rt_metric: 0,
+            rt_dev: std::ptr::null_mut(),
+            rt_mtu: 0,
+            rt_window: 0,
+            rt_irtt: 0,
+        };
         self.ioctl(libc::SIOCADDRT, &mut rt, "SIOCADDRT")
     }
 }

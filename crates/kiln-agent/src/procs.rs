@@ -15,6 +15,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kiln_agent_proto::ExitStatus;
+use nix::errno::Errno;
+use nix::unistd::Pid;
+use rustix::process::{WaitOptions, WaitStatus};
 
 /// How many exit statuses of background processes are remembered.
 const EXITED_CAP: usize = 4096;
@@ -101,9 +104,10 @@ impl Procs {
             }
             if !st.running.contains_key(&pid) {
                 // Not ours (or reaped by its own exec): ask the kernel.
-                // SAFETY: kill with signal 0 only checks for existence.
-                let alive = unsafe { libc::kill(pid, 0) } == 0
-                    || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+                let alive = matches!(
+                    nix::sys::signal::kill(Pid::from_raw(pid), None),
+                    Ok(()) | Err(Errno::EPERM)
+                );
                 return alive.then_some((true, None));
             }
             let now = Instant::now();
@@ -120,23 +124,16 @@ impl Procs {
 
     fn reaper(&self) {
         loop {
-            // SAFETY: zeroed siginfo_t is a valid out-parameter for waitid.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: valid pointer; WNOWAIT leaves the zombie in place.
-            let r =
-                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
-            if r < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EINTR) {
+            let pid = match peek_zombie() {
+                Ok(pid) => pid,
+                Err(Errno::EINTR) => continue,
+                Err(_) => {
+                    // ECHILD: nothing to wait for until the next spawn.
+                    let st = self.lock();
+                    let _ = self.cv.wait_timeout(st, Duration::from_millis(200));
                     continue;
                 }
-                // ECHILD: nothing to wait for until the next spawn.
-                let st = self.lock();
-                let _ = self.cv.wait_timeout(st, Duration::from_millis(200));
-                continue;
-            }
-            // SAFETY: waitid filled a SIGCHLD siginfo.
-            let pid = unsafe { info.si_pid() };
+            };
             if pid <= 0 {
                 continue;
             }
@@ -147,12 +144,12 @@ impl Procs {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
-            let mut status = 0;
-            // SAFETY: reaping a zombie we just observed.
-            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            if r != pid {
+            // The raw status keeps a death by a realtime signal (nix's would not).
+            let reaped = rustix::process::Pid::from_raw(pid)
+                .and_then(|p| rustix::process::waitpid(Some(p), WaitOptions::NOHANG).ok()?);
+            let Some((_, status)) = reaped else {
                 continue;
-            }
+            };
             let es = decode_status(status);
             match st.running.remove(&pid) {
                 Some(w) => {
@@ -177,20 +174,50 @@ impl Procs {
     }
 }
 
-pub fn decode_status(status: i32) -> ExitStatus {
-    if libc::WIFEXITED(status) {
+/// The pid of the next child that exited, left unreaped (`waitid(P_ALL, WEXITED |
+/// WNOWAIT)`); 0 if there was none.
+///
+/// Neither crate fits: nix decodes the status too and fails with `EINVAL` for a child
+/// killed by a realtime signal, and as WNOWAIT leaves that zombie in place the reaper
+/// would see it (and that error) forever; rustix's result does not carry the pid.
+fn peek_zombie() -> Result<i32, Errno> {
+    // SAFETY: an all-zero `siginfo_t` is a valid value (plain integers and a union of
+    // them); it stays zero (pid 0) if no child is waitable.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a live, writable `siginfo_t` for the call; WNOWAIT leaves the
+    // zombie in place.
+    let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+    Errno::result(r)?;
+    // SAFETY: `waitid` succeeded, so `info` is zero or a SIGCHLD siginfo, whose union
+    // holds the child fields `si_pid` reads.
+    Ok(unsafe { info.si_pid() })
+}
+
+pub fn decode_status(status: WaitStatus) -> ExitStatus {
+    if let Some(code) = status.exit_status() {
         ExitStatus {
-            code: Some(libc::WEXITSTATUS(status)),
+            code: Some(code),
             signal: None,
             timed_out: false,
         }
-    } else if libc::WIFSIGNALED(status) {
+    } else if let Some(signal) = status.terminating_signal() {
         ExitStatus {
             code: None,
-            signal: Some(libc::WTERMSIG(status)),
+            signal: Some(signal),
             timed_out: false,
         }
     } else {
         ExitStatus::default()
     }
+}
+
+/// kill(2) with a raw signal number: the host may send any signal up to 64, realtime
+/// ones included, which neither nix's `Signal` nor rustix's named signals can express.
+pub fn kill(target: i32, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill(2) takes two plain integers and touches no memory of ours; an invalid
+    // signal number is refused by the kernel with EINVAL.
+    if unsafe { libc::kill(target, signal) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

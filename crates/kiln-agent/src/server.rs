@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
@@ -23,6 +23,10 @@ use kiln_agent_proto::{
     AgentMsg, DecodeEvent, Decoder, ErrorCode, ErrorReply, Frame, FrameKind, Health, HelloAck,
     HostMsg, RuntimeDefaults, INITIAL_WINDOW, MAX_CONTROL, PROTOCOL_VERSION,
 };
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::time::TimeSpec;
+use nix::time::{clock_settime, ClockId};
 
 use crate::procs::Procs;
 use crate::{exec, files};
@@ -290,23 +294,15 @@ impl Agent {
     }
 }
 
-fn poll_in(fd: RawFd, timeout: Option<Duration>) -> std::io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.map_or(-1, |d| d.as_millis().clamp(1, i32::MAX as u128) as i32);
-    // SAFETY: one valid pollfd.
-    let r = unsafe { libc::poll(&mut p, 1, ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
+fn poll_in(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> std::io::Result<bool> {
+    let timeout = timeout.map_or(PollTimeout::NONE, |d| {
+        PollTimeout::try_from(d.as_millis().max(1)).unwrap_or(PollTimeout::MAX)
+    });
+    match poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], timeout) {
+        Ok(n) => Ok(n > 0),
+        Err(Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    Ok(r > 0)
 }
 
 /// Decoder state of one byte stream. Normally fresh per socket connection; the
@@ -330,8 +326,7 @@ impl Default for ServeState {
 /// Serve one byte stream until it ends (sockets) or forever (port).
 pub fn serve(
     agent: &Arc<Agent>,
-    conn: &mut dyn Read,
-    fd: RawFd,
+    conn: &mut (impl Read + AsFd),
     transport: Transport,
     state: &mut ServeState,
 ) {
@@ -346,7 +341,7 @@ pub fn serve(
                 .checked_sub(t.elapsed())
                 .unwrap_or(Duration::from_secs(1))
         });
-        match poll_in(fd, timeout) {
+        match poll_in(conn.as_fd(), timeout) {
             Ok(true) => {}
             Ok(false) => {
                 try_expire(agent, dec, streams, &mut frame_started);
@@ -531,8 +526,7 @@ fn handle_frame(agent: &Arc<Agent>, streams: &mut HashMap<u32, Entry>, f: Frame)
             };
             if let HostMsg::Signal { signal } = msg {
                 if let Some(pid) = streams.get(&f.stream).and_then(|e| e.pid) {
-                    // SAFETY: plain kill(2) on the exec's process group.
-                    unsafe { libc::kill(-pid, signal) };
+                    let _ = crate::procs::kill(-pid, signal);
                 }
                 return;
             }
@@ -648,13 +642,12 @@ fn set_clock(ctx: &Ctx, unix_nanos: i64) {
         ctx.reply(&AgentMsg::ClockSet { applied: false });
         return;
     }
-    let ts = libc::timespec {
-        tv_sec: unix_nanos.div_euclid(1_000_000_000),
-        tv_nsec: unix_nanos.rem_euclid(1_000_000_000),
-    };
-    // SAFETY: valid timespec.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        let e = std::io::Error::last_os_error();
+    let ts = TimeSpec::new(
+        unix_nanos.div_euclid(1_000_000_000),
+        unix_nanos.rem_euclid(1_000_000_000),
+    );
+    if let Err(e) = clock_settime(ClockId::CLOCK_REALTIME, ts) {
+        let e = std::io::Error::from(e);
         ctx.error(ErrorCode::PermissionDenied, format!("clock_settime: {e}"));
         return;
     }

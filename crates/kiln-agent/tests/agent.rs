@@ -222,6 +222,39 @@ async fn signal_and_timeout() {
     assert!(t0.elapsed() < Duration::from_secs(5));
 }
 
+/// The host may send any signal up to 64: a realtime one is delivered too, the death it
+/// causes is reported like any other, and the reaper carries on afterwards.
+#[tokio::test]
+async fn realtime_signals_are_delivered_and_reported() {
+    let rt = libc::SIGRTMIN() + 2;
+    let a = start_agent(&[]);
+    let c = connect(&a).await;
+    let mut h = c.exec(sh("echo started; exec sleep 30")).await.unwrap();
+    match h.next_event().await.unwrap() {
+        Some(ExecEvent::Stdout(b)) => assert_eq!(&b[..], b"started\n"),
+        other => panic!("{other:?}"),
+    }
+    h.signal(rt).unwrap();
+    // A reaper that cannot take the status would leave this waiting forever.
+    let st = tokio::time::timeout(Duration::from_secs(10), h.wait())
+        .await
+        .expect("no exit status within 10 s")
+        .unwrap();
+    assert_eq!((st.code, st.signal), (None, Some(rt)));
+
+    let pid = c.spawn_background(sh("exec sleep 30")).await.unwrap();
+    c.kill_pid(pid, rt, false).await.unwrap();
+    let st = c
+        .wait_pid(pid, Some(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(!st.alive);
+    assert_eq!(st.exit.unwrap().signal, Some(rt));
+
+    let out = c.exec_collect(sh("exit 7")).await.unwrap();
+    assert_eq!(out.status.code, Some(7));
+}
+
 #[tokio::test]
 async fn ten_concurrent_execs() {
     let a = start_agent(&[]);

@@ -398,6 +398,25 @@ mod tests {
         v
     }
 
+    /// What a new writer sends first: SYNC, then its hello.
+    fn push_new_hello(b: &mut BytesMut) {
+        b.extend_from_slice(&SYNC);
+        Frame::control(0, &b"hello"[..]).encode_into(b);
+    }
+
+    /// `d` is stuck in a partial frame, and expiring it recovers the new writer's hello.
+    fn assert_expiry_finds_the_hello(d: &mut Decoder) {
+        assert!(d.is_mid_frame());
+        assert!(d.expire_partial());
+        assert_eq!(
+            decode_all(d),
+            vec![
+                DecodeEvent::Sync,
+                DecodeEvent::Frame(Frame::control(0, &b"hello"[..]))
+            ]
+        );
+    }
+
     #[test]
     fn hunting_skips_garbage_until_sync() {
         let mut d = Decoder::new_hunting(MAX_FRAME);
@@ -468,19 +487,10 @@ mod tests {
         let mut b = BytesMut::new();
         let full = Frame::data(1, 0, vec![1u8; 1000]).encode();
         b.extend_from_slice(&full[..HEADER_LEN + 10]);
-        b.extend_from_slice(&SYNC);
-        Frame::control(0, &b"hello"[..]).encode_into(&mut b);
+        push_new_hello(&mut b);
         d.push(&b);
         assert_eq!(decode_all(&mut d), vec![]);
-        assert!(d.is_mid_frame());
-        assert!(d.expire_partial());
-        assert_eq!(
-            decode_all(&mut d),
-            vec![
-                DecodeEvent::Sync,
-                DecodeEvent::Frame(Frame::control(0, &b"hello"[..]))
-            ]
-        );
+        assert_expiry_finds_the_hello(&mut d);
     }
 
     #[test]
@@ -495,19 +505,10 @@ mod tests {
             let stale = Frame::data(stream, 0, vec![0u8; 5000]).encode();
             b.extend_from_slice(&stale[..HEADER_LEN + 7]);
         }
-        b.extend_from_slice(&SYNC);
-        Frame::control(0, &b"hello"[..]).encode_into(&mut b);
+        push_new_hello(&mut b);
         d.push(&b);
         let _ = decode_all(&mut d);
-        assert!(d.is_mid_frame());
-        assert!(d.expire_partial());
-        assert_eq!(
-            decode_all(&mut d),
-            vec![
-                DecodeEvent::Sync,
-                DecodeEvent::Frame(Frame::control(0, &b"hello"[..]))
-            ]
-        );
+        assert_expiry_finds_the_hello(&mut d);
     }
 
     fn arb_frame() -> impl Strategy<Value = Frame> {

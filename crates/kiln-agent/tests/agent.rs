@@ -203,7 +203,7 @@ async fn signal_and_timeout() {
     assert_eq!(st.signal, Some(libc::SIGTERM));
     assert_eq!(st.code, None);
 
-    let t0 = Instant::now();
+    // The timeout ends the exec: killed, not run out (30 s later, with status 0).
     let out = c
         .exec_collect(ExecRequest {
             timeout_ms: Some(300),
@@ -213,13 +213,34 @@ async fn signal_and_timeout() {
         .unwrap();
     assert!(out.status.timed_out);
     assert_eq!(out.status.signal, Some(libc::SIGKILL));
-    assert!(t0.elapsed() < Duration::from_secs(5));
 
-    // A daemon left holding stdout does not keep the exec open.
-    let t0 = Instant::now();
-    let out = c.exec_collect(sh("sleep 20 & echo bye")).await.unwrap();
+    // A daemon left holding stdout does not keep the exec open: the exec ends while the
+    // daemon still runs (it would mark its own end 20 s on).
+    let ended = a.dir.path().join("daemon-ended");
+    let h = c
+        .exec(sh(&format!(
+            "(sleep 20; touch {}) & echo bye",
+            ended.display()
+        )))
+        .await
+        .unwrap();
+    let _daemon = KillGroup(h.pid());
+    let out = h.collect().await.unwrap();
     assert_eq!(out.stdout, b"bye\n");
-    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(
+        !ended.exists(),
+        "the exec waited for the daemon holding its stdout"
+    );
+}
+
+/// Kills an exec's process group (the exec and what it left running) when dropped.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the exec's own process group; no memory is involved.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
 }
 
 /// The host may send any signal up to 64: a realtime one is delivered too, the death it
@@ -555,12 +576,12 @@ async fn resync_after_client_drops_mid_frame() {
         let f = Frame::data(3, 0, vec![9u8; 100_000]).encode();
         r.send(&f[..5000]); // header + part of the payload, then vanish
         drop(r);
-        let t0 = Instant::now();
+        // The handshake (within `connect`'s deadline) only completes once the agent has
+        // given up the partial frame and found the new hello.
         let c = connect(&a).await;
         c.health().await.unwrap();
         let out = c.exec_collect(sh("echo ok")).await.unwrap();
-        assert_eq!(out.stdout, b"ok\n");
-        assert!(t0.elapsed() < Duration::from_secs(9), "{extra:?}");
+        assert_eq!(out.stdout, b"ok\n", "{extra:?}");
     }
 }
 

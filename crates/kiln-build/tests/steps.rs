@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kiln_build::{
-    Command, Exit, Guest, GuestError, LogLine, LogSink, OutputStream, RuntimeDefaults, StepRunner,
-    Stream, Timing,
+    BuildError, Command, Exit, Guest, GuestError, LogLine, LogSink, OutputStream, RuntimeDefaults,
+    StepRunner, Stream, Timing,
 };
 use kiln_spec::{BuildErrorCode, Step};
 
@@ -43,6 +43,15 @@ impl Guest for FakeGuest {
     }
 }
 
+impl FakeGuest {
+    fn with_rules(rules: Vec<(&'static str, Exit, &'static str)>) -> Self {
+        FakeGuest {
+            rules,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Default)]
 struct Log(Mutex<Vec<LogLine>>);
 impl LogSink for Log {
@@ -58,6 +67,14 @@ fn fast() -> Timing {
         ready_timeout: Duration::from_millis(200),
         start_grace: Duration::from_millis(1),
     }
+}
+
+/// Starts `serve` on `guest` (empty runtime defaults) and waits until `ready` passes.
+async fn start_serve(guest: &FakeGuest, ready: Option<&str>) -> Result<Option<u32>, BuildError> {
+    let log = Log::default();
+    StepRunner::new(guest, &log, RuntimeDefaults::default(), fast())
+        .start_and_wait_ready(Some("serve"), ready)
+        .await
 }
 
 fn steps() -> Vec<Step> {
@@ -82,10 +99,7 @@ fn steps() -> Vec<Step> {
 
 #[tokio::test]
 async fn steps_evolve_the_runtime_defaults_in_order() {
-    let guest = FakeGuest {
-        rules: vec![("echo hi", Exit::Code(0), "hi\n")],
-        ..Default::default()
-    };
+    let guest = FakeGuest::with_rules(vec![("echo hi", Exit::Code(0), "hi\n")]);
     let log = Log::default();
     let defaults = RuntimeDefaults::from_image_config(
         &["PATH=/bin".into(), "LANG=C.UTF-8".into()],
@@ -143,10 +157,7 @@ async fn steps_evolve_the_runtime_defaults_in_order() {
 
 #[tokio::test]
 async fn a_failing_step_names_itself_and_its_exit_code() {
-    let guest = FakeGuest {
-        rules: vec![("whoami", Exit::Code(3), "")],
-        ..Default::default()
-    };
+    let guest = FakeGuest::with_rules(vec![("whoami", Exit::Code(3), "")]);
     let log = Log::default();
     let mut runner = StepRunner::new(&guest, &log, RuntimeDefaults::default(), fast());
     let err = runner.run_steps(&steps()).await.unwrap_err();
@@ -166,11 +177,7 @@ async fn a_failing_step_names_itself_and_its_exit_code() {
 
 #[tokio::test]
 async fn ready_is_polled_until_it_passes() {
-    let guest = FakeGuest::default();
-    let log = Log::default();
-    let runner = StepRunner::new(&guest, &log, RuntimeDefaults::default(), fast());
-    let pid = runner
-        .start_and_wait_ready(Some("serve"), Some("probe"))
+    let pid = start_serve(&FakeGuest::default(), Some("probe"))
         .await
         .unwrap();
     assert_eq!(pid, Some(42));
@@ -178,16 +185,8 @@ async fn ready_is_polled_until_it_passes() {
 
 #[tokio::test]
 async fn ready_gives_up_with_ready_cmd_failed() {
-    let guest = FakeGuest {
-        rules: vec![("probe", Exit::Code(7), "connection refused\n")],
-        ..Default::default()
-    };
-    let log = Log::default();
-    let runner = StepRunner::new(&guest, &log, RuntimeDefaults::default(), fast());
-    let err = runner
-        .start_and_wait_ready(Some("serve"), Some("probe"))
-        .await
-        .unwrap_err();
+    let guest = FakeGuest::with_rules(vec![("probe", Exit::Code(7), "connection refused\n")]);
+    let err = start_serve(&guest, Some("probe")).await.unwrap_err();
     assert_eq!(err.code, BuildErrorCode::ReadyCmdFailed);
     assert!(
         err.detail.contains("exit code 7: connection refused"),
@@ -207,19 +206,13 @@ async fn ready_gives_up_with_ready_cmd_failed() {
 #[tokio::test]
 async fn a_start_command_that_dies_fails_with_its_output() {
     let guest = FakeGuest {
-        rules: vec![
+        start_exit: Mutex::new(Some(Exit::Code(2))),
+        ..FakeGuest::with_rules(vec![
             ("probe", Exit::Code(1), ""),
             ("tail -c", Exit::Code(0), "Traceback: boom\n"),
-        ],
-        start_exit: Mutex::new(Some(Exit::Code(2))),
-        ..Default::default()
+        ])
     };
-    let log = Log::default();
-    let runner = StepRunner::new(&guest, &log, RuntimeDefaults::default(), fast());
-    let err = runner
-        .start_and_wait_ready(Some("serve"), Some("probe"))
-        .await
-        .unwrap_err();
+    let err = start_serve(&guest, Some("probe")).await.unwrap_err();
     assert_eq!(err.code, BuildErrorCode::StartCmdFailed);
     assert!(
         err.detail.contains("exit code 2") && err.detail.contains("Traceback: boom"),
@@ -228,10 +221,7 @@ async fn a_start_command_that_dies_fails_with_its_output() {
     );
 
     // Without a readyCmd the start is checked once after the grace period.
-    let err = runner
-        .start_and_wait_ready(Some("serve"), None)
-        .await
-        .unwrap_err();
+    let err = start_serve(&guest, None).await.unwrap_err();
     assert_eq!(err.code, BuildErrorCode::StartCmdFailed);
 }
 

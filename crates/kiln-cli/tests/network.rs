@@ -11,7 +11,7 @@ mod common;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use common::{api_key, assert_no_qemu, assets, http, poll, registry, Server};
+use common::{api_key, assert_no_qemu, assets, build_template, http, poll, registry, Server};
 use serde_json::json;
 
 /// A host listener that records whether anything connected to it.
@@ -71,24 +71,7 @@ fn vms_never_reach_the_host_whatever_the_rules_say() {
             "start_cmd": "sleep 100000", "ready_cmd": "true",
         },
     });
-    let (s, t) = http("POST", &format!("{url}/templates"), &h, Some(&spec));
-    assert_eq!(s, 202, "{t}");
-    let tid = t["id"].as_str().unwrap().to_owned();
-    let b = poll(
-        &format!(
-            "{url}/templates/{tid}/builds/{}",
-            t["build_id"].as_str().unwrap()
-        ),
-        &h,
-        Duration::from_secs(600),
-        |b| {
-            !matches!(
-                b["status"].as_str(),
-                Some("pending" | "building" | "snapshotting")
-            )
-        },
-    );
-    assert_eq!(b["status"], "ready", "{b}");
+    build_template(&url, &h, &spec, Duration::from_secs(600));
     trap.assert_untouched("during the build");
 
     // Rules are checked at create: a domain in deny_out is refused with its position.
@@ -119,16 +102,7 @@ fn vms_never_reach_the_host_whatever_the_rules_say() {
     assert_eq!(s, 201, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
     let exec = |cmd: &str| -> String {
-        let (s, v) = http(
-            "POST",
-            &format!("{url}/exec"),
-            &[
-                ("x-api-key", key.as_str()),
-                ("x-superserve-sandbox-id", &id),
-            ],
-            Some(&json!({"command": cmd, "timeout_s": 60})),
-        );
-        assert_eq!(s, 200, "{cmd}: {v}");
+        let v = common::exec(&url, &key, &id, &json!({"command": cmd, "timeout_s": 60}));
         format!(
             "{}{}",
             v["stdout"].as_str().unwrap(),
@@ -235,16 +209,12 @@ fn vms_never_reach_the_host_whatever_the_rules_say() {
         Duration::from_secs(10),
         metric("kiln_restore_pool_claims_total", "1"),
     );
-    let (s, v) = http(
-        "POST",
-        &format!("{url}/exec"),
-        &[
-            ("x-api-key", key.as_str()),
-            ("x-superserve-sandbox-id", &id2),
-        ],
-        Some(&json!({"command": via_proxy("1.1.1.1:80"), "timeout_s": 60})),
+    let v = common::exec(
+        &url,
+        &key,
+        &id2,
+        &json!({"command": via_proxy("1.1.1.1:80"), "timeout_s": 60}),
     );
-    assert_eq!(s, 200, "{v}");
     assert!(
         v["stdout"].as_str().unwrap().starts_with("HTTP/1.1 403"),
         "{v}"

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api_key, assert_no_qemu, assets, http, poll, qemu_with, registry, Server};
+use common::{api_key, assert_no_qemu, assets, build_template, http, qemu_with, registry, Server};
 use serde_json::{json, Value};
 
 const BUILD_WITHIN: Duration = Duration::from_secs(400);
@@ -47,19 +47,7 @@ fn a_restarted_server_settles_what_the_dead_one_left() {
             "start_cmd": "sleep 100000", "ready_cmd": "true",
         },
     });
-    let (s, t) = http("POST", &format!("{url}/templates"), &h, Some(&spec));
-    assert_eq!(s, 202, "{t}");
-    let tid = t["id"].as_str().unwrap().to_owned();
-    let b = poll(
-        &format!(
-            "{url}/templates/{tid}/builds/{}",
-            t["build_id"].as_str().unwrap()
-        ),
-        &h,
-        BUILD_WITHIN,
-        |b| !matches!(status(b), "pending" | "building" | "snapshotting"),
-    );
-    assert_eq!(status(&b), "ready", "{b}");
+    build_template(&url, &h, &spec, BUILD_WITHIN);
 
     let create = |base: &str, name: &str| {
         let (s, v) = http(
@@ -72,13 +60,7 @@ fn a_restarted_server_settles_what_the_dead_one_left() {
         v["id"].as_str().unwrap().to_owned()
     };
     let exec = |base: &str, id: &str, cmd: &str| {
-        let (s, v) = http(
-            "POST",
-            &format!("{base}/exec"),
-            &[("x-api-key", key.as_str()), ("x-superserve-sandbox-id", id)],
-            Some(&json!({"command": cmd})),
-        );
-        assert_eq!(s, 200, "{cmd}: {v}");
+        let v = common::exec(base, &key, id, &json!({"command": cmd}));
         v["stdout"].as_str().unwrap().trim().to_owned()
     };
 

@@ -59,13 +59,17 @@ fn store(cfg: RegistryConfig) -> (tempfile::TempDir, ImageStore) {
 
 fn none(_: kiln_oci::Progress) {}
 
-fn skopeo_digest(reference: &str) -> String {
-    let out = Command::new("skopeo")
-        .args([
-            "inspect",
-            "--tls-verify=false",
-            &format!("docker://{reference}"),
-        ])
+/// The digest skopeo finds for `reference`, logged in with the test credentials of `creds`.
+fn skopeo_digest(reference: &str, creds: Option<&Env>) -> String {
+    let mut skopeo = Command::new("skopeo");
+    skopeo.args(["inspect", "--tls-verify=false"]);
+    if let Some(e) = creds {
+        skopeo
+            .arg("--creds")
+            .arg(format!("{}:{}", e.user, e.password));
+    }
+    let out = skopeo
+        .arg(format!("docker://{reference}"))
         .output()
         .expect("run skopeo");
     assert!(
@@ -77,24 +81,12 @@ fn skopeo_digest(reference: &str) -> String {
     v["Digest"].as_str().expect("Digest").to_owned()
 }
 
-fn skopeo_digest_creds(reference: &str, e: &Env) -> String {
-    let out = Command::new("skopeo")
-        .args([
-            "inspect",
-            "--tls-verify=false",
-            "--creds",
-            &format!("{}:{}", e.user, e.password),
-        ])
-        .arg(format!("docker://{reference}"))
-        .output()
-        .expect("run skopeo");
-    assert!(
-        out.status.success(),
-        "skopeo inspect {reference}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("skopeo json");
-    v["Digest"].as_str().expect("Digest").to_owned()
+/// A configuration with `settings` for the test's authenticating registry.
+fn for_auth_registry(e: &Env, settings: RegistrySettings) -> RegistryConfig {
+    RegistryConfig {
+        registries: BTreeMap::from([(e.auth_reg.clone(), settings)]),
+        ..Default::default()
+    }
 }
 
 fn code(e: &OciError) -> BuildErrorCode {
@@ -113,7 +105,7 @@ async fn digests_match_skopeo_for_oci_docker_and_index() {
     ] {
         let r = format!("{}/{name}:latest", e.reg);
         let image = s.resolve(&r).await.expect("resolve");
-        assert_eq!(image.digest, skopeo_digest(&r), "{name}");
+        assert_eq!(image.digest, skopeo_digest(&r, None), "{name}");
         assert_eq!(image.platform, "linux/amd64");
         // The default tag is `latest`.
         let untagged = s
@@ -222,7 +214,7 @@ async fn pull_unpack_vet_then_everything_is_cached() {
 async fn pull_by_digest_from_registry_and_index() {
     let e = env();
     let (_d, s) = store(RegistryConfig::default());
-    let digest = skopeo_digest(&format!("{}/kiln/multi:latest", e.reg));
+    let digest = skopeo_digest(&format!("{}/kiln/multi:latest", e.reg), None);
     let p = s
         .prepare(&format!("{}/kiln/multi@{digest}", e.reg), None, &none)
         .await
@@ -297,27 +289,22 @@ async fn vetting_refuses_alpine_and_shell_less_images() {
 async fn mirrors_are_tried_before_upstream() {
     let e = env();
     // Mirrors that are down, or lack the repository, then the real registry.
-    let mut registries = BTreeMap::new();
-    registries.insert(
-        e.auth_reg.clone(),
+    let (_d, s) = store(for_auth_registry(
+        &e,
         RegistrySettings {
             mirrors: vec!["http://127.0.0.1:1".into(), format!("http://{}", e.reg)],
             username: Some(e.user.clone()),
             password: Some(e.password.clone()),
             ..Default::default()
         },
-    );
-    let (_d, s) = store(RegistryConfig {
-        registries,
-        ..Default::default()
-    });
+    ));
     let r = format!("{}/kiln/authonly", e.auth_reg);
     let p = s
         .prepare(&r, None, &none)
         .await
         .expect("falls through to upstream");
     assert!(p.pull.bytes_downloaded > 0);
-    assert_eq!(p.image.digest, skopeo_digest_creds(&r, &e));
+    assert_eq!(p.image.digest, skopeo_digest(&r, Some(&e)));
 
     // Docker Hub through KILN_REGISTRY_MIRRORS (Docker Hub itself is unreachable here).
     std::env::set_var(
@@ -334,7 +321,7 @@ async fn mirrors_are_tried_before_upstream() {
     assert_eq!(hub.reference, "docker.io/library/minbase:latest");
     assert_eq!(
         hub.digest,
-        skopeo_digest(&format!("{}/library/minbase:latest", e.reg))
+        skopeo_digest(&format!("{}/library/minbase:latest", e.reg), None)
     );
     s2.pull(&hub, &none).await.expect("pull via mirror");
 }
@@ -343,19 +330,14 @@ async fn mirrors_are_tried_before_upstream() {
 async fn basic_auth_good_and_bad_credentials() {
     let e = env();
     let with = |user: &str, password: &str| {
-        let mut registries = BTreeMap::new();
-        registries.insert(
-            e.auth_reg.clone(),
+        for_auth_registry(
+            &e,
             RegistrySettings {
                 username: Some(user.into()),
                 password: Some(password.into()),
                 ..Default::default()
             },
-        );
-        RegistryConfig {
-            registries,
-            ..Default::default()
-        }
+        )
     };
     let r = format!("{}/kiln/tiny:latest", e.auth_reg);
     let (_d, s) = store(with(&e.user, &e.password));

@@ -1,6 +1,7 @@
 //! What the tests that run a real `kiln serve` share: the test assets, a fresh state dir, the
-//! server process and its clean-up, a small JSON-over-HTTP client (curl), and the check
-//! that no VM outlived a test.
+//! server process and its clean-up, a small JSON-over-HTTP client (curl) with the API calls
+//! several tests make, an official SDK's scenario run, and the check that no VM outlived a
+//! test.
 //!
 //! Needs what `scripts/test.sh` sets up: the guest kernel (`kiln setup` into
 //! `$KILN_TEST_ASSETS/state`) and the test registry (`scripts/test-registry.sh start`). A
@@ -330,4 +331,147 @@ pub fn poll(
         );
         thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Builds a template through the API: `POST /templates` with `spec`, then its build polled
+/// (up to `within`) until it has settled, which must be `ready`.
+pub fn build_template(
+    url: &str,
+    headers: &[(&str, &str)],
+    spec: &serde_json::Value,
+    within: Duration,
+) {
+    let (s, t) = http("POST", &format!("{url}/templates"), headers, Some(spec));
+    assert_eq!(s, 202, "{t}");
+    let build = poll(
+        &format!(
+            "{url}/templates/{}/builds/{}",
+            t["id"].as_str().unwrap(),
+            t["build_id"].as_str().unwrap()
+        ),
+        headers,
+        within,
+        |b| {
+            !matches!(
+                b["status"].as_str(),
+                Some("pending" | "building" | "snapshotting")
+            )
+        },
+    );
+    assert_eq!(build["status"], "ready", "{build}");
+}
+
+/// `POST /exec` of `request` in sandbox `id`; asserts it is answered 200 and returns the
+/// answer.
+pub fn exec(url: &str, key: &str, id: &str, request: &serde_json::Value) -> serde_json::Value {
+    let (s, v) = http(
+        "POST",
+        &format!("{url}/exec"),
+        &[("x-api-key", key), ("x-superserve-sandbox-id", id)],
+        Some(request),
+    );
+    assert_eq!(s, 200, "{}: {v}", request["command"]);
+    v
+}
+
+/// An official SDK's whole scenario: two TCG builds (~60-90 s each, overlapping) and a
+/// sandbox's life.
+const SDK_SCENARIO_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// The team's template limit on the server: an SDK scenario owns two templates when it asks
+/// for a third and expects `too_many_templates`.
+const SDK_MAX_TEMPLATES: &str = "2";
+/// The team's sandbox limit: an SDK scenario runs one sandbox and expects a second to be
+/// refused with `too_many_sandboxes`.
+const SDK_MAX_SANDBOXES: &str = "1";
+
+/// Runs an official SDK's scenario against `kiln serve` on a fresh state dir (`prefix`)
+/// and asserts that it passed, that the server lived through it, and that no VM outlived
+/// the server. `scenario` is the command but for what every scenario reads from its
+/// environment (API key, server URL, test image, the team's limits); `provisioned_by` is
+/// the script that installs its SDK.
+pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &str) {
+    let registry = registry(&assets());
+    let dir = state_dir(prefix);
+    let state = dir.path();
+    let key = api_key(state, "sdk");
+    let mut server = Server::start(
+        state,
+        &[
+            ("KILN_READY_TIMEOUT_SECS", "300"),
+            ("KILN_MAX_TEMPLATES", SDK_MAX_TEMPLATES),
+            ("KILN_MAX_SANDBOXES", SDK_MAX_SANDBOXES),
+        ],
+    );
+    let base_url = server.url.clone();
+    eprintln!("kiln serve at {base_url}, state {}", state.display());
+
+    let started = Instant::now();
+    let mut child = scenario
+        .env("SUPERSERVE_API_KEY", &key)
+        .env("SUPERSERVE_BASE_URL", &base_url)
+        .env(
+            "KILN_TEST_IMAGE_PYTHON",
+            format!("{registry}/kiln/python:latest"),
+        )
+        .env("KILN_MAX_TEMPLATES", SDK_MAX_TEMPLATES)
+        .env("KILN_MAX_SANDBOXES", SDK_MAX_SANDBOXES)
+        // Loopback only: no proxy may stand between the SDK and the server.
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}\n-> {REMEDY} (or {provisioned_by})",
+                scenario.get_program().to_string_lossy()
+            )
+        });
+    let out_fwd = forward(child.stdout.take().unwrap(), "sdk", None);
+    let err_fwd = forward(child.stderr.take().unwrap(), "sdk stderr", None);
+    let finished = wait_for(&mut child, SDK_SCENARIO_TIMEOUT);
+    if !finished {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let _ = out_fwd.join();
+    let _ = err_fwd.join();
+    eprintln!(
+        "scenario ended after {:.0}s: {status}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // -- the server goes, and takes every VM of this state dir with it
+    let crashed = server.exited();
+    let addr = base_url.trim_start_matches("http://");
+    let answering =
+        TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3)).is_ok();
+    drop(server);
+    let left = reap_qemu(state, Duration::from_secs(15));
+
+    assert!(
+        crashed.is_none(),
+        "kiln serve exited during the scenario ({crashed:?}): see its log above"
+    );
+    assert!(
+        answering,
+        "kiln serve stopped answering during the scenario: see its log above"
+    );
+    assert!(
+        finished,
+        "the SDK scenario did not finish within {SDK_SCENARIO_TIMEOUT:?}"
+    );
+    assert!(
+        status.success(),
+        "the SDK scenario failed ({status}): see its FAIL line above"
+    );
+    assert!(
+        left.is_empty(),
+        "qemu processes of the test's state dir outlived kiln serve: {left:#?}"
+    );
 }

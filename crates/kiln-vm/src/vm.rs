@@ -913,10 +913,167 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// The engine shares VMs between request handlers (`Arc<Vm>`).
     #[test]
     fn vm_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<super::Vm>();
+    }
+
+    fn shape(accel: Resolved, network: bool) -> Shape {
+        Shape {
+            vcpus: 2,
+            memory_mib: 1024,
+            network,
+            accel,
+            machine: accel.machine().to_owned(),
+            hostname: "box".into(),
+        }
+    }
+
+    fn kernel() -> KernelAssets {
+        KernelAssets {
+            version: "6.1.0-test".into(),
+            vmlinuz: "/k/vmlinuz".into(),
+            initramfs: "/k/initramfs.cpio".into(),
+        }
+    }
+
+    /// What `Vm::boot` runs: TCG, shared RAM, its own raw disk, user networking with an
+    /// egress command and a forward.
+    #[test]
+    fn boot_command_line_is_pinned() {
+        let shape = shape(Resolved::Tcg, true);
+        let net = NetConfig {
+            forwards: vec![PortForward {
+                host_addr: [127, 0, 0, 1].into(),
+                host_port: 18080,
+                guest_port: 80,
+            }],
+            egress: Some(vec!["kiln".into(), "egress".into(), "rules.json".into()]),
+        };
+        let launch = Launch {
+            shape: &shape,
+            kernel: &kernel(),
+            dir: Path::new("/r/box-1"),
+            console: Path::new("/r/box-1/console.log"),
+            ram: &Ram::SharedFile("/r/box-1/memory".into()),
+            disk: &Disk::OwnedRaw("/r/box-1/disk.raw".into()),
+            net: &net,
+            incoming: false,
+        };
+        let want = [
+            "-name",
+            "kiln-box",
+            "-accel",
+            "tcg,thread=multi",
+            "-machine",
+            "pc,memory-backend=ram0",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "1024M",
+            "-object",
+            "memory-backend-file,id=ram0,size=1024M,mem-path=/r/box-1/memory,share=on,prealloc=off",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            "/k/vmlinuz",
+            "-initrd",
+            "/k/initramfs.cpio",
+            "-append",
+            "console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet kiln.net=1",
+            "-chardev",
+            "file,id=con,path=/r/box-1/console.log",
+            "-serial",
+            "chardev:con",
+            "-qmp",
+            "unix:/r/box-1/qmp.sock,server=on,wait=off",
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            "socket,id=agent,path=/r/box-1/agent.sock,server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=agent,name=kiln.agent",
+            "-drive",
+            "file=/r/box-1/disk.raw,format=raw,if=none,id=root,cache=writeback,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=root",
+            "-netdev",
+            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:'kiln' 'egress' 'rules.json',hostfwd=tcp:127.0.0.1:18080-:80",
+            "-device",
+            "virtio-net-pci,netdev=net0",
+        ];
+        assert_eq!(launch.args().unwrap(), want);
+    }
+
+    /// What `Vm::restore` runs: KVM, a bundle's memory image mapped privately, a qcow2
+    /// overlay, no network device, waiting for the migration stream.
+    #[test]
+    fn restore_command_line_is_pinned() {
+        let shape = shape(Resolved::Kvm, false);
+        let launch = Launch {
+            shape: &shape,
+            kernel: &kernel(),
+            dir: Path::new("/r/box-2"),
+            console: Path::new("/logs/box.log"),
+            ram: &Ram::PrivateFile("/b/memory".into()),
+            disk: &Disk::Overlay("/r/box-2/disk.qcow2".into()),
+            net: &NetConfig::default(),
+            incoming: true,
+        };
+        let want = [
+            "-name",
+            "kiln-box",
+            "-accel",
+            "kvm",
+            "-machine",
+            "microvm,pcie=on,rtc=on,memory-backend=ram0",
+            "-cpu",
+            "host",
+            "-smp",
+            "2",
+            "-m",
+            "1024M",
+            "-object",
+            "memory-backend-file,id=ram0,size=1024M,mem-path=/b/memory,share=off,prealloc=off",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            "/k/vmlinuz",
+            "-initrd",
+            "/k/initramfs.cpio",
+            "-append",
+            "console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet",
+            "-chardev",
+            "file,id=con,path=/logs/box.log",
+            "-serial",
+            "chardev:con",
+            "-qmp",
+            "unix:/r/box-2/qmp.sock,server=on,wait=off",
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            "socket,id=agent,path=/r/box-2/agent.sock,server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=agent,name=kiln.agent",
+            "-drive",
+            "file=/r/box-2/disk.qcow2,format=qcow2,if=none,id=root,cache=writeback,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=root",
+            "-incoming",
+            "defer",
+        ];
+        assert_eq!(launch.args().unwrap(), want);
     }
 }

@@ -104,56 +104,41 @@ pub fn memory_rows(
     memory: &MemoryResult,
     memory_mib: u32,
 ) {
-    let section = "Host memory per idle sandbox (python3 -m http.server)";
     let mib = |kib: f64| kib / 1024.0;
-    rows.push(
+    // A figure in MiB, as a share of the template's memoryMib.
+    let row = |label: &str, n: usize, kib: f64| {
         Row::value(
-            section,
-            "PSS, one sandbox alive",
-            Some(1),
-            mib(memory.alone.pss_kib as f64),
+            "Host memory per idle sandbox (python3 -m http.server)",
+            label,
+            Some(n),
+            mib(kib),
             Unit::Mib,
         )
         .vs(
-            mib(memory.alone.pss_kib as f64) / f64::from(memory_mib),
+            mib(kib) / f64::from(memory_mib),
             &format!("memoryMib ({memory_mib})"),
         )
-        .percent(),
-    );
-    rows.push(
-        Row::value(
-            section,
-            &format!("PSS per sandbox, {} alive (mean)", memory.together.len()),
-            Some(memory.together.len()),
-            mib(memory.mean_pss_kib),
-            Unit::Mib,
-        )
-        .vs(
-            mib(memory.mean_pss_kib) / f64::from(memory_mib),
-            &format!("memoryMib ({memory_mib})"),
-        )
-        .percent(),
-    );
-    rows.push(
-        Row::value(
-            section,
-            "RSS, one sandbox alive",
-            Some(1),
-            mib(memory.alone.rss_kib as f64),
-            Unit::Mib,
-        )
-        .vs(
-            mib(memory.alone.rss_kib as f64) / f64::from(memory_mib),
-            &format!("memoryMib ({memory_mib})"),
-        )
-        .percent(),
-    );
+        .percent()
+    };
+    let n = memory.together.len();
+    rows.push(row(
+        "PSS, one sandbox alive",
+        1,
+        memory.alone.pss_kib as f64,
+    ));
+    rows.push(row(
+        &format!("PSS per sandbox, {n} alive (mean)"),
+        n,
+        memory.mean_pss_kib,
+    ));
+    rows.push(row(
+        "RSS, one sandbox alive",
+        1,
+        memory.alone.rss_kib as f64,
+    ));
     targets.push(Target::check(
         "idle sandbox PSS <= 25 % of memoryMib",
-        &format!(
-            "mean PSS of {} idle sandboxes / memoryMib",
-            memory.together.len()
-        ),
+        &format!("mean PSS of {n} idle sandboxes / memoryMib"),
         mib(memory.mean_pss_kib) / f64::from(memory_mib),
         0.25,
     ));

@@ -1,14 +1,19 @@
 //! The floor: plain QEMU loading the same snapshot bundle with `-incoming`, as
 //! `crates/kiln-vm/examples/bench_vm.rs` does, with the machine shape read from the
-//! bundle's manifest. No kiln code runs on this path: no overlay created by `qemu-img`
-//! (`snapshot=on` instead), no run-dir bookkeeping, no clock sync, no store.
+//! bundle's manifest. Its command line is production's ([`QemuArgs`], the builder
+//! `kiln_vm::Vm` launches with); what it leaves out is the builder's floor options: no
+//! overlay created by `qemu-img` (`snapshot=on` instead), no console log. Nothing else of
+//! kiln runs on this path: no run-dir bookkeeping, no clock sync, no store.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use kiln_vm::qmp::Qmp;
-use kiln_vm::{AgentClient, ExecRequest, Manifest, RamMode, Resolved};
+use kiln_vm::{
+    AgentClient, Console, DiskFormat, Drive, ExecRequest, KernelAssets, Manifest, NetConfig,
+    QemuArgs, RamFile, RamMode,
+};
 
 /// One bare restore.
 #[derive(Debug, Clone, Copy)]
@@ -21,71 +26,6 @@ pub struct BareSample {
     /// costs beyond it is the guest warming up after the restore (under TCG, an empty
     /// translation cache in the new QEMU).
     pub second_exec: Duration,
-}
-
-fn args(bundle: &Path, run: &Path, m: &Manifest) -> Vec<String> {
-    let b = bundle.display();
-    let d = run.display();
-    let s = &m.shape;
-    let mut a: Vec<String> = vec![
-        "-name".into(),
-        "kiln-bench-bare".into(),
-        "-accel".into(),
-        s.accel.qemu_accel().into(),
-        "-machine".into(),
-        format!("{},memory-backend=ram0", s.machine),
-        "-cpu".into(),
-        if s.accel == Resolved::Kvm {
-            "host"
-        } else {
-            "max"
-        }
-        .into(),
-        "-smp".into(),
-        s.vcpus.to_string(),
-        "-m".into(),
-        format!("{}M", s.memory_mib),
-        "-object".into(),
-        format!(
-            "memory-backend-file,id=ram0,size={}M,mem-path={b}/memory,share=off,prealloc=off",
-            s.memory_mib
-        ),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-display".into(),
-        "none".into(),
-        "-no-reboot".into(),
-        "-kernel".into(),
-        format!("{b}/vmlinuz"),
-        "-initrd".into(),
-        format!("{b}/initramfs.cpio"),
-        "-append".into(),
-        "x".into(),
-        "-serial".into(),
-        "null".into(),
-        "-qmp".into(),
-        format!("unix:{d}/qmp.sock,server=on,wait=off"),
-        "-device".into(),
-        "virtio-serial-pci,id=vser0".into(),
-        "-chardev".into(),
-        format!("socket,id=agent,path={d}/a.sock,server=on,wait=off"),
-        "-device".into(),
-        format!("virtserialport,chardev=agent,name={}", kiln_vm::AGENT_PORT),
-        "-drive".into(),
-        format!("file={b}/disk.raw,format=raw,if=none,id=root,snapshot=on"),
-        "-device".into(),
-        "virtio-blk-pci,drive=root".into(),
-    ];
-    if s.network {
-        a.extend([
-            "-netdev".into(),
-            "user,id=net0".into(),
-            "-device".into(),
-            "virtio-net-pci,netdev=net0".into(),
-        ]);
-    }
-    a.extend(["-incoming".into(), "defer".into()]);
-    a
 }
 
 /// Reads a bundle's manifest; only `file`-mode bundles (every template build's) apply.
@@ -108,15 +48,42 @@ pub async fn restore(bundle: &Path, m: &Manifest, parent: &Path) -> anyhow::Resu
         .tempdir_in(parent)
         .context("bare run dir")?;
     let b = bundle.display();
+    let kernel = KernelAssets {
+        version: m.kernel_version.clone(),
+        vmlinuz: bundle.join("vmlinuz"),
+        initramfs: bundle.join("initramfs.cpio"),
+    };
+    let (memory, disk) = (bundle.join("memory"), bundle.join("disk.raw"));
+    // No egress command and no forwards: production's egress command runs only when the
+    // guest connects out, so leaving it out costs the floor nothing it should pay.
+    let net = NetConfig::default();
+    let qemu = QemuArgs {
+        shape: &m.shape,
+        kernel: &kernel,
+        run_dir: dir.path(),
+        console: Console::Discard,
+        ram: RamFile {
+            path: &memory,
+            shared: false,
+        },
+        disk: Drive {
+            path: &disk,
+            format: DiskFormat::Raw,
+            snapshot: true,
+        },
+        net: &net,
+        incoming: true,
+    };
+    let argv = qemu.argv()?;
     let t = Instant::now();
     let mut child = crate::procs::command("qemu-system-x86_64")
-        .args(args(bundle, dir.path(), m))
+        .args(argv)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("starting qemu-system-x86_64")?;
     let result = async {
-        let mut qmp = Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(10)).await?;
+        let mut qmp = Qmp::connect(&qemu.qmp_socket(), Duration::from_secs(10)).await?;
         qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
             .await?;
         qmp.migrate_incoming(&format!("exec:cat {b}/state")).await?;
@@ -124,8 +91,7 @@ pub async fn restore(bundle: &Path, m: &Manifest, parent: &Path) -> anyhow::Resu
         qmp.cont().await?;
         qmp.wait_status("running", Duration::from_secs(10)).await?;
         let running = t.elapsed();
-        let agent =
-            AgentClient::connect_unix(dir.path().join("a.sock"), Duration::from_secs(10)).await?;
+        let agent = AgentClient::connect_unix(qemu.agent_socket(), Duration::from_secs(10)).await?;
         let out = agent
             .exec_collect(ExecRequest {
                 command: "true".into(),

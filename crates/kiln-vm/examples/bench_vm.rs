@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use kiln_vm::provision::{self, SetupOptions, StateDir};
 use kiln_vm::qmp::Qmp;
-use kiln_vm::{ExecRequest, NetConfig, RestoreConfig, RootDisk, Vm, VmConfig};
+use kiln_vm::{
+    Console, DiskFormat, Drive, ExecRequest, KernelAssets, Manifest, NetConfig, QemuArgs, RamFile,
+    RestoreConfig, RootDisk, Vm, VmConfig,
+};
 
 fn req(c: &str) -> ExecRequest {
     ExecRequest {
@@ -121,78 +124,49 @@ async fn main() -> anyhow::Result<()> {
         vm.kill().await;
     }
     for i in 0..3 {
-        let d = bare_incoming(&bundle, &run_parent, memory_mib).await?;
+        let d = bare_incoming(&bundle, &run_parent).await?;
         println!("bare qemu -incoming #{i}: launch to 'running' {d:?}");
     }
     std::fs::remove_dir_all(&run_parent)?;
     Ok(())
 }
 
-/// Plain QEMU loading the same snapshot (disk via `snapshot=on`, no overlay, no agent).
-async fn bare_incoming(
-    bundle: &Path,
-    run_parent: &Path,
-    memory_mib: u64,
-) -> anyhow::Result<Duration> {
+/// Plain QEMU loading the same snapshot: production's command line ([`QemuArgs`]) with
+/// the floor's options (no console log; the disk via `snapshot=on`, no `qemu-img`
+/// overlay), no agent connection.
+async fn bare_incoming(bundle: &Path, run_parent: &Path) -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir_in(run_parent)?;
-    let qmp_sock = dir.path().join("qmp.sock");
     let b = bundle.display();
-    let m: kiln_vm::Manifest =
-        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json"))?)?;
-    let args: Vec<String> = vec![
-        "-accel".into(),
-        m.shape.accel.qemu_accel().into(),
-        "-machine".into(),
-        format!("{},memory-backend=ram0", m.shape.machine),
-        "-cpu".into(),
-        "max".into(),
-        "-smp".into(),
-        "1".into(),
-        "-m".into(),
-        format!("{memory_mib}M"),
-        "-object".into(),
-        format!("memory-backend-file,id=ram0,size={memory_mib}M,mem-path={b}/memory,share=off"),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-display".into(),
-        "none".into(),
-        "-no-reboot".into(),
-        "-kernel".into(),
-        format!("{b}/vmlinuz"),
-        "-initrd".into(),
-        format!("{b}/initramfs.cpio"),
-        "-append".into(),
-        "x".into(),
-        "-serial".into(),
-        "null".into(),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp_sock.display()),
-        "-device".into(),
-        "virtio-serial-pci,id=vser0".into(),
-        "-chardev".into(),
-        format!(
-            "socket,id=agent,path={}/a.sock,server=on,wait=off",
-            dir.path().display()
-        ),
-        "-device".into(),
-        "virtserialport,chardev=agent,name=kiln.agent".into(),
-        "-drive".into(),
-        format!("file={b}/disk.raw,format=raw,if=none,id=root,snapshot=on"),
-        "-device".into(),
-        "virtio-blk-pci,drive=root".into(),
-        "-netdev".into(),
-        "user,id=net0".into(),
-        "-device".into(),
-        "virtio-net-pci,netdev=net0".into(),
-        "-incoming".into(),
-        "defer".into(),
-    ];
+    let m: Manifest = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json"))?)?;
+    let kernel = KernelAssets {
+        version: m.kernel_version.clone(),
+        vmlinuz: bundle.join("vmlinuz"),
+        initramfs: bundle.join("initramfs.cpio"),
+    };
+    let (memory, disk) = (bundle.join("memory"), bundle.join("disk.raw"));
+    let qemu = QemuArgs {
+        shape: &m.shape,
+        kernel: &kernel,
+        run_dir: dir.path(),
+        console: Console::Discard,
+        ram: RamFile {
+            path: &memory,
+            shared: false,
+        },
+        disk: Drive {
+            path: &disk,
+            format: DiskFormat::Raw,
+            snapshot: true,
+        },
+        net: &NetConfig::default(),
+        incoming: true,
+    };
     let t = Instant::now();
     let mut child = tokio::process::Command::new("qemu-system-x86_64")
-        .args(&args)
+        .args(qemu.argv()?)
         .kill_on_drop(true)
         .spawn()?;
-    let mut qmp = Qmp::connect(&qmp_sock, Duration::from_secs(10)).await?;
+    let mut qmp = Qmp::connect(&qemu.qmp_socket(), Duration::from_secs(10)).await?;
     qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .await?;
     qmp.migrate_incoming(&format!("exec:cat {b}/state")).await?;

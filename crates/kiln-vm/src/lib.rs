@@ -5,6 +5,7 @@
 //! - [`disk`]: ext4 image from a rootfs dir, qcow2 overlays.
 //! - [`digest`]: content digests of sparse files (snapshot manifests).
 //! - [`Vm`]: boot, exec through the agent, snapshot into a bundle, restore, kill.
+//! - [`QemuArgs`]: the QEMU command line every [`Vm`] runs (and the benchmark's floor).
 //! - [`qmp`]: the small QMP client underneath.
 //!
 //! The build pipeline's path: [`provision::locate`] (or [`provision::setup`]) ->
@@ -32,5 +33,6 @@ pub use provision::{KernelAssets, StateDir};
 pub use rundir::{sweep_stale_run_dirs, RunDir};
 pub use snapshot::{Incoming, Manifest, RamMode, RestoreConfig, SnapshotInfo};
 pub use vm::{
-    error_chain, NetConfig, PortForward, RootDisk, Shape, Vm, VmConfig, AGENT_PORT, READY_MARKER,
+    error_chain, Console, DiskFormat, Drive, NetConfig, PortForward, QemuArgs, RamFile, RootDisk,
+    Shape, Vm, VmConfig, AGENT_PORT, READY_MARKER,
 };

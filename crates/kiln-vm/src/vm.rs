@@ -150,6 +150,18 @@ enum Ram {
     PrivateFile(PathBuf),
 }
 
+impl Ram {
+    fn file(&self) -> RamFile<'_> {
+        match self {
+            Self::SharedFile(path) => RamFile { path, shared: true },
+            Self::PrivateFile(path) => RamFile {
+                path,
+                shared: false,
+            },
+        }
+    }
+}
+
 /// The disk the VM is running on.
 #[derive(Debug, Clone)]
 enum Disk {
@@ -162,15 +174,15 @@ enum Disk {
 }
 
 impl Disk {
-    fn path(&self) -> &Path {
-        match self {
-            Self::OwnedRaw(p) | Self::ForeignRaw(p) | Self::Overlay(p) => p,
-        }
-    }
-    fn format(&self) -> &'static str {
-        match self {
-            Self::Overlay(_) => "qcow2",
-            _ => "raw",
+    fn drive(&self) -> Drive<'_> {
+        let (path, format) = match self {
+            Self::OwnedRaw(p) | Self::ForeignRaw(p) => (p, DiskFormat::Raw),
+            Self::Overlay(p) => (p, DiskFormat::Qcow2),
+        };
+        Drive {
+            path,
+            format,
+            snapshot: false,
         }
     }
 }
@@ -215,26 +227,109 @@ pub struct Vm {
     pub(crate) forwards: Vec<PortForward>,
 }
 
-/// Paths and flags for one QEMU launch.
-struct Launch<'a> {
-    shape: &'a Shape,
-    kernel: &'a KernelAssets,
-    dir: &'a Path,
-    console: &'a Path,
-    ram: &'a Ram,
-    disk: &'a Disk,
-    net: &'a NetConfig,
-    incoming: bool,
+/// QEMU's command line for one VM: the one place it is written down.
+///
+/// [`Vm::boot`] and [`Vm::restore`] launch QEMU with it, and so does the benchmark's floor
+/// (`kiln-bench`'s bare `-incoming` restore), so that the floor runs production's device
+/// set by construction. What the floor leaves out of production's line, it leaves out
+/// through the options documented as such here ([`Console::Discard`],
+/// [`Drive::snapshot`]), not through a second copy of the list.
+#[derive(Debug, Clone)]
+pub struct QemuArgs<'a> {
+    /// Accelerator, machine type, CPUs, RAM size and whether a NIC exists; the hostname
+    /// names the process (`-name kiln-HOST`) and the guest (`kiln.hostname=`).
+    pub shape: &'a Shape,
+    /// `-kernel` and `-initrd`. A restore passes its snapshot's own files: the option-ROM
+    /// layout must match the one the snapshot was taken with.
+    pub kernel: &'a KernelAssets,
+    /// Where QEMU serves its sockets ([`QemuArgs::qmp_socket`],
+    /// [`QemuArgs::agent_socket`]).
+    pub run_dir: &'a Path,
+    /// Where the serial console goes.
+    pub console: Console<'a>,
+    /// The file guest RAM lives in.
+    pub ram: RamFile<'a>,
+    /// The root disk.
+    pub disk: Drive<'a>,
+    /// Guest networking; ignored unless `shape.network`.
+    pub net: &'a NetConfig,
+    /// `-incoming defer`: wait for a migration stream (a restore) instead of booting.
+    pub incoming: bool,
 }
 
-impl Launch<'_> {
-    fn args(&self) -> Result<Vec<String>> {
+/// Where a VM's serial console goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Console<'a> {
+    /// Written to this file. kiln's boot and exit errors carry its tail.
+    File(&'a Path),
+    /// Thrown away (`-serial null`; the serial device is the same). The floor's choice: it
+    /// reports no errors with a console tail, so it keeps no log.
+    Discard,
+}
+
+/// The file guest RAM lives in (`memory-backend-file`).
+#[derive(Debug, Clone, Copy)]
+pub struct RamFile<'a> {
+    /// The file.
+    pub path: &'a Path,
+    /// `share=on`: guest writes land in the file (a VM's own RAM, which a snapshot then
+    /// keeps with no copy). `share=off`: a private copy-on-write mapping (a snapshot
+    /// bundle's memory image, which must stay as it is).
+    pub shared: bool,
+}
+
+/// The root disk (`-drive`, on virtio-blk).
+#[derive(Debug, Clone, Copy)]
+pub struct Drive<'a> {
+    /// The image.
+    pub path: &'a Path,
+    /// Its format.
+    pub format: DiskFormat,
+    /// `snapshot=on`: QEMU puts a throwaway overlay of its own over the image and the image
+    /// is never written. The floor's choice: production restores onto a `qemu-img create`
+    /// overlay made by kiln, and that is part of the work the floor measures kiln
+    /// against. Production: `false`.
+    pub snapshot: bool,
+}
+
+/// A disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A raw image.
+    Raw,
+    /// A qcow2 image (kiln's overlays).
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// The monitor socket's and the agent socket's names in the run dir.
+const QMP_SOCKET: &str = "qmp.sock";
+const AGENT_SOCKET: &str = "agent.sock";
+
+impl QemuArgs<'_> {
+    /// The monitor socket QEMU serves (connect with [`crate::qmp::Qmp::connect`]).
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run_dir.join(QMP_SOCKET)
+    }
+
+    /// The agent channel's socket QEMU serves (connect with [`AgentClient::connect_unix`]).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir.join(AGENT_SOCKET)
+    }
+
+    /// The arguments for `qemu-system-x86_64`. Fails only on an egress command QEMU's
+    /// option syntax cannot carry (see [`NetConfig::egress`]).
+    pub fn argv(&self) -> Result<Vec<String>> {
         let s = self.shape;
-        let d = self.dir.display();
-        let (mem_path, share) = match self.ram {
-            Ram::SharedFile(p) => (p, "on"),
-            Ram::PrivateFile(p) => (p, "off"),
-        };
         let mut cmdline = format!(
             "console=ttyS0 root=/dev/vda rw kiln.port={AGENT_PORT} kiln.hostname={} panic=-1 quiet",
             s.hostname
@@ -262,9 +357,10 @@ impl Launch<'_> {
             format!("{}M", s.memory_mib),
             "-object".into(),
             format!(
-                "memory-backend-file,id=ram0,size={}M,mem-path={},share={share},prealloc=off",
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share={},prealloc=off",
                 s.memory_mib,
-                mem_path.display()
+                self.ram.path.display(),
+                if self.ram.shared { "on" } else { "off" }
             ),
             "-nodefaults".into(),
             "-no-user-config".into(),
@@ -277,27 +373,41 @@ impl Launch<'_> {
             self.kernel.initramfs.display().to_string(),
             "-append".into(),
             cmdline,
-            "-chardev".into(),
-            format!("file,id=con,path={}", self.console.display()),
-            "-serial".into(),
-            "chardev:con".into(),
+        ];
+        match self.console {
+            Console::File(path) => a.extend([
+                "-chardev".into(),
+                format!("file,id=con,path={}", path.display()),
+                "-serial".into(),
+                "chardev:con".into(),
+            ]),
+            Console::Discard => a.extend(["-serial".into(), "null".into()]),
+        }
+        let mut drive = format!(
+            "file={},format={},if=none,id=root,cache=writeback,discard=unmap",
+            self.disk.path.display(),
+            self.disk.format.as_str()
+        );
+        if self.disk.snapshot {
+            drive.push_str(",snapshot=on");
+        }
+        a.extend([
             "-qmp".into(),
-            format!("unix:{d}/qmp.sock,server=on,wait=off"),
+            format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
             "-device".into(),
             "virtio-serial-pci,id=vser0".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={d}/agent.sock,server=on,wait=off"),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                self.agent_socket().display()
+            ),
             "-device".into(),
             format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
             "-drive".into(),
-            format!(
-                "file={},format={},if=none,id=root,cache=writeback,discard=unmap",
-                self.disk.path().display(),
-                self.disk.format()
-            ),
+            drive,
             "-device".into(),
             "virtio-blk-pci,drive=root".into(),
-        ];
+        ]);
         if s.network {
             a.extend([
                 "-netdev".into(),
@@ -490,18 +600,18 @@ impl Vm {
         let ram = Ram::SharedFile(dir.path().join("memory"));
         let net = config.network.clone().unwrap_or_default();
         let forwards = net.forwards.clone();
-        let launch = Launch {
+        let qemu = QemuArgs {
             shape: &shape,
             kernel: &config.kernel,
-            dir: dir.path(),
-            console: &console,
-            ram: &ram,
-            disk: &disk,
+            run_dir: dir.path(),
+            console: Console::File(&console),
+            ram: ram.file(),
+            disk: disk.drive(),
             net: &net,
             incoming: false,
         };
-        let (pid, exit) = spawn_qemu(&launch.args()?, dir.path(), &span)?;
-        let agent_sock = dir.path().join("agent.sock");
+        let (pid, exit) = spawn_qemu(&qemu.argv()?, dir.path(), &span)?;
+        let agent_sock = qemu.agent_socket();
         let timeout = config
             .boot_timeout
             .unwrap_or_else(|| config.accel.default_boot_timeout());
@@ -813,21 +923,21 @@ impl Vm {
             None => Ram::SharedFile(dir.path().join("memory")),
         };
         let console = console_log.unwrap_or_else(|| dir.path().join("console.log"));
-        let launch = Launch {
+        let qemu = QemuArgs {
             shape: &shape,
             kernel: &kernel,
-            dir: dir.path(),
-            console: &console,
-            ram: &ram,
-            disk: &disk,
+            run_dir: dir.path(),
+            console: Console::File(&console),
+            ram: ram.file(),
+            disk: disk.drive(),
             net: &net,
             incoming: true,
         };
-        let (pid, exit) = spawn_qemu(&launch.args()?, dir.path(), &span)?;
+        let (pid, exit) = spawn_qemu(&qemu.argv()?, dir.path(), &span)?;
+        let agent_sock = qemu.agent_socket();
         let qmp = connect_qmp(dir.path(), pid, &exit)
             .await
             .map_err(Error::Restore)?;
-        let agent_sock = dir.path().join("agent.sock");
         Ok(Self {
             name: name.to_owned(),
             span,
@@ -860,7 +970,7 @@ pub(crate) async fn connect_qmp(
     pid: u32,
     exit: &watch::Receiver<Option<Exit>>,
 ) -> std::result::Result<Qmp, String> {
-    match Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10)).await {
+    match Qmp::connect(&dir.join(QMP_SOCKET), Duration::from_secs(10)).await {
         Ok(q) => Ok(q),
         Err(e) => {
             kill_pid(pid, exit);
@@ -913,10 +1023,224 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// The engine shares VMs between request handlers (`Arc<Vm>`).
     #[test]
     fn vm_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<super::Vm>();
+    }
+
+    fn shape(accel: Resolved, network: bool) -> Shape {
+        Shape {
+            vcpus: 2,
+            memory_mib: 1024,
+            network,
+            accel,
+            machine: accel.machine().to_owned(),
+            hostname: "box".into(),
+        }
+    }
+
+    fn kernel() -> KernelAssets {
+        KernelAssets {
+            version: "6.1.0-test".into(),
+            vmlinuz: "/k/vmlinuz".into(),
+            initramfs: "/k/initramfs.cpio".into(),
+        }
+    }
+
+    /// What `Vm::boot` runs: TCG, shared RAM, its own raw disk, user networking with an
+    /// egress command and a forward.
+    #[test]
+    fn boot_command_line_is_pinned() {
+        let shape = shape(Resolved::Tcg, true);
+        let net = NetConfig {
+            forwards: vec![PortForward {
+                host_addr: [127, 0, 0, 1].into(),
+                host_port: 18080,
+                guest_port: 80,
+            }],
+            egress: Some(vec!["kiln".into(), "egress".into(), "rules.json".into()]),
+        };
+        let (ram, disk) = (
+            Ram::SharedFile("/r/box-1/memory".into()),
+            Disk::OwnedRaw("/r/box-1/disk.raw".into()),
+        );
+        let qemu = QemuArgs {
+            shape: &shape,
+            kernel: &kernel(),
+            run_dir: Path::new("/r/box-1"),
+            console: Console::File(Path::new("/r/box-1/console.log")),
+            ram: ram.file(),
+            disk: disk.drive(),
+            net: &net,
+            incoming: false,
+        };
+        let want = [
+            "-name",
+            "kiln-box",
+            "-accel",
+            "tcg,thread=multi",
+            "-machine",
+            "pc,memory-backend=ram0",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "1024M",
+            "-object",
+            "memory-backend-file,id=ram0,size=1024M,mem-path=/r/box-1/memory,share=on,prealloc=off",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            "/k/vmlinuz",
+            "-initrd",
+            "/k/initramfs.cpio",
+            "-append",
+            "console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet kiln.net=1",
+            "-chardev",
+            "file,id=con,path=/r/box-1/console.log",
+            "-serial",
+            "chardev:con",
+            "-qmp",
+            "unix:/r/box-1/qmp.sock,server=on,wait=off",
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            "socket,id=agent,path=/r/box-1/agent.sock,server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=agent,name=kiln.agent",
+            "-drive",
+            "file=/r/box-1/disk.raw,format=raw,if=none,id=root,cache=writeback,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=root",
+            "-netdev",
+            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:'kiln' 'egress' 'rules.json',hostfwd=tcp:127.0.0.1:18080-:80",
+            "-device",
+            "virtio-net-pci,netdev=net0",
+        ];
+        assert_eq!(qemu.argv().unwrap(), want);
+    }
+
+    /// What `Vm::restore` runs: KVM, a bundle's memory image mapped privately, a qcow2
+    /// overlay, no network device, waiting for the migration stream.
+    #[test]
+    fn restore_command_line_is_pinned() {
+        let shape = shape(Resolved::Kvm, false);
+        let (ram, disk) = (
+            Ram::PrivateFile("/b/memory".into()),
+            Disk::Overlay("/r/box-2/disk.qcow2".into()),
+        );
+        let qemu = QemuArgs {
+            shape: &shape,
+            kernel: &kernel(),
+            run_dir: Path::new("/r/box-2"),
+            console: Console::File(Path::new("/logs/box.log")),
+            ram: ram.file(),
+            disk: disk.drive(),
+            net: &NetConfig::default(),
+            incoming: true,
+        };
+        let want = [
+            "-name",
+            "kiln-box",
+            "-accel",
+            "kvm",
+            "-machine",
+            "microvm,pcie=on,rtc=on,memory-backend=ram0",
+            "-cpu",
+            "host",
+            "-smp",
+            "2",
+            "-m",
+            "1024M",
+            "-object",
+            "memory-backend-file,id=ram0,size=1024M,mem-path=/b/memory,share=off,prealloc=off",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            "/k/vmlinuz",
+            "-initrd",
+            "/k/initramfs.cpio",
+            "-append",
+            "console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet",
+            "-chardev",
+            "file,id=con,path=/logs/box.log",
+            "-serial",
+            "chardev:con",
+            "-qmp",
+            "unix:/r/box-2/qmp.sock,server=on,wait=off",
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            "socket,id=agent,path=/r/box-2/agent.sock,server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=agent,name=kiln.agent",
+            "-drive",
+            "file=/r/box-2/disk.qcow2,format=qcow2,if=none,id=root,cache=writeback,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=root",
+            "-incoming",
+            "defer",
+        ];
+        assert_eq!(qemu.argv().unwrap(), want);
+    }
+
+    /// The benchmark's floor: production's restore line for the same inputs with its two
+    /// documented differences (no console log; `snapshot=on` on the bundle's raw disk
+    /// instead of a kiln overlay) and nothing else, so it follows production wherever
+    /// production's line (pinned above) goes.
+    #[test]
+    fn floor_command_line_is_production_minus_its_options() {
+        let shape = shape(Resolved::Tcg, true);
+        let (kernel, net) = (kernel(), NetConfig::default());
+        let production = QemuArgs {
+            shape: &shape,
+            kernel: &kernel,
+            run_dir: Path::new("/t/b-1"),
+            console: Console::File(Path::new("/t/b-1/console.log")),
+            ram: RamFile {
+                path: Path::new("/b/memory"),
+                shared: false,
+            },
+            disk: Drive {
+                path: Path::new("/b/disk.raw"),
+                format: DiskFormat::Raw,
+                snapshot: false,
+            },
+            net: &net,
+            incoming: true,
+        };
+        let floor = QemuArgs {
+            console: Console::Discard,
+            disk: Drive {
+                snapshot: true,
+                ..production.disk
+            },
+            ..production
+        };
+        let mut want = production.argv().unwrap();
+        // `-chardev file,id=con,... -serial chardev:con` gives way to `-serial null`.
+        let con = want
+            .iter()
+            .position(|a| a == "file,id=con,path=/t/b-1/console.log")
+            .unwrap()
+            - 1;
+        assert_eq!(want[con..con + 4][2..], ["-serial", "chardev:con"]);
+        want.splice(con..con + 4, ["-serial".to_owned(), "null".to_owned()]);
+        let drive = want.iter().position(|a| a == "-drive").unwrap() + 1;
+        want[drive].push_str(",snapshot=on");
+        assert_eq!(floor.argv().unwrap(), want);
+        assert_eq!(floor.qmp_socket(), Path::new("/t/b-1/qmp.sock"));
+        assert_eq!(floor.agent_socket(), Path::new("/t/b-1/agent.sock"));
     }
 }

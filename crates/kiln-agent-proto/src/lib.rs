@@ -4,6 +4,7 @@
 //! - [`msg`]: the JSON control messages and the data types they carry.
 //! - `client` (feature `client`): the host-side tokio client used by `kiln-vm` and
 //!   `kiln-build`.
+//! - `fake` (feature `fake`): a scripted agent on a unix socket, for tests of host code.
 //!
 //! The protocol is shared by a guest agent that runs as PID 1 inside the VM and a host
 //! that may disconnect at any time (including across snapshot/restore), so every
@@ -15,6 +16,8 @@ pub mod msg;
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "fake")]
+pub mod fake;
 
 #[cfg(feature = "client")]
 pub use client::{AgentClient, ClientError, ExecEvent, ExecHandle, ExecOutput, ExecStdin};

@@ -7,14 +7,14 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
+use kiln_api::{CreateSandbox, ExecRequest};
 use kiln_sdk::{RunOptions, Sandbox, SandboxCreateOptions};
-use kiln_store::NewSandbox;
 use serde::Serialize;
 
 use crate::cold_path::ColdPath;
 use crate::report::{Row, Target};
 use crate::stats::{ratio, Stats};
-use crate::{bare, capture, req, say, Ctx, Failures, Plan};
+use crate::{bare, capture, say, Ctx, Failures, Plan};
 
 /// One kiln create: create returned, first exec returned.
 #[derive(Debug, Clone, Copy)]
@@ -97,35 +97,25 @@ impl Samples {
 }
 
 pub async fn engine_create(ctx: &Ctx, label: &str) -> anyhow::Result<(CreateSample, String)> {
-    let new = NewSandbox {
-        template: ctx.template.clone(),
-        name: Some(label.to_owned()),
-        ..Default::default()
-    };
+    let new = CreateSandbox::new(label, &ctx.template);
     let t = Instant::now();
-    let s = ctx
-        .engine
-        .create_live_sandbox(&ctx.team_id, &new, None)
-        .await?;
+    let s = ctx.engine.create_sandbox(&ctx.team_id, &new).await?;
     let created = t.elapsed();
-    let id = s.sandbox.id.clone();
+    let id = s.sandbox.sandbox.id.clone();
     let exec = async {
         let out = ctx
             .engine
-            .live_agent(&s.sandbox)?
-            .exec_collect(req("true"))
+            .sandbox_for_team(&ctx.team_id, &id)
+            .await?
+            .exec(&ExecRequest::new("true"))
             .await?;
-        ensure!(
-            out.status.code == Some(0),
-            "`true` ended with {:?}",
-            out.status
-        );
+        ensure!(out.exit_code == 0, "`true` ended with {}", out.exit_code);
         Ok::<_, anyhow::Error>(())
     }
     .await;
     let first_exec = t.elapsed();
     if let Err(e) = exec {
-        let _ = ctx.engine.kill_live_sandbox(&ctx.team_id, &id).await;
+        let _ = ctx.engine.kill_sandbox(&ctx.team_id, &id).await;
         return Err(e);
     }
     Ok((
@@ -173,7 +163,7 @@ pub async fn create_bench(
     // Warm-up, not counted: page cache of the bundle, the server's first request.
     bare::restore(&ctx.bundle, &ctx.manifest, &ctx.bare_dir).await?;
     let (_, id) = engine_create(ctx, "warmup-e").await?;
-    ctx.engine.kill_live_sandbox(&ctx.team_id, &id).await?;
+    ctx.engine.kill_sandbox(&ctx.team_id, &id).await?;
     let (_, sb) = http_create(ctx, "warmup-h").await?;
     sb.kill().await?;
     capture::take_restored();
@@ -187,7 +177,7 @@ pub async fn create_bench(
         match engine_create(ctx, &format!("seq-e{i}")).await {
             Ok((s, id)) => {
                 seq.engine.push(s);
-                ctx.engine.kill_live_sandbox(&ctx.team_id, &id).await?;
+                ctx.engine.kill_sandbox(&ctx.team_id, &id).await?;
             }
             Err(e) => failures.note("engine sequential", &e),
         }
@@ -229,7 +219,7 @@ pub async fn create_bench(
         .await;
         for (s, id) in engine {
             conc.engine.push(s);
-            ctx.engine.kill_live_sandbox(&ctx.team_id, &id).await?;
+            ctx.engine.kill_sandbox(&ctx.team_id, &id).await?;
         }
         // HTTP API: `parallel` requests in flight.
         let http = wave(plan.parallel, "http concurrent", failures, |k| {

@@ -4,13 +4,14 @@
 use std::time::Instant;
 
 use anyhow::ensure;
+use kiln_api::ExecRequest;
 use kiln_sdk::RunOptions;
 use serde::Serialize;
 
 use crate::creates::{engine_create, http_create};
 use crate::report::Row;
 use crate::stats::{ratio, Stats};
-use crate::{req, say, Ctx, Plan};
+use crate::{say, Ctx, Plan};
 
 #[derive(Debug, Serialize)]
 pub struct ExecResult {
@@ -24,24 +25,23 @@ pub async fn exec_bench(plan: &Plan, ctx: &Ctx) -> anyhow::Result<ExecResult> {
         plan.exec_iters
     ));
     let (_, id) = engine_create(ctx, "exec-agent").await?;
-    let record = ctx.engine.store().sandbox_by_id(&ctx.team_id, &id).await?;
-    let agent = ctx.engine.live_agent(&record)?;
+    let agent = ctx.engine.sandbox_for_team(&ctx.team_id, &id).await?;
     let result = async {
         let (_, sb) = http_create(ctx, "exec-http").await?;
         let r = async {
             for _ in 0..5 {
-                agent.exec_collect(req("true")).await?;
+                agent.exec(&ExecRequest::new("true")).await?;
                 sb.commands().run("true", RunOptions::default()).await?;
             }
             let (mut a, mut h) = (Vec::new(), Vec::new());
             for _ in 0..plan.exec_iters {
                 let t = Instant::now();
-                let out = agent.exec_collect(req("true")).await?;
+                let out = agent.exec(&ExecRequest::new("true")).await?;
                 a.push(t.elapsed());
                 ensure!(
-                    out.status.code == Some(0),
-                    "`true` via the agent: {:?}",
-                    out.status
+                    out.exit_code == 0,
+                    "`true` via the agent: {}",
+                    out.exit_code
                 );
                 let t = Instant::now();
                 let out = sb.commands().run("true", RunOptions::default()).await?;
@@ -58,7 +58,7 @@ pub async fn exec_bench(plan: &Plan, ctx: &Ctx) -> anyhow::Result<ExecResult> {
         r
     }
     .await;
-    ctx.engine.kill_live_sandbox(&ctx.team_id, &id).await?;
+    ctx.engine.kill_sandbox(&ctx.team_id, &id).await?;
     result
 }
 

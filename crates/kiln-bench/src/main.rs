@@ -296,10 +296,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await;
     say(format!("accelerator: {:?} ({})", accel.accel, accel.reason));
-    let (_, api_key) = engine.store().create_api_key("bench").await?;
+    let api_key = engine.create_api_key("bench").await?;
     let team_id = engine
-        .store()
-        .team_by_name("bench")
+        .authenticate(&api_key)
         .await?
         .context("team bench")?
         .id;
@@ -438,15 +437,8 @@ async fn measure(
         builds::SECOND_STEP_CHANGED,
     )
     .await?;
-    let tpl = engine.store().template_by_id_or_name(team_id, name).await?;
-    let build_id = tpl
-        .current_build_id
-        .clone()
-        .context("template has no build")?;
-    let bundle = engine
-        .layout()
-        .artifact_dir(&tpl.id, &build_id)?
-        .join("bundle");
+    let tpl = engine.template(team_id, name).await?;
+    let bundle = engine.template_bundle(team_id, name).await?;
     let manifest = bare::manifest(&bundle)?;
     let memory_mib = tpl.memory_mib;
     builds::build_rows(&mut rows, &cold, &warm, &replay);

@@ -16,5 +16,5 @@ pub use guest::{Command, Exit, Guest, GuestError, OutputStream};
 pub use kiln_spec::RuntimeDefaults;
 pub use log::{LineSplitter, LogLine, LogSink, Stream};
 pub use pipeline::{run_build, BuildEnd, BuildEnv, BuildJob, BuildObserver, BuildOutput, Phase};
-pub use stepcache::StepCache;
+pub use stepcache::{StepCache, StepCacheError};
 pub use steps::{StepRunner, Timing};

@@ -1,7 +1,7 @@
 //! One build, end to end: image -> disk -> build VM -> steps -> start/ready -> snapshot.
 //!
 //! The pipeline owns every resource it creates until the build succeeds: the build VM is
-//! a [`Vm`] handle (QEMU is killed when it drops, also on error and cancel) and the bundle
+//! a [`Machine`] handle (the VM is killed when it drops, also on error and cancel) and the bundle
 //! directory is removed unless the build reaches the end.
 
 use std::path::PathBuf;
@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use kiln_oci::{ImageStore, Progress};
 use kiln_spec::{BuildErrorCode, BuildSpec, Resources};
-use kiln_vm::{ExecRequest, KernelAssets, NetConfig, Resolved, RootDisk, Vm, VmConfig};
+use kiln_vm::{
+    ExecRequest, Hypervisor, KernelAssets, Machine, NetConfig, Resolved, RootDisk, VmConfig,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BuildError;
@@ -40,6 +42,8 @@ pub trait BuildObserver: LogSink {
 /// What a build needs from the host, shared by every build.
 #[derive(Debug, Clone)]
 pub struct BuildEnv {
+    /// What runs build VMs.
+    pub hypervisor: Arc<dyn Hypervisor>,
     /// The image cache and registry client.
     pub images: Arc<ImageStore>,
     /// Guest kernel and initramfs.
@@ -213,23 +217,25 @@ async fn build_inner(
     let cached = layers.as_ref().map_or(0, |l| l.cached);
 
     let boot_started = Instant::now();
-    let mut vm = Vm::boot(VmConfig {
-        name: job.name.clone(),
-        vcpus: job.resources.vcpu,
-        memory_mib: u64::from(job.resources.memory_mib),
-        kernel: env.kernel.clone(),
-        disk,
-        network: Some(NetConfig {
-            forwards: Vec::new(),
-            egress: env.egress.clone(),
-        }),
-        accel: env.accel,
-        run_parent: env.vm_dir.clone(),
-        console_log: None,
-        boot_timeout: None,
-    })
-    .await
-    .map_err(vm_err)?;
+    let mut vm = env
+        .hypervisor
+        .boot(VmConfig {
+            name: job.name.clone(),
+            vcpus: job.resources.vcpu,
+            memory_mib: u64::from(job.resources.memory_mib),
+            kernel: env.kernel.clone(),
+            disk,
+            network: Some(NetConfig {
+                forwards: Vec::new(),
+                egress: env.egress.clone(),
+            }),
+            accel: env.accel,
+            run_parent: env.vm_dir.clone(),
+            console_log: None,
+            boot_timeout: None,
+        })
+        .await
+        .map_err(vm_err)?;
     observer.system(format!(
         "build VM up in {:.1}s",
         boot_started.elapsed().as_secs_f64()
@@ -239,7 +245,7 @@ async fn build_inner(
     let mut defaults = defaults;
     let mut layers = layers;
     for (i, step) in steps.iter().enumerate() {
-        let guest = VmGuest(&vm);
+        let guest = VmGuest(vm.as_ref());
         let mut runner = StepRunner::new(&guest, observer, defaults, env.timing);
         if i < cached {
             runner.skip_cached(i, n, step);
@@ -249,11 +255,11 @@ async fn build_inner(
         defaults = runner.defaults;
         if i >= cached {
             if let Some(l) = &mut layers {
-                l.publish(&mut vm, i, step).await;
+                l.publish(vm.as_mut(), i, step).await;
             }
         }
     }
-    let guest = VmGuest(&vm);
+    let guest = VmGuest(vm.as_ref());
     let runner = StepRunner::new(&guest, observer, defaults, env.timing);
     let start_pid = runner
         .start_and_wait_ready(spec.start_cmd.as_deref(), spec.ready_cmd.as_deref())
@@ -462,7 +468,7 @@ impl<'a> Layers<'a> {
 
     /// Publishes the disk as step `index` left it. Failing to is not the build's
     /// failure: the cache is an optimisation, so the build goes on without it.
-    async fn publish(&mut self, vm: &mut Vm, index: usize, step: &kiln_spec::Step) {
+    async fn publish(&mut self, vm: &mut dyn Machine, index: usize, step: &kiln_spec::Step) {
         if !self.publishing {
             return;
         }
@@ -488,7 +494,7 @@ impl<'a> Layers<'a> {
 
     async fn freeze_and_publish(
         &self,
-        vm: &mut Vm,
+        vm: &mut dyn Machine,
         index: usize,
         key: &str,
     ) -> Result<Entry, String> {
@@ -538,7 +544,7 @@ fn to_agent(d: &RuntimeDefaults) -> kiln_agent_proto::RuntimeDefaults {
 }
 
 /// The build VM as a [`Guest`].
-struct VmGuest<'a>(&'a Vm);
+struct VmGuest<'a>(&'a dyn Machine);
 
 impl VmGuest<'_> {
     /// A failed agent call; the VM is gone when the connection broke or QEMU exited.

@@ -342,10 +342,7 @@ fn ellipsize(s: &str, max: usize) -> String {
     }
 }
 
-/// Quotes a string for `/bin/sh` as one word.
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+pub use kiln_spec::shell_quote;
 
 /// Creates the user with a home directory when missing, with whatever tool the image has.
 fn create_user_script(name: &str) -> String {

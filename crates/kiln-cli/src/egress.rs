@@ -20,7 +20,7 @@ pub struct Args {
 /// previous `.1` goes) and a new one starts.
 const MAX_LOG: u64 = 8 << 20;
 
-fn append_log(path: &std::path::Path, record: &serde_json::Value) {
+fn append_log(path: &std::path::Path, record: &kiln_api::NetworkEvent) {
     if std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_LOG) {
         let _ = std::fs::rename(path, path.with_extension("log.1"));
     }
@@ -30,7 +30,9 @@ fn append_log(path: &std::path::Path, record: &serde_json::Value) {
         .open(path)
     {
         // One write per line: concurrent proxies append whole lines.
-        let _ = f.write_all(format!("{record}\n").as_bytes());
+        let mut line = serde_json::to_vec(record).unwrap_or_default();
+        line.push(b'\n');
+        let _ = f.write_all(&line);
     }
 }
 
@@ -55,17 +57,18 @@ pub fn run(args: Args) -> ExitCode {
     let outcome = kiln_net::serve_stdio(&cfg);
     if let Some(path) = args.log {
         let now = chrono::Utc::now();
-        let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let mut record = match &outcome {
-            Ok(o) => o.log_record(&ts),
-            Err(e) => serde_json::json!({
-                "kind": "connection", "ts": ts, "verdict": "failed",
-                "match_rule": format!("proxy error: {e}"),
-            }),
-        };
         // Ids order the log (the SDKs page with them); one process per connection, so
         // the time in microseconds is as good a sequence as any.
-        record["id"] = now.timestamp_micros().into();
+        let id = now.timestamp_micros();
+        let record = match &outcome {
+            Ok(o) => o.log_record(id, now),
+            Err(e) => kiln_net::Outcome::Refused {
+                target: "-".into(),
+                status: 502,
+                reason: format!("proxy error: {e}"),
+            }
+            .log_record(id, now),
+        };
         append_log(&path, &record);
     }
     ExitCode::SUCCESS

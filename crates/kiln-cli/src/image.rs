@@ -135,31 +135,25 @@ async fn run_async(args: Args, state_dir: &Path) -> anyhow::Result<()> {
                 );
             }
         }
-        ImageCommand::Prune { mut keep } => {
-            let db = kiln_store::Layout::new(state_dir).db_path();
-            let mut builds_running = 0;
-            if db.exists() {
-                let store = kiln_store::Store::open(&db).await?;
-                keep.extend(store.image_digests_in_use().await?);
-                builds_running = store.unfinished_builds().await?;
-            }
-            let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
-            let r = store.prune(&keep)?;
+        ImageCommand::Prune { keep } => {
+            drop(store);
+            let engine =
+                kiln_engine::Engine::open(crate::engine_config(state_dir.to_owned())).await?;
+            let p = engine.prune_images(&keep).await?;
             println!(
                 "removed {} images, {} blobs ({})",
-                r.images_removed,
-                r.blobs_removed,
-                human(r.blob_bytes_freed)
+                p.images.images_removed,
+                p.images.blobs_removed,
+                human(p.images.blob_bytes_freed)
             );
             // Build VMs read their step layers through the cache's paths: the cache
             // goes only when no build is under way.
-            let steps =
-                kiln_build::StepCache::new(kiln_store::Layout::new(state_dir).step_cache_dir());
-            if builds_running > 0 {
-                println!("step cache kept: {builds_running} builds are not finished");
-            } else {
-                let freed = steps.prune()?;
-                println!("removed the step cache ({})", human(freed));
+            match p.step_cache_freed {
+                Some(freed) => println!("removed the step cache ({})", human(freed)),
+                None => println!(
+                    "step cache kept: {} builds are not finished",
+                    p.builds_running
+                ),
             }
         }
     }

@@ -5,8 +5,11 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod backend;
 mod egress;
 mod image;
+mod local;
+mod print;
 mod remote;
 mod sandbox;
 mod serve;

@@ -1,24 +1,15 @@
-//! `kiln sandbox ...`: sandboxes on the local state dir, no server needed.
-//!
-//! A sandbox must outlive the command that created it, so `create` starts a detached
-//! keeper process (`kiln sandbox keep ID`, the way podman uses conmon) that restores the
-//! VM and owns it until `kill`. Other commands reach the guest agent through the socket
-//! the keeper publishes.
+//! `kiln sandbox ...`: create, list, use and kill sandboxes, on the local state dir (a
+//! keeper process owns each VM: see [`crate::local`]) or a server (see [`crate::backend`]).
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::io::Write;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
-use kiln_agent_proto::{ExecEvent, ExecRequest};
-use kiln_engine::Engine;
-use kiln_store::{NewSandbox, Sandbox, SandboxFilter, SandboxStatus};
+use anyhow::bail;
+use kiln_api::{CreateSandbox, ExecRequest, NetworkConfig};
 
-use crate::engine;
-
-/// How long `create` waits for the keeper to bring the sandbox up.
-const START_TIMEOUT: Duration = Duration::from_secs(120);
+use crate::backend::{backend, Output};
+use crate::print;
 
 /// `kiln sandbox`.
 #[derive(Debug, clap::Args)]
@@ -109,12 +100,13 @@ pub(crate) enum Cmd {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if let Some(client) = crate::remote::client()? {
-        return crate::remote::sandbox(args.command, client).await;
+    if let Cmd::Keep { id } = &args.command {
+        // The keeper that `create` starts: this machine only.
+        crate::local::Local::open().await?.keep(id).await?;
+        return Ok(ExitCode::SUCCESS);
     }
-    let engine = engine().await?;
-    let team = engine.local_team().await?;
-    let team_id = team.id.as_str();
+    let backend = backend().await?;
+    let backend = backend.as_ref();
     match args.command {
         Cmd::Create {
             template,
@@ -124,33 +116,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             allow_out,
             deny_out,
         } => {
-            let network = network_rules(allow_out, deny_out)?;
-            let new = NewSandbox {
-                template,
-                name,
+            // The API wants a name; the template's name and a random suffix stand in.
+            let name = name.unwrap_or_else(|| {
+                let tail = uuid::Uuid::new_v4().simple().to_string();
+                format!("{template}-{}", &tail[..8])
+            });
+            let req = CreateSandbox {
+                env_vars: pairs(&env)?,
                 metadata: pairs(&metadata)?,
-                env: pairs(&env)?,
+                network: network_rules(allow_out, deny_out)?,
+                ..CreateSandbox::new(name, template)
             };
-            let (sandbox, _token) = engine.create_sandbox_record(team_id, &new).await?;
-            if network.is_some() {
-                engine
-                    .set_network_rules(team_id, &sandbox.id, network.as_ref())
-                    .await?;
-            }
-            let logs = engine.layout().root().join("logs");
-            crate::spawn_detached(&["sandbox", "keep", &sandbox.id], &logs, &sandbox.id)?;
-            let up = wait_started(&engine, team_id, &sandbox.id).await?;
-            println!("{}", up.id);
+            println!("{}", backend.create_sandbox(req).await?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ls { json } => {
-            engine.reap_orphaned_sandboxes(team_id).await?;
-            let all = engine
-                .store()
-                .list_sandboxes(team_id, &SandboxFilter::default())
-                .await?;
-            let docs: Vec<_> = all.iter().map(Sandbox::to_wire).collect();
-            print_sandboxes(&docs, json)?;
+            print::sandboxes(&backend.sandboxes().await?, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Network {
@@ -160,14 +141,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             clear,
         } => {
             let rules = network_update(allow_out, deny_out, clear)?;
-            engine
-                .set_network_rules(team_id, &id, rules.as_ref())
-                .await?;
+            backend.set_network(&id, rules).await?;
             println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Kill { id } => {
-            kill(&engine, team_id, &id).await?;
+            backend.kill_sandbox(&id).await?;
             println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
@@ -178,161 +157,36 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             id,
             cmd,
         } => {
-            let agent = engine.connect_sandbox(team_id, &id).await?;
             let req = ExecRequest {
                 command: shell_join(&cmd),
+                working_dir: cwd,
                 env: pairs(&env)?,
-                cwd,
-                user,
-                ..ExecRequest::default()
+                timeout_s: None,
             };
-            let mut handle = agent.exec(req).await?;
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-            loop {
-                match handle.next_event().await? {
-                    Some(ExecEvent::Stdout(b)) => {
-                        out.write_all(&b)?;
-                        out.flush()?;
-                    }
-                    Some(ExecEvent::Stderr(b)) => {
-                        err.write_all(&b)?;
-                        err.flush()?;
-                    }
-                    Some(ExecEvent::Exit(status)) => {
-                        let code = status
-                            .code
-                            .unwrap_or_else(|| 128 + status.signal.unwrap_or(0));
-                        return Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)));
-                    }
-                    None => bail!("the sandbox closed the command's stream without an exit status"),
-                }
-            }
+            let code = backend
+                .exec(&id, &req, user, &mut |o, data| {
+                    let w: &mut dyn Write = match o {
+                        Output::Stdout => &mut out,
+                        Output::Stderr => &mut err,
+                    };
+                    let _ = w.write_all(data);
+                    let _ = w.flush();
+                })
+                .await?;
+            Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
         }
         Cmd::Cp { src, dst } => {
-            match (split_remote(&src), split_remote(&dst)) {
-                (Some((id, path)), None) => {
-                    let agent = engine.connect_sandbox(team_id, id).await?;
-                    let file = tokio::fs::File::create(&dst)
-                        .await
-                        .with_context(|| format!("creating {dst}"))?;
-                    let n = agent.read_file_to(path, file).await?;
-                    eprintln!("{n} bytes");
-                }
-                (None, Some((id, path))) => {
-                    let agent = engine.connect_sandbox(team_id, id).await?;
-                    let file = tokio::fs::File::open(&src)
-                        .await
-                        .with_context(|| format!("opening {src}"))?;
-                    let mode = std::os::unix::fs::PermissionsExt::mode(
-                        &file.metadata().await?.permissions(),
-                    ) & 0o7777;
-                    let n = agent.write_file_from(path, file, Some(mode)).await?;
-                    eprintln!("{n} bytes");
-                }
+            let n = match (split_remote(&src), split_remote(&dst)) {
+                (Some((id, path)), None) => backend.download(id, path, dst.as_ref()).await?,
+                (None, Some((id, path))) => backend.upload(id, src.as_ref(), path).await?,
                 _ => bail!("exactly one side must be a sandbox path, as ID:/absolute/path"),
-            }
+            };
+            eprintln!("{n} bytes");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Keep { id } => keep(&engine, team_id, &id).await,
+        Cmd::Keep { .. } => unreachable!("handled above"),
     }
-}
-
-/// Waits until the keeper reports the sandbox active, or failed.
-async fn wait_started(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<Sandbox> {
-    let started = Instant::now();
-    loop {
-        let s = engine.store().sandbox_by_id(team_id, id).await?;
-        match s.status {
-            SandboxStatus::Active => return Ok(s),
-            SandboxStatus::Starting if started.elapsed() < START_TIMEOUT => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            SandboxStatus::Starting => {
-                let _ = engine
-                    .finish_sandbox(team_id, id, SandboxStatus::Failed)
-                    .await;
-                bail!(
-                    "the sandbox did not start within {}s",
-                    START_TIMEOUT.as_secs()
-                );
-            }
-            other => {
-                let log = engine
-                    .layout()
-                    .root()
-                    .join("logs")
-                    .join(format!("{id}.log"));
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                bail!(
-                    "the sandbox failed to start ({other}); keeper log {}:\n{}",
-                    log.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
-    }
-}
-
-/// The keeper: restores the VM, hands the agent channel to other processes, and owns the
-/// VM until SIGTERM (kill) or until QEMU dies.
-async fn keep(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<ExitCode> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut live = engine.start_sandbox(team_id, id).await?;
-    drop(live.vm.release_agent());
-    let died = loop {
-        tokio::select! {
-            _ = term.recv() => break false,
-            _ = int.recv() => break false,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {
-                if live.vm.exit_status().is_some() {
-                    break true;
-                }
-            }
-        }
-    };
-    let status = if died {
-        SandboxStatus::Failed
-    } else {
-        SandboxStatus::Deleted
-    };
-    if died {
-        tracing::warn!(sandbox = %id, exit = ?live.vm.exit_status(), "sandbox VM died");
-    }
-    live.vm.kill().await;
-    engine.finish_sandbox(team_id, id, status).await?;
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn kill(engine: &Engine, team_id: &str, id: &str) -> anyhow::Result<()> {
-    // Stops the keeper (or whichever process owns the VM) and marks the sandbox deleted.
-    engine.kill_live_sandbox(team_id, id).await?;
-    Ok(())
-}
-
-/// `sandbox ls`: a table, or the wire JSON.
-pub(crate) fn print_sandboxes(all: &[serde_json::Value], json: bool) -> anyhow::Result<()> {
-    use crate::template::field;
-    if json {
-        println!("{}", serde_json::to_string_pretty(all)?);
-        return Ok(());
-    }
-    println!(
-        "{:<36}  {:<10}  {:<36}  CREATED",
-        "ID", "STATUS", "TEMPLATE"
-    );
-    for s in all {
-        println!(
-            "{:<36}  {:<10}  {:<36}  {}",
-            field(s, "id"),
-            field(s, "status"),
-            field(s, "template_id"),
-            field(s, "created_at")
-        );
-    }
-    Ok(())
 }
 
 pub fn pairs(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -356,7 +210,7 @@ pub fn shell_join(cmd: &[String]) -> String {
         return one.clone();
     }
     cmd.iter()
-        .map(|a| kiln_build::steps::shell_quote(a))
+        .map(|a| kiln_spec::shell_quote(a))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -366,15 +220,15 @@ pub fn shell_join(cmd: &[String]) -> String {
 pub(crate) fn network_rules(
     allow_out: Vec<String>,
     deny_out: Vec<String>,
-) -> anyhow::Result<Option<kiln_net::NetworkRules>> {
+) -> anyhow::Result<Option<NetworkConfig>> {
     if allow_out.is_empty() && deny_out.is_empty() {
         return Ok(None);
     }
-    let rules = kiln_net::NetworkRules {
+    let rules = NetworkConfig {
         allow_out,
         deny_out,
     };
-    if let Err(errs) = rules.compile() {
+    if let Err(errs) = kiln_net::Policy::compile(&rules) {
         anyhow::bail!("invalid egress rules: {errs}");
     }
     Ok(Some(rules))
@@ -386,7 +240,7 @@ pub(crate) fn network_update(
     allow_out: Vec<String>,
     deny_out: Vec<String>,
     clear: bool,
-) -> anyhow::Result<Option<kiln_net::NetworkRules>> {
+) -> anyhow::Result<Option<NetworkConfig>> {
     if clear {
         return Ok(None);
     }

@@ -81,7 +81,7 @@ impl ServerConfig {
 
 /// Per-team limits when nothing is configured: generous for one host, finite so that one
 /// team cannot take it all.
-const DEFAULT_LIMITS: kiln_store::Limits = kiln_store::Limits {
+const DEFAULT_LIMITS: kiln_engine::Limits = kiln_engine::Limits {
     max_templates: 100,
     max_concurrent_builds: 4,
     max_live_sandboxes: 50,
@@ -131,7 +131,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let conf = ServerConfig::load(&kiln_engine::registry_config_path(&state_dir))?;
     let mut cfg = crate::engine_config(state_dir);
     cfg.owner = kiln_engine::Owner::Server;
-    cfg.limits = kiln_store::Limits {
+    cfg.limits = kiln_engine::Limits {
         max_templates: conf.max_templates.unwrap_or(DEFAULT_LIMITS.max_templates),
         max_concurrent_builds: conf
             .max_concurrent_builds
@@ -219,56 +219,35 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
     let engine = engine().await?;
     match args.command {
         AdminCmd::CreateApiKey { team } => {
-            let (_, key) = engine.store().create_api_key(&team).await?;
-            println!("{key}");
+            println!("{}", engine.create_api_key(&team).await?);
         }
         AdminCmd::ListApiKeys { team, json } => {
-            let team = team_named(&engine, &team).await?;
-            let keys = engine.store().list_api_keys(&team.id).await?;
+            let keys = engine.list_api_keys(&team).await?;
             if json {
-                let docs: Vec<_> = keys
-                    .iter()
-                    .map(|k| {
-                        serde_json::json!({
-                            "id": k.id, "name": k.name, "prefix": k.prefix,
-                            "created_at": k.created_at.to_rfc3339(),
-                            "last_used_at": k.last_used_at.map(|t| t.to_rfc3339()),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&docs)?);
+                println!("{}", serde_json::to_string_pretty(&keys)?);
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<36}  {:<12}  {:<14}  {:<25}  LAST USED",
+                "{:<36}  {:<12}  {:<14}  {:<32}  LAST USED",
                 "ID", "NAME", "PREFIX", "CREATED"
             );
             for k in &keys {
                 let used = k
                     .last_used_at
-                    .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
+                    .map_or_else(|| "-".to_owned(), |t| kiln_api::time::format(&t));
                 println!(
-                    "{:<36}  {:<12}  {:<14}  {:<25}  {used}",
+                    "{:<36}  {:<12}  {:<14}  {:<32}  {used}",
                     k.id,
                     k.name,
                     k.prefix,
-                    k.created_at.to_rfc3339()
+                    kiln_api::time::format(&k.created_at)
                 );
             }
         }
         AdminCmd::RevokeApiKey { team, id } => {
-            let team = team_named(&engine, &team).await?;
-            engine.store().revoke_api_key(&team.id, &id).await?;
+            engine.revoke_api_key(&team, &id).await?;
             println!("{id}");
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn team_named(engine: &kiln_engine::Engine, name: &str) -> anyhow::Result<kiln_store::Team> {
-    engine
-        .store()
-        .team_by_name(name)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no team named {name:?}"))
 }

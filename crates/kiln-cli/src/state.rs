@@ -5,5 +5,5 @@ use std::path::PathBuf;
 
 /// The state directory (not created here).
 pub fn state_dir() -> PathBuf {
-    kiln_store::Layout::default_root().unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
+    kiln_engine::Layout::default_root().unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
 }

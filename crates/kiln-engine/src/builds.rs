@@ -1,19 +1,28 @@
 //! Templates and their builds.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_api::{BuildInfo, BuildLogEvent, SandboxFilter, SandboxStatus, TemplateInfo};
 use kiln_build::{run_build, BuildEnd, BuildJob, BuildObserver, LogLine, LogSink, Phase, Stream};
 use kiln_spec::{BuildErrorCode, CodedMessage, TemplateRequest};
 use kiln_store::{
-    ArtifactManifest, Build, BuildStatus, BuiltArtifact, LogStream, NewLogLine, Rebuild, Template,
+    ArtifactManifest, Build, BuildStatus, BuiltArtifact, LogStream, NewLogLine, Template,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::error::{EngineError, Result};
-use crate::Engine;
+use crate::{wire, Engine};
+
+/// What [`Engine::rebuild_with`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The build to follow.
+    pub build: BuildInfo,
+    /// `false` when an in-flight build of the same spec was returned instead of a new one.
+    pub created: bool,
+}
 
 /// How often a running build checks whether it was cancelled from elsewhere (another
 /// CLI process, the API).
@@ -22,7 +31,11 @@ const CANCEL_POLL: Duration = Duration::from_millis(500);
 impl Engine {
     /// Validates a request and records the template with its first build, `pending`.
     /// The build runs when [`Engine::run_build`] is called for it.
-    pub async fn submit(&self, team_id: &str, req: &TemplateRequest) -> Result<(Template, Build)> {
+    pub async fn submit(
+        &self,
+        team_id: &str,
+        req: &TemplateRequest,
+    ) -> Result<(TemplateInfo, BuildInfo)> {
         self.submit_with(team_id, req, false).await
     }
 
@@ -32,7 +45,7 @@ impl Engine {
         team_id: &str,
         req: &TemplateRequest,
         no_cache: bool,
-    ) -> Result<(Template, Build)> {
+    ) -> Result<(TemplateInfo, BuildInfo)> {
         req.validate().map_err(EngineError::Invalid)?;
         let (t, mut b) = self
             .store
@@ -41,12 +54,12 @@ impl Engine {
         if no_cache {
             b = self.store.set_build_no_cache(&b.id).await?;
         }
-        Ok((t, b))
+        Ok((wire::template(&t), wire::build(&b)))
     }
 
     /// Queues a rebuild of a template's current spec; an in-flight build of the same spec
     /// is returned instead of a new one.
-    pub async fn rebuild(&self, team_id: &str, template: &str) -> Result<Rebuild> {
+    pub async fn rebuild(&self, team_id: &str, template: &str) -> Result<Rebuilt> {
         self.rebuild_with(team_id, template, None, false).await
     }
 
@@ -59,7 +72,21 @@ impl Engine {
         template: &str,
         spec: Option<&TemplateRequest>,
         no_cache: bool,
-    ) -> Result<Rebuild> {
+    ) -> Result<Rebuilt> {
+        if let Some(req) = spec {
+            req.validate().map_err(EngineError::Invalid)?;
+            // A spec for this template may repeat its name, never another's.
+            if let Some(name) = &req.name {
+                let t = self.store.template_by_id_or_name(team_id, template).await?;
+                if *name != t.name {
+                    return Err(kiln_api::RequestError::invalid(format!(
+                        "name: {name:?} is not this template's name ({:?})",
+                        t.name
+                    ))
+                    .into());
+                }
+            }
+        }
         let mut r = self
             .store
             .start_rebuild(team_id, template, spec, &self.cfg.limits)
@@ -67,27 +94,99 @@ impl Engine {
         if no_cache && r.created {
             r.build = self.store.set_build_no_cache(&r.build.id).await?;
         }
-        Ok(r)
+        Ok(Rebuilt {
+            build: wire::build(&r.build),
+            created: r.created,
+        })
+    }
+
+    /// The team's templates whose names start with `name_prefix`.
+    pub async fn list_templates(
+        &self,
+        team_id: &str,
+        name_prefix: &str,
+    ) -> Result<Vec<TemplateInfo>> {
+        Ok(self
+            .store
+            .list_templates(team_id)
+            .await?
+            .iter()
+            .filter(|t| t.name.starts_with(name_prefix))
+            .map(wire::template)
+            .collect())
+    }
+
+    /// One of the team's templates, by id or name.
+    pub async fn template(&self, team_id: &str, template: &str) -> Result<TemplateInfo> {
+        let t = self.store.template_by_id_or_name(team_id, template).await?;
+        Ok(wire::template(&t))
+    }
+
+    /// A template's builds, newest first.
+    pub async fn list_builds(&self, team_id: &str, template: &str) -> Result<Vec<BuildInfo>> {
+        Ok(self
+            .store
+            .list_builds(team_id, template)
+            .await?
+            .iter()
+            .map(wire::build)
+            .collect())
+    }
+
+    /// The snapshot bundle that sandboxes of a template restore from (its current build's),
+    /// for tools that run it outside the engine (the benchmark's bare-QEMU floor).
+    pub async fn template_bundle(
+        &self,
+        team_id: &str,
+        template: &str,
+    ) -> Result<std::path::PathBuf> {
+        let t = self.store.template_by_id_or_name(team_id, template).await?;
+        let Some(build) = &t.current_build_id else {
+            return Err(EngineError::NotReady {
+                name: t.name,
+                status: t.status.to_string(),
+            });
+        };
+        Ok(self.layout.artifact_dir(&t.id, build)?.join("bundle"))
+    }
+
+    /// One of the team's builds, by id.
+    pub async fn build(&self, team_id: &str, build_id: &str) -> Result<BuildInfo> {
+        Ok(wire::build(
+            &self.store.build_by_id(team_id, build_id).await?,
+        ))
+    }
+
+    /// A build, checked to belong to the template named (by id or name): another
+    /// template's build is not found.
+    pub async fn template_build(
+        &self,
+        team_id: &str,
+        template: &str,
+        build_id: &str,
+    ) -> Result<BuildInfo> {
+        let t = self.store.template_by_id_or_name(team_id, template).await?;
+        let b = self.store.build_by_id(team_id, build_id).await?;
+        if b.template_id != t.id {
+            return Err(kiln_store::StoreError::not_found("build", build_id).into());
+        }
+        Ok(wire::build(&b))
     }
 
     /// Marks a build cancelled; the process running it stops its VM within
     /// [`CANCEL_POLL`]. A no-op on a finished build.
-    pub async fn cancel_build(&self, team_id: &str, build_id: &str) -> Result<Build> {
-        Ok(self.store.cancel_build(team_id, build_id).await?)
+    pub async fn cancel_build(&self, team_id: &str, build_id: &str) -> Result<BuildInfo> {
+        Ok(wire::build(
+            &self.store.cancel_build(team_id, build_id).await?,
+        ))
     }
 
     /// Deletes a template (refused while sandboxes use it) and its artifacts. Builds still
     /// queued or running are cancelled first, and this process's runners of them are given
     /// [`DELETE_WAIT`] to stop their VMs, so nothing is published into a deleted template.
-    pub async fn delete_template(&self, team_id: &str, template: &str) -> Result<Template> {
+    pub async fn delete_template(&self, team_id: &str, template: &str) -> Result<TemplateInfo> {
         let t = self.store.template_by_id_or_name(team_id, template).await?;
-        let live = kiln_store::SandboxFilter {
-            statuses: Some({
-                use kiln_store::SandboxStatus::*;
-                vec![Starting, Active, Pausing, Paused, Resuming, Migrating]
-            }),
-            ..Default::default()
-        };
+        let live = SandboxFilter::with_statuses(SandboxStatus::live());
         let in_use = self
             .store
             .list_sandboxes(team_id, &live)
@@ -117,12 +216,17 @@ impl Engine {
                 tracing::warn!(path = %dir.display(), error = %e, "could not remove template artifacts");
             }
         }
-        Ok(t)
+        Ok(wire::template(&t))
     }
 
     /// Runs a pending build in this process to its end, writing logs and statuses to the
-    /// store. `also` sees every log line too (a terminal). Returns the finished build.
-    pub async fn run_build(&self, build_id: &str, also: Option<Arc<dyn LogSink>>) -> Result<Build> {
+    /// store. `also` gets every log line too, as the API shows it (a terminal prints
+    /// them). Returns the finished build.
+    pub async fn run_build(
+        &self,
+        build_id: &str,
+        also: Option<mpsc::UnboundedSender<BuildLogEvent>>,
+    ) -> Result<BuildInfo> {
         let build = self.store.get_build(build_id).await?;
         let template = self
             .store
@@ -178,6 +282,7 @@ impl Engine {
         }
         .instrument(span)
         .await
+        .map(|b: Build| wire::build(&b))
     }
 
     async fn run_build_with(
@@ -437,13 +542,20 @@ enum Event {
 /// Sends a build's lines and phases to the store writer (and to `also`).
 struct Observer {
     tx: mpsc::UnboundedSender<Event>,
-    also: Option<Arc<dyn LogSink>>,
+    also: Option<mpsc::UnboundedSender<BuildLogEvent>>,
 }
 
 impl LogSink for Observer {
     fn line(&self, line: LogLine) {
         if let Some(also) = &self.also {
-            also.line(line.clone());
+            let new = to_store_line(line.clone());
+            let _ = also.send(BuildLogEvent {
+                timestamp: new.timestamp,
+                stream: new.stream,
+                text: new.text,
+                finished: false,
+                status: None,
+            });
         }
         let _ = self.tx.send(Event::Line(line));
     }
@@ -507,21 +619,7 @@ fn to_store_line(line: LogLine) -> NewLogLine {
     }
 }
 
-/// Prints build log lines to the terminal: output on stdout/stderr as it came, `system`
-/// lines marked so they stand out.
-#[derive(Debug, Default)]
-pub struct BuildLogPrinter;
-
-impl LogSink for BuildLogPrinter {
-    fn line(&self, line: LogLine) {
-        match line.stream {
-            Stream::System => eprintln!("--> {}", line.text),
-            Stream::Stdout | Stream::Stderr => eprintln!("    {}", line.text),
-        }
-    }
-}
-
 /// The `"<code>: <detail>"` a failed build carries, parsed.
-pub fn build_failure(build: &Build) -> Option<CodedMessage> {
+pub fn build_failure(build: &BuildInfo) -> Option<CodedMessage> {
     build.error_message.as_deref().map(CodedMessage::parse)
 }

@@ -4,11 +4,20 @@
 //! knows about HTTP or terminals. The store holds every decision that must be atomic
 //! (limits, names, status transitions); the engine does the work that follows from them.
 
+mod admin;
 mod builds;
+mod data;
 mod error;
+mod images;
+#[cfg(test)]
+mod lifecycle_tests;
 mod live;
+mod logs;
 mod pool;
 mod sandboxes;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,13 +25,24 @@ use std::time::Duration;
 
 use kiln_build::{BuildEnv, Timing};
 use kiln_oci::{ImageStore, RegistryConfig};
-use kiln_store::{Layout, Limits, Store, Team};
-use kiln_vm::{Accel, StateDir};
+use kiln_store::Store;
+use kiln_vm::{Accel, Hypervisor, StateDir};
 use tokio::sync::{OnceCell, Semaphore};
 
-pub use builds::{build_failure, BuildLogPrinter};
-pub use error::{EngineError, Result};
-pub use live::{Paused, Recovered, SandboxWithToken};
+pub use admin::ApiKeyInfo;
+pub use builds::{build_failure, Rebuilt};
+pub use data::{
+    FileContent, SandboxHandle, Session, SessionEvent, SessionInput, SessionOptions,
+    MAX_EXEC_OUTPUT, MAX_UPLOAD_BYTES, MAX_ZIP_BYTES,
+};
+pub use error::{EngineError, GuestError, Result};
+pub use images::Pruned;
+/// The store's figures for `/metrics`, the team record requests are authorised as, and
+/// the one-way hash kiln keys secrets by (the rate limiter's keys).
+pub use kiln_store::{
+    hash_secret, DurationHistogram, Layout, Limits, StoreStats, Team, BUILD_DURATION_BUCKETS_SECS,
+};
+pub use live::{Paused, Recovered, SandboxUp};
 pub use pool::PoolStats;
 pub use sandboxes::{pid_alive, LiveSandbox, Owner, SandboxEndpoint, ENDPOINT_FILE};
 
@@ -58,6 +78,8 @@ pub struct EngineConfig {
     pub restore_pool: usize,
     /// How long a pooled process may wait unclaimed before it is stopped.
     pub restore_pool_idle: Duration,
+    /// What runs the VMs: QEMU, or a fake in tests.
+    pub hypervisor: Arc<dyn Hypervisor>,
 }
 
 impl EngineConfig {
@@ -84,6 +106,7 @@ impl EngineConfig {
             egress_helper: None,
             restore_pool: 0,
             restore_pool_idle: Duration::from_secs(600),
+            hypervisor: Arc::new(kiln_vm::Qemu),
         }
     }
 }
@@ -146,9 +169,15 @@ impl Engine {
         }))
     }
 
-    /// The metadata store.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The store's figures for `/metrics`: builds and sandboxes by status, failures by
+    /// code, build durations, templates.
+    pub async fn stats(&self) -> Result<StoreStats> {
+        Ok(self.store.stats().await?)
+    }
+
+    /// What runs this engine's VMs.
+    pub(crate) fn hypervisor(&self) -> &dyn Hypervisor {
+        self.cfg.hypervisor.as_ref()
     }
 
     /// The state directory layout.
@@ -193,6 +222,7 @@ impl Engine {
                 let choice = kiln_vm::accel::choose(self.cfg.accel, &state, Some(&kernel)).await;
                 tracing::info!(accel = ?choice.accel, reason = %choice.reason, "accelerator");
                 Ok(BuildEnv {
+                    hypervisor: self.cfg.hypervisor.clone(),
                     images: self.images.clone(),
                     kernel,
                     agent,

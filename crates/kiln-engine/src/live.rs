@@ -1,6 +1,6 @@
 //! Sandboxes owned by this process: the server's model.
 //!
-//! The server holds each sandbox's [`Vm`] itself (so the VM lives exactly as long as the
+//! The server holds each sandbox's VM ([`Machine`]) itself (so the VM lives exactly as long as the
 //! server, `PDEATHSIG` included) and shares one multiplexed agent connection among every
 //! data-plane call. Pause snapshots the running VM into the sandbox's directory and stops
 //! it; resume restores that snapshot with the processes live. Operations on one sandbox
@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_agent_proto::AgentClient;
-use kiln_store::{NewSandbox, Sandbox, SandboxStatus};
-use kiln_vm::Vm;
+use kiln_api::{CreateSandbox, SandboxInfo, SandboxWithToken};
+use kiln_store::{Sandbox, SandboxStatus};
+use kiln_vm::Machine;
 use tracing::Instrument as _;
 
 use crate::error::{EngineError, Result};
@@ -44,7 +45,7 @@ struct Running {
     /// The current access token, so that `activate` on a running sandbox can hand it out
     /// without rotating it (which would cut off every other client of the sandbox).
     token: Mutex<String>,
-    vm: tokio::sync::Mutex<Option<Vm>>,
+    vm: tokio::sync::Mutex<Option<Box<dyn Machine>>>,
 }
 
 impl LiveSandboxes {
@@ -53,7 +54,13 @@ impl LiveSandboxes {
         ops.entry(id.to_owned()).or_default().clone()
     }
 
-    fn insert(&self, team_id: &str, id: &str, vm: Vm, token: &str) -> Result<AgentClient> {
+    fn insert(
+        &self,
+        team_id: &str,
+        id: &str,
+        vm: Box<dyn Machine>,
+        token: &str,
+    ) -> Result<AgentClient> {
         let mut vm = vm;
         let agent = vm
             .release_agent()
@@ -101,13 +108,12 @@ impl LiveSandboxes {
     }
 }
 
-/// A sandbox and the token that opens its data plane (shown once).
+/// A sandbox brought up (created, resumed or activated) and the token that opens its data
+/// plane, as the API answers.
 #[derive(Debug, Clone)]
-pub struct SandboxWithToken {
-    /// The sandbox.
-    pub sandbox: Sandbox,
-    /// Its current access token, in plain text.
-    pub access_token: String,
+pub struct SandboxUp {
+    /// The sandbox with its current access token.
+    pub sandbox: SandboxWithToken,
     /// How long bringing its VM up took, when this call did.
     pub restore_time: Option<Duration>,
 }
@@ -116,28 +122,16 @@ pub struct SandboxWithToken {
 #[derive(Debug, Clone)]
 pub struct Paused {
     /// The sandbox, now `paused`.
-    pub sandbox: Sandbox,
+    pub sandbox: SandboxInfo,
     /// How long the snapshot took (`None` when it was already paused).
     pub snapshot_time: Option<Duration>,
 }
 
 impl Engine {
     /// Creates a sandbox from a template and brings it up in this process, which owns its
-    /// VM from now on.
-    pub async fn create_live_sandbox(
-        &self,
-        team_id: &str,
-        new: &NewSandbox,
-        network: Option<&kiln_net::NetworkRules>,
-    ) -> Result<SandboxWithToken> {
-        let (record, access_token) = self.create_sandbox_record(team_id, new).await?;
-        if network.is_some() {
-            if let Err(e) = self.set_network_rules(team_id, &record.id, network).await {
-                self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
-                    .await?;
-                return Err(e);
-            }
-        }
+    /// VM from now on (`POST /sandboxes`).
+    pub async fn create_sandbox(&self, team_id: &str, req: &CreateSandbox) -> Result<SandboxUp> {
+        let (record, access_token) = self.new_sandbox_record(team_id, req).await?;
         let started = Instant::now();
         let live = self.start_sandbox(team_id, &record.id).await?;
         let restore_time = started.elapsed();
@@ -149,16 +143,18 @@ impl Engine {
                 .await?;
             return Err(e);
         }
-        Ok(SandboxWithToken {
-            sandbox: live.record,
-            access_token,
+        Ok(SandboxUp {
+            sandbox: SandboxWithToken {
+                sandbox: live.info,
+                access_token,
+            },
             restore_time: Some(restore_time),
         })
     }
 
     /// The agent of a sandbox this process runs. A paused (or pausing, or resuming)
     /// sandbox is [`EngineError::Unavailable`]: resuming it makes it available again.
-    pub fn live_agent(&self, sandbox: &Sandbox) -> Result<AgentClient> {
+    pub(crate) fn live_agent(&self, sandbox: &Sandbox) -> Result<AgentClient> {
         if let Some(agent) = self.live.agent(&sandbox.id) {
             return Ok(agent);
         }
@@ -177,7 +173,7 @@ impl Engine {
         match self.begin_pause(team_id, sandbox_id).await? {
             Ok(vm) => self.snapshot_paused(team_id, sandbox_id, vm).await,
             Err(sandbox) => Ok(Paused {
-                sandbox,
+                sandbox: self.sandbox_info(&sandbox),
                 snapshot_time: None,
             }),
         }
@@ -189,11 +185,11 @@ impl Engine {
         self: &Arc<Self>,
         team_id: &str,
         sandbox_id: &str,
-    ) -> Result<Sandbox> {
+    ) -> Result<SandboxInfo> {
         let op = self.live.op_lock(sandbox_id).lock_owned().await;
         let vm = match self.begin_pause(team_id, sandbox_id).await? {
             Ok(vm) => vm,
-            Err(paused) => return Ok(paused),
+            Err(paused) => return Ok(self.sandbox_info(&paused)),
         };
         let pausing = self.store.sandbox_by_id(team_id, sandbox_id).await;
         let engine = self.clone();
@@ -204,7 +200,7 @@ impl Engine {
                 tracing::warn!(sandbox = %sandbox_id, error = %e, "background pause failed");
             }
         });
-        Ok(pausing?)
+        Ok(self.sandbox_info(&pausing?))
     }
 
     /// Under the sandbox's op lock: takes its VM out of service and marks it `pausing`.
@@ -213,7 +209,7 @@ impl Engine {
         &self,
         team_id: &str,
         sandbox_id: &str,
-    ) -> Result<std::result::Result<Vm, Sandbox>> {
+    ) -> Result<std::result::Result<Box<dyn Machine>, Sandbox>> {
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
         if record.status == SandboxStatus::Paused {
             return Ok(Err(record));
@@ -236,7 +232,12 @@ impl Engine {
             .ok_or_else(|| EngineError::NotRunning(sandbox_id.to_owned()))
     }
 
-    async fn snapshot_paused(&self, team_id: &str, sandbox_id: &str, vm: Vm) -> Result<Paused> {
+    async fn snapshot_paused(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        vm: Box<dyn Machine>,
+    ) -> Result<Paused> {
         let span = tracing::info_span!("pause", sandbox = %sandbox_id);
         self.snapshot_paused_inner(team_id, sandbox_id, vm)
             .instrument(span)
@@ -247,7 +248,7 @@ impl Engine {
         &self,
         team_id: &str,
         sandbox_id: &str,
-        vm: Vm,
+        vm: Box<dyn Machine>,
     ) -> Result<Paused> {
         let dir = self.layout.sandbox_dir(sandbox_id)?;
         let next = dir.join(PAUSED_NEXT);
@@ -274,7 +275,7 @@ impl Engine {
                     .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Paused)
                     .await?;
                 Ok(Paused {
-                    sandbox,
+                    sandbox: self.sandbox_info(&sandbox),
                     snapshot_time: Some(snapshot_time),
                 })
             }
@@ -289,22 +290,14 @@ impl Engine {
 
     /// Brings a paused sandbox back with its processes live (a pause in progress is waited
     /// out first) and rotates its access token: the SDK's `resume`.
-    pub async fn resume_sandbox(
-        &self,
-        team_id: &str,
-        sandbox_id: &str,
-    ) -> Result<SandboxWithToken> {
+    pub async fn resume_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<SandboxUp> {
         self.bring_up(team_id, sandbox_id, true).await
     }
 
     /// The SDK's `activate` (what `Sandbox.connect` calls): a paused sandbox is resumed with
     /// a new token; a running one keeps its token, which is handed out again, so that one
     /// client connecting does not cut off the others.
-    pub async fn activate_sandbox(
-        &self,
-        team_id: &str,
-        sandbox_id: &str,
-    ) -> Result<SandboxWithToken> {
+    pub async fn activate_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<SandboxUp> {
         self.bring_up(team_id, sandbox_id, false).await
     }
 
@@ -313,7 +306,7 @@ impl Engine {
         team_id: &str,
         sandbox_id: &str,
         always_rotate: bool,
-    ) -> Result<SandboxWithToken> {
+    ) -> Result<SandboxUp> {
         let _op = self.live.op_lock(sandbox_id).lock_owned().await;
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
         let mut restore_time = None;
@@ -324,9 +317,11 @@ impl Engine {
                     .token(sandbox_id)
                     .filter(|t| !always_rotate && !t.is_empty())
                 {
-                    return Ok(SandboxWithToken {
-                        sandbox: record,
-                        access_token: token,
+                    return Ok(SandboxUp {
+                        sandbox: SandboxWithToken {
+                            sandbox: self.sandbox_info(&record),
+                            access_token: token,
+                        },
                         restore_time: None,
                     });
                 }
@@ -356,9 +351,11 @@ impl Engine {
         };
         let access_token = self.store.rotate_sandbox_token(team_id, sandbox_id).await?;
         self.live.set_token(sandbox_id, &access_token);
-        Ok(SandboxWithToken {
-            sandbox,
-            access_token,
+        Ok(SandboxUp {
+            sandbox: SandboxWithToken {
+                sandbox: self.sandbox_info(&sandbox),
+                access_token,
+            },
             restore_time,
         })
     }
@@ -371,9 +368,9 @@ impl Engine {
             .set_sandbox_status(team_id, &record.id, SandboxStatus::Resuming)
             .await?;
         let cfg = self.restore_config(&record.id, &dir);
-        match Vm::restore(&bundle, cfg).await {
+        match self.hypervisor().restore(&bundle, cfg).await {
             Ok(vm) => {
-                self.write_endpoint(&dir, &vm)?;
+                self.write_endpoint(&dir, vm.as_ref())?;
                 self.live.insert(team_id, &record.id, vm, "")?;
                 tracing::info!("sandbox resumed");
                 Ok(self
@@ -392,14 +389,14 @@ impl Engine {
         }
     }
 
-    /// Stops a sandbox's VM (if this process runs it) and marks it `deleted`, removing
-    /// its directory and any pause snapshot. Idempotent.
-    pub async fn kill_live_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<Sandbox> {
+    /// Stops a sandbox's VM (this process's, or its other owner's) and marks it
+    /// `deleted`, removing its directory and any pause snapshot. Idempotent.
+    pub async fn kill_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<SandboxInfo> {
         let lock = self.live.op_lock(sandbox_id);
         let _op = lock.lock().await;
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
         if record.status == SandboxStatus::Deleted {
-            return Ok(record);
+            return Ok(self.sandbox_info(&record));
         }
         match self.live.take(sandbox_id) {
             Some(running) => {
@@ -456,14 +453,11 @@ impl Engine {
             }
             out.builds.push(b.id);
         }
-        let unsettled = [
-            SandboxStatus::Starting,
-            SandboxStatus::Active,
-            SandboxStatus::Pausing,
-            SandboxStatus::Resuming,
-            SandboxStatus::Migrating,
-        ];
-        for s in self.store.sandboxes_with_status(&unsettled).await? {
+        for s in self
+            .store
+            .sandboxes_with_status(&SandboxStatus::owned())
+            .await?
+        {
             if self.live.agent(&s.id).is_some() || self.owner_alive(&s.id) {
                 continue;
             }

@@ -1,5 +1,5 @@
 //! The restore pool: QEMU processes started ahead of time, each waiting for the snapshot
-//! of one template build (`-incoming defer`, see [`Vm::prepare_restore`]).
+//! of one template build (QEMU's `-incoming defer`, see [`Hypervisor::prepare_restore`]).
 //!
 //! Starting QEMU (exec, machine and device set-up, the monitor socket) and creating the
 //! disk overlay is most of what a restore costs before the guest's own work. None of it
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use kiln_vm::{Incoming, RestoreConfig, Vm};
+use kiln_vm::{Hypervisor, PendingRestore, RestoreConfig};
 
 /// How often idle processes are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -31,7 +31,7 @@ const REFILL_DELAY: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 struct Slot {
-    incoming: Incoming,
+    incoming: Box<dyn PendingRestore>,
     template_id: String,
     since: Instant,
 }
@@ -111,7 +111,11 @@ impl RestorePool {
 
     /// A waiting process for `build_id`, if one is alive. Processes of the template's
     /// other builds are stopped: a claim means this build is the one in use.
-    pub(crate) fn take(&self, template_id: &str, build_id: &str) -> Option<Incoming> {
+    pub(crate) fn take(
+        &self,
+        template_id: &str,
+        build_id: &str,
+    ) -> Option<Box<dyn PendingRestore>> {
         if self.inner.size == 0 {
             return None;
         }
@@ -144,6 +148,7 @@ impl RestorePool {
     /// `build_id`. `cfg` must name the egress files relative to the run directory.
     pub(crate) fn refill(
         &self,
+        hypervisor: Arc<dyn Hypervisor>,
         template_id: &str,
         build_id: &str,
         bundle: PathBuf,
@@ -163,10 +168,10 @@ impl RestorePool {
         for _ in 0..missing {
             let inner = Arc::downgrade(&self.inner);
             let (template_id, build_id) = (template_id.to_owned(), build_id.to_owned());
-            let (bundle, cfg) = (bundle.clone(), cfg.clone());
+            let (bundle, cfg, hypervisor) = (bundle.clone(), cfg.clone(), hypervisor.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(REFILL_DELAY).await;
-                let started = Vm::prepare_restore(&bundle, &cfg).await;
+                let started = hypervisor.prepare_restore(&bundle, &cfg).await;
                 let Some(inner) = inner.upgrade() else { return };
                 let mut g = inner.lock();
                 if let Some(n) = g.starting.get_mut(&build_id) {

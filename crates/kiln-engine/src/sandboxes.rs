@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_agent_proto::AgentClient;
+use kiln_api::{
+    CreateSandbox, NetworkConfig, NetworkLogPage, NetworkLogQuery, SandboxFilter, SandboxInfo,
+};
 use kiln_store::{NewSandbox, Sandbox, SandboxStatus};
-use kiln_vm::{RestoreConfig, Vm};
+use kiln_vm::{Machine, PendingRestore, RestoreConfig};
 use serde::{Deserialize, Serialize};
 
 use tracing::Instrument as _;
@@ -19,7 +22,7 @@ use crate::Engine;
 
 /// Name of the endpoint file in a sandbox's directory.
 pub const ENDPOINT_FILE: &str = "endpoint.json";
-/// The sandbox's egress rules ([`kiln_net::NetworkRules`] as JSON), read by the egress
+/// The sandbox's egress rules ([`NetworkConfig`] as JSON), read by the egress
 /// proxy on every connection; absent means the defaults (the public internet).
 pub const NETWORK_RULES: &str = "network.json";
 /// One line per outgoing connection of the sandbox, allowed or refused.
@@ -56,10 +59,10 @@ pub enum Owner {
 /// A restored sandbox and its VM. Dropping it kills the VM.
 #[derive(Debug)]
 pub struct LiveSandbox {
-    /// The store's record (status `active`).
-    pub record: Sandbox,
+    /// The sandbox (status `active`).
+    pub info: SandboxInfo,
     /// The VM.
-    pub vm: Vm,
+    pub vm: Box<dyn Machine>,
     /// The sandbox's directory (endpoint file, logs).
     pub dir: PathBuf,
 }
@@ -68,11 +71,11 @@ pub struct LiveSandbox {
 /// log, named relative to the VM's run directory, become links to the sandbox's files
 /// before the guest runs, and its console log is linked into the sandbox's directory.
 async fn claim(
-    incoming: kiln_vm::Incoming,
+    incoming: Box<dyn PendingRestore>,
     sandbox_id: &str,
     dir: &Path,
     timeout: Duration,
-) -> Result<Vm> {
+) -> Result<Box<dyn Machine>> {
     incoming.claimed_by(sandbox_id);
     let run = incoming.run_dir().to_owned();
     for name in [NETWORK_RULES, NETWORK_LOG] {
@@ -95,13 +98,49 @@ async fn claim(
 }
 
 impl Engine {
-    /// Records a new sandbox (`starting`) after the team's limit check; the access token
-    /// is returned once, in plain text. Call [`Engine::start_sandbox`] to bring it up.
+    /// Records a new sandbox (`starting`) after the request's checks and the team's limit
+    /// check, with its egress rules; the access token is returned once, in plain text.
+    /// Call [`Engine::start_sandbox`] to bring it up (or [`Engine::create_sandbox`] for
+    /// both, in this process).
     pub async fn create_sandbox_record(
         &self,
         team_id: &str,
-        new: &NewSandbox,
+        req: &CreateSandbox,
+    ) -> Result<(SandboxInfo, String)> {
+        let (record, token) = self.new_sandbox_record(team_id, req).await?;
+        Ok((self.sandbox_info(&record), token))
+    }
+
+    pub(crate) async fn new_sandbox_record(
+        &self,
+        team_id: &str,
+        req: &CreateSandbox,
     ) -> Result<(Sandbox, String)> {
+        req.validate()?;
+        if let Some(rules) = &req.network {
+            check_rules(rules)?;
+        }
+        let new = NewSandbox {
+            template: req.from_template.clone().unwrap_or_default(),
+            name: Some(req.name.clone()),
+            metadata: req.metadata.clone(),
+            env: req.env_vars.clone(),
+        };
+        let (record, token) = self.insert_sandbox(team_id, &new).await?;
+        if req.network.is_some() {
+            if let Err(e) = self
+                .set_network_rules(team_id, &record.id, req.network.as_ref())
+                .await
+            {
+                self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
+                    .await?;
+                return Err(e);
+            }
+        }
+        Ok((record, token))
+    }
+
+    async fn insert_sandbox(&self, team_id: &str, new: &NewSandbox) -> Result<(Sandbox, String)> {
         let template = self
             .store
             .template_by_id_or_name(team_id, &new.template)
@@ -131,7 +170,11 @@ impl Engine {
                     .store
                     .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Active)
                     .await?;
-                Ok(LiveSandbox { record, vm, dir })
+                Ok(LiveSandbox {
+                    info: self.sandbox_info(&record),
+                    vm,
+                    dir,
+                })
             }
             Err(e) => {
                 tracing::warn!(error = %e, "sandbox failed to start");
@@ -145,7 +188,7 @@ impl Engine {
         }
     }
 
-    async fn restore(&self, record: &Sandbox) -> Result<(Vm, PathBuf)> {
+    async fn restore(&self, record: &Sandbox) -> Result<(Box<dyn Machine>, PathBuf)> {
         let artifact = self
             .layout
             .artifact_dir(&record.template_id, &record.build_id)?;
@@ -165,7 +208,9 @@ impl Engine {
         };
         let vm = match pooled {
             Some(vm) => vm,
-            None => Vm::restore(&bundle, cfg)
+            None => self
+                .hypervisor()
+                .restore(&bundle, cfg)
                 .await
                 .map_err(EngineError::restore)?,
         };
@@ -178,8 +223,13 @@ impl Engine {
                 self.vm_dir(),
             );
             pool_cfg.egress = self.egress_command(Some(Path::new("")));
-            self.pool
-                .refill(&record.template_id, &record.build_id, bundle, pool_cfg);
+            self.pool.refill(
+                self.cfg.hypervisor.clone(),
+                &record.template_id,
+                &record.build_id,
+                bundle,
+                pool_cfg,
+            );
         }
         if !record.env.is_empty() {
             let agent = vm.agent();
@@ -192,7 +242,7 @@ impl Engine {
                 .await
                 .map_err(EngineError::Agent)?;
         }
-        self.write_endpoint(&dir, &vm)?;
+        self.write_endpoint(&dir, vm.as_ref())?;
         Ok((vm, dir))
     }
 
@@ -224,8 +274,11 @@ impl Engine {
         &self,
         team_id: &str,
         sandbox_id: &str,
-        rules: Option<&kiln_net::NetworkRules>,
+        rules: Option<&NetworkConfig>,
     ) -> Result<()> {
+        if let Some(r) = rules {
+            check_rules(r)?;
+        }
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
         if record.status == SandboxStatus::Deleted {
             return Err(kiln_store::StoreError::not_found("sandbox", sandbox_id).into());
@@ -248,30 +301,32 @@ impl Engine {
         Ok(())
     }
 
-    /// A sandbox's network log, oldest first: one JSON object per connection its VMs
-    /// made through the egress proxy (see `kiln egress-proxy --log`). Lines that do not
-    /// parse are skipped.
+    /// A page of a sandbox's network log, newest first: the connections its VMs made
+    /// through the egress proxy (see `kiln egress-proxy --log`), filtered by `query`.
+    /// Lines that do not parse are skipped.
     pub async fn network_log(
         &self,
         team_id: &str,
         sandbox_id: &str,
-    ) -> Result<Vec<serde_json::Value>> {
+        query: &NetworkLogQuery,
+    ) -> Result<NetworkLogPage> {
         // The sandbox must be the team's (any status: the log outlives a pause).
         self.store.sandbox_by_id(team_id, sandbox_id).await?;
         let path = self.layout.sandbox_dir(sandbox_id)?.join(NETWORK_LOG);
         let text = match tokio::fs::read(&path).await {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(EngineError::io("reading", &path)(e)),
         };
-        Ok(text
+        let events: Vec<kiln_api::NetworkEvent> = text
             .split(|b| *b == b'\n')
             .filter_map(|l| serde_json::from_slice(l).ok())
-            .collect())
+            .collect();
+        Ok(query.page(events.into_iter().rev()))
     }
 
     /// A sandbox's egress rules, if any were set (what [`Engine::set_network_rules`] wrote).
-    pub fn network_rules(&self, sandbox_id: &str) -> Option<kiln_net::NetworkRules> {
+    pub(crate) fn network_rules(&self, sandbox_id: &str) -> Option<NetworkConfig> {
         let path = self
             .layout
             .sandbox_dir(sandbox_id)
@@ -280,8 +335,56 @@ impl Engine {
         serde_json::from_slice(&std::fs::read(path).ok()?).ok()
     }
 
+    /// The team's sandboxes under `filter` (every status but `deleted` by default).
+    pub async fn list_sandboxes(
+        &self,
+        team_id: &str,
+        filter: &SandboxFilter,
+    ) -> Result<Vec<SandboxInfo>> {
+        Ok(self
+            .store
+            .list_sandboxes(team_id, filter)
+            .await?
+            .iter()
+            .map(|s| self.sandbox_info(s))
+            .collect())
+    }
+
+    /// One of the team's sandboxes.
+    pub async fn sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<SandboxInfo> {
+        let s = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        Ok(self.sandbox_info(&s))
+    }
+
+    /// Changes a sandbox's metadata and egress rules (`PATCH /sandboxes/{id}`).
+    pub async fn update_sandbox(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        update: &kiln_api::UpdateSandbox,
+    ) -> Result<()> {
+        update.validate()?;
+        if let Some(Some(rules)) = &update.network {
+            check_rules(rules)?;
+        }
+        let s = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        if s.status == SandboxStatus::Deleted {
+            return Err(kiln_store::StoreError::not_found("sandbox", sandbox_id).into());
+        }
+        if let Some(metadata) = &update.metadata {
+            self.store
+                .set_sandbox_metadata(team_id, sandbox_id, metadata)
+                .await?;
+        }
+        if let Some(rules) = &update.network {
+            self.set_network_rules(team_id, sandbox_id, rules.as_ref())
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Publishes how to reach a sandbox's VM, naming this process as its owner.
-    pub(crate) fn write_endpoint(&self, dir: &Path, vm: &Vm) -> Result<()> {
+    pub(crate) fn write_endpoint(&self, dir: &Path, vm: &dyn Machine) -> Result<()> {
         let endpoint = SandboxEndpoint {
             agent_socket: vm.agent_socket().to_owned(),
             qemu_pid: vm.pid(),
@@ -327,7 +430,11 @@ impl Engine {
 
     /// Connects to a running sandbox's agent (the owner must have released its own
     /// connection: the channel takes one host connection at a time).
-    pub async fn connect_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<AgentClient> {
+    pub(crate) async fn connect_agent(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+    ) -> Result<AgentClient> {
         let endpoint = self.sandbox_endpoint(team_id, sandbox_id).await?;
         if endpoint.owner == Owner::Server {
             return Err(EngineError::OwnedByServer {
@@ -355,10 +462,8 @@ impl Engine {
     /// orphaned. Returns their ids.
     pub async fn reap_orphaned_sandboxes(&self, team_id: &str) -> Result<Vec<String>> {
         self.sweep_run_dirs().await;
-        let filter = kiln_store::SandboxFilter {
-            statuses: Some(vec![SandboxStatus::Starting, SandboxStatus::Active]),
-            ..Default::default()
-        };
+        let filter =
+            SandboxFilter::with_statuses(vec![SandboxStatus::Starting, SandboxStatus::Active]);
         let mut reaped = Vec::new();
         for s in self.store.list_sandboxes(team_id, &filter).await? {
             let owner_alive = self.owner_alive(&s.id);
@@ -383,13 +488,13 @@ impl Engine {
         team_id: &str,
         sandbox_id: &str,
         status: SandboxStatus,
-    ) -> Result<Sandbox> {
+    ) -> Result<SandboxInfo> {
         let s = self
             .store
             .set_sandbox_status(team_id, sandbox_id, status)
             .await?;
         self.remove_sandbox_dir(sandbox_id);
-        Ok(s)
+        Ok(self.sandbox_info(&s))
     }
 
     /// Stops the VM of a sandbox another process owns (a CLI keeper, or a server that is
@@ -427,6 +532,13 @@ impl Engine {
             remove_dir_quiet(&dir);
         }
     }
+}
+
+/// Egress rules that the proxy can compile, or every problem with them.
+fn check_rules(rules: &NetworkConfig) -> Result<()> {
+    kiln_net::Policy::compile(rules)
+        .map(drop)
+        .map_err(|errs| kiln_api::RequestError::invalid(errs.to_string()).into())
 }
 
 pub(crate) fn remove_dir_quiet(dir: &Path) {

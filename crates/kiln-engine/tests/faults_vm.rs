@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{assert_no_vms, env, qemu_of, Env};
+use kiln_api::{BuildInfo as Build, BuildStatus, CreateSandbox, SandboxStatus};
 use kiln_spec::{BuildErrorCode, CodedMessage, TemplateRequest};
-use kiln_store::{Build, BuildStatus};
 use serde_json::json;
 
 /// Submits `spec` as template `name` and runs its build on a task.
@@ -31,7 +31,7 @@ async fn start_build(
 async fn wait_for_log(e: &Env, build_id: &str, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let logs = e.engine.store().logs_since(build_id, 0).await.unwrap();
+        let logs = e.engine.build_log(&e.team, build_id).await.unwrap();
         if logs.iter().any(|l| l.text.contains(text)) {
             return;
         }
@@ -107,7 +107,7 @@ async fn the_guest_cannot_signal_its_agent_away_and_a_guest_crash_is_a_clear_err
         )
         .await;
     assert_eq!(b.status, BuildStatus::Ready, "{b:?}");
-    let logs = e.engine.store().logs_since(&b.id, 0).await.unwrap();
+    let logs = e.engine.build_log(&e.team, &b.id).await.unwrap();
     assert!(logs.iter().any(|l| l.text == "agent-alive"), "{logs:?}");
 
     // A guest kernel crash takes the agent with it: the build says the VM went away, with
@@ -134,7 +134,7 @@ async fn the_guest_cannot_signal_its_agent_away_and_a_guest_crash_is_a_clear_err
 }
 
 /// Runs `cmd` in `vm` with a bound; `None` when it did not answer in time.
-async fn exec_within(vm: &kiln_vm::Vm, cmd: &str, secs: u64) -> Option<(String, i32)> {
+async fn exec_within(vm: &dyn kiln_vm::Machine, cmd: &str, secs: u64) -> Option<(String, i32)> {
     let req = kiln_vm::ExecRequest {
         command: cmd.into(),
         timeout_ms: Some(secs * 1000),
@@ -162,16 +162,13 @@ async fn one_sandbox_exhausting_itself_leaves_its_neighbour_answering() {
         )
         .await;
     assert_eq!(b.status, BuildStatus::Ready, "{b:?}");
-    let new = kiln_store::NewSandbox {
-        template: "hog".into(),
-        ..Default::default()
-    };
+    let new = CreateSandbox::new("s", "hog");
     let (ra, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
     let hog = e.engine.start_sandbox(&e.team, &ra.id).await.unwrap();
     let (rb, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
     let neighbour = e.engine.start_sandbox(&e.team, &rb.id).await.unwrap();
     let answers = |what: &'static str| {
-        let vm = &neighbour.vm;
+        let vm = neighbour.vm.as_ref();
         async move {
             assert_eq!(
                 exec_within(vm, "echo ok", 60).await,
@@ -184,7 +181,7 @@ async fn one_sandbox_exhausting_itself_leaves_its_neighbour_answering() {
     // The disk, to the last block: the guest sees ENOSPC; the host file stays within
     // diskMib.
     let (out, _) = exec_within(
-        &hog.vm,
+        hog.vm.as_ref(),
         "dd if=/dev/zero of=/fill bs=1M 2>&1 | grep -o 'No space left on device'; df -P / | tail -1",
         600,
     )
@@ -203,14 +200,14 @@ async fn one_sandbox_exhausting_itself_leaves_its_neighbour_answering() {
     );
     answers("filled its disk").await;
     assert_eq!(
-        exec_within(&hog.vm, "echo still", 60).await,
+        exec_within(hog.vm.as_ref(), "echo still", 60).await,
         Some(("still".to_owned(), 0)),
         "a full disk took the hog's own agent down"
     );
 
     // Memory: the guest's OOM killer ends the hog, the agent (PID 1) lives on.
     let (out, _) = exec_within(
-        &hog.vm,
+        hog.vm.as_ref(),
         "perl -e '$x = \"x\" x (1 << 30); print length $x' 2>&1; echo \" exit=$?\"",
         600,
     )
@@ -243,7 +240,7 @@ async fn one_sandbox_exhausting_itself_leaves_its_neighbour_answering() {
     drop(neighbour);
     for id in [&ra.id, &rb.id] {
         e.engine
-            .finish_sandbox(&e.team, id, kiln_store::SandboxStatus::Deleted)
+            .finish_sandbox(&e.team, id, SandboxStatus::Deleted)
             .await
             .unwrap();
     }

@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_no_vms, env, env_with_pool, exec};
+use kiln_api::{BuildStatus, CreateSandbox, LogStream, SandboxStatus};
 use kiln_spec::{BuildErrorCode, TemplateRequest};
-use kiln_store::{BuildStatus, LogStream, NewSandbox, SandboxStatus};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -40,7 +40,7 @@ async fn a_template_builds_and_its_sandboxes_come_up_live() {
     );
 
     // Logs: every step's output, on its stream, and the phases.
-    let logs = e.engine.store().logs_since(&b.id, 0).await.unwrap();
+    let logs = e.engine.build_log(&e.team, &b.id).await.unwrap();
     let has = |stream: LogStream, text: &str| {
         logs.iter()
             .any(|l| l.stream == stream && l.text.contains(text))
@@ -70,19 +70,18 @@ async fn a_template_builds_and_its_sandboxes_come_up_live() {
         .expect("start pid logged");
 
     // A sandbox with env overrides.
-    let new = NewSandbox {
-        template: "web".into(),
-        env: [
+    let new = CreateSandbox {
+        env_vars: [
             ("GREETING".into(), "overridden".into()),
             ("EXTRA".into(), "1".into()),
         ]
         .into(),
-        ..Default::default()
+        ..CreateSandbox::new("first", "web")
     };
     let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
     let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
-    assert_eq!(live.record.status, SandboxStatus::Active);
-    let vm = &live.vm;
+    assert_eq!(live.info.status, SandboxStatus::Active);
+    let vm = live.vm.as_ref();
     // The start process is the one the build started, answering right away.
     assert_eq!(
         exec(vm, "curl -fsS http://127.0.0.1:8000/index.html").await,
@@ -118,13 +117,7 @@ async fn a_template_builds_and_its_sandboxes_come_up_live() {
     }
     let (second, _) = e
         .engine
-        .create_sandbox_record(
-            &e.team,
-            &NewSandbox {
-                template: "web".into(),
-                ..Default::default()
-            },
-        )
+        .create_sandbox_record(&e.team, &CreateSandbox::new("second", "web"))
         .await
         .unwrap();
     let live2 = e.engine.start_sandbox(&e.team, &second.id).await.unwrap();
@@ -136,7 +129,7 @@ async fn a_template_builds_and_its_sandboxes_come_up_live() {
     exec(vm, "echo mine > /srv/app/only-in-first").await;
     assert_eq!(
         exec(
-            &live2.vm,
+            live2.vm.as_ref(),
             "echo $GREETING; test -e /srv/app/only-in-first; echo $?"
         )
         .await
@@ -149,7 +142,7 @@ async fn a_template_builds_and_its_sandboxes_come_up_live() {
     assert!(err.to_string().contains("live sandboxes"), "{err}");
 
     for live in [live, live2] {
-        let id = live.record.id.clone();
+        let id = live.info.id.clone();
         live.vm.kill().await;
         e.engine
             .finish_sandbox(&e.team, &id, SandboxStatus::Deleted)
@@ -261,7 +254,7 @@ async fn a_build_cancelled_mid_step_stops_and_leaves_nothing() {
     // Wait until the step is running inside the VM.
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     loop {
-        let logs = e.engine.store().logs_since(&build.id, 0).await.unwrap();
+        let logs = e.engine.build_log(&e.team, &build.id).await.unwrap();
         if logs.iter().any(|l| l.text == "sleeping") {
             break;
         }
@@ -291,7 +284,6 @@ async fn a_build_cancelled_mid_step_stops_and_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_step_cache_replays_only_the_steps_after_a_change() {
     let e = env(Duration::from_secs(120)).await;
-    let store = e.engine.store();
     let spec = |last: &str, start: &str| {
         json!({
             "name": "layered", "memoryMib": 256, "diskMib": 1024, "from": e.image("minbase"),
@@ -315,15 +307,12 @@ async fn the_step_cache_replays_only_the_steps_after_a_change() {
                 .unwrap();
             let b = e.engine.run_build(&r.build.id, None).await.unwrap();
             assert_eq!(b.status, BuildStatus::Ready, "{b:?}");
-            let logs = e.engine.store().logs_since(&b.id, 0).await.unwrap();
-            let new = NewSandbox {
-                template: "layered".into(),
-                ..Default::default()
-            };
+            let logs = e.engine.build_log(&e.team, &b.id).await.unwrap();
+            let new = CreateSandbox::new("s", "layered");
             let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
             let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
             let seen = exec(
-                &live.vm,
+                live.vm.as_ref(),
                 "cat /opt/one; echo; echo \"$(cat last) $LAYER $PWD\"",
             )
             .await
@@ -339,7 +328,7 @@ async fn the_step_cache_replays_only_the_steps_after_a_change() {
         .build("layered", spec("echo v1 > last", "sleep 100000"))
         .await;
     assert_eq!(first.status, BuildStatus::Ready, "{first:?}");
-    let logs = store.logs_since(&first.id, 0).await.unwrap();
+    let logs = e.engine.build_log(&e.team, &first.id).await.unwrap();
     assert!(!log_has(&logs, "(cached)"), "{logs:#?}");
 
     // The last step changed: steps 1-3 come from the cache (the random bytes of step 1
@@ -462,7 +451,7 @@ fn push_tag(registry: &str, image: &str, repo: &str) {
     assert!(status.success(), "skopeo copy {image} -> {repo}");
 }
 
-fn log_has(logs: &[kiln_store::LogLine], text: &str) -> bool {
+fn log_has(logs: &[kiln_api::BuildLogEvent], text: &str) -> bool {
     logs.iter().any(|l| l.text.contains(text))
 }
 
@@ -480,24 +469,20 @@ async fn the_build_cache_reuses_identical_builds_until_the_digest_moves_or_force
     });
     let first = e.build("cached", spec.clone()).await;
     assert_eq!(first.status, BuildStatus::Ready, "{first:?}");
-    let store = e.engine.store();
 
     // The same spec again: reused, no VM booted, and its sandboxes are the first build's.
     let r = e.engine.rebuild(&e.team, "cached").await.unwrap();
     let hit = e.engine.run_build(&r.build.id, None).await.unwrap();
     assert_eq!(hit.status, BuildStatus::Ready, "{hit:?}");
     assert_eq!(hit.image_digest, first.image_digest);
-    let logs = store.logs_since(&hit.id, 0).await.unwrap();
+    let logs = e.engine.build_log(&e.team, &hit.id).await.unwrap();
     assert!(log_has(&logs, "build cache hit"), "{logs:#?}");
     assert!(!log_has(&logs, "booting build VM"), "{logs:#?}");
-    let new = NewSandbox {
-        template: "cached".into(),
-        ..Default::default()
-    };
+    let new = CreateSandbox::new("s", "cached");
     let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
-    assert_eq!(record.build_id, hit.id);
+    assert_eq!(record.build_id.as_deref(), Some(hit.id.as_str()));
     let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
-    let first_built_at = exec(&live.vm, "cat /opt/built-at").await.0;
+    let first_built_at = exec(live.vm.as_ref(), "cat /opt/built-at").await.0;
     e.engine
         .finish_sandbox(&e.team, &record.id, SandboxStatus::Deleted)
         .await
@@ -507,7 +492,7 @@ async fn the_build_cache_reuses_identical_builds_until_the_digest_moves_or_force
     // Shared within the team: another template with the same spec hits too.
     let other = e.build("cached-too", spec.clone()).await;
     assert_eq!(other.status, BuildStatus::Ready);
-    let logs = store.logs_since(&other.id, 0).await.unwrap();
+    let logs = e.engine.build_log(&e.team, &other.id).await.unwrap();
     assert!(log_has(&logs, "build cache hit"), "{logs:#?}");
 
     // `force`: built again from scratch.
@@ -518,7 +503,7 @@ async fn the_build_cache_reuses_identical_builds_until_the_digest_moves_or_force
         .unwrap();
     let forced = e.engine.run_build(&r.build.id, None).await.unwrap();
     assert_eq!(forced.status, BuildStatus::Ready, "{forced:?}");
-    let logs = store.logs_since(&forced.id, 0).await.unwrap();
+    let logs = e.engine.build_log(&e.team, &forced.id).await.unwrap();
     assert!(!log_has(&logs, "build cache hit") && log_has(&logs, "booting build VM"));
     assert!(
         !log_has(&logs, "(cached)"),
@@ -531,7 +516,7 @@ async fn the_build_cache_reuses_identical_builds_until_the_digest_moves_or_force
     let moved = e.engine.run_build(&r.build.id, None).await.unwrap();
     assert_eq!(moved.status, BuildStatus::Ready, "{moved:?}");
     assert_ne!(moved.image_digest, first.image_digest);
-    let logs = store.logs_since(&moved.id, 0).await.unwrap();
+    let logs = e.engine.build_log(&e.team, &moved.id).await.unwrap();
     assert!(!log_has(&logs, "build cache hit") && log_has(&logs, "booting build VM"));
     assert!(
         !log_has(&logs, "(cached)"),
@@ -539,9 +524,12 @@ async fn the_build_cache_reuses_identical_builds_until_the_digest_moves_or_force
     );
     let (record, _) = e.engine.create_sandbox_record(&e.team, &new).await.unwrap();
     let live = e.engine.start_sandbox(&e.team, &record.id).await.unwrap();
-    assert_ne!(exec(&live.vm, "cat /opt/built-at").await.0, first_built_at);
+    assert_ne!(
+        exec(live.vm.as_ref(), "cat /opt/built-at").await.0,
+        first_built_at
+    );
     assert_eq!(
-        exec(&live.vm, "command -v python3 >/dev/null && echo py")
+        exec(live.vm.as_ref(), "command -v python3 >/dev/null && echo py")
             .await
             .0,
         "py"

@@ -8,7 +8,7 @@ pub mod proxy;
 pub mod rules;
 
 pub use proxy::{serve, Outcome, ProxyConfig};
-pub use rules::{always_blocked, Decision, NetworkRules, Policy, RuleError, RuleErrors};
+pub use rules::{always_blocked, Decision, NetworkConfig, Policy, RuleError, RuleErrors};
 
 /// Serves the one connection on this process's stdin and stdout (how QEMU runs the proxy)
 /// and returns what was done, for the caller to log.

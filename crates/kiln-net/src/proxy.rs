@@ -20,7 +20,10 @@ use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::rules::{always_blocked, Decision, NetworkRules, Policy};
+use chrono::{DateTime, Utc};
+use kiln_api::{NetworkEvent, NetworkVerdict};
+
+use crate::rules::{always_blocked, Decision, NetworkConfig, Policy};
 
 /// Longest request head accepted from the guest.
 const MAX_HEAD: usize = 16 * 1024;
@@ -30,7 +33,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How one proxy process decides.
 #[derive(Debug, Clone, Default)]
 pub struct ProxyConfig {
-    /// The sandbox's rules (JSON [`NetworkRules`]); missing means no rules (public
+    /// The sandbox's rules (JSON [`NetworkConfig`]); missing means no rules (public
     /// internet only). A file that exists but cannot be read or parsed fails closed.
     pub rules: Option<PathBuf>,
     /// Test-only: lets the proxy reach loopback, so a test can exercise the tunnel
@@ -79,27 +82,45 @@ impl std::fmt::Display for Outcome {
 
 impl Outcome {
     /// The connection as a row of the sandbox's network log, in the SDKs' shape
-    /// (`kind: connection`, `verdict: allowed | blocked | failed`); `ts` is RFC 3339.
-    pub fn log_record(&self, ts: &str) -> serde_json::Value {
+    /// (`kind: connection`, `verdict: allowed | blocked | failed`).
+    pub fn log_record(&self, id: i64, ts: DateTime<Utc>) -> NetworkEvent {
         let (host, port) = split_target(self.target());
+        let mut event = NetworkEvent {
+            kind: "connection".into(),
+            id,
+            ts,
+            host: Some(host),
+            dst_ip: None,
+            dst_port: port,
+            verdict: NetworkVerdict::Allowed,
+            match_rule: None,
+            error_code: None,
+            bytes_sent: 0,
+            bytes_recv: 0,
+        };
         match self {
             Self::Connected {
                 addr,
                 bytes_sent,
                 bytes_recv,
                 ..
-            } => serde_json::json!({
-                "kind": "connection", "ts": ts, "host": host,
-                "dst_ip": addr.ip().to_string(), "dst_port": addr.port(),
-                "verdict": "allowed", "bytes_sent": bytes_sent, "bytes_recv": bytes_recv,
-            }),
-            Self::Refused { status, reason, .. } => serde_json::json!({
-                "kind": "connection", "ts": ts, "host": host, "dst_port": port,
-                "verdict": if *status == 403 { "blocked" } else { "failed" },
-                "match_rule": reason, "error_code": status.to_string(),
-                "bytes_sent": 0, "bytes_recv": 0,
-            }),
+            } => {
+                event.dst_ip = Some(addr.ip().to_string());
+                event.dst_port = Some(addr.port());
+                event.bytes_sent = *bytes_sent;
+                event.bytes_recv = *bytes_recv;
+            }
+            Self::Refused { status, reason, .. } => {
+                event.verdict = if *status == 403 {
+                    NetworkVerdict::Blocked
+                } else {
+                    NetworkVerdict::Failed
+                };
+                event.match_rule = Some(reason.clone());
+                event.error_code = Some(status.to_string());
+            }
         }
+        event
     }
 
     fn target(&self) -> &str {
@@ -231,11 +252,9 @@ fn load_policy(cfg: &ProxyConfig) -> Result<Policy, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Policy::default()),
         Err(e) => return Err(format!("network rules unreadable: {e}")),
     };
-    let rules: NetworkRules =
+    let rules: NetworkConfig =
         serde_json::from_slice(&text).map_err(|e| format!("network rules unreadable: {e}"))?;
-    rules
-        .compile()
-        .map_err(|errs| format!("network rules invalid: {errs}"))
+    Policy::compile(&rules).map_err(|errs| format!("network rules invalid: {errs}"))
 }
 
 fn read_request(reader: &mut impl BufRead) -> Result<Request, String> {

@@ -9,23 +9,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
+pub use kiln_api::NetworkConfig;
 
 /// Most entries either list may hold; the rules are checked on every connection.
 pub const MAX_RULES: usize = 256;
 /// Longest domain name (RFC 1035).
 const MAX_DOMAIN: usize = 253;
-
-/// The rules as the API and the SDKs carry them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkRules {
-    /// CIDRs and domain patterns that may be reached even when a deny rule covers them.
-    #[serde(default)]
-    pub allow_out: Vec<String>,
-    /// CIDRs that may not be reached (`0.0.0.0/0` for an allowlist).
-    #[serde(default)]
-    pub deny_out: Vec<String>,
-}
 
 /// A rule that could not be understood, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,7 +37,7 @@ enum Allow {
     Wildcard(String),
 }
 
-/// Every bad rule of a [`NetworkRules`], shown `; `-joined.
+/// Every bad rule of a [`NetworkConfig`], shown `; `-joined.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
 pub struct RuleErrors(pub Vec<RuleError>);
@@ -69,12 +58,16 @@ pub enum Decision {
     Deny(String),
 }
 
-impl NetworkRules {
-    /// Checks and compiles the rules; every bad entry is reported, not just the first.
-    pub fn compile(&self) -> Result<Policy, RuleErrors> {
+impl Policy {
+    /// Checks and compiles a sandbox's rules (as the API carries them); every bad entry
+    /// is reported, not just the first.
+    pub fn compile(rules: &NetworkConfig) -> Result<Policy, RuleErrors> {
         let mut errors = Vec::new();
         let mut policy = Policy::default();
-        for (field, list) in [("allow_out", &self.allow_out), ("deny_out", &self.deny_out)] {
+        for (field, list) in [
+            ("allow_out", &rules.allow_out),
+            ("deny_out", &rules.deny_out),
+        ] {
             if list.len() > MAX_RULES {
                 errors.push(RuleError {
                     field,
@@ -83,7 +76,7 @@ impl NetworkRules {
                 });
             }
         }
-        for (index, raw) in self.allow_out.iter().enumerate().take(MAX_RULES) {
+        for (index, raw) in rules.allow_out.iter().enumerate().take(MAX_RULES) {
             match parse_allow(raw) {
                 Ok(a) => policy.allow.push(a),
                 Err(reason) => errors.push(RuleError {
@@ -93,7 +86,7 @@ impl NetworkRules {
                 }),
             }
         }
-        for (index, raw) in self.deny_out.iter().enumerate().take(MAX_RULES) {
+        for (index, raw) in rules.deny_out.iter().enumerate().take(MAX_RULES) {
             match parse_net(raw) {
                 Some(n) => policy.deny.push(n),
                 None => errors.push(RuleError {
@@ -254,11 +247,10 @@ mod tests {
     use super::*;
 
     fn rules(allow: &[&str], deny: &[&str]) -> Policy {
-        NetworkRules {
+        Policy::compile(&NetworkConfig {
             allow_out: allow.iter().map(|s| (*s).to_owned()).collect(),
             deny_out: deny.iter().map(|s| (*s).to_owned()).collect(),
-        }
-        .compile()
+        })
         .expect("valid rules")
     }
 
@@ -371,11 +363,10 @@ mod tests {
 
     #[test]
     fn every_bad_rule_is_reported_with_its_position() {
-        let errs = NetworkRules {
+        let errs = Policy::compile(&NetworkConfig {
             allow_out: vec!["ok.example.com".into(), "not a domain".into(), "*.".into()],
             deny_out: vec!["example.com".into(), "10.0.0.0/33".into()],
-        }
-        .compile()
+        })
         .expect_err("invalid");
         let shown: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
         assert_eq!(shown.len(), 4, "{shown:?}");
@@ -387,9 +378,9 @@ mod tests {
 
     #[test]
     fn the_wire_form_refuses_unknown_fields() {
-        let r: NetworkRules =
+        let r: NetworkConfig =
             serde_json::from_str(r#"{"allow_out":["a.com"]}"#).expect("partial is fine");
         assert!(r.deny_out.is_empty());
-        assert!(serde_json::from_str::<NetworkRules>(r#"{"allowOut":[]}"#).is_err());
+        assert!(serde_json::from_str::<NetworkConfig>(r#"{"allowOut":[]}"#).is_err());
     }
 }

@@ -105,17 +105,7 @@ impl OciError {
 
     /// The message with its causes, `: `-joined: the detail part of `"<code>: <detail>"`.
     pub fn detail(&self) -> String {
-        let mut out = self.to_string();
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(self);
-        while let Some(e) = cur {
-            let s = e.to_string();
-            if !out.contains(&s) {
-                out.push_str(": ");
-                out.push_str(&s);
-            }
-            cur = e.source();
-        }
-        out
+        kiln_spec::error_chain(self)
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {

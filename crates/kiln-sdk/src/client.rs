@@ -367,7 +367,8 @@ impl Client {
             let body = read_capped(resp, 64 * 1024).await;
             let err = Error::from_response(status.as_u16(), &body, retry_after);
             let transient = matches!(status.as_u16(), 429 | 502 | 503 | 504)
-                && !(status.as_u16() == 503 && err.code() == "sandbox_unavailable");
+                && !(status.as_u16() == 503
+                    && err.code() == kiln_api::ApiErrorCode::SandboxUnavailable.as_str());
             let conflict = req.retry_conflict && status.as_u16() == 409;
             let max_attempts = if idempotent && conflict {
                 CONFLICT_MAX_ATTEMPTS

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use kiln_api::{ExecEvent, ExecRequest};
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
 
 use crate::client::STREAM_IDLE_TIMEOUT;
 use crate::error::{Error, Result};
@@ -28,48 +28,24 @@ pub struct RunOptions {
     pub timeout_s: Option<u64>,
 }
 
-/// The body of `/exec`, `/exec/stream` and the session's start frame.
-#[derive(Debug, Serialize)]
-pub(crate) struct ExecBody<'a> {
-    command: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    working_dir: Option<&'a str>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    env: &'a BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    timeout_s: Option<u64>,
-}
-
-impl<'a> ExecBody<'a> {
-    pub(crate) fn new(command: &'a str, opts: &'a RunOptions) -> Self {
-        Self {
-            command,
-            working_dir: opts.cwd.as_deref(),
-            env: &opts.env,
-            timeout_s: opts.timeout_s,
+impl RunOptions {
+    /// The body of `/exec`, `/exec/stream` and a session's start frame.
+    pub(crate) fn request(&self, command: &str) -> ExecRequest {
+        ExecRequest {
+            command: command.to_owned(),
+            working_dir: self.cwd.clone(),
+            env: self.env.clone(),
+            timeout_s: self.timeout_s,
         }
     }
 }
 
-/// A finished command. A non-zero exit is not an error: check `exit_code`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct CommandResult {
-    /// Its standard output (UTF-8, invalid bytes replaced).
-    #[serde(default)]
-    pub stdout: String,
-    /// Its standard error; kiln's own notices (a timeout, truncation) are appended.
-    #[serde(default)]
-    pub stderr: String,
-    /// The exit code: 128 + n when killed by signal n, 124 on timeout, -1 when the
-    /// command could not start or the connection to the sandbox was lost.
-    #[serde(default)]
-    pub exit_code: i32,
-    /// The output exceeded the server's retention cap (16 MiB) and its tail was dropped
-    /// (only [`Commands::run`] truncates).
-    #[serde(default)]
-    pub truncated: bool,
-}
+/// A finished command (`kiln-api`'s exec result). A non-zero exit is not an error: check
+/// `exit_code`, which is 128 + n when killed by signal n, 124 on timeout, and -1 when the
+/// command could not start or the connection to the sandbox was lost; `truncated` says
+/// the output exceeded the server's retention cap (16 MiB; only [`Commands::run`]
+/// truncates).
+pub type CommandResult = kiln_api::ExecResult;
 
 /// Commands in one sandbox; from [`Sandbox::commands`].
 ///
@@ -111,7 +87,7 @@ impl<'a> Commands<'a> {
     /// Output beyond 16 MiB is dropped (`truncated`); use [`Commands::run_streaming`]
     /// for more.
     pub async fn run(&self, command: &str, options: RunOptions) -> Result<CommandResult> {
-        let body = ExecBody::new(command, &options);
+        let body = options.request(command);
         let timeout = http_timeout(&options);
         let sb = self.sandbox;
         sb.with_token_retry(|token| {
@@ -136,7 +112,7 @@ impl<'a> Commands<'a> {
         mut on_stdout: impl FnMut(&str) + Send,
         mut on_stderr: impl FnMut(&str) + Send,
     ) -> Result<CommandResult> {
-        let body = ExecBody::new(command, &options);
+        let body = options.request(command);
         let sb = self.sandbox;
         // A failure activation can fix is a status, answered before any event: the retry
         // cannot repeat output.
@@ -154,27 +130,19 @@ impl<'a> Commands<'a> {
             .await?;
         let mut result = CommandResult::default();
         let mut finished = false;
-        crate::sse::read_json_events(resp, STREAM_IDLE_TIMEOUT, |ev| {
-            if let Some(s) = ev.get("stdout").and_then(|v| v.as_str()) {
-                if !s.is_empty() {
-                    result.stdout.push_str(s);
-                    on_stdout(s);
-                }
+        crate::sse::read_json_events(resp, STREAM_IDLE_TIMEOUT, |ev: ExecEvent| {
+            if let Some(s) = ev.stdout.as_deref().filter(|s| !s.is_empty()) {
+                result.stdout.push_str(s);
+                on_stdout(s);
             }
-            if let Some(s) = ev.get("stderr").and_then(|v| v.as_str()) {
-                if !s.is_empty() {
-                    result.stderr.push_str(s);
-                    on_stderr(s);
-                }
+            if let Some(s) = ev.stderr.as_deref().filter(|s| !s.is_empty()) {
+                result.stderr.push_str(s);
+                on_stderr(s);
             }
-            if ev.get("finished").and_then(|v| v.as_bool()) == Some(true) {
+            if ev.finished {
                 finished = true;
-                result.exit_code = ev
-                    .get("exit_code")
-                    .and_then(|v| v.as_i64())
-                    .and_then(|c| i32::try_from(c).ok())
-                    .unwrap_or(-1);
-                if let Some(e) = ev.get("error").and_then(|v| v.as_str()) {
+                result.exit_code = ev.exit_code.unwrap_or(-1);
+                if let Some(e) = &ev.error {
                     result.stderr.push_str(e);
                 }
                 return false;
@@ -215,7 +183,7 @@ mod tests {
     fn exec_body_omits_defaults() {
         let o = RunOptions::default();
         assert_eq!(
-            serde_json::to_value(ExecBody::new("ls", &o)).unwrap(),
+            serde_json::to_value(o.request("ls")).unwrap(),
             serde_json::json!({"command": "ls"})
         );
         let o = RunOptions {
@@ -224,7 +192,7 @@ mod tests {
             timeout_s: Some(5),
         };
         assert_eq!(
-            serde_json::to_value(ExecBody::new("ls", &o)).unwrap(),
+            serde_json::to_value(o.request("ls")).unwrap(),
             serde_json::json!({"command": "ls", "working_dir": "/tmp", "env": {"A": "1"}, "timeout_s": 5})
         );
     }

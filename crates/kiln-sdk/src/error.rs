@@ -62,7 +62,7 @@ pub enum Error {
         message: String,
     },
     /// 409: the object's state does not allow this now (`conflict`, `not_ready`,
-    /// `not_running`, `sandbox_pausing`), or a build was `cancelled` while waited for.
+    /// `not_running`), or a build was `cancelled` while waited for.
     #[error("conflict ({code}): {message}")]
     Conflict {
         /// Stable code.
@@ -151,7 +151,9 @@ impl Error {
     pub(crate) fn is_resumable(&self) -> bool {
         match self {
             Error::Authentication { code, .. } => code != "missing_api_key",
-            Error::Server { status, code, .. } => *status == 503 && code == "sandbox_unavailable",
+            Error::Server { status, code, .. } => {
+                *status == 503 && code == kiln_api::ApiErrorCode::SandboxUnavailable.as_str()
+            }
             _ => false,
         }
     }
@@ -184,8 +186,8 @@ impl Error {
             return Error::Protocol(format!("invalid response body: {e}"));
         }
         let message = match e.url() {
-            Some(u) => format!("{} {}", u.as_str(), chain(&e)),
-            None => chain(&e),
+            Some(u) => format!("{} {}", u.as_str(), kiln_api::error_chain(&e)),
+            None => kiln_api::error_chain(&e),
         };
         Error::Network {
             message,
@@ -276,21 +278,6 @@ pub(crate) fn split_build_error(message: Option<&str>) -> (String, String) {
         }
     }
     ("build_failed".into(), msg.to_owned())
-}
-
-/// An error with its sources, on one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let s_text = s.to_string();
-        if !out.contains(&s_text) {
-            out.push_str(": ");
-            out.push_str(&s_text);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -60,13 +60,14 @@ pub use client::{
 pub use commands::{CommandResult, Commands, RunOptions};
 pub use error::{Error, Result};
 pub use files::{Files, MAX_DOWNLOAD_BYTES};
-pub use sandbox::{
-    ListOptions, NetworkConfig, Sandbox, SandboxCreateOptions, SandboxInfo, SandboxStatus,
-};
+pub use sandbox::{ListOptions, Sandbox, SandboxCreateOptions};
 pub use session::{CommandSession, Output, EXEC_SUBPROTOCOL};
-pub use template::{
-    BuildInfo, BuildLogEvent, BuildStatus, LogCallback, LogStream, Step, Template,
-    TemplateCreateOptions, TemplateInfo, TemplateStatus, BUILD_POLL_INTERVAL,
+pub use template::{LogCallback, Template, TemplateCreateOptions, BUILD_POLL_INTERVAL};
+
+/// The wire types, shared with the server (crate `kiln-api`): what the API answers.
+pub use kiln_api::{
+    ApiErrorCode, BuildInfo, BuildLogEvent, BuildStatus, LogStream, NetworkConfig, SandboxInfo,
+    SandboxStatus, Step, TemplateInfo, TemplateStatus,
 };
 
 /// The `reqwest` version the SDK uses, for [`ClientBuilder::http_client`] and

@@ -5,122 +5,16 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use kiln_api::{
+    ApiErrorCode, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo, SandboxStatus,
+    SandboxWithToken,
+};
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
 
 use crate::client::{Client, Request};
 use crate::commands::Commands;
 use crate::error::{Error, Result};
 use crate::files::Files;
-
-/// A sandbox's status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum SandboxStatus {
-    /// Being restored.
-    Starting,
-    /// Running.
-    Active,
-    /// Being snapshotted.
-    Pausing,
-    /// Saved; resumes on demand.
-    Paused,
-    /// Being restored from its pause.
-    Resuming,
-    /// In Superserve's enum; kiln never migrates.
-    Migrating,
-    /// Its VM failed.
-    Failed,
-    /// Deleted.
-    Deleted,
-    /// A status this SDK does not know.
-    #[serde(other)]
-    Unknown,
-}
-
-impl SandboxStatus {
-    /// The wire name (`active`, `paused`...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Starting => "starting",
-            Self::Active => "active",
-            Self::Pausing => "pausing",
-            Self::Paused => "paused",
-            Self::Resuming => "resuming",
-            Self::Migrating => "migrating",
-            Self::Failed => "failed",
-            Self::Deleted => "deleted",
-            Self::Unknown => "unknown",
-        }
-    }
-}
-
-/// A sandbox, as the API describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct SandboxInfo {
-    /// Its id.
-    pub id: String,
-    /// Its display name.
-    pub name: String,
-    /// Where it is.
-    pub status: SandboxStatus,
-    /// Virtual CPUs.
-    #[serde(default)]
-    pub vcpu_count: u32,
-    /// Memory, MiB.
-    #[serde(default)]
-    pub memory_mib: u32,
-    /// When it was created.
-    pub created_at: DateTime<Utc>,
-    /// When it last changed.
-    #[serde(default)]
-    pub updated_at: Option<DateTime<Utc>>,
-    /// Its template.
-    #[serde(default)]
-    pub template_id: Option<String>,
-    /// The build whose artifact it was restored from.
-    #[serde(default)]
-    pub build_id: Option<String>,
-    /// Its tags.
-    #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
-    /// Superserve's auto-pause timeout (always none in kiln).
-    #[serde(default)]
-    pub timeout_seconds: Option<u64>,
-    /// Superserve's auto-delete delay (always none in kiln).
-    #[serde(default)]
-    pub auto_delete_seconds: Option<u64>,
-    /// Superserve's preview access policy (`legacy_public` in kiln).
-    #[serde(default)]
-    pub preview_access: Option<String>,
-    /// Its egress rules, when any were set.
-    #[serde(default)]
-    pub network: Option<NetworkConfig>,
-}
-
-/// Egress rules of a sandbox. Whatever they say, the host, its loopback, link-local
-/// (cloud metadata) and private ranges stay unreachable; an allow that overlaps a deny
-/// wins. Processes in the sandbox reach the outside through kiln's egress proxy, which
-/// they find in `http_proxy` / `https_proxy`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NetworkConfig {
-    /// CIDRs, addresses and domains (`*.example.com`: subdomains at any depth, not the
-    /// apex) that may be reached even where `deny_out` covers them.
-    #[serde(default, deserialize_with = "null_as_empty")]
-    pub allow_out: Vec<String>,
-    /// CIDRs and addresses that may not be reached (`0.0.0.0/0` for an allowlist).
-    #[serde(default, deserialize_with = "null_as_empty")]
-    pub deny_out: Vec<String>,
-}
-
-fn null_as_empty<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Vec<String>, D::Error> {
-    Ok(<Option<Vec<String>> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
-}
 
 /// What [`Sandbox::create`] sends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -163,29 +57,28 @@ pub struct ListOptions {
 
 impl ListOptions {
     fn query(&self) -> Vec<(String, String)> {
-        let mut q: Vec<(String, String)> = self
-            .metadata
-            .iter()
-            .map(|(k, v)| (format!("metadata.{k}"), v.clone()))
-            .collect();
-        if !self.status.is_empty() {
-            let s: Vec<&str> = self.status.iter().map(|s| s.as_str()).collect();
-            q.push(("status".into(), s.join(",")));
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        SandboxFilter {
+            metadata: self.metadata.clone(),
+            statuses: (!self.status.is_empty()).then(|| self.status.clone()),
+            limit: self.limit.map(clamp),
+            offset: self.offset.map_or(0, clamp),
         }
-        if let Some(n) = self.limit {
-            q.push(("limit".into(), n.to_string()));
-        }
-        if let Some(n) = self.offset {
-            q.push(("offset".into(), n.to_string()));
-        }
-        q
+        .to_query()
     }
 }
 
-/// A pause still finishing when the sandbox is activated: the server answers
-/// `sandbox_pausing`; the SDK retries every second for up to 30 s.
-const PAUSING_RETRY: Duration = Duration::from_secs(1);
-const PAUSING_WAIT: Duration = Duration::from_secs(30);
+impl SandboxCreateOptions {
+    /// The request body.
+    fn request(&self) -> CreateSandbox {
+        CreateSandbox {
+            metadata: self.metadata.clone(),
+            env_vars: self.env_vars.clone(),
+            network: self.network.clone(),
+            ..CreateSandbox::new(&self.name, &self.from_template)
+        }
+    }
+}
 
 /// A handle on a sandbox: its lifecycle (control plane, with the API key) and, through
 /// [`Sandbox::commands`] and [`Sandbox::files`], the processes and files inside it (data
@@ -238,17 +131,8 @@ impl std::fmt::Debug for State {
     }
 }
 
-/// `SandboxInfo` plus `access_token`, as create, resume and activate answer.
-#[derive(Deserialize)]
-struct WithToken {
-    #[serde(flatten)]
-    info: SandboxInfo,
-    #[serde(default)]
-    access_token: String,
-}
-
 impl Sandbox {
-    fn from_parts(client: &Client, with: WithToken, what: &str) -> Result<Self> {
+    fn from_parts(client: &Client, with: SandboxWithToken, what: &str) -> Result<Self> {
         if with.access_token.is_empty() {
             return Err(Error::Protocol(format!(
                 "the response to {what} has no access_token"
@@ -256,9 +140,9 @@ impl Sandbox {
         }
         Ok(Self {
             client: client.clone(),
-            id: with.info.id.clone(),
+            id: with.sandbox.id.clone(),
             state: Arc::new(Mutex::new(State {
-                info: with.info,
+                info: with.sandbox,
                 token: with.access_token,
                 revision: 0,
             })),
@@ -268,24 +152,11 @@ impl Sandbox {
 
     /// Creates a sandbox from a template and returns once it runs (`POST /sandboxes`).
     pub async fn create(client: &Client, options: SandboxCreateOptions) -> Result<Self> {
-        let mut body = serde_json::json!({
-            "name": options.name,
-            "from_template": options.from_template,
-        });
-        if !options.metadata.is_empty() {
-            body["metadata"] = serde_json::to_value(&options.metadata).expect("map");
-        }
-        if !options.env_vars.is_empty() {
-            body["env_vars"] = serde_json::to_value(&options.env_vars).expect("map");
-        }
-        if let Some(network) = &options.network {
-            body["network"] = serde_json::to_value(network).expect("rules");
-        }
         let req = client
             .api(Method::POST, &["sandboxes"])
-            .json(&body)
+            .json(&options.request())
             .timeout(Some(client.lifecycle_timeout()));
-        let with: WithToken = client.json(req).await?;
+        let with: SandboxWithToken = client.json(req).await?;
         Self::from_parts(client, with, "POST /sandboxes")
     }
 
@@ -324,7 +195,7 @@ impl Sandbox {
             .retry_conflict()
             .timeout(Some(client.lifecycle_timeout()));
         match client.empty(req).await {
-            Err(Error::NotFound { code, .. }) if code == "not_found" => Ok(()),
+            Err(Error::NotFound { code, .. }) if code == ApiErrorCode::NotFound.as_str() => Ok(()),
             other => other,
         }
     }
@@ -422,11 +293,7 @@ impl Sandbox {
                 Ok(i) => {
                     return Err(Error::Conflict {
                         code: "conflict".into(),
-                        message: format!(
-                            "sandbox {} did not pause: it is {}",
-                            self.id,
-                            i.status.as_str()
-                        ),
+                        message: format!("sandbox {} did not pause: it is {}", self.id, i.status),
                     })
                 }
                 Err(Error::NotFound { .. }) => return Ok(()),
@@ -460,9 +327,9 @@ impl Sandbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn adopt(&self, with: WithToken) {
+    fn adopt(&self, with: SandboxWithToken) {
         let mut st = self.lock();
-        st.info = with.info;
+        st.info = with.sandbox;
         if !with.access_token.is_empty() {
             st.token = with.access_token;
             st.revision += 1;
@@ -523,22 +390,13 @@ impl Sandbox {
     }
 }
 
-/// `POST /sandboxes/{id}/{resume|activate}`, waiting out a pause still in progress.
-async fn activate(client: &Client, sandbox_id: &str, endpoint: &str) -> Result<WithToken> {
-    let deadline = Instant::now() + PAUSING_WAIT;
-    loop {
-        let req = client
-            .api(Method::POST, &["sandboxes", sandbox_id, endpoint])
-            .timeout(Some(client.lifecycle_timeout()));
-        match client.json::<WithToken>(req).await {
-            Err(Error::Conflict { code, .. })
-                if code == "sandbox_pausing" && Instant::now() + PAUSING_RETRY < deadline =>
-            {
-                tokio::time::sleep(PAUSING_RETRY).await;
-            }
-            other => return other,
-        }
-    }
+/// `POST /sandboxes/{id}/{resume|activate}`. The server holds the request while a pause
+/// of the sandbox is still under way, so no retry is needed for that.
+async fn activate(client: &Client, sandbox_id: &str, endpoint: &str) -> Result<SandboxWithToken> {
+    let req = client
+        .api(Method::POST, &["sandboxes", sandbox_id, endpoint])
+        .timeout(Some(client.lifecycle_timeout()));
+    client.json(req).await
 }
 
 #[cfg(test)]
@@ -565,7 +423,7 @@ mod tests {
 
     #[test]
     fn sandbox_with_token_parses() {
-        let w: WithToken = serde_json::from_value(serde_json::json!({
+        let w: SandboxWithToken = serde_json::from_value(serde_json::json!({
             "id": "s", "name": "n", "status": "active", "vcpu_count": 1, "memory_mib": 256,
             "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-01T00:00:00Z",
             "template_id": "t", "build_id": "b", "metadata": {"k": "v"},
@@ -574,6 +432,6 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(w.access_token, "tok");
-        assert_eq!(w.info.metadata["k"], "v");
+        assert_eq!(w.sandbox.metadata["k"], "v");
     }
 }

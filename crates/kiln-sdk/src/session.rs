@@ -21,18 +21,17 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use kiln_api::exec::channel;
+use kiln_api::{ExecEvent, SessionControl, Utf8Chunks};
+
 use crate::client::{parse_retry_after, SANDBOX_ID_HEADER};
-use crate::commands::{CommandResult, ExecBody, RunOptions};
+use crate::commands::{CommandResult, RunOptions};
 use crate::error::{Error, Result};
 use crate::sandbox::Sandbox;
 
 /// The subprotocol of an exec session; the access token rides in a second one,
 /// `token.<value>`.
-pub const EXEC_SUBPROTOCOL: &str = "superserve.exec.v1";
-
-const CH_STDIN: u8 = 0;
-const CH_STDOUT: u8 = 1;
-const CH_STDERR: u8 = 2;
+pub use kiln_api::EXEC_SUBPROTOCOL;
 
 /// Largest stdin frame sent; larger writes are split.
 const STDIN_CHUNK: usize = 32 * 1024;
@@ -85,8 +84,8 @@ impl CommandSession {
         command: &str,
         options: &RunOptions,
     ) -> Result<Self> {
-        let start = serde_json::to_string(&ExecBody::new(command, options))
-            .expect("the start frame serialises");
+        let start =
+            serde_json::to_string(&options.request(command)).expect("the start frame serialises");
         let ws = sandbox
             .with_token_retry(|token| dial(sandbox, token))
             .await?;
@@ -115,7 +114,7 @@ impl CommandSession {
                 return Ok(());
             }
             let mut frame = Vec::with_capacity(chunk.len() + 1);
-            frame.push(CH_STDIN);
+            frame.push(channel::STDIN);
             frame.extend_from_slice(chunk);
             self.send_locked(&mut sink, Message::Binary(frame.into()))
                 .await?;
@@ -125,15 +124,14 @@ impl CommandSession {
 
     /// Closes the process's stdin (it reads end-of-file).
     pub async fn close_stdin(&self) -> Result<()> {
-        self.control(serde_json::json!({"type": "stdin_close"}))
-            .await
+        self.control(SessionControl::StdinClose).await
     }
 
     /// Sends a signal to the process: `"SIGTERM"`, `"TERM"` or a number (`"15"`); names
     /// the server does not know are ignored. Once the process has finished, this does
     /// nothing.
     pub async fn signal(&self, name: &str) -> Result<()> {
-        self.control(serde_json::json!({"type": "signal", "name": name}))
+        self.control(SessionControl::Signal { name: name.into() })
             .await
     }
 
@@ -168,12 +166,13 @@ impl CommandSession {
         Ok(())
     }
 
-    async fn control(&self, msg: serde_json::Value) -> Result<()> {
+    async fn control(&self, msg: SessionControl) -> Result<()> {
         if self.done.load(Ordering::SeqCst) {
             return Ok(());
         }
+        let text = serde_json::to_string(&msg).expect("control frames serialise");
         let mut sink = self.sink.lock().await;
-        self.send_locked(&mut sink, Message::Text(msg.to_string().into()))
+        self.send_locked(&mut sink, Message::Text(text.into()))
             .await
     }
 
@@ -246,8 +245,8 @@ async fn read_loop(
     tx: mpsc::UnboundedSender<Output>,
     done: Arc<AtomicBool>,
 ) -> Result<CommandResult> {
-    let mut out = Utf8Decoder::default();
-    let mut err = Utf8Decoder::default();
+    let mut out = Utf8Chunks::default();
+    let mut err = Utf8Chunks::default();
     let mut result = CommandResult::default();
     let mut emit = |result: &mut CommandResult, o: Output| {
         match &o {
@@ -272,13 +271,13 @@ async fn read_loop(
                     continue;
                 };
                 match ch {
-                    CH_STDOUT => {
+                    channel::STDOUT => {
                         let s = out.push(payload);
                         if !s.is_empty() {
                             emit(&mut result, Output::Stdout(s));
                         }
                     }
-                    CH_STDERR => {
+                    channel::STDERR => {
                         let s = err.push(payload);
                         if !s.is_empty() {
                             emit(&mut result, Output::Stderr(s));
@@ -288,20 +287,16 @@ async fn read_loop(
                 }
             }
             Message::Text(t) => {
-                let Ok(ev) = serde_json::from_str::<serde_json::Value>(t.as_str()) else {
+                let Ok(ev) = serde_json::from_str::<ExecEvent>(t.as_str()) else {
                     continue;
                 };
-                if ev.get("finished").and_then(|v| v.as_bool()) == Some(true) {
+                if ev.finished {
                     done.store(true, Ordering::SeqCst);
                     flush(&mut out, &mut err, &mut result, &mut emit);
-                    if let Some(e) = ev.get("error").and_then(|v| v.as_str()) {
+                    if let Some(e) = &ev.error {
                         result.stderr.push_str(e);
                     }
-                    result.exit_code = ev
-                        .get("exit_code")
-                        .and_then(|v| v.as_i64())
-                        .and_then(|c| i32::try_from(c).ok())
-                        .unwrap_or(-1);
+                    result.exit_code = ev.exit_code.unwrap_or(-1);
                     // Let the server's close handshake complete.
                     let _ = tokio::time::timeout(Duration::from_secs(5), async {
                         while let Some(Ok(m)) = stream.next().await {
@@ -312,7 +307,7 @@ async fn read_loop(
                     })
                     .await;
                     return Ok(result);
-                } else if let Some(e) = ev.get("error").and_then(|v| v.as_str()) {
+                } else if let Some(e) = &ev.error {
                     result.stderr.push_str(e);
                 }
             }
@@ -341,8 +336,8 @@ async fn read_loop(
 }
 
 fn flush(
-    out: &mut Utf8Decoder,
-    err: &mut Utf8Decoder,
+    out: &mut Utf8Chunks,
+    err: &mut Utf8Chunks,
     result: &mut CommandResult,
     emit: &mut impl FnMut(&mut CommandResult, Output),
 ) {
@@ -353,53 +348,5 @@ fn flush(
     let s = err.finish();
     if !s.is_empty() {
         emit(result, Output::Stderr(s));
-    }
-}
-
-/// Bytes to text without splitting a UTF-8 sequence across chunks; invalid bytes are
-/// replaced.
-#[derive(Debug, Default)]
-struct Utf8Decoder {
-    pending: Vec<u8>,
-}
-
-impl Utf8Decoder {
-    fn push(&mut self, data: &[u8]) -> String {
-        self.pending.extend_from_slice(data);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(_) => self.pending.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => self.pending.len(),
-        };
-        let rest = self.pending.split_off(valid);
-        let text = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending = rest;
-        text
-    }
-
-    fn finish(&mut self) -> String {
-        let text = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        text
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utf8_decoder_keeps_sequences_whole() {
-        let mut d = Utf8Decoder::default();
-        let s = "h\u{e9}\u{1f600}".as_bytes();
-        let mut out = String::new();
-        for b in s {
-            out.push_str(&d.push(&[*b]));
-        }
-        out.push_str(&d.finish());
-        assert_eq!(out, "h\u{e9}\u{1f600}");
-        assert_eq!(d.push(&[0xff, b'a']), "\u{fffd}a");
-        assert_eq!(d.push(&[0xe2, 0x82]), "");
-        assert_eq!(d.finish(), "\u{fffd}");
     }
 }

@@ -68,13 +68,13 @@ impl SseParser {
     }
 }
 
-/// Reads an SSE response to its end, giving each event's data, parsed as JSON, to
-/// `on_event`; events whose data is not JSON are skipped. `on_event` returns `false` to
+/// Reads an SSE response to its end, giving each event's data, parsed as JSON into `T`,
+/// to `on_event`; events whose data is not a `T` are skipped. `on_event` returns `false` to
 /// stop reading. Fails with [`Error::Timeout`] when the stream is silent for `idle`.
-pub(crate) async fn read_json_events(
+pub(crate) async fn read_json_events<T: serde::de::DeserializeOwned>(
     mut resp: reqwest::Response,
     idle: Duration,
-    mut on_event: impl FnMut(serde_json::Value) -> bool,
+    mut on_event: impl FnMut(T) -> bool,
 ) -> Result<()> {
     let mut parser = SseParser::default();
     let mut events = Vec::new();

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use kiln_api::{BuildInfo, BuildLogEvent, BuildStatus, Step, TemplateInfo, TemplateStatus};
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
 
 use crate::client::{Client, STREAM_IDLE_TIMEOUT};
 use crate::error::{split_build_error, Error, Result};
@@ -16,229 +15,6 @@ pub const BUILD_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// After a build is over, how long [`Template::wait_until_ready`] lets the log stream
 /// deliver its last lines.
 const LOG_GRACE: Duration = Duration::from_secs(10);
-
-/// A template's status; it follows its latest build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum TemplateStatus {
-    /// Its first build is queued.
-    Pending,
-    /// A build is running.
-    Building,
-    /// A build succeeded: sandboxes can be made from it.
-    Ready,
-    /// The latest build failed.
-    Failed,
-    /// A status this SDK does not know.
-    #[serde(other)]
-    Unknown,
-}
-
-/// A build's status. `Ready`, `Failed` and `Cancelled` are terminal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum BuildStatus {
-    /// Queued.
-    Pending,
-    /// Running its steps.
-    Building,
-    /// Taking the snapshot.
-    Snapshotting,
-    /// Done: the template can start sandboxes.
-    Ready,
-    /// Failed; see [`BuildInfo::error_message`].
-    Failed,
-    /// Cancelled.
-    Cancelled,
-    /// A status this SDK does not know.
-    #[serde(other)]
-    Unknown,
-}
-
-impl BuildStatus {
-    /// Whether the build is over.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Ready | Self::Failed | Self::Cancelled)
-    }
-}
-
-/// A template, as the API describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct TemplateInfo {
-    /// Its id.
-    pub id: String,
-    /// Its name, unique within the team.
-    pub name: String,
-    /// The owning team.
-    #[serde(default)]
-    pub team_id: String,
-    /// Follows the latest build.
-    pub status: TemplateStatus,
-    /// Virtual CPUs of its sandboxes.
-    #[serde(default)]
-    pub vcpu: u32,
-    /// Memory of its sandboxes, MiB.
-    #[serde(default)]
-    pub memory_mib: u32,
-    /// Disk of its sandboxes, MiB.
-    #[serde(default)]
-    pub disk_mib: u32,
-    /// Size of the live artifact; none until a build is ready.
-    #[serde(default)]
-    pub size_bytes: Option<u64>,
-    /// `<code>: <detail>` of the latest build, when it failed.
-    #[serde(default)]
-    pub error_message: Option<String>,
-    /// When it was created.
-    pub created_at: DateTime<Utc>,
-    /// When the live artifact was finished.
-    #[serde(default)]
-    pub built_at: Option<DateTime<Utc>>,
-    /// The most recently started build.
-    #[serde(default)]
-    pub latest_build_id: Option<String>,
-}
-
-/// One build of a template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct BuildInfo {
-    /// Its id.
-    pub id: String,
-    /// Its template.
-    pub template_id: String,
-    /// Where it is.
-    pub status: BuildStatus,
-    /// Canonical hash of the spec and VM shape built.
-    #[serde(default)]
-    pub build_spec_hash: String,
-    /// The digest the base image reference resolved to.
-    #[serde(default)]
-    pub image_digest: Option<String>,
-    /// `<code>: <detail>` when failed.
-    #[serde(default)]
-    pub error_message: Option<String>,
-    /// When it was queued.
-    pub created_at: DateTime<Utc>,
-    /// When it started.
-    #[serde(default)]
-    pub started_at: Option<DateTime<Utc>>,
-    /// When it ended.
-    #[serde(default)]
-    pub finalized_at: Option<DateTime<Utc>>,
-}
-
-/// Which stream a build log line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum LogStream {
-    /// A step's standard output.
-    Stdout,
-    /// A step's standard error.
-    Stderr,
-    /// kiln's own progress text.
-    System,
-    /// A stream this SDK does not know.
-    #[serde(other)]
-    Unknown,
-}
-
-/// One event of a build's log stream. The last one has `finished` and the terminal
-/// `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct BuildLogEvent {
-    /// When the line was written.
-    pub timestamp: DateTime<Utc>,
-    /// Where it came from.
-    pub stream: LogStream,
-    /// The line.
-    #[serde(default)]
-    pub text: String,
-    /// Set on the last event.
-    #[serde(default)]
-    pub finished: bool,
-    /// The build's terminal status, on the last event.
-    #[serde(default)]
-    pub status: Option<BuildStatus>,
-}
-
-/// One build step, serialised in the wire form (`{"run": "..."}`, `{"env": {"key",
-/// "value"}}`, `{"workdir": "..."}`, `{"user": {"name", "sudo"}}`).
-///
-/// ```
-/// use kiln_sdk::Step;
-/// let steps = vec![
-///     Step::run("pip install numpy"),
-///     Step::env("MODE", "prod"),
-///     Step::user("app", true),
-///     Step::workdir("/srv/app"),
-/// ];
-/// assert_eq!(
-///     serde_json::to_value(&steps).unwrap(),
-///     serde_json::json!([
-///         {"run": "pip install numpy"},
-///         {"env": {"key": "MODE", "value": "prod"}},
-///         {"user": {"name": "app", "sudo": true}},
-///         {"workdir": "/srv/app"},
-///     ])
-/// );
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Step {
-    /// Runs a shell command (`/bin/sh -c`) in the build VM.
-    Run(String),
-    /// Sets a variable for the following steps and as a runtime default of sandboxes.
-    Env {
-        /// Variable name (`[A-Za-z_][A-Za-z0-9_]*`).
-        key: String,
-        /// Its value.
-        value: String,
-    },
-    /// Working directory (absolute) of the following steps and of sandboxes' commands.
-    Workdir(String),
-    /// User of the following steps and of sandboxes' commands; created if missing.
-    User {
-        /// User name.
-        name: String,
-        /// Passwordless sudo for this user.
-        #[serde(default)]
-        sudo: bool,
-    },
-}
-
-impl Step {
-    /// A `run` step.
-    pub fn run(command: impl Into<String>) -> Self {
-        Self::Run(command.into())
-    }
-
-    /// An `env` step.
-    pub fn env(key: impl Into<String>, value: impl Into<String>) -> Self {
-        Self::Env {
-            key: key.into(),
-            value: value.into(),
-        }
-    }
-
-    /// A `workdir` step.
-    pub fn workdir(path: impl Into<String>) -> Self {
-        Self::Workdir(path.into())
-    }
-
-    /// A `user` step.
-    pub fn user(name: impl Into<String>, sudo: bool) -> Self {
-        Self::User {
-            name: name.into(),
-            sudo,
-        }
-    }
-}
 
 /// What [`Template::create`] sends: the template's name and VM shape, and its build spec
 /// (`from`, `steps`, `start_cmd`, `ready_cmd`) flattened in. `None` fields are omitted
@@ -384,7 +160,11 @@ impl Template {
             .empty(client.api(Method::DELETE, &["templates", name_or_id]))
             .await
         {
-            Err(Error::NotFound { code, .. }) if code == "not_found" => Ok(()),
+            Err(Error::NotFound { code, .. })
+                if code == kiln_api::ApiErrorCode::NotFound.as_str() =>
+            {
+                Ok(())
+            }
             other => other,
         }
     }
@@ -478,7 +258,11 @@ impl Template {
             &["templates", &self.info.id, "builds", build_id],
         );
         match self.client.empty(req).await {
-            Err(Error::NotFound { code, .. }) if code == "not_found" => Ok(()),
+            Err(Error::NotFound { code, .. })
+                if code == kiln_api::ApiErrorCode::NotFound.as_str() =>
+            {
+                Ok(())
+            }
             other => other,
         }
     }
@@ -503,12 +287,9 @@ impl Template {
             )
             .timeout(None);
         let resp = self.client.send(req).await?;
-        crate::sse::read_json_events(resp, STREAM_IDLE_TIMEOUT, |v| {
-            if let Ok(event) = serde_json::from_value::<BuildLogEvent>(v) {
-                on_event(&event);
-                return !event.finished;
-            }
-            true
+        crate::sse::read_json_events(resp, STREAM_IDLE_TIMEOUT, |event: BuildLogEvent| {
+            on_event(&event);
+            !event.finished
         })
         .await
     }

@@ -1,20 +1,20 @@
-//! Every failure as the SDKs expect it: a status and `{"error": {"code", "message"}}`,
-//! mapped from the engine's typed errors in one place.
+//! Every failure as the SDKs expect it: a status and `{"error": {"code", "message"}}`.
+//!
+//! The engine says which [`ApiErrorCode`] a failure is and what a client may be told
+//! ([`EngineError::code`], [`EngineError::public_message`]); the code fixes the status
+//! ([`ApiErrorCode::http_status`]). This file only turns that into a response, and logs
+//! the detail of failures that are kiln's own.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use kiln_agent_proto::{ClientError, ErrorCode};
+use kiln_api::{ApiErrorCode, ErrorBody, RequestError};
 use kiln_engine::EngineError;
-use kiln_spec::RateLimitCode;
-use kiln_store::StoreError;
 
 /// An error response.
 #[derive(Debug)]
 pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Stable machine-readable code.
-    pub code: &'static str,
+    /// Stable machine-readable code; the status follows from it.
+    pub code: ApiErrorCode,
     /// For humans. Never internal detail: that goes to the log.
     pub message: String,
     /// Seconds for a `Retry-After` header.
@@ -22,10 +22,9 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// A response with this status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// A response with this code and message.
+    pub fn new(code: ApiErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
             code,
             message: message.into(),
             retry_after: None,
@@ -34,23 +33,28 @@ impl ApiError {
 
     /// 400 `invalid_request`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        Self::new(ApiErrorCode::InvalidRequest, message)
     }
 
     /// 401 `unauthorized`.
     pub fn unauthorized() -> Self {
         Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ApiErrorCode::Unauthorized,
             "a valid X-API-Key header is required",
         )
+    }
+
+    /// The response's status.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        let mut resp = (self.status, axum::Json(body)).into_response();
+        let status = self.status();
+        let mut resp =
+            (status, axum::Json(ErrorBody::new(self.code, self.message))).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
@@ -61,79 +65,17 @@ impl IntoResponse for ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::Invalid(problems) => Self::bad_request(problems.to_string()),
-            EngineError::NotReady { .. } => {
-                Self::new(StatusCode::CONFLICT, "not_ready", e.to_string())
-            }
-            EngineError::NotRunning(_) | EngineError::OwnedByServer { .. } => {
-                Self::new(StatusCode::CONFLICT, "not_running", e.to_string())
-            }
-            // The SDK resumes the sandbox (POST /activate) and retries on this one.
-            EngineError::Unavailable(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "sandbox_unavailable",
-                e.to_string(),
-            ),
-            EngineError::Snapshot(_) => {
-                tracing::warn!(error = %e, "pause failed");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "snapshot_failed",
-                    "pausing the sandbox failed; it could not be saved",
-                )
-            }
-            EngineError::CorruptArtifact(_) => {
-                tracing::error!(error = %e, "template artifact failed verification");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "restore_failed",
-                    "the template's snapshot failed its checksum check (corrupt on disk): \
-                     rebuild the template",
-                )
-            }
-            EngineError::Restore(_) => {
-                tracing::warn!(error = %e, "restore failed");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "restore_failed",
-                    "the sandbox could not be started from its snapshot",
-                )
-            }
-            EngineError::Store(store) => store.into(),
-            EngineError::Agent(agent) => agent.into(),
-            other => internal(&other),
+        let code = e.code();
+        if code.http_status() >= 500 {
+            tracing::warn!(%code, error = %e.chain(), "request failed");
         }
+        Self::new(code, e.public_message())
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match &e {
-            StoreError::NotFound { .. } => {
-                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
-            }
-            StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m.clone()),
-            StoreError::InvalidTransition { .. } => {
-                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
-            StoreError::Invalid(m) => Self::bad_request(m.clone()),
-            // The code is the machine-readable part; the message says it for people once.
-            StoreError::LimitReached { code, limit } => {
-                let what = match code {
-                    RateLimitCode::TooManyTemplates => "templates",
-                    RateLimitCode::TooManyBuilds => "builds queued or running",
-                    RateLimitCode::TooManySandboxes => "live sandboxes",
-                    _ => "requests",
-                };
-                Self::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    code.as_str(),
-                    format!("the team's limit of {limit} {what} is reached"),
-                )
-            }
-            _ => internal(&e),
-        }
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        Self::new(e.code, e.message)
     }
 }
 
@@ -141,63 +83,10 @@ impl From<crate::ratelimit::RateLimited> for ApiError {
     fn from(r: crate::ratelimit::RateLimited) -> Self {
         let secs = r.retry_after_secs();
         let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            kiln_spec::RateLimitCode::RateLimited.as_str(),
+            ApiErrorCode::RateLimited,
             format!("too many requests; retry in {secs}s"),
         );
         e.retry_after = Some(secs);
         e
     }
-}
-
-/// An agent failure as a response: what the caller did wrong is a 4xx with a code, a lost
-/// connection to the guest is a 502.
-impl From<ClientError> for ApiError {
-    fn from(e: ClientError) -> Self {
-        match e {
-            ClientError::Agent { code, message } => {
-                let (status, code) = match code {
-                    ErrorCode::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),
-                    ErrorCode::PermissionDenied => (StatusCode::BAD_REQUEST, "permission_denied"),
-                    ErrorCode::FrameTooLarge => {
-                        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
-                    }
-                    ErrorCode::IsADirectory
-                    | ErrorCode::NotADirectory
-                    | ErrorCode::AlreadyExists
-                    | ErrorCode::DirectoryNotEmpty
-                    | ErrorCode::InvalidRequest
-                    | ErrorCode::UserNotFound
-                    | ErrorCode::SpawnFailed => (StatusCode::BAD_REQUEST, "invalid_request"),
-                    _ => (StatusCode::BAD_GATEWAY, "agent_error"),
-                };
-                ApiError::new(status, code, message)
-            }
-            other => {
-                tracing::warn!(error = %other, "guest agent unreachable");
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "agent_unreachable",
-                    "the sandbox's guest agent did not answer",
-                )
-            }
-        }
-    }
-}
-
-/// 500 with the detail logged, not sent.
-fn internal(e: &(dyn std::error::Error + 'static)) -> ApiError {
-    let mut chain = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        cur = s.source();
-    }
-    tracing::error!(error = %chain, "internal error");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "internal error",
-    )
 }

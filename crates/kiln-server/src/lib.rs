@@ -20,19 +20,18 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kiln_engine::Engine;
-use kiln_store::Team;
+use kiln_api::ApiErrorCode;
+use kiln_engine::{Engine, Team};
 
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use ratelimit::RateLimiter;
 
 /// Largest JSON request body accepted; a BuildSpec is far smaller. File uploads have
-/// their own bound ([`data::MAX_UPLOAD_BYTES`]).
+/// their own bound ([`kiln_engine::MAX_UPLOAD_BYTES`]).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// The OpenAPI document of this API, served at `/openapi.json`.
@@ -95,7 +94,7 @@ impl AppState {
     /// before it is used as the limiter's key).
     pub(crate) fn check_rate(&self, secret: &str) -> Result<(), ApiError> {
         self.limiter
-            .check(&kiln_store::hash_secret(secret))
+            .check(&kiln_engine::hash_secret(secret))
             .map_err(ApiError::from)
     }
 }
@@ -103,7 +102,7 @@ impl AppState {
 /// The API's routes, wrapped in request ids, request logs and metrics.
 pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
-    let files_limit = usize::try_from(data::MAX_UPLOAD_BYTES).unwrap_or(usize::MAX);
+    let files_limit = usize::try_from(kiln_engine::MAX_UPLOAD_BYTES).unwrap_or(usize::MAX);
     let app = Router::new()
         .route("/health", get(health))
         .route("/openapi.json", get(openapi))
@@ -171,7 +170,6 @@ impl FromRequestParts<AppState> for Auth {
             .ok_or_else(ApiError::unauthorized)?;
         let team = state
             .engine
-            .store()
             .authenticate(key)
             .await?
             .ok_or_else(ApiError::unauthorized)?;
@@ -183,13 +181,12 @@ impl FromRequestParts<AppState> for Auth {
 /// Unknown paths get the API's error shape with a code of their own, distinct from a
 /// missing object's `not_found`.
 async fn no_route() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint")
+    ApiError::new(ApiErrorCode::NoRoute, "no such endpoint")
 }
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ApiErrorCode::MethodNotAllowed,
         "method not allowed on this endpoint",
     )
 }
@@ -214,20 +211,16 @@ async fn json_errors(resp: Response) -> Response {
         .await
         .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
         .unwrap_or_default();
-    let code = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        s if s.is_server_error() => "internal",
-        _ => "invalid_request",
-    };
     let message = if text.is_empty() {
         status.canonical_reason().unwrap_or("error").to_owned()
     } else {
         text
     };
-    ApiError::new(status, code, message).into_response()
+    let mut resp =
+        ApiError::new(ApiErrorCode::for_status(status.as_u16()), message).into_response();
+    // The framework chose the status; the body only explains it.
+    *resp.status_mut() = status;
+    resp
 }
 
 async fn health() -> impl IntoResponse {
@@ -243,7 +236,7 @@ async fn openapi() -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let stats = state.engine.store().stats().await?;
+    let stats = state.engine.stats().await?;
     let mut text = state.metrics.render(&stats);
     metrics::render_pool(&mut text, state.engine.restore_pool_stats());
     Ok(metrics::render_response(text))
@@ -253,4 +246,19 @@ async fn metrics_text(State(state): State<AppState>) -> Result<Response, ApiErro
 pub(crate) fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Parses a JSON body into a request type; a body that does not fit is a 400 saying
+/// `what` it should have been.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ApiError> {
+    serde_json::from_value(json_body(body)?)
+        .map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
+}
+
+/// The pairs of a raw query string (keys such as `metadata.<key>` kept as they are).
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    kiln_api::request::query_pairs(query.unwrap_or(""))
 }

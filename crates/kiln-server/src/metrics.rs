@@ -1,6 +1,6 @@
 //! Prometheus metrics, in the text exposition format 0.0.4, without a metrics crate: kiln has a
 //! handful of series, and what the store knows (builds, sandboxes, templates) is read fresh
-//! from [`kiln_store::Store::stats`] at scrape time rather than mirrored in counters that a
+//! from [`kiln_engine::Engine::stats`] at scrape time rather than mirrored in counters that a
 //! restart would reset.
 //!
 //! Labels are only ever drawn from small fixed sets (methods, route templates, statuses,
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kiln_store::{DurationHistogram, StoreStats};
+use kiln_engine::{DurationHistogram, StoreStats};
 
 /// Upper bounds (seconds) for sandbox restores: a snapshot restore is expected in well under
 /// a second; the tail shows cold page caches and overloaded hosts.
@@ -416,8 +416,8 @@ fn number(v: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use kiln_spec::BuildErrorCode;
-    use kiln_store::{BuildStatus, SandboxStatus};
+    use kiln_api::BuildErrorCode;
+    use kiln_api::{BuildStatus, SandboxStatus};
 
     use super::*;
 
@@ -429,7 +429,7 @@ mod tests {
                 (BuildErrorCode::BuildFailed, 1),
             ],
             build_durations: DurationHistogram {
-                buckets: kiln_store::BUILD_DURATION_BUCKETS_SECS
+                buckets: kiln_engine::BUILD_DURATION_BUCKETS_SECS
                     .iter()
                     .map(|b| (*b, if *b >= 60.0 { 2 } else { 0 }))
                     .collect(),

@@ -242,7 +242,7 @@ mod tests {
         send(&app, "/things/secret-id-2", &[]).await;
         send(&app, "/boom", &[]).await;
         send(&app, "/no/such/secret-path", &[]).await;
-        let text = metrics.render(&kiln_store::StoreStats::default());
+        let text = metrics.render(&kiln_engine::StoreStats::default());
         assert!(
             text.contains(
                 r#"kiln_http_requests_total{method="GET",route="/things/{id}",status="200"} 2"#

@@ -12,11 +12,9 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota};
-use kiln_spec::RateLimitCode;
 
 /// How many checks pass between sweeps of idle keys. A sweep walks every entry, so it is
 /// amortised over many requests rather than run on each.
@@ -48,17 +46,7 @@ impl RateLimited {
 
 impl IntoResponse for RateLimited {
     fn into_response(self) -> Response {
-        let secs = self.retry_after_secs();
-        let body = serde_json::json!({"error": {
-            "code": RateLimitCode::RateLimited.as_str(),
-            "message": format!("too many requests for this API key; retry in {secs}s"),
-        }});
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, HeaderValue::from(secs))],
-            axum::Json(body),
-        )
-            .into_response()
+        crate::ApiError::from(self).into_response()
     }
 }
 
@@ -110,6 +98,7 @@ mod tests {
     use http_body_util::BodyExt as _;
 
     use super::*;
+    use axum::http::{header, StatusCode};
 
     #[test]
     fn a_burst_then_429_and_other_keys_unaffected() {

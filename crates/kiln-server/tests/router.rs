@@ -7,34 +7,38 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
-use kiln_engine::{Engine, EngineConfig};
+use kiln_api::SandboxStatus;
+use kiln_engine::testing::TestEngine;
+use kiln_engine::Engine;
+use kiln_engine::Limits;
 use kiln_server::{router, AppState};
-use kiln_store::{Limits, NewSandbox, SandboxStatus};
 use serde_json::{json, Value};
 use tower::ServiceExt as _;
 
 struct Api {
     app: axum::Router,
     engine: Arc<Engine>,
-    _dir: tempfile::TempDir,
+    t: TestEngine,
 }
 
 async fn api(limits: Limits) -> Api {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = EngineConfig::new(dir.path());
-    cfg.limits = limits;
-    let engine = Engine::open(cfg).await.unwrap();
-    let app = router(AppState::new(engine.clone()));
+    api_with(limits, |s| s).await
+}
+
+/// An API over an engine whose VMs are the fake hypervisor's, with `state` adjusted.
+async fn api_with(limits: Limits, state: impl FnOnce(AppState) -> AppState) -> Api {
+    let t = TestEngine::new(limits, 0).await.unwrap();
+    let app = router(state(AppState::new(t.engine.clone())));
     Api {
         app,
-        engine,
-        _dir: dir,
+        engine: t.engine.clone(),
+        t,
     }
 }
 
 impl Api {
     async fn key(&self, team: &str) -> String {
-        self.engine.store().create_api_key(team).await.unwrap().1
+        self.engine.create_api_key(team).await.unwrap()
     }
 
     async fn call(
@@ -78,33 +82,13 @@ impl Api {
         (status, headers, value)
     }
 
-    /// A template that is `ready` as far as the store knows (no VM: its sandboxes cannot
-    /// start, which is all the control-plane tests need), made without the API so that no
-    /// build runs in the background.
+    /// A template whose build is `ready`, made without the API so that no build runs in
+    /// the background.
     async fn ready_template(&self, team: &str, name: &str) -> String {
-        let store = self.engine.store();
-        let team_id = match store.team_by_name(team).await.unwrap() {
-            Some(t) => t.id,
-            None => store.create_team(team).await.unwrap().id,
-        };
-        let req = kiln_spec::TemplateRequest::parse_and_validate(
-            &json!({"name": name, "build_spec": {"from": "127.0.0.1:9/kiln/none:1"}}),
-        )
-        .unwrap();
-        let (t, b) = store
-            .create_template_with_build(&team_id, &req, &Limits::UNLIMITED)
-            .await
-            .unwrap();
-        store.start_build(&b.id).await.unwrap();
-        store.mark_snapshotting(&b.id).await.unwrap();
-        store
-            .finish_build(&b.id, Ok(kiln_store::BuiltArtifact { size_bytes: 1 }))
-            .await
-            .unwrap();
-        t.id
+        self.t.ready_template(team, name).await.unwrap()
     }
 
-    /// A sandbox row in `status`, with its access token.
+    /// A sandbox row in `status` with no VM behind it, with its access token.
     async fn sandbox(
         &self,
         team: &str,
@@ -112,37 +96,10 @@ impl Api {
         metadata: &[(&str, &str)],
         status: SandboxStatus,
     ) -> (String, String) {
-        let store = self.engine.store();
-        let team_id = store.team_by_name(team).await.unwrap().unwrap().id;
-        let new = NewSandbox {
-            template: template.into(),
-            metadata: metadata
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..Default::default()
-        };
-        let (s, token) = store
-            .create_sandbox(&team_id, &new, &Limits::UNLIMITED)
+        self.t
+            .seed_sandbox(team, template, metadata, status)
             .await
-            .unwrap();
-        let path: &[SandboxStatus] = match status {
-            SandboxStatus::Starting => &[],
-            SandboxStatus::Active => &[SandboxStatus::Active],
-            SandboxStatus::Paused => &[
-                SandboxStatus::Active,
-                SandboxStatus::Pausing,
-                SandboxStatus::Paused,
-            ],
-            other => panic!("no path to {other}"),
-        };
-        for st in path {
-            store
-                .set_sandbox_status(&team_id, &s.id, *st)
-                .await
-                .unwrap();
-        }
-        (s.id, token)
+            .unwrap()
     }
 
     async fn create(&self, key: &str, name: &str) -> (StatusCode, Value) {
@@ -732,15 +689,11 @@ async fn the_data_plane_checks_sandbox_token_and_team() {
 
 #[tokio::test]
 async fn the_request_rate_is_limited_per_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(EngineConfig::new(dir.path())).await.unwrap();
-    let mut state = AppState::new(engine.clone());
-    state.limiter = Arc::new(kiln_server::RateLimiter::new(1, 3));
-    let a = Api {
-        app: router(state),
-        engine,
-        _dir: dir,
-    };
+    let a = api_with(Limits::UNLIMITED, |mut state| {
+        state.limiter = Arc::new(kiln_server::RateLimiter::new(1, 3));
+        state
+    })
+    .await;
     let (k1, k2) = (a.key("a").await, a.key("b").await);
     for _ in 0..3 {
         assert_eq!(
@@ -808,33 +761,17 @@ async fn a_queued_build_says_so_until_it_ends() {
     let a = api(Limits::UNLIMITED).await;
     let key = a.key("acme").await;
     // Made without the API, so nothing dispatches it: it stays queued.
-    let team = a
-        .engine
-        .store()
-        .team_by_name("acme")
-        .await
-        .unwrap()
-        .unwrap();
-    let req = kiln_spec::TemplateRequest::parse_and_validate(
-        &json!({"name": "q", "build_spec": {"from": "127.0.0.1:9/kiln/none:1"}}),
-    )
-    .unwrap();
-    let (t, b) = a
-        .engine
-        .store()
-        .create_template_with_build(&team.id, &req, &Limits::UNLIMITED)
-        .await
-        .unwrap();
-    let store = a.engine.store().clone();
-    let (team_id, build_id) = (team.id.clone(), b.id.clone());
+    let (t, b) = a.t.queued_build("acme", "q").await.unwrap();
+    let team_id = a.t.team("acme").await.unwrap();
+    let (engine, build_id) = (a.engine.clone(), b.clone());
     tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
-        store.cancel_build(&team_id, &build_id).await.unwrap();
+        engine.cancel_build(&team_id, &build_id).await.unwrap();
     });
     let (s, _, body) = a
         .call_with(
             "GET",
-            &format!("/templates/{}/builds/{}/logs", t.id, b.id),
+            &format!("/templates/{t}/builds/{b}/logs"),
             &[("x-api-key", &key)],
             None,
         )
@@ -908,13 +845,8 @@ async fn force_bypasses_the_build_cache_and_is_checked() {
         .call("POST", "/templates", Some(&key), Some(spec(json!(true))))
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{t}");
-    let b = a
-        .engine
-        .store()
-        .get_build(t["build_id"].as_str().unwrap())
-        .await
-        .unwrap();
-    assert!(b.no_cache, "{b:?}");
+    let build = t["build_id"].as_str().unwrap();
+    assert!(a.t.build_no_cache(build).await.unwrap(), "{t}");
     let (s, _) = a
         .call("POST", "/templates/f/builds?force=maybe", Some(&key), None)
         .await;
@@ -1092,4 +1024,85 @@ async fn the_network_log_pages_newest_first_with_filters_and_stays_in_its_team()
     }
     let (s, v) = a.call("GET", &uri, Some(&other), None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+}
+
+/// The data plane of a running sandbox, end to end through the router, on the fake
+/// hypervisor (whose agent answers a command with its own text, and `exit N` with N).
+#[tokio::test]
+async fn a_running_sandbox_answers_commands_until_paused_and_after_resume() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    a.ready_template("acme", "web").await;
+    let body = json!({"name": "s", "from_template": "web"})
+        .to_string()
+        .into_bytes();
+    let (s, created) = a.call("POST", "/sandboxes", Some(&key), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["status"], "active");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["access_token"].as_str().unwrap().to_owned();
+    let exec = |token: String| {
+        let a = &a;
+        let id = id.clone();
+        async move {
+            let headers = [
+                ("x-superserve-sandbox-id", id.as_str()),
+                ("x-access-token", token.as_str()),
+            ];
+            let body = json!({"command": "exit 7"}).to_string().into_bytes();
+            a.call_with("POST", "/exec", &headers, Some(body)).await
+        }
+    };
+    let (s, _, out) = exec(token.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{out}");
+    assert_eq!(
+        out,
+        json!({"stdout": "exit 7", "stderr": "", "exit_code": 7, "truncated": false})
+    );
+    let (s, _, body) = a
+        .call_with(
+            "POST",
+            "/exec/stream",
+            &[("x-superserve-sandbox-id", &id), ("x-access-token", &token)],
+            Some(json!({"command": "echo hi"}).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        sse_events(&body),
+        [
+            json!({"stdout": "echo hi"}),
+            json!({"finished": true, "exit_code": 0})
+        ]
+    );
+
+    let (s, _) = a
+        .call("POST", &format!("/sandboxes/{id}/pause"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, v) = exec(token.clone()).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "sandbox_unavailable")
+    );
+    let (s, resumed) = a
+        .call("POST", &format!("/sandboxes/{id}/resume"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{resumed}");
+    let fresh = resumed["access_token"].as_str().unwrap().to_owned();
+    assert_ne!(fresh, token);
+    assert_eq!(
+        exec(token).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the old token rotated out"
+    );
+    assert_eq!(exec(fresh.clone()).await.2["exit_code"], 7);
+
+    let (s, _) = a
+        .call("DELETE", &format!("/sandboxes/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, v) = exec(fresh).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    assert!(a.t.hypervisor.alive().is_empty(), "no VM left");
 }

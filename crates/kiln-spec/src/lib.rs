@@ -3,6 +3,7 @@
 //! This crate does no I/O: it is shared by the server, the SDK, the CLI and the build
 //! pipeline, and every one of them must agree on what a valid spec is.
 
+pub mod chain;
 pub mod codes;
 pub mod hash;
 pub mod reference;
@@ -10,9 +11,10 @@ pub mod runtime;
 pub mod spec;
 pub mod validate;
 
-pub use codes::{BuildErrorCode, CodedMessage, RateLimitCode, UnknownCode};
+pub use chain::error_chain;
+pub use codes::{BuildErrorCode, CodedMessage, UnknownCode};
 pub use hash::spec_hash;
 pub use reference::{ImageRef, ReferenceError};
 pub use runtime::RuntimeDefaults;
-pub use spec::{BuildSpec, Form, ResourceRequest, Resources, Step, TemplateRequest};
+pub use spec::{shell_quote, BuildSpec, Form, ResourceRequest, Resources, Step, TemplateRequest};
 pub use validate::{Problem, Problems};

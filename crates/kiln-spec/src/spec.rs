@@ -41,6 +41,32 @@ pub enum Step {
 }
 
 impl Step {
+    /// A `run` step.
+    pub fn run(command: impl Into<String>) -> Self {
+        Self::Run(command.into())
+    }
+
+    /// An `env` step.
+    pub fn env(key: impl Into<String>, value: impl Into<String>) -> Self {
+        Self::Env {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// A `workdir` step.
+    pub fn workdir(path: impl Into<String>) -> Self {
+        Self::Workdir(path.into())
+    }
+
+    /// A `user` step.
+    pub fn user(name: impl Into<String>, sudo: bool) -> Self {
+        Self::User {
+            name: name.into(),
+            sudo,
+        }
+    }
+
     /// The JSON key that tags this step.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -50,6 +76,13 @@ impl Step {
             Step::User { .. } => "user",
         }
     }
+}
+
+/// Quotes a string for `/bin/sh` as one word: how kiln puts paths and arguments into the
+/// shell commands it runs (steps, `kiln sandbox exec` with several arguments, QEMU's
+/// `exec:` migration URIs).
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// How to build a template: base image, ordered steps, the process to start, its probe.

@@ -2,7 +2,26 @@
 //! variants follow what a client must be told (404 / 409 / 429 / 500), not where the
 //! failure happened.
 
-use kiln_spec::RateLimitCode;
+/// The per-team limits the store enforces (see [`crate::Limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// Templates a team may own.
+    Templates,
+    /// Builds a team may have queued or running.
+    Builds,
+    /// Sandboxes a team may have live.
+    Sandboxes,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Limit::Templates => "templates",
+            Limit::Builds => "builds queued or running",
+            Limit::Sandboxes => "live sandboxes",
+        })
+    }
+}
 
 /// Errors of the metadata store.
 #[derive(Debug, thiserror::Error)]
@@ -19,10 +38,10 @@ pub enum StoreError {
     #[error("{0}")]
     Conflict(String),
     /// A team limit is reached; nothing was written.
-    #[error("{code}: the team's limit of {limit} is reached")]
+    #[error("the team's limit of {limit} {which} is reached")]
     LimitReached {
-        /// `too_many_templates`, `too_many_builds` or `too_many_sandboxes`.
-        code: RateLimitCode,
+        /// Which limit.
+        which: Limit,
         /// The limit in force.
         limit: u32,
     },
@@ -68,10 +87,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The rate-limit code when this is a limit refusal.
-    pub fn rate_limit_code(&self) -> Option<RateLimitCode> {
+    /// Which limit refused, when this is a limit refusal.
+    pub fn limit_reached(&self) -> Option<Limit> {
         match self {
-            StoreError::LimitReached { code, .. } => Some(*code),
+            StoreError::LimitReached { which, .. } => Some(*which),
             _ => None,
         }
     }

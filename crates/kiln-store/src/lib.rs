@@ -14,7 +14,7 @@ pub mod model;
 mod stats;
 mod store;
 
-pub use error::{ArtifactError, StoreError};
+pub use error::{ArtifactError, Limit, StoreError};
 pub use layout::{fsync_dir, publish_dir, write_atomic, Layout};
 pub use logs::{LogFollower, LogSignal};
 pub use manifest::{ArtifactFile, ArtifactManifest, MANIFEST_FILE};

@@ -10,123 +10,9 @@ use serde::Serialize;
 
 use crate::error::StoreError;
 
-/// Statuses are stored as their wire strings.
-macro_rules! status_enum {
-    ($(#[$meta:meta])* pub enum $name:ident { $($body:tt)* }) => {
-        kiln_spec::string_enum! {
-            $(#[$meta])*
-            #[derive(sqlx::Type)]
-            #[sqlx(type_name = "TEXT", rename_all = "lowercase")]
-            pub enum $name { $($body)* }
-        }
-    };
-}
-
-status_enum! {
-    /// A template's status; it follows the template's latest build.
-    pub enum TemplateStatus {
-        /// The latest build is queued.
-        Pending => "pending",
-        /// The latest build is running (or snapshotting).
-        Building => "building",
-        /// The latest build produced a live artifact.
-        Ready => "ready",
-        /// The latest build failed (an older artifact may still be live).
-        Failed => "failed",
-    }
-}
-
-status_enum! {
-    /// A build's status. `ready`, `failed` and `cancelled` are terminal.
-    pub enum BuildStatus {
-        /// Queued, not yet picked up.
-        Pending => "pending",
-        /// Pulling, booting, running steps.
-        Building => "building",
-        /// Capturing the VM.
-        Snapshotting => "snapshotting",
-        /// Done; the artifact is live.
-        Ready => "ready",
-        /// Ended with a coded error.
-        Failed => "failed",
-        /// Stopped on request.
-        Cancelled => "cancelled",
-    }
-}
-
-impl BuildStatus {
-    /// Whether nothing more will happen to a build in this status.
-    pub const fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            BuildStatus::Ready | BuildStatus::Failed | BuildStatus::Cancelled
-        )
-    }
-}
-
-status_enum! {
-    /// The stream a build log line came from.
-    pub enum LogStream {
-        /// The step's standard output.
-        Stdout => "stdout",
-        /// The step's standard error.
-        Stderr => "stderr",
-        /// kiln's own progress messages.
-        System => "system",
-    }
-}
-
-status_enum! {
-    /// A sandbox's status. `migrating` is in the SDK's enum; kiln accepts it for wire
-    /// compatibility although it never migrates a sandbox today.
-    pub enum SandboxStatus {
-        /// Restoring from the template snapshot.
-        Starting => "starting",
-        /// Running.
-        Active => "active",
-        /// Being paused.
-        Pausing => "pausing",
-        /// Paused (snapshotted, not running).
-        Paused => "paused",
-        /// Being resumed.
-        Resuming => "resuming",
-        /// Moving between hosts.
-        Migrating => "migrating",
-        /// Broken; will not run again.
-        Failed => "failed",
-        /// Gone.
-        Deleted => "deleted",
-    }
-}
-
-impl SandboxStatus {
-    /// Whether the sandbox counts against the team's live-sandbox limit and pins its
-    /// template: everything except `failed` and `deleted`.
-    pub const fn is_live(self) -> bool {
-        !matches!(self, SandboxStatus::Failed | SandboxStatus::Deleted)
-    }
-
-    /// Whether a sandbox may move from `self` to `to`.
-    ///
-    /// Any live sandbox may fail or be deleted; `failed` may only be deleted; `deleted` is
-    /// final. The rest is the pause/resume cycle.
-    pub fn can_move_to(self, to: SandboxStatus) -> bool {
-        use SandboxStatus::*;
-        match (self, to) {
-            (Deleted, _) => false,
-            (Failed, Deleted) => true,
-            (Failed, _) => false,
-            (_, Failed | Deleted) => true,
-            (Starting, Active)
-            | (Active, Pausing | Migrating)
-            | (Pausing, Paused | Active)
-            | (Paused, Resuming)
-            | (Resuming, Active | Paused)
-            | (Migrating, Active) => true,
-            _ => false,
-        }
-    }
-}
+/// Statuses are the wire's enums (one definition, in `kiln-api`), kept in TEXT columns as
+/// their wire strings.
+pub use kiln_api::{BuildStatus, LogStream, SandboxFilter, SandboxStatus, TemplateStatus};
 
 /// A tenant. Teams are walls: nothing of one team is visible to another.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -191,18 +77,6 @@ pub struct Template {
 }
 
 impl Template {
-    /// The template as the API returns it (the SDK's `TemplateInfo`).
-    pub fn to_wire(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id, "name": self.name, "team_id": self.team_id,
-            "status": self.status, "vcpu": self.vcpu, "memory_mib": self.memory_mib,
-            "disk_mib": self.disk_mib, "size_bytes": self.size_bytes,
-            "error_message": self.error_message, "created_at": self.created_at.to_rfc3339(),
-            "built_at": self.built_at.map(|t| t.to_rfc3339()),
-            "latest_build_id": self.latest_build_id,
-        })
-    }
-
     /// The resolved VM shape.
     pub fn resources(&self) -> Resources {
         Resources {
@@ -243,19 +117,6 @@ pub struct Build {
     pub finalized_at: Option<DateTime<Utc>>,
     /// Built from scratch even when an identical artifact exists.
     pub no_cache: bool,
-}
-
-impl Build {
-    /// The build as the API returns it (the SDK's `TemplateBuildInfo`).
-    pub fn to_wire(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id, "template_id": self.template_id, "status": self.status,
-            "build_spec_hash": self.build_spec_hash, "image_digest": self.image_digest,
-            "error_message": self.error_message, "created_at": self.created_at.to_rfc3339(),
-            "started_at": self.started_at.map(|t| t.to_rfc3339()),
-            "finalized_at": self.finalized_at.map(|t| t.to_rfc3339()),
-        })
-    }
 }
 
 /// One stored log line.
@@ -326,24 +187,6 @@ pub struct Sandbox {
     pub updated_at: DateTime<Utc>,
 }
 
-impl Sandbox {
-    /// The sandbox as the API returns it (the SDK's `SandboxInfo`). Fields kiln does not
-    /// implement (auto-pause, auto-delete, egress rules, preview access) carry the SDK's
-    /// "unset" values.
-    pub fn to_wire(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id, "name": self.name, "status": self.status,
-            "vcpu_count": self.vcpu_count, "memory_mib": self.memory_mib,
-            "created_at": self.created_at.to_rfc3339(),
-            "updated_at": self.updated_at.to_rfc3339(),
-            "template_id": self.template_id, "build_id": self.build_id,
-            "metadata": self.metadata,
-            "timeout_seconds": null, "auto_delete_seconds": null, "network": null,
-            "preview_access": "legacy_public",
-        })
-    }
-}
-
 /// Whether an access token opens a sandbox's data plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxAccess {
@@ -366,19 +209,6 @@ pub struct NewSandbox {
     pub metadata: BTreeMap<String, String>,
     /// Environment overrides.
     pub env: BTreeMap<String, String>,
-}
-
-/// Filters for [`crate::Store::list_sandboxes`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SandboxFilter {
-    /// Every pair must be present in the sandbox's metadata.
-    pub metadata: BTreeMap<String, String>,
-    /// Only these statuses; `None` means every status except `deleted`.
-    pub statuses: Option<Vec<SandboxStatus>>,
-    /// Page size; `None` means no limit.
-    pub limit: Option<u32>,
-    /// Rows to skip.
-    pub offset: u32,
 }
 
 /// Per-team limits, enforced atomically with the insert they guard.

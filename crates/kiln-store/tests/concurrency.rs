@@ -6,10 +6,9 @@ mod common;
 use std::future::Future;
 
 use common::{ready_template, request, team};
-use kiln_spec::RateLimitCode;
 use kiln_store::{
-    Build, BuiltArtifact, Limits, NewSandbox, Sandbox, SandboxStatus, Store, StoreError, Team,
-    Template, TemplateStatus,
+    Build, BuiltArtifact, Limit, Limits, NewSandbox, Sandbox, SandboxStatus, Store, StoreError,
+    Team, Template, TemplateStatus,
 };
 
 const RACERS: usize = 20;
@@ -39,18 +38,14 @@ where
 }
 
 /// Checks that exactly `winners` racers succeeded and every other one was refused with
-/// `code` (any other error fails the test); returns the successes.
-fn expect_winners<T>(
-    results: Vec<Result<T, StoreError>>,
-    code: RateLimitCode,
-    winners: usize,
-) -> Vec<T> {
+/// `which` (any other error fails the test); returns the successes.
+fn expect_winners<T>(results: Vec<Result<T, StoreError>>, which: Limit, winners: usize) -> Vec<T> {
     let mut ok = Vec::new();
     let mut refused = 0;
     for r in results {
         match r {
             Ok(v) => ok.push(v),
-            Err(e) if e.rate_limit_code() == Some(code) => refused += 1,
+            Err(e) if e.limit_reached() == Some(which) => refused += 1,
             Err(e) => panic!("unexpected error: {e:?}"),
         }
     }
@@ -104,7 +99,7 @@ async fn template_limit_holds_under_concurrency() {
     };
     expect_winners(
         race_to_create_templates(&store, &team, limits).await,
-        RateLimitCode::TooManyTemplates,
+        Limit::Templates,
         LIMIT as usize,
     );
     assert_eq!(store.list_templates(&team.id).await.unwrap().len(), 3);
@@ -121,7 +116,7 @@ async fn build_limit_holds_under_concurrency() {
     };
     let ok = expect_winners(
         race_to_create_templates(&store, &team, limits).await,
-        RateLimitCode::TooManyBuilds,
+        Limit::Builds,
         LIMIT as usize,
     );
     assert_eq!(store.list_templates(&team.id).await.unwrap().len(), 3);
@@ -145,7 +140,7 @@ async fn build_limit_holds_under_concurrency() {
         }
     })
     .await;
-    let ok = expect_winners(rebuilds, RateLimitCode::TooManyBuilds, LIMIT as usize);
+    let ok = expect_winners(rebuilds, Limit::Builds, LIMIT as usize);
     assert!(ok.iter().all(|r| r.created));
 }
 
@@ -182,7 +177,7 @@ async fn sandbox_limit_holds_under_concurrency() {
     };
     let ok = expect_winners(
         race_to_create_sandboxes(&store, &team, &template, limits).await,
-        RateLimitCode::TooManySandboxes,
+        Limit::Sandboxes,
         LIMIT as usize,
     );
 
@@ -197,7 +192,7 @@ async fn sandbox_limit_holds_under_concurrency() {
         .unwrap();
     expect_winners(
         race_to_create_sandboxes(&store, &team, &template, limits).await,
-        RateLimitCode::TooManySandboxes,
+        Limit::Sandboxes,
         2,
     );
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{memory_store, pending_template, ready_template, request, store_with_team, team};
-use kiln_spec::{BuildErrorCode, CodedMessage, RateLimitCode};
+use kiln_spec::{BuildErrorCode, CodedMessage};
 use kiln_store::*;
 
 fn is_invalid_transition<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
@@ -308,7 +308,7 @@ async fn rebuild_is_idempotent_per_spec_and_limited() {
     assert!(matches!(
         refused,
         Err(StoreError::LimitReached {
-            code: RateLimitCode::TooManyBuilds,
+            which: Limit::Builds,
             limit: 1
         })
     ));
@@ -365,10 +365,10 @@ async fn template_limit_is_enforced() {
         .create_template_with_build(&team.id, &request("c", "v1"), &limits)
         .await
         .unwrap_err();
-    assert_eq!(err.rate_limit_code(), Some(RateLimitCode::TooManyTemplates));
+    assert_eq!(err.limit_reached(), Some(Limit::Templates));
     assert_eq!(
         err.to_string(),
-        "too_many_templates: the team's limit of 2 is reached"
+        "the team's limit of 2 templates is reached"
     );
     let builds = Limits {
         max_concurrent_builds: 2,
@@ -378,7 +378,7 @@ async fn template_limit_is_enforced() {
         .create_template_with_build(&team.id, &request("c", "v1"), &builds)
         .await
         .unwrap_err();
-    assert_eq!(err.rate_limit_code(), Some(RateLimitCode::TooManyBuilds));
+    assert_eq!(err.limit_reached(), Some(Limit::Builds));
     assert_eq!(store.list_templates(&team.id).await.unwrap().len(), 2);
 }
 

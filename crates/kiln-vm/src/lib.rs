@@ -16,6 +16,9 @@ pub mod accel;
 pub mod digest;
 pub mod disk;
 mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+mod hypervisor;
 pub mod initramfs;
 pub mod provision;
 pub mod qmp;
@@ -26,6 +29,7 @@ mod vm;
 
 pub use accel::{Accel, AccelChoice, Resolved};
 pub use error::{Error, Result};
+pub use hypervisor::{Hypervisor, Machine, PendingRestore, Qemu};
 pub use kiln_agent_proto::{
     AgentClient, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ExitStatus,
 };

@@ -626,7 +626,7 @@ impl Incoming {
 }
 
 fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+    kiln_spec::shell_quote(&p.display().to_string())
 }
 
 #[cfg(test)]

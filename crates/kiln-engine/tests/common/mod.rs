@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_api::{BuildInfo as Build, BuildStatus};
 use kiln_engine::{Engine, EngineConfig};
 use kiln_spec::{CodedMessage, TemplateRequest};
-use kiln_store::{Build, BuildStatus};
 use serde_json::json;
 
 pub struct Env {
@@ -93,7 +93,7 @@ impl Env {
     }
 }
 
-pub async fn exec(vm: &kiln_vm::Vm, cmd: &str) -> (String, i32) {
+pub async fn exec(vm: &dyn kiln_vm::Machine, cmd: &str) -> (String, i32) {
     let out = vm
         .agent()
         .exec_collect(kiln_vm::ExecRequest {

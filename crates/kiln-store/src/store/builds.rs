@@ -10,11 +10,12 @@
 //! scoped to the team; [`Store::get_build`] is for the build pipeline only.
 
 use chrono::{DateTime, Utc};
-use kiln_spec::{CodedMessage, RateLimitCode};
+use kiln_spec::CodedMessage;
 use sqlx::SqliteConnection;
 
 use super::templates::{follow_latest, template_by_id_or_name_in};
 use super::{check_limit, now, Result, Store};
+use crate::error::Limit;
 use crate::error::StoreError;
 use crate::model::{Build, BuildStatus, BuiltArtifact, Limits};
 
@@ -332,11 +333,7 @@ pub(super) async fn check_build_limit(
     .bind(team_id)
     .fetch_one(&mut *conn)
     .await?;
-    check_limit(
-        builds,
-        limits.max_concurrent_builds,
-        RateLimitCode::TooManyBuilds,
-    )
+    check_limit(builds, limits.max_concurrent_builds, Limit::Builds)
 }
 
 fn invalid_build(b: &Build, to: BuildStatus) -> StoreError {

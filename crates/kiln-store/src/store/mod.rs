@@ -30,7 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use kiln_spec::{BuildSpec, Form, RateLimitCode, TemplateRequest};
+use kiln_spec::{BuildSpec, Form, TemplateRequest};
+
+use crate::error::Limit;
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -156,12 +158,12 @@ impl Store {
     }
 }
 
-/// Refuses with `LimitReached(code)` when `count` already reaches the team's `limit`. Run it
+/// Refuses with `LimitReached(which)` when `count` already reaches the team's `limit`. Run it
 /// inside the write transaction that then inserts, so the count cannot go stale.
-fn check_limit(count: i64, limit: u32, code: RateLimitCode) -> Result<()> {
+fn check_limit(count: i64, limit: u32, which: Limit) -> Result<()> {
     if count >= i64::from(limit) {
-        tracing::debug!(%code, count, limit, "team limit reached");
-        return Err(StoreError::LimitReached { code, limit });
+        tracing::debug!(?which, count, limit, "team limit reached");
+        return Err(StoreError::LimitReached { which, limit });
     }
     Ok(())
 }

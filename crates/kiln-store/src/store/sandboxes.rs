@@ -9,11 +9,11 @@
 
 use std::collections::BTreeMap;
 
-use kiln_spec::RateLimitCode;
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::templates::template_by_id_or_name_in;
 use super::{check_limit, hash_secret, new_id, new_secret, now, Result, Store};
+use crate::error::Limit;
 use crate::error::StoreError;
 use crate::model::{Limits, NewSandbox, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus};
 
@@ -48,11 +48,7 @@ impl Store {
         .bind(team_id)
         .fetch_one(&mut *tx)
         .await?;
-        check_limit(
-            live,
-            limits.max_live_sandboxes,
-            RateLimitCode::TooManySandboxes,
-        )?;
+        check_limit(live, limits.max_live_sandboxes, Limit::Sandboxes)?;
         let id = new_id();
         let token = format!("kiln_sbx_{}", new_secret());
         let at = now();

@@ -7,13 +7,14 @@
 //! queueing another; a template with live sandboxes cannot be deleted. Team walls: every
 //! lookup is scoped to the team, so another team's template is simply not found.
 
-use kiln_spec::{spec_hash, CodedMessage, Form, RateLimitCode, TemplateRequest};
+use kiln_spec::{spec_hash, CodedMessage, Form, TemplateRequest};
 use sqlx::SqliteConnection;
 
 use super::builds::{build_in, builds_of, check_build_limit, insert_build, NON_TERMINAL_BUILD};
 use super::sandboxes::LIVE_SANDBOX;
 use super::teams::ensure_team;
 use super::{check_limit, new_id, now, to_i64, Result, Store};
+use crate::error::Limit;
 use crate::error::StoreError;
 use crate::model::{Build, BuildStatus, BuiltArtifact, Limits, Rebuild, Template, TemplateStatus};
 
@@ -50,11 +51,7 @@ impl Store {
             .bind(team_id)
             .fetch_one(&mut *tx)
             .await?;
-        check_limit(
-            templates,
-            limits.max_templates,
-            RateLimitCode::TooManyTemplates,
-        )?;
+        check_limit(templates, limits.max_templates, Limit::Templates)?;
         check_build_limit(&mut tx, team_id, limits).await?;
 
         let resources = request.resources.resolve();
@@ -293,6 +290,8 @@ pub(super) async fn follow_latest(
             return Ok(());
         }
         BuildStatus::Failed => (TemplateStatus::Failed, build.error_message.clone()),
+        // The store never writes a status it does not know.
+        BuildStatus::Unknown => return Ok(()),
         BuildStatus::Cancelled if current.is_some() => (TemplateStatus::Ready, None),
         BuildStatus::Cancelled => (
             TemplateStatus::Failed,

@@ -1,0 +1,244 @@
+//! Egress rules and the network log of a sandbox (`network` on create and update,
+//! `GET /sandboxes/{id}/network`).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::request::{parse_count, RequestError};
+
+/// Egress rules of a sandbox as the SDKs send them (either list may be missing or
+/// `null`). Whatever they say, the host, its loopback, link-local (cloud metadata) and
+/// private ranges stay unreachable; an allow that overlaps a deny wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// CIDRs, addresses and domains (`*.example.com`: subdomains at any depth, not the
+    /// apex) that may be reached even where `deny_out` covers them.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub allow_out: Vec<String>,
+    /// CIDRs and addresses that may not be reached (`0.0.0.0/0` for an allowlist).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub deny_out: Vec<String>,
+}
+
+fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// What the egress proxy did with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkVerdict {
+    /// Connected.
+    Allowed,
+    /// Refused by a rule (or by the walls around the host).
+    Blocked,
+    /// Could not be served (a bad request, an unreachable destination).
+    Failed,
+}
+
+/// One row of a sandbox's network log (the SDK's `NetworkEvent`). `kind: connection` rows
+/// are all kiln writes today.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkEvent {
+    /// `connection`.
+    pub kind: String,
+    /// Orders the log; pass the last one of a page as `before` for the next page.
+    #[serde(default)]
+    pub id: i64,
+    /// When the connection ended.
+    #[serde(with = "crate::time")]
+    pub ts: DateTime<Utc>,
+    /// The destination host as the guest named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The address connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_ip: Option<String>,
+    /// The destination port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_port: Option<u16>,
+    /// What happened.
+    pub verdict: NetworkVerdict,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_rule: Option<String>,
+    /// The HTTP status the proxy refused with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// Bytes from the guest.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Bytes to the guest.
+    #[serde(default)]
+    pub bytes_recv: u64,
+}
+
+/// `GET /sandboxes/{id}/network` filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkLogQuery {
+    /// Page size, 1-[`NetworkLogQuery::MAX_PAGE`] (default 100).
+    pub limit: usize,
+    /// Only events older than this id (the previous page's `next_cursor`).
+    pub before: Option<i64>,
+    /// Only events at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only events with this verdict.
+    pub verdict: Option<NetworkVerdict>,
+}
+
+impl NetworkLogQuery {
+    /// Most events in one page.
+    pub const MAX_PAGE: usize = 1000;
+    /// Events in a page when `limit` is not given.
+    pub const DEFAULT_PAGE: usize = 100;
+
+    /// Parses the query string's pairs; unknown parameters are refused.
+    pub fn from_query(pairs: &[(String, String)]) -> Result<Self, RequestError> {
+        let mut q = Self {
+            limit: Self::DEFAULT_PAGE,
+            ..Self::default()
+        };
+        for (key, value) in pairs {
+            match key.as_str() {
+                "limit" => q.limit = parse_count::<usize>(key, value)?.clamp(1, Self::MAX_PAGE),
+                "before" => {
+                    q.before = Some(
+                        value
+                            .parse()
+                            .map_err(|_| RequestError::invalid("before: must be an event id"))?,
+                    )
+                }
+                "since" => {
+                    q.since =
+                        Some(crate::time::parse(value).map_err(|_| {
+                            RequestError::invalid("since: must be an RFC 3339 time")
+                        })?)
+                }
+                "verdict" => {
+                    q.verdict = Some(
+                        serde_json::from_value(serde_json::Value::String(value.clone())).map_err(
+                            |_| {
+                                RequestError::invalid("verdict: must be allowed, blocked or failed")
+                            },
+                        )?,
+                    )
+                }
+                other => {
+                    return Err(RequestError::invalid(format!(
+                        "unknown query parameter {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok(q)
+    }
+
+    /// Whether an event passes the filters (not the paging).
+    pub fn matches(&self, e: &NetworkEvent) -> bool {
+        self.before.is_none_or(|b| e.id < b)
+            && self.since.is_none_or(|s| e.ts >= s)
+            && self.verdict.is_none_or(|v| e.verdict == v)
+    }
+
+    /// One page of `events` (newest first) under these filters.
+    pub fn page(&self, events_newest_first: impl Iterator<Item = NetworkEvent>) -> NetworkLogPage {
+        let mut data: Vec<NetworkEvent> = events_newest_first
+            .filter(|e| self.matches(e))
+            .take(self.limit + 1)
+            .collect();
+        let has_more = data.len() > self.limit;
+        data.truncate(self.limit);
+        let next_cursor = has_more
+            .then(|| data.last().map(|e| e.id.to_string()))
+            .flatten();
+        NetworkLogPage {
+            data,
+            has_more,
+            next_cursor,
+        }
+    }
+}
+
+/// A page of the network log, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkLogPage {
+    /// The events.
+    pub data: Vec<NetworkEvent>,
+    /// Whether older events match too.
+    pub has_more: bool,
+    /// Pass as `before` for the next page; none when `has_more` is false.
+    pub next_cursor: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: i64, verdict: NetworkVerdict) -> NetworkEvent {
+        NetworkEvent {
+            kind: "connection".into(),
+            id,
+            ts: DateTime::from_timestamp(1_700_000_000 + id, 0).unwrap(),
+            host: Some("example.com".into()),
+            dst_ip: None,
+            dst_port: Some(443),
+            verdict,
+            match_rule: None,
+            error_code: None,
+            bytes_sent: 0,
+            bytes_recv: 0,
+        }
+    }
+
+    #[test]
+    fn pages_newest_first_with_a_cursor() {
+        let log: Vec<_> = (1..=5)
+            .rev()
+            .map(|i| {
+                event(
+                    i,
+                    if i % 2 == 0 {
+                        NetworkVerdict::Blocked
+                    } else {
+                        NetworkVerdict::Allowed
+                    },
+                )
+            })
+            .collect();
+        let q = NetworkLogQuery::from_query(&[("limit".into(), "2".into())]).unwrap();
+        let p = q.page(log.clone().into_iter());
+        assert_eq!(p.data.iter().map(|e| e.id).collect::<Vec<_>>(), [5, 4]);
+        assert!(p.has_more);
+        assert_eq!(p.next_cursor.as_deref(), Some("4"));
+        let q = NetworkLogQuery::from_query(&[
+            ("before".into(), "4".into()),
+            ("verdict".into(), "allowed".into()),
+        ])
+        .unwrap();
+        let p = q.page(log.into_iter());
+        assert_eq!(p.data.iter().map(|e| e.id).collect::<Vec<_>>(), [3, 1]);
+        assert!(!p.has_more && p.next_cursor.is_none());
+    }
+
+    #[test]
+    fn bad_filters_are_refused() {
+        for (k, v) in [
+            ("verdict", "maybe"),
+            ("since", "yesterday"),
+            ("before", "x"),
+            ("x", "1"),
+        ] {
+            assert!(
+                NetworkLogQuery::from_query(&[(k.into(), v.into())]).is_err(),
+                "{k}={v}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_reads_null_lists() {
+        let c: NetworkConfig = serde_json::from_str(r#"{"allow_out": null}"#).unwrap();
+        assert_eq!(c, NetworkConfig::default());
+    }
+}

@@ -1,0 +1,364 @@
+//! Sandboxes (`/sandboxes`): what the API says about them and what it accepts.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::network::NetworkConfig;
+use crate::request::{parse_count, RequestError};
+use crate::status::SandboxStatus;
+
+/// Longest sandbox name, metadata or env key or value accepted.
+pub const MAX_FIELD: usize = 4096;
+/// Most metadata or env entries accepted.
+pub const MAX_ENTRIES: usize = 256;
+/// Longest sandbox name.
+pub const MAX_NAME: usize = 255;
+
+/// A sandbox, as `GET /sandboxes/{id}` answers (the SDK's `SandboxInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    /// Its id.
+    pub id: String,
+    /// Its display name.
+    pub name: String,
+    /// Where it is.
+    pub status: SandboxStatus,
+    /// Virtual CPUs.
+    #[serde(default)]
+    pub vcpu_count: u32,
+    /// Memory, MiB.
+    #[serde(default)]
+    pub memory_mib: u32,
+    /// When it was created.
+    #[serde(with = "crate::time")]
+    pub created_at: DateTime<Utc>,
+    /// When its status or fields last changed.
+    #[serde(default, with = "crate::time::option")]
+    pub updated_at: Option<DateTime<Utc>>,
+    /// Its template.
+    #[serde(default)]
+    pub template_id: Option<String>,
+    /// The build whose artifact it was restored from.
+    #[serde(default)]
+    pub build_id: Option<String>,
+    /// Its tags.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Superserve's auto-pause timeout (not implemented by kiln yet: always none).
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+    /// Superserve's auto-delete delay (not implemented by kiln yet: always none).
+    #[serde(default)]
+    pub auto_delete_seconds: Option<u64>,
+    /// Its egress rules, when any were set.
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
+    /// Superserve's preview access policy (`legacy_public` in kiln for now).
+    #[serde(default)]
+    pub preview_access: Option<String>,
+}
+
+/// What create, resume and activate answer: the sandbox and the token that opens its data
+/// plane (shown in these answers only; it rotates on resume).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxWithToken {
+    /// The sandbox.
+    #[serde(flatten)]
+    pub sandbox: SandboxInfo,
+    /// Its current access token.
+    #[serde(default)]
+    pub access_token: String,
+}
+
+/// `POST /sandboxes`. The SDKs' optional fields that kiln does not implement are accepted
+/// as JSON and refused by name ([`CreateSandbox::validate`]) rather than ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Display name, 1-255 bytes.
+    pub name: String,
+    /// Template id or name; it must have a ready build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_template: Option<String>,
+    /// Tags, filterable in listings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Environment of every process, over the template's runtime defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_vars: BTreeMap<String, String>,
+    /// Egress rules from the start (none: the public internet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
+    /// Not implemented by kiln yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<serde_json::Value>,
+    /// Not implemented by kiln yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<serde_json::Value>,
+    /// Not implemented by kiln yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_delete_seconds: Option<serde_json::Value>,
+    /// Not implemented by kiln yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<serde_json::Value>,
+    /// Not implemented by kiln yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_access: Option<serde_json::Value>,
+}
+
+impl CreateSandbox {
+    /// A request for a sandbox of `template` named `name`, nothing else set.
+    pub fn new(name: impl Into<String>, template: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            from_template: Some(template.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Checks everything that does not need the store: fields kiln does not implement,
+    /// the name, the template, metadata and env sizes. Egress rules are checked where
+    /// they are compiled (the engine).
+    pub fn validate(&self) -> Result<(), RequestError> {
+        unsupported(&[
+            ("from_snapshot", is_set(&self.from_snapshot)),
+            ("timeout_seconds", is_set(&self.timeout_seconds)),
+            ("auto_delete_seconds", is_set(&self.auto_delete_seconds)),
+            ("secrets", is_set(&self.secrets)),
+            ("preview_access", is_set(&self.preview_access)),
+        ])?;
+        if self.from_template.as_deref().is_none_or(str::is_empty) {
+            return Err(RequestError::invalid("from_template: is required"));
+        }
+        if self.name.is_empty() || self.name.len() > MAX_NAME {
+            return Err(RequestError::invalid(format!(
+                "name: must be 1-{MAX_NAME} bytes"
+            )));
+        }
+        check_map("metadata", &self.metadata)?;
+        check_map("env_vars", &self.env_vars)
+    }
+}
+
+/// `PATCH /sandboxes/{id}`: absent fields are left as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSandbox {
+    /// Replaces the tags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Egress rules: absent leaves them, `null` clears them, an object replaces them.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub network: Option<Option<NetworkConfig>>,
+    /// Not implemented by kiln yet (`null`, which clears it, is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<serde_json::Value>,
+    /// Not implemented by kiln yet (`null` is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_delete_seconds: Option<serde_json::Value>,
+    /// Not implemented by kiln yet (`null` is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_access: Option<serde_json::Value>,
+}
+
+impl UpdateSandbox {
+    /// See [`CreateSandbox::validate`].
+    pub fn validate(&self) -> Result<(), RequestError> {
+        unsupported(&[
+            ("timeout_seconds", is_set(&self.timeout_seconds)),
+            ("auto_delete_seconds", is_set(&self.auto_delete_seconds)),
+            ("preview_access", is_set(&self.preview_access)),
+        ])?;
+        if let Some(m) = &self.metadata {
+            check_map("metadata", m)?;
+        }
+        Ok(())
+    }
+}
+
+/// A field that is present (even as `null`) is `Some`; with `#[serde(default)]` an absent
+/// one is `None`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+fn is_set(v: &Option<serde_json::Value>) -> bool {
+    v.as_ref().is_some_and(|v| !v.is_null())
+}
+
+fn unsupported(fields: &[(&str, bool)]) -> Result<(), RequestError> {
+    let set: Vec<&str> = fields.iter().filter(|(_, s)| *s).map(|(n, _)| *n).collect();
+    if set.is_empty() {
+        Ok(())
+    } else {
+        Err(RequestError::unsupported(&set))
+    }
+}
+
+fn check_map(what: &str, map: &BTreeMap<String, String>) -> Result<(), RequestError> {
+    if map.len() > MAX_ENTRIES {
+        return Err(RequestError::invalid(format!(
+            "{what}: at most {MAX_ENTRIES} entries"
+        )));
+    }
+    if map
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.len() > MAX_FIELD || v.len() > MAX_FIELD)
+    {
+        return Err(RequestError::invalid(format!(
+            "{what}: keys must be 1-{MAX_FIELD} bytes and values at most {MAX_FIELD}"
+        )));
+    }
+    Ok(())
+}
+
+/// `GET /sandboxes` filters: `metadata.<key>=<value>` (all must match), `status=a,b` (any;
+/// also repeated), `limit`, `offset`. Also the store's filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxFilter {
+    /// Every pair must be present in the sandbox's metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Only these statuses; `None` means every status except `deleted`.
+    pub statuses: Option<Vec<SandboxStatus>>,
+    /// Page size; `None` means no limit.
+    pub limit: Option<u32>,
+    /// Rows to skip.
+    pub offset: u32,
+}
+
+impl SandboxFilter {
+    /// Only sandboxes in these statuses.
+    pub fn with_statuses(statuses: Vec<SandboxStatus>) -> Self {
+        Self {
+            statuses: Some(statuses),
+            ..Self::default()
+        }
+    }
+
+    /// Parses the query string's pairs; unknown parameters are refused.
+    pub fn from_query(pairs: &[(String, String)]) -> Result<Self, RequestError> {
+        let mut filter = Self::default();
+        for (key, value) in pairs {
+            if let Some(k) = key.strip_prefix("metadata.") {
+                filter.metadata.insert(k.to_owned(), value.clone());
+                continue;
+            }
+            match key.as_str() {
+                "status" => {
+                    for s in value.split(',') {
+                        let status = s.trim().parse::<SandboxStatus>().map_err(|_| {
+                            RequestError::invalid(format!("status: unknown status {s:?}"))
+                        })?;
+                        filter.statuses.get_or_insert_with(Vec::new).push(status);
+                    }
+                }
+                "limit" => filter.limit = Some(parse_count(key, value)?),
+                "offset" => filter.offset = parse_count(key, value)?,
+                other => {
+                    return Err(RequestError::invalid(format!(
+                        "unknown query parameter {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok(filter)
+    }
+
+    /// The query string's pairs (the inverse of [`SandboxFilter::from_query`]).
+    pub fn to_query(&self) -> Vec<(String, String)> {
+        let mut q: Vec<(String, String)> = self
+            .metadata
+            .iter()
+            .map(|(k, v)| (format!("metadata.{k}"), v.clone()))
+            .collect();
+        if let Some(statuses) = self.statuses.as_ref().filter(|s| !s.is_empty()) {
+            let s: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+            q.push(("status".into(), s.join(",")));
+        }
+        if let Some(n) = self.limit {
+            q.push(("limit".into(), n.to_string()));
+        }
+        if self.offset > 0 {
+            q.push(("offset".into(), self.offset.to_string()));
+        }
+        q
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_fields_are_named() {
+        let mut req = CreateSandbox::new("a", "t");
+        req.timeout_seconds = Some(serde_json::json!(60));
+        req.secrets = Some(serde_json::json!({"K": "s"}));
+        let err = req.validate().unwrap_err();
+        assert_eq!(err.code, crate::ApiErrorCode::Unsupported);
+        assert_eq!(
+            err.message,
+            "not supported by kiln: timeout_seconds, secrets"
+        );
+        // `null` is the SDKs' "unset".
+        req.timeout_seconds = Some(serde_json::Value::Null);
+        req.secrets = None;
+        req.validate().unwrap();
+    }
+
+    #[test]
+    fn create_checks_name_template_and_maps() {
+        assert!(CreateSandbox::new("", "t").validate().is_err());
+        assert!(CreateSandbox::new("a", "").validate().is_err());
+        let mut req = CreateSandbox::new("a", "t");
+        req.env_vars.insert(String::new(), "v".into());
+        assert!(req.validate().unwrap_err().message.starts_with("env_vars:"));
+        let err =
+            serde_json::from_value::<CreateSandbox>(serde_json::json!({"name": "a", "nope": 1}))
+                .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn update_tells_null_network_from_absent() {
+        let absent: UpdateSandbox = serde_json::from_str("{}").unwrap();
+        assert_eq!(absent.network, None);
+        let cleared: UpdateSandbox = serde_json::from_str(r#"{"network": null}"#).unwrap();
+        assert_eq!(cleared.network, Some(None));
+        let set: UpdateSandbox =
+            serde_json::from_str(r#"{"network": {"deny_out": ["0.0.0.0/0"]}}"#).unwrap();
+        assert_eq!(set.network.unwrap().unwrap().deny_out, ["0.0.0.0/0"]);
+    }
+
+    #[test]
+    fn filter_round_trips_through_the_query() {
+        let pairs = crate::request::query_pairs(
+            "metadata.env=prod&status=active,paused&status=failed&limit=5&offset=2",
+        );
+        let f = SandboxFilter::from_query(&pairs).unwrap();
+        assert_eq!(f.metadata["env"], "prod");
+        assert_eq!(
+            f.statuses.as_deref().unwrap(),
+            [
+                SandboxStatus::Active,
+                SandboxStatus::Paused,
+                SandboxStatus::Failed
+            ]
+        );
+        assert_eq!((f.limit, f.offset), (Some(5), 2));
+        assert_eq!(SandboxFilter::from_query(&f.to_query()).unwrap(), f);
+        assert!(SandboxFilter::from_query(&[("status".into(), "bogus".into())]).is_err());
+        assert!(SandboxFilter::from_query(&[("colour".into(), "red".into())]).is_err());
+        assert!(SandboxFilter::from_query(&[("limit".into(), "-1".into())]).is_err());
+    }
+}

@@ -1,0 +1,306 @@
+//! The local side of [`Backend`]: templates and sandboxes on this machine's state dir,
+//! through the engine, no server needed (the way podman works without a daemon).
+//!
+//! A sandbox must outlive the command that created it, so `create` starts a detached
+//! keeper process (`kiln sandbox keep ID`, the way podman uses conmon) that restores the
+//! VM and owns it until `kill`; other commands reach the guest agent through the socket
+//! the keeper publishes ([`kiln_engine::Engine::connect_sandbox`]).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use kiln_api::{
+    ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, ExecRequest, NetworkConfig, SandboxFilter,
+    SandboxInfo, SandboxStatus, TemplateInfo, TemplateRequest,
+};
+use kiln_engine::{Engine, FileContent, SessionEvent, SessionOptions};
+
+use crate::backend::{Backend, OnLog, OnOutput, Output};
+
+/// How long `create` waits for the keeper to bring the sandbox up.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The engine on the local state dir, as the local team.
+pub(crate) struct Local {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) team: String,
+}
+
+impl Local {
+    /// The engine on the state dir.
+    pub(crate) async fn open() -> anyhow::Result<Self> {
+        let engine = crate::engine().await?;
+        let team = engine.local_team().await?.id;
+        Ok(Self { engine, team })
+    }
+
+    fn logs_dir(&self) -> std::path::PathBuf {
+        self.engine.layout().root().join("logs")
+    }
+
+    /// Waits until the keeper reports the sandbox active, or failed.
+    async fn wait_started(&self, id: &str) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            match self.engine.sandbox(&self.team, id).await?.status {
+                SandboxStatus::Active => return Ok(()),
+                SandboxStatus::Starting if started.elapsed() < START_TIMEOUT => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                SandboxStatus::Starting => {
+                    let _ = self
+                        .engine
+                        .finish_sandbox(&self.team, id, SandboxStatus::Failed)
+                        .await;
+                    bail!(
+                        "the sandbox did not start within {}s",
+                        START_TIMEOUT.as_secs()
+                    );
+                }
+                other => {
+                    let log = self.logs_dir().join(format!("{id}.log"));
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                    bail!(
+                        "the sandbox failed to start ({other}); keeper log {}:\n{}",
+                        log.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// The keeper: restores the VM, hands the agent channel to other processes, and owns
+    /// the VM until SIGTERM (kill) or until it dies.
+    pub(crate) async fn keep(&self, id: &str) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut live = self.engine.start_sandbox(&self.team, id).await?;
+        drop(live.vm.release_agent());
+        let died = loop {
+            tokio::select! {
+                _ = term.recv() => break false,
+                _ = int.recv() => break false,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if live.vm.exit_status().is_some() {
+                        break true;
+                    }
+                }
+            }
+        };
+        let status = if died {
+            tracing::warn!(sandbox = %id, exit = ?live.vm.exit_status(), "sandbox VM died");
+            SandboxStatus::Failed
+        } else {
+            SandboxStatus::Deleted
+        };
+        live.vm.kill().await;
+        self.engine.finish_sandbox(&self.team, id, status).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for Local {
+    async fn submit(
+        &self,
+        req: &TemplateRequest,
+        no_cache: bool,
+    ) -> anyhow::Result<(TemplateInfo, BuildInfo)> {
+        match self.engine.submit_with(&self.team, req, no_cache).await {
+            Ok(created) => Ok(created),
+            Err(e) if e.code() == ApiErrorCode::Conflict => {
+                let name = req.name.as_deref().unwrap_or_default();
+                let rebuild = self
+                    .engine
+                    .rebuild_with(&self.team, name, Some(req), no_cache)
+                    .await?;
+                if !rebuild.created {
+                    eprintln!(
+                        "--> a build of this spec is already running: {}",
+                        rebuild.build.id
+                    );
+                }
+                Ok((self.engine.template(&self.team, name).await?, rebuild.build))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn detach(&self, build: &BuildInfo) -> anyhow::Result<()> {
+        if build.status == BuildStatus::Pending {
+            crate::spawn_detached(
+                &["template", "run-build", &build.id],
+                &self.logs_dir(),
+                &build.id,
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn run_build(
+        &self,
+        template: &TemplateInfo,
+        build: &BuildInfo,
+        on_log: OnLog<'_>,
+    ) -> anyhow::Result<BuildInfo> {
+        if build.status != BuildStatus::Pending {
+            // Another process runs it: follow its log.
+            self.logs(template, build, true, on_log).await?;
+            return Ok(self.engine.build(&self.team, &build.id).await?);
+        }
+        // This process runs it, its lines given to `on_log` as they come.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let run = self.engine.run_build(&build.id, Some(tx));
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                r = &mut run => {
+                    while let Ok(line) = rx.try_recv() {
+                        on_log(&line);
+                    }
+                    return Ok(r?);
+                }
+                Some(line) = rx.recv() => on_log(&line),
+            }
+        }
+    }
+
+    async fn cancel_build(&self, _template: &TemplateInfo, build_id: &str) -> anyhow::Result<()> {
+        self.engine.cancel_build(&self.team, build_id).await?;
+        Ok(())
+    }
+
+    async fn templates(&self) -> anyhow::Result<Vec<TemplateInfo>> {
+        Ok(self.engine.list_templates(&self.team, "").await?)
+    }
+
+    async fn template(&self, name: &str) -> anyhow::Result<TemplateInfo> {
+        Ok(self.engine.template(&self.team, name).await?)
+    }
+
+    async fn builds(&self, template: &TemplateInfo) -> anyhow::Result<Vec<BuildInfo>> {
+        Ok(self.engine.list_builds(&self.team, &template.id).await?)
+    }
+
+    async fn build(&self, template: &TemplateInfo, build_id: &str) -> anyhow::Result<BuildInfo> {
+        Ok(self
+            .engine
+            .template_build(&self.team, &template.id, build_id)
+            .await?)
+    }
+
+    async fn logs(
+        &self,
+        _template: &TemplateInfo,
+        build: &BuildInfo,
+        follow: bool,
+        on_log: OnLog<'_>,
+    ) -> anyhow::Result<()> {
+        if !follow || build.status.is_terminal() {
+            for line in self.engine.build_log(&self.team, &build.id).await? {
+                on_log(&line);
+            }
+            return Ok(());
+        }
+        let events = self.engine.follow_build_log(&self.team, &build.id).await?;
+        tokio::pin!(events);
+        while let Some(e) = events.next().await {
+            on_log(&e);
+        }
+        Ok(())
+    }
+
+    async fn delete_template(&self, template: &TemplateInfo) -> anyhow::Result<()> {
+        self.engine
+            .delete_template(&self.team, &template.id)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_sandbox(&self, req: CreateSandbox) -> anyhow::Result<String> {
+        let (sandbox, _token) = self.engine.create_sandbox_record(&self.team, &req).await?;
+        crate::spawn_detached(
+            &["sandbox", "keep", &sandbox.id],
+            &self.logs_dir(),
+            &sandbox.id,
+        )?;
+        self.wait_started(&sandbox.id).await?;
+        Ok(sandbox.id)
+    }
+
+    async fn sandboxes(&self) -> anyhow::Result<Vec<SandboxInfo>> {
+        self.engine.reap_orphaned_sandboxes(&self.team).await?;
+        Ok(self
+            .engine
+            .list_sandboxes(&self.team, &SandboxFilter::default())
+            .await?)
+    }
+
+    async fn set_network(&self, id: &str, rules: Option<NetworkConfig>) -> anyhow::Result<()> {
+        Ok(self
+            .engine
+            .set_network_rules(&self.team, id, rules.as_ref())
+            .await?)
+    }
+
+    async fn kill_sandbox(&self, id: &str) -> anyhow::Result<()> {
+        // Stops the keeper (or whichever process owns the VM) and marks it deleted.
+        self.engine.kill_sandbox(&self.team, id).await?;
+        Ok(())
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+        user: Option<String>,
+        on_output: OnOutput<'_>,
+    ) -> anyhow::Result<i32> {
+        let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
+        let opts = SessionOptions { stdin: false, user };
+        let mut session = sandbox.session(req, opts).await?;
+        loop {
+            match session.next_event().await? {
+                SessionEvent::Stdout(b) => on_output(Output::Stdout, &b),
+                SessionEvent::Stderr(b) => on_output(Output::Stderr, &b),
+                SessionEvent::Exit { exit_code, error } => {
+                    if let Some(e) = error {
+                        on_output(Output::Stderr, e.as_bytes());
+                    }
+                    return Ok(exit_code);
+                }
+            }
+        }
+    }
+
+    async fn download(&self, id: &str, path: &str, dst: &Path) -> anyhow::Result<u64> {
+        let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
+        let mut file = tokio::fs::File::create(dst)
+            .await
+            .with_context(|| format!("creating {}", dst.display()))?;
+        Ok(match sandbox.read_file(path).await? {
+            FileContent::File(mut reader) => tokio::io::copy(&mut reader, &mut file).await?,
+            FileContent::Zip(zip) => {
+                tokio::io::AsyncWriteExt::write_all(&mut file, &zip).await?;
+                zip.len() as u64
+            }
+        })
+    }
+
+    async fn upload(&self, id: &str, src: &Path, path: &str) -> anyhow::Result<u64> {
+        let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
+        let file = tokio::fs::File::open(src)
+            .await
+            .with_context(|| format!("opening {}", src.display()))?;
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&file.metadata().await?.permissions()) & 0o7777;
+        Ok(sandbox.write_file(path, file, Some(mode)).await?)
+    }
+}

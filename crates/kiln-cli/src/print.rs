@@ -1,0 +1,146 @@
+//! What `kiln template` and `kiln sandbox` print, for both backends: tables for people,
+//! the wire JSON with `--json`, build logs, and how a build ended.
+
+use std::process::ExitCode;
+
+use kiln_api::{
+    BuildErrorCode, BuildInfo, BuildLogEvent, BuildStatus, CodedMessage, LogStream, SandboxInfo,
+    TemplateInfo,
+};
+use serde::Serialize;
+
+fn json(v: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// `template ls`.
+pub(crate) fn templates(all: &[TemplateInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&all);
+    }
+    println!(
+        "{:<36}  {:<24}  {:<8}  {:>4}  {:>6}  {:>6}",
+        "ID", "NAME", "STATUS", "VCPU", "MEM", "DISK"
+    );
+    for t in all {
+        println!(
+            "{:<36}  {:<24}  {:<8}  {:>4}  {:>6}  {:>6}",
+            t.id, t.name, t.status, t.vcpu, t.memory_mib, t.disk_mib
+        );
+    }
+    Ok(())
+}
+
+/// `template show`: the template and its builds (newest first).
+pub(crate) fn template(
+    t: &TemplateInfo,
+    builds: &[BuildInfo],
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            template: &'a TemplateInfo,
+            builds: &'a [BuildInfo],
+        }
+        return json(&Shown {
+            template: t,
+            builds,
+        });
+    }
+    println!("{} ({})  {}", t.name, t.id, t.status);
+    println!(
+        "shape      {} vCPU, {} MiB memory, {} MiB disk",
+        t.vcpu, t.memory_mib, t.disk_mib
+    );
+    if let Some(e) = &t.error_message {
+        println!("error      {e}");
+    }
+    for b in builds {
+        println!(
+            "build      {}  {:<12}  {}  {}",
+            b.id,
+            b.status.to_string(),
+            kiln_api::time::format(&b.created_at),
+            or_dash(b.image_digest.as_deref())
+        );
+    }
+    Ok(())
+}
+
+/// `sandbox ls`.
+pub(crate) fn sandboxes(all: &[SandboxInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&all);
+    }
+    println!(
+        "{:<36}  {:<10}  {:<36}  CREATED",
+        "ID", "STATUS", "TEMPLATE"
+    );
+    for s in all {
+        println!(
+            "{:<36}  {:<10}  {:<36}  {}",
+            s.id,
+            s.status.to_string(),
+            or_dash(s.template_id.as_deref()),
+            kiln_api::time::format(&s.created_at)
+        );
+    }
+    Ok(())
+}
+
+/// One build log line as `template logs` prints it: kiln's own lines marked `-->`, the
+/// build's output indented; the last (`finished`) event is not a line.
+pub(crate) fn log_line(e: &BuildLogEvent) {
+    if e.finished {
+        return;
+    }
+    if e.stream == LogStream::System {
+        println!("--> {}", e.text);
+    } else {
+        println!("    {}", e.text);
+    }
+}
+
+/// A live build's log line, as `template build` shows it: on stderr, since stdout is for
+/// the result.
+pub(crate) fn live_log_line(e: &BuildLogEvent) {
+    if e.finished {
+        return;
+    }
+    if e.stream == LogStream::System {
+        eprintln!("--> {}", e.text);
+    } else {
+        eprintln!("    {}", e.text);
+    }
+}
+
+/// How a build ended, for people and scripts: the template id on stdout when it is ready,
+/// `<code>: <detail>` as the last stderr line and a non-zero exit otherwise (130 when
+/// cancelled).
+pub(crate) fn build_end(template_id: &str, build: &BuildInfo) -> ExitCode {
+    match build.status {
+        BuildStatus::Ready => {
+            println!("{template_id}");
+            ExitCode::SUCCESS
+        }
+        BuildStatus::Cancelled => {
+            eprintln!("{}: build cancelled", BuildErrorCode::BuildFailed);
+            ExitCode::from(130)
+        }
+        status => {
+            let msg = build.error_message.as_deref().map_or_else(
+                || CodedMessage::new(BuildErrorCode::BuildFailed, format!("build ended {status}")),
+                CodedMessage::parse,
+            );
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The store's records as the API shows them: the one place where kiln's rows become
+//! `kiln-api` types. The server and the CLI (local and remote) print only these.
+
+use kiln_api::{BuildInfo, BuildLogEvent, SandboxInfo, TemplateInfo};
+use kiln_store::{Build, LogLine, Sandbox, Template};
+
+use crate::Engine;
+
+/// The preview policy of every sandbox until previews exist (the SDK's default).
+const LEGACY_PUBLIC: &str = "legacy_public";
+
+pub(crate) fn template(t: &Template) -> TemplateInfo {
+    TemplateInfo {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        team_id: t.team_id.clone(),
+        status: t.status,
+        vcpu: t.vcpu,
+        memory_mib: t.memory_mib,
+        disk_mib: t.disk_mib,
+        size_bytes: t.size_bytes,
+        error_message: t.error_message.clone(),
+        created_at: t.created_at,
+        built_at: t.built_at,
+        latest_build_id: t.latest_build_id.clone(),
+    }
+}
+
+pub(crate) fn build(b: &Build) -> BuildInfo {
+    BuildInfo {
+        id: b.id.clone(),
+        template_id: b.template_id.clone(),
+        status: b.status,
+        build_spec_hash: b.build_spec_hash.clone(),
+        image_digest: b.image_digest.clone(),
+        error_message: b.error_message.clone(),
+        created_at: b.created_at,
+        started_at: b.started_at,
+        finalized_at: b.finalized_at,
+    }
+}
+
+pub(crate) fn log_line(l: &LogLine) -> BuildLogEvent {
+    BuildLogEvent {
+        timestamp: l.timestamp,
+        stream: l.stream,
+        text: l.text.clone(),
+        finished: false,
+        status: None,
+    }
+}
+
+impl Engine {
+    /// A sandbox as the API shows it, with its egress rules (kept next to its VM, not in
+    /// the store).
+    pub(crate) fn sandbox_info(&self, s: &Sandbox) -> SandboxInfo {
+        SandboxInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            status: s.status,
+            vcpu_count: s.vcpu_count,
+            memory_mib: s.memory_mib,
+            created_at: s.created_at,
+            updated_at: Some(s.updated_at),
+            template_id: Some(s.template_id.clone()),
+            build_id: Some(s.build_id.clone()),
+            metadata: s.metadata.clone(),
+            timeout_seconds: None,
+            auto_delete_seconds: None,
+            network: self.network_rules(&s.id),
+            preview_access: Some(LEGACY_PUBLIC.to_owned()),
+        }
+    }
+}

@@ -92,8 +92,10 @@ pub struct BuildOutput {
     pub defaults: RuntimeDefaults,
     /// Pid of the start command in the snapshot, if any.
     pub start_pid: Option<u32>,
-    /// Bytes the bundle takes on disk.
+    /// Bytes the bundle's files hold (their apparent sizes).
     pub size_bytes: u64,
+    /// The bundle's files (names inside it) and their sizes.
+    pub files: Vec<(String, u64)>,
 }
 
 /// How a build ended other than in success.
@@ -301,12 +303,19 @@ async fn build_inner(
         info.digest_time.as_secs_f64(),
         info.sync_time.as_secs_f64(),
     ));
+    let files = info
+        .manifest
+        .files
+        .iter()
+        .map(|(name, f)| (name.clone(), f.size))
+        .collect();
     Ok(BuildOutput {
         image_digest: image.digest.clone(),
         bundle_dir: job.bundle_dir.clone(),
         defaults,
         start_pid,
         size_bytes,
+        files,
     })
 }
 

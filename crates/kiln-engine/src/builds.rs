@@ -380,9 +380,24 @@ impl Engine {
             let Ok(src) = self.layout.artifact_dir(&prev.template_id, &prev.id) else {
                 continue;
             };
-            // Sizes checked; the files are immutable once published.
-            let Ok(mut manifest) = ArtifactManifest::read(&src) else {
-                continue;
+            // Every listed file is there with its size (a cheap check: the bundle's
+            // digests are checked before any restore); published files are immutable.
+            let mut manifest = match ArtifactManifest::read(&src) {
+                Ok(m) if !m.files.is_empty() => m,
+                Ok(_) => {
+                    observer.system(format!(
+                        "build cache: build {} lists no files (made by an older kiln); not reused",
+                        prev.id
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    observer.system(format!(
+                        "build cache: build {} is damaged ({e}); not reused",
+                        prev.id
+                    ));
+                    continue;
+                }
             };
             link_tree(&src, staging).map_err(|e| format!("linking {}: {e}", src.display()))?;
             manifest.template_id = template.id.clone();
@@ -426,7 +441,7 @@ impl Engine {
             .set_build_image_digest(&build.id, &out.image_digest)
             .await;
         let runtime = out.defaults.clone();
-        let manifest = ArtifactManifest::new(
+        let mut manifest = ArtifactManifest::new(
             &template.id,
             &build.id,
             &out.image_digest,
@@ -434,6 +449,11 @@ impl Engine {
             runtime,
             template.resources(),
         );
+        for (name, size) in &out.files {
+            manifest
+                .list_file(&format!("bundle/{name}"), *size)
+                .map_err(|e| fail(format!("listing the artifact's files: {e}")))?;
+        }
         manifest
             .write(staging)
             .map_err(|e| fail(format!("writing the artifact manifest: {e}")))?;
@@ -443,7 +463,7 @@ impl Engine {
             .map_err(|e| fail(e.to_string()))?;
         kiln_store::publish_dir(staging, &dest)
             .map_err(|e| fail(format!("publishing the artifact: {e}")))?;
-        Ok(out.size_bytes)
+        Ok(manifest.total_size())
     }
 }
 

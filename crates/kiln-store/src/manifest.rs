@@ -24,12 +24,16 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// One file of the artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArtifactFile {
-    /// Plain file name inside the artifact directory.
+    /// Path inside the artifact directory (`bundle/memory`), relative, no `..`.
     pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// Lowercase hex sha256 of the content.
-    pub sha256: String,
+    /// Lowercase hex sha256 of the content, for files this manifest hashed itself. The
+    /// snapshot bundle's files are listed without it: the bundle's own manifest carries
+    /// their digests and kiln-vm checks them before every restore, so hashing them again
+    /// here would read gigabytes for nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// `manifest.json`, version 1.
@@ -85,14 +89,29 @@ impl ArtifactManifest {
     pub fn add_file(&mut self, dir: &Path, name: &str) -> Result<&ArtifactFile, ArtifactError> {
         check_name(name)?;
         let (size, sha256) = digest_file(&dir.join(name))?;
-        self.files.retain(|f| f.name != name);
-        self.files.push(ArtifactFile {
+        Ok(self.put(ArtifactFile {
             name: name.to_owned(),
             size,
-            sha256,
-        });
+            sha256: Some(sha256),
+        }))
+    }
+
+    /// Lists `name` with its size, without hashing it (a snapshot bundle's file, whose
+    /// digest the bundle's own manifest carries); replaces an earlier entry of the name.
+    pub fn list_file(&mut self, name: &str, size: u64) -> Result<&ArtifactFile, ArtifactError> {
+        check_name(name)?;
+        Ok(self.put(ArtifactFile {
+            name: name.to_owned(),
+            size,
+            sha256: None,
+        }))
+    }
+
+    fn put(&mut self, file: ArtifactFile) -> &ArtifactFile {
+        self.files.retain(|f| f.name != file.name);
+        self.files.push(file);
         let last = self.files.len() - 1;
-        Ok(&self.files[last])
+        &self.files[last]
     }
 
     /// Total size of the listed files.
@@ -140,8 +159,9 @@ impl ArtifactManifest {
     pub fn read_verified(dir: &Path) -> Result<Self, ArtifactError> {
         let m = Self::read(dir)?;
         for f in &m.files {
+            let Some(want) = &f.sha256 else { continue };
             let (_, sha256) = digest_file(&dir.join(&f.name))?;
-            if sha256 != f.sha256 {
+            if sha256 != *want {
                 return Err(corrupt(dir, format!("{} has the wrong sha256", f.name)));
             }
         }
@@ -186,9 +206,15 @@ fn corrupt(dir: &Path, reason: String) -> ArtifactError {
 }
 
 /// Listed files are plain names: a manifest must not point outside its directory.
+/// A relative path of plain components (`memory`, `bundle/disk.raw`) that is not the
+/// manifest itself: nothing a manifest lists can point outside its directory.
 fn check_name(name: &str) -> Result<(), ArtifactError> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name == MANIFEST_FILE
-    {
+    let plain = !name.is_empty()
+        && !name.starts_with('/')
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if !plain || name == MANIFEST_FILE {
         return Err(ArtifactError::BadName(name.to_owned()));
     }
     Ok(())

@@ -20,7 +20,18 @@ use crate::error::StoreError;
 use crate::model::{Build, BuildStatus, BuiltArtifact, Limits};
 
 /// The statuses a build can still leave, as an SQL list: those that hold a build slot.
-pub(super) const NON_TERMINAL_BUILD: &str = "('pending', 'building', 'snapshotting')";
+pub(super) fn unfinished_builds() -> &'static str {
+    static LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        super::sql_list(
+            &BuildStatus::ALL
+                .iter()
+                .copied()
+                .filter(|s| !s.is_terminal())
+                .collect::<Vec<_>>(),
+        )
+    });
+    &LIST
+}
 
 impl Store {
     /// A build of the team.
@@ -51,7 +62,8 @@ impl Store {
     /// How many builds of any team are not finished (pending, building, snapshotting).
     pub async fn unfinished_builds(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM builds WHERE status IN {NON_TERMINAL_BUILD}"
+            "SELECT COUNT(*) FROM builds WHERE status IN {unfinished}",
+            unfinished = unfinished_builds()
         ))
         .fetch_one(&self.pool)
         .await?;
@@ -226,8 +238,9 @@ impl Store {
         .to_string();
         let mut tx = self.write_tx().await?;
         let rows: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
-            "SELECT id, runner_pid FROM builds WHERE status IN {NON_TERMINAL_BUILD}
-             ORDER BY created_at, rowid"
+            "SELECT id, runner_pid FROM builds WHERE status IN {unfinished}
+             ORDER BY created_at, rowid",
+            unfinished = unfinished_builds()
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -328,7 +341,8 @@ pub(super) async fn check_build_limit(
     limits: &Limits,
 ) -> Result<()> {
     let builds: i64 = sqlx::query_scalar(&format!(
-        "SELECT COUNT(*) FROM builds WHERE team_id = ? AND status IN {NON_TERMINAL_BUILD}"
+        "SELECT COUNT(*) FROM builds WHERE team_id = ? AND status IN {unfinished}",
+        unfinished = unfinished_builds()
     ))
     .bind(team_id)
     .fetch_one(&mut *conn)

@@ -158,6 +158,14 @@ impl Store {
     }
 }
 
+/// Statuses as an SQL list, `('a', 'b')`: the sets of statuses a query filters on are
+/// derived from the enums' own rules, never written out by hand. The strings are the
+/// enums' fixed wire spellings, so nothing here is user input.
+fn sql_list<T: std::fmt::Display>(statuses: &[T]) -> String {
+    let quoted: Vec<String> = statuses.iter().map(|s| format!("'{s}'")).collect();
+    format!("({})", quoted.join(", "))
+}
+
 /// Refuses with `LimitReached(which)` when `count` already reaches the team's `limit`. Run it
 /// inside the write transaction that then inserts, so the count cannot go stale.
 fn check_limit(count: i64, limit: u32, which: Limit) -> Result<()> {
@@ -166,4 +174,24 @@ fn check_limit(count: i64, limit: u32, which: Limit) -> Result<()> {
         return Err(StoreError::LimitReached { which, limit });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_api::{BuildStatus, SandboxStatus};
+
+    /// The lists queries filter on, as the status rules derive them.
+    #[test]
+    fn status_lists() {
+        assert_eq!(
+            super::sandboxes::live_sandboxes(),
+            "('starting', 'active', 'pausing', 'paused', 'resuming', 'migrating')"
+        );
+        assert_eq!(
+            super::builds::unfinished_builds(),
+            "('pending', 'building', 'snapshotting')"
+        );
+        assert_eq!(super::sql_list::<SandboxStatus>(&[]), "()");
+        assert_eq!(super::sql_list(&[BuildStatus::Ready]), "('ready')");
+    }
 }

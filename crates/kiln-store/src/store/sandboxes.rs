@@ -19,8 +19,11 @@ use crate::model::{Limits, NewSandbox, Sandbox, SandboxAccess, SandboxFilter, Sa
 
 /// The statuses [`SandboxStatus::is_live`] holds for, as an SQL list: those that count
 /// against the team's limit and pin their template.
-pub(super) const LIVE_SANDBOX: &str =
-    "('starting', 'active', 'pausing', 'paused', 'resuming', 'migrating')";
+pub(super) fn live_sandboxes() -> &'static str {
+    static LIST: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| super::sql_list(&SandboxStatus::live()));
+    &LIST
+}
 
 impl Store {
     /// Records a new sandbox (`starting`) from the template's live artifact.
@@ -43,7 +46,8 @@ impl Store {
             )));
         };
         let live: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM sandboxes WHERE team_id = ? AND status IN {LIVE_SANDBOX}"
+            "SELECT COUNT(*) FROM sandboxes WHERE team_id = ? AND status IN {live}",
+            live = live_sandboxes()
         ))
         .bind(team_id)
         .fetch_one(&mut *tx)

@@ -10,8 +10,8 @@
 use kiln_spec::{spec_hash, CodedMessage, Form, TemplateRequest};
 use sqlx::SqliteConnection;
 
-use super::builds::{build_in, builds_of, check_build_limit, insert_build, NON_TERMINAL_BUILD};
-use super::sandboxes::LIVE_SANDBOX;
+use super::builds::{build_in, builds_of, check_build_limit, insert_build, unfinished_builds};
+use super::sandboxes::live_sandboxes;
 use super::teams::ensure_team;
 use super::{check_limit, new_id, now, to_i64, Result, Store};
 use crate::error::Limit;
@@ -113,7 +113,8 @@ impl Store {
         };
         let inflight = sqlx::query_as::<_, Build>(&format!(
             "SELECT * FROM builds WHERE template_id = ? AND build_spec_hash = ?
-             AND status IN {NON_TERMINAL_BUILD} ORDER BY created_at DESC, rowid DESC LIMIT 1"
+             AND status IN {unfinished} ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            unfinished = unfinished_builds()
         ))
         .bind(&t.id)
         .bind(&hash)
@@ -186,7 +187,8 @@ impl Store {
         let mut tx = self.write_tx().await?;
         let t = template_by_id_or_name_in(&mut tx, team_id, template).await?;
         let live: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM sandboxes WHERE template_id = ? AND status IN {LIVE_SANDBOX}"
+            "SELECT COUNT(*) FROM sandboxes WHERE template_id = ? AND status IN {live}",
+            live = live_sandboxes()
         ))
         .bind(&t.id)
         .fetch_one(&mut *tx)

@@ -14,6 +14,7 @@
 pub mod accel;
 pub mod digest;
 pub mod disk;
+mod elf;
 mod error;
 pub mod initramfs;
 pub mod provision;

@@ -648,7 +648,8 @@ pub async fn doctor(state: &StateDir, agent: &AgentSource) -> DoctorReport {
         Err(e) => Check {
             what: "agent binary".into(),
             ok: false,
-            detail: e.to_string(),
+            // With the cause: writing out an embedded agent fails on I/O.
+            detail: crate::error_chain(e),
         },
     });
     let kernels = provisioned_kernels(state);

@@ -36,6 +36,13 @@ fn main() {
     let agent = match std::env::var_os("KILN_AGENT_BIN").filter(|v| !v.is_empty()) {
         Some(given) => {
             let given = PathBuf::from(given);
+            if given.is_relative() {
+                // It would be taken from crates/kiln-cli, where cargo runs this script.
+                fail(&format!(
+                    "KILN_AGENT_BIN={} must be an absolute path when building kiln",
+                    given.display()
+                ));
+            }
             println!("cargo:rerun-if-changed={}", given.display());
             given
         }
@@ -61,6 +68,7 @@ fn main() {
 fn build_agent(out_dir: &Path) -> PathBuf {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set"));
     let workspace = manifest_dir.join("../..");
+    let workspace = workspace.canonicalize().unwrap_or(workspace);
     for input in AGENT_INPUTS {
         println!("cargo:rerun-if-changed={}", workspace.join(input).display());
     }

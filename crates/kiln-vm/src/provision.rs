@@ -481,15 +481,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     write_atomic_mode(path, data, 0o600)
 }
 
-/// [`write_atomic`] with the file's mode (before the umask) set on the temp file, so the
+/// [`write_atomic`] with the file's mode, set on the temp file (no umask applies), so the
 /// renamed file never shows another one.
 fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .permissions(std::fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)
-        .map_err(Error::io("create temp in", dir))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(Error::io("create temp in", dir))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(Error::io("chmod", tmp.path().to_owned()))?;
     tmp.write_all(data)
         .map_err(Error::io("write", tmp.path().to_owned()))?;
     tmp.as_file()

@@ -1,6 +1,6 @@
 //! The `kiln` binary on its own: copied to an empty directory, run from `/` with a fresh
-//! state dir and no `KILN_AGENT_BIN`, it sets up and boots a VM with the guest agent built
-//! into it. What `cargo install --path crates/kiln-cli` gives a user. Real VM under TCG;
+//! state dir and no `KILN_AGENT_BIN`, it sets up, boots a VM and builds a template with the
+//! guest agent built into it. What `cargo install --path crates/kiln-cli` gives a user. Real VM under TCG;
 //! see `common` for the prerequisites.
 
 mod common;
@@ -68,7 +68,7 @@ fn copy_kernels(from: &Path, to: &Path) {
 }
 
 #[test]
-fn the_binary_alone_sets_up_and_runs_a_vm() {
+fn the_binary_alone_sets_up_runs_a_vm_and_builds_a_template() {
     let registry = registry(&assets());
     let bin_dir = tempfile::tempdir().unwrap();
     let kiln = bin_dir.path().join("kiln");
@@ -119,4 +119,32 @@ fn the_binary_alone_sets_up_and_runs_a_vm() {
     assert_no_qemu(home, Duration::from_secs(10));
     assert!(out.status.success(), "kiln run failed");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+
+    // A template build goes through the engine, which gets the agent from the CLI too.
+    let spec = home.join("spec.json");
+    std::fs::write(
+        &spec,
+        serde_json::json!({
+            "name": "standalone", "memoryMib": 256, "diskMib": 1024,
+            "from": image, "steps": [{"run": "echo built > /built"}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = run(
+        &kiln,
+        home,
+        &["template", "build", "-f", spec.to_str().unwrap()],
+    );
+    assert_no_qemu(home, Duration::from_secs(10));
+    assert!(out.status.success(), "kiln template build failed");
+    // Every command used the agent setup wrote out: another agent (the workspace build,
+    // say) would have got an initramfs of its own.
+    let initramfs_files: Vec<String> = std::fs::read_dir(home.join("kernel"))
+        .unwrap()
+        .flat_map(|v| std::fs::read_dir(v.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("initramfs-"))
+        .collect();
+    assert_eq!(initramfs_files, [format!("initramfs-{sha12}.cpio")]);
 }

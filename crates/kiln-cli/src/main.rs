@@ -81,16 +81,26 @@ fn block_on(
         .block_on(f)
 }
 
+/// The guest agent, built for the guest by `build.rs` and carried inside `kiln`, so the
+/// binary alone can start VMs wherever it is installed (`$KILN_AGENT_BIN` overrides it).
+static AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln-agent"));
+
+/// [`AGENT`] as the VM layer takes it.
+fn embedded_agent() -> kiln_vm::provision::AgentSource {
+    kiln_vm::provision::AgentSource::Embedded(AGENT)
+}
+
 /// The engine on the local state dir.
 async fn engine() -> anyhow::Result<std::sync::Arc<kiln_engine::Engine>> {
     Ok(kiln_engine::Engine::open(engine_config(state::state_dir())).await?)
 }
 
 /// The engine's configuration for a state dir, with this binary as the egress proxy
-/// VMs reach the outside through.
+/// VMs reach the outside through and its embedded agent.
 fn engine_config(state_dir: std::path::PathBuf) -> kiln_engine::EngineConfig {
     let mut cfg = kiln_engine::EngineConfig::new(state_dir);
     cfg.egress_helper = std::env::current_exe().ok();
+    cfg.agent = embedded_agent();
     cfg
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
-use kiln_vm::provision::{self, SetupOptions, StateDir};
+use kiln_vm::provision::{self, AgentSource, SetupOptions, StateDir};
 use kiln_vm::{ExecEvent, ExecRequest, NetConfig, RootDisk, Vm, VmConfig};
 
 use crate::state::state_dir;
@@ -13,7 +13,8 @@ use crate::state::state_dir;
 /// `kiln setup`: install host packages, fetch the guest kernel, build the initramfs.
 #[derive(Debug, clap::Args)]
 pub struct SetupArgs {
-    /// Agent binary to embed (default: $KILN_AGENT_BIN, next to `kiln`, or the workspace build).
+    /// Agent binary to put in the initramfs (default: $KILN_AGENT_BIN, else the one built
+    /// into kiln).
     #[arg(long)]
     agent: Option<PathBuf>,
     /// Do not install missing Debian packages.
@@ -72,7 +73,9 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
     let state = StateDir::new(state_dir());
     let report = provision::setup(&SetupOptions {
         state: state.clone(),
-        agent_bin: args.agent,
+        agent: args
+            .agent
+            .map_or_else(crate::embedded_agent, AgentSource::Path),
         install_packages: !args.no_packages,
     })
     .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
@@ -117,7 +120,7 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
 /// Runs `kiln doctor`.
 pub fn doctor(_args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let state = StateDir::new(state_dir());
-    let report = runtime()?.block_on(provision::doctor(&state));
+    let report = runtime()?.block_on(provision::doctor(&state, &crate::embedded_agent()));
     println!("state dir: {}", state.root().display());
     for c in &report.checks {
         println!(
@@ -178,9 +181,10 @@ fn unpack_tar(tar: &Path, dest: &Path) -> anyhow::Result<()> {
 
 async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let state = StateDir::new(state_dir());
-    let agent =
-        provision::find_agent_binary().map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
-    let kernel = provision::prepare(&state, Some(&agent))
+    let agent = crate::embedded_agent()
+        .resolve(&state)
+        .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
+    let kernel = provision::prepare(&state, &agent)
         .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
     let accel = kiln_vm::accel::choose(kiln_vm::Accel::from_env(), &state, Some(&kernel)).await;
     tracing::info!(accel = ?accel.accel, reason = %accel.reason, "accelerator");

@@ -80,6 +80,9 @@ pub struct EngineConfig {
     pub restore_pool_idle: Duration,
     /// What runs the VMs: QEMU, or a fake in tests.
     pub hypervisor: Arc<dyn Hypervisor>,
+    /// The guest agent (default: `$KILN_AGENT_BIN`, else the workspace build); the `kiln`
+    /// binary hands down the one built into it.
+    pub agent: kiln_vm::provision::AgentSource,
 }
 
 impl EngineConfig {
@@ -107,6 +110,7 @@ impl EngineConfig {
             restore_pool: 0,
             restore_pool_idle: Duration::from_secs(600),
             hypervisor: Arc::new(kiln_vm::Qemu),
+            agent: Default::default(),
         }
     }
 }
@@ -216,16 +220,16 @@ impl Engine {
         self.build_env
             .get_or_try_init(|| async {
                 let state = StateDir::new(self.layout.root());
-                let agent = kiln_vm::provision::find_agent_binary().ok();
-                let kernel = kiln_vm::provision::prepare(&state, agent.as_deref())
-                    .map_err(EngineError::Setup)?;
+                let agent = self.cfg.agent.resolve(&state).map_err(EngineError::Setup)?;
+                let kernel =
+                    kiln_vm::provision::prepare(&state, &agent).map_err(EngineError::Setup)?;
                 let choice = kiln_vm::accel::choose(self.cfg.accel, &state, Some(&kernel)).await;
                 tracing::info!(accel = ?choice.accel, reason = %choice.reason, "accelerator");
                 Ok(BuildEnv {
                     hypervisor: self.cfg.hypervisor.clone(),
                     images: self.images.clone(),
                     kernel,
-                    agent,
+                    agent: Some(agent),
                     accel: choice.accel,
                     vm_dir: self.vm_dir(),
                     timing: self.cfg.timing,

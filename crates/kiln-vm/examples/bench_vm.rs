@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_vm::provision::{self, SetupOptions, StateDir};
+use kiln_vm::provision::{self, AgentSource, SetupOptions, StateDir};
 use kiln_vm::qmp::Qmp;
 use kiln_vm::{
     Console, DiskFormat, Drive, ExecRequest, KernelAssets, Manifest, NetConfig, QemuArgs, RamFile,
@@ -39,15 +39,13 @@ async fn main() -> anyhow::Result<()> {
         rootfs.display()
     );
     let state = StateDir::new(assets.join("state"));
-    let kernel = provision::setup(&SetupOptions {
+    let report = provision::setup(&SetupOptions {
         state: state.clone(),
-        agent_bin: None,
+        agent: AgentSource::Search,
         install_packages: false,
     })
-    .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?
-    .kernel;
-    let agent =
-        provision::find_agent_binary().map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
+    .map_err(|e| anyhow::anyhow!(kiln_vm::error_chain(&e)))?;
+    let (kernel, agent) = (report.kernel, report.agent_bin);
     let accel = kiln_vm::accel::choose(kiln_vm::Accel::from_env(), &state, Some(&kernel)).await;
     let memory_mib = 512;
     println!(

@@ -15,6 +15,7 @@
 pub mod accel;
 pub mod digest;
 pub mod disk;
+mod elf;
 mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;

@@ -7,6 +7,7 @@
 //! <state>/kernel/<ver>/vmlinuz                    the guest kernel (Debian cloud flavour)
 //! <state>/kernel/<ver>/modules/<name>.ko          the virtio modules, in MODULES order
 //! <state>/kernel/<ver>/initramfs-<agent12>.cpio   agent as /init + modules, per agent build
+//! <state>/agent/kiln-agent-<agent12>              an embedded agent, written out (see AgentSource)
 //! <state>/accel.json                              cached accelerator verdict
 //! <state>/vms/                                    per-VM run dirs (default parent)
 //! ```
@@ -76,6 +77,67 @@ impl StateDir {
     pub fn accel_cache(&self) -> PathBuf {
         self.root.join("accel.json")
     }
+    /// `<state>/agent`: embedded agents written out, one file per build.
+    pub fn agent_dir(&self) -> PathBuf {
+        self.root.join("agent")
+    }
+}
+
+/// Where the guest agent comes from.
+#[derive(Clone, Default)]
+pub enum AgentSource {
+    /// This file (`kiln setup --agent`); `$KILN_AGENT_BIN` does not override it.
+    Path(PathBuf),
+    /// An agent built into the calling binary (kiln's build embeds one, so an installed
+    /// `kiln` needs no file beside it). `$KILN_AGENT_BIN` still wins; otherwise it is
+    /// written once to `<state>/agent/kiln-agent-<sha12>`, because QEMU's disk tools and
+    /// the initramfs builder take a path, and the sha keys the initramfs like any agent.
+    Embedded(&'static [u8]),
+    /// [`find_agent_binary`]: `$KILN_AGENT_BIN`, else the workspace build (tests, benches
+    /// and examples, which carry no agent of their own).
+    #[default]
+    Search,
+}
+
+impl std::fmt::Debug for AgentSource {
+    /// Not the embedded bytes: megabytes in every log line that prints a config.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(p) => f.debug_tuple("Path").field(p).finish(),
+            Self::Embedded(data) => write!(f, "Embedded({} bytes)", data.len()),
+            Self::Search => f.write_str("Search"),
+        }
+    }
+}
+
+impl AgentSource {
+    /// The agent's path, writing an embedded agent out first if needed.
+    pub fn resolve(&self, state: &StateDir) -> Result<PathBuf> {
+        match self {
+            Self::Path(p) => Ok(p.clone()),
+            Self::Embedded(data) => match agent_from_env()? {
+                Some(p) => Ok(p),
+                None => write_embedded_agent(state, data),
+            },
+            Self::Search => find_agent_binary(),
+        }
+    }
+}
+
+/// Writes `data` to `<state>/agent/kiln-agent-<sha12>` (mode 0755) unless that file
+/// already holds it, and returns the path. Compared byte for byte rather than trusted by
+/// name: a damaged file would otherwise key a new initramfs under a new sha.
+fn write_embedded_agent(state: &StateDir, data: &[u8]) -> Result<PathBuf> {
+    let sha = hex::encode(Sha256::digest(data));
+    let dir = state.agent_dir();
+    let path = dir.join(format!("kiln-agent-{}", &sha[..12]));
+    if std::fs::read(&path).is_ok_and(|on_disk| on_disk == data) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+    write_atomic_mode(&path, data, 0o755)?;
+    tracing::info!(path = %path.display(), "embedded agent written");
+    Ok(path)
 }
 
 /// A provisioned guest kernel with the initramfs for one agent build.
@@ -94,8 +156,8 @@ pub struct KernelAssets {
 pub struct SetupOptions {
     /// Where state lives.
     pub state: StateDir,
-    /// The agent binary to put in the initramfs (`None`: [`find_agent_binary`]).
-    pub agent_bin: Option<PathBuf>,
+    /// The agent to put in the initramfs.
+    pub agent: AgentSource,
     /// Install missing host packages with apt-get (needs root).
     pub install_packages: bool,
 }
@@ -124,10 +186,7 @@ pub fn setup(opts: &SetupOptions) -> Result<SetupReport> {
     } else {
         Vec::new()
     };
-    let agent_bin = match &opts.agent_bin {
-        Some(p) => p.clone(),
-        None => find_agent_binary()?,
-    };
+    let agent_bin = opts.agent.resolve(&opts.state)?;
     check_static(&agent_bin)?;
     let (version, kernel_downloaded) = ensure_kernel(&opts.state)?;
     let (initramfs, initramfs_built) = ensure_initramfs(&opts.state, &version, &agent_bin)?;
@@ -145,15 +204,11 @@ pub fn setup(opts: &SetupOptions) -> Result<SetupReport> {
     })
 }
 
-/// Finds already-provisioned assets for the current agent without changing anything.
+/// Finds already-provisioned assets for this agent without changing anything.
 ///
 /// Picks the newest provisioned kernel that has an initramfs for this agent binary.
-pub fn locate(state: &StateDir, agent_bin: Option<&Path>) -> Result<KernelAssets> {
-    let agent = match agent_bin {
-        Some(p) => p.to_owned(),
-        None => find_agent_binary()?,
-    };
-    let sha = file_sha256(&agent)?;
+pub fn locate(state: &StateDir, agent: &Path) -> Result<KernelAssets> {
+    let sha = file_sha256(agent)?;
     let name = format!("initramfs-{}.cpio", &sha[..12]);
     let mut versions = provisioned_kernels(state);
     versions.sort();
@@ -180,15 +235,11 @@ pub fn locate(state: &StateDir, agent_bin: Option<&Path>) -> Result<KernelAssets
 
 /// Like [`locate`], but builds the initramfs for this agent if the kernel is provisioned
 /// and only the initramfs is missing (a rebuilt agent): local, no network, under a second.
-pub fn prepare(state: &StateDir, agent_bin: Option<&Path>) -> Result<KernelAssets> {
-    let agent = match agent_bin {
-        Some(p) => p.to_owned(),
-        None => find_agent_binary()?,
-    };
-    if let Ok(a) = locate(state, Some(&agent)) {
+pub fn prepare(state: &StateDir, agent: &Path) -> Result<KernelAssets> {
+    if let Ok(a) = locate(state, agent) {
         return Ok(a);
     }
-    check_static(&agent)?;
+    check_static(agent)?;
     let mut versions = provisioned_kernels(state);
     versions.sort();
     let version = versions.pop().ok_or_else(|| {
@@ -197,7 +248,7 @@ pub fn prepare(state: &StateDir, agent_bin: Option<&Path>) -> Result<KernelAsset
             state.kernel_dir().display()
         ))
     })?;
-    let (initramfs, _) = ensure_initramfs(state, &version, &agent)?;
+    let (initramfs, _) = ensure_initramfs(state, &version, agent)?;
     let vmlinuz = state.kernel_dir().join(&version).join("vmlinuz");
     Ok(KernelAssets {
         version,
@@ -427,8 +478,18 @@ fn ensure_initramfs(state: &StateDir, version: &str, agent: &Path) -> Result<(Pa
 
 /// Writes `data` to `path` via a temp file in the same directory, fsync and rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+/// [`write_atomic`] with the file's mode, set on the temp file (no umask applies), so the
+/// renamed file never shows another one.
+fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(Error::io("create temp in", dir))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(Error::io("chmod", tmp.path().to_owned()))?;
     tmp.write_all(data)
         .map_err(Error::io("write", tmp.path().to_owned()))?;
     tmp.as_file()
@@ -457,36 +518,34 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Where the agent binary comes from, in order:
+/// `$KILN_AGENT_BIN`, when set: an explicit choice, so a path that is not a file is an
+/// error rather than a reason to look elsewhere.
+fn agent_from_env() -> Result<Option<PathBuf>> {
+    let Some(p) = std::env::var_os("KILN_AGENT_BIN").filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let p = PathBuf::from(p);
+    if !p.is_file() {
+        return Err(Error::AgentBinary(format!(
+            "KILN_AGENT_BIN={} does not exist",
+            p.display()
+        )));
+    }
+    Ok(Some(p))
+}
+
+/// The agent for a program that carries none ([`AgentSource::Search`]), in order:
 ///
 /// 1. `$KILN_AGENT_BIN` (explicit always wins; an unusable value is an error, not a fallback);
-/// 2. `kiln-agent` next to the current executable, if it is static (an installed kiln ships
-///    both side by side);
-/// 3. `target/x86_64-unknown-linux-gnu/release/kiln-agent` in the workspace: searched up
+/// 2. `target/x86_64-unknown-linux-gnu/release/kiln-agent` in the workspace: searched up
 ///    from the current executable (tests and `cargo run` live under `target/`), then from
 ///    this crate's source directory (compile-time), so it works from any cwd.
 pub fn find_agent_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_AGENT_BIN").filter(|v| !v.is_empty()) {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            return Err(Error::AgentBinary(format!(
-                "KILN_AGENT_BIN={} does not exist",
-                p.display()
-            )));
-        }
+    if let Some(p) = agent_from_env()? {
         return Ok(p);
     }
-    let exe = std::env::current_exe().ok();
-    if let Some(sib) = exe
-        .as_ref()
-        .and_then(|e| e.parent())
-        .map(|d| d.join("kiln-agent"))
-    {
-        if sib.is_file() && is_static_elf(&sib).unwrap_or(false) {
-            return Ok(sib);
-        }
-    }
     const REL: &str = "target/x86_64-unknown-linux-gnu/release/kiln-agent";
+    let exe = std::env::current_exe().ok();
     let roots = exe
         .iter()
         .flat_map(|e| {
@@ -523,26 +582,10 @@ fn check_static(agent: &Path) -> Result<()> {
     }
 }
 
-/// Whether `path` is an x86-64 ELF with no `PT_INTERP` (i.e. needs no dynamic loader).
+/// Whether the file at `path` is an ELF64 executable with no `PT_INTERP` (i.e. needs no
+/// dynamic loader).
 pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
-    let data = std::fs::read(path)?;
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an ELF64 executable");
-    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
-        return Err(bad());
-    }
-    let u16at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(data[0x20..0x28].try_into().map_err(|_| bad())?) as usize;
-    let (phentsize, phnum) = (u16at(0x36), u16at(0x38));
-    for i in 0..phnum {
-        let off = phoff + i * phentsize;
-        let Some(t) = data.get(off..off + 4) else {
-            return Err(bad());
-        };
-        if u32::from_le_bytes([t[0], t[1], t[2], t[3]]) == 3 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    crate::elf::is_static(&std::fs::read(path)?)
 }
 
 /// One line of `kiln doctor`.
@@ -573,8 +616,9 @@ impl DoctorReport {
 }
 
 /// Reports what is present and which accelerator will be used (may run a short probe boot
-/// under KVM the first time; the verdict is cached).
-pub async fn doctor(state: &StateDir) -> DoctorReport {
+/// under KVM the first time; the verdict is cached). An embedded agent is written out,
+/// as any command that boots a VM would.
+pub async fn doctor(state: &StateDir, agent: &AgentSource) -> DoctorReport {
     let mut checks = Vec::new();
     for (tool, pkg) in TOOLS {
         let found = which(tool);
@@ -587,7 +631,7 @@ pub async fn doctor(state: &StateDir) -> DoctorReport {
             },
         });
     }
-    let agent = find_agent_binary();
+    let agent = agent.resolve(state);
     checks.push(match &agent {
         Ok(p) => match check_static(p) {
             Ok(()) => Check {
@@ -604,7 +648,8 @@ pub async fn doctor(state: &StateDir) -> DoctorReport {
         Err(e) => Check {
             what: "agent binary".into(),
             ok: false,
-            detail: e.to_string(),
+            // With the cause: writing out an embedded agent fails on I/O.
+            detail: crate::error_chain(e),
         },
     });
     let kernels = provisioned_kernels(state);
@@ -620,21 +665,26 @@ pub async fn doctor(state: &StateDir) -> DoctorReport {
             kernels.join(", ")
         },
     });
-    let assets = locate(state, agent.as_ref().ok().map(PathBuf::as_path));
+    let assets = agent.as_ref().ok().map(|p| locate(state, p));
     checks.push(match &assets {
-        Ok(a) => Check {
+        Some(Ok(a)) => Check {
             what: "initramfs".into(),
             ok: true,
             detail: a.initramfs.display().to_string(),
         },
-        Err(e) => Check {
+        Some(Err(e)) => Check {
             what: "initramfs".into(),
             ok: false,
             detail: e.to_string(),
         },
+        None => Check {
+            what: "initramfs".into(),
+            ok: false,
+            detail: "unknown: it is built for the agent binary, which failed above".into(),
+        },
     });
-    let accel =
-        crate::accel::choose(crate::accel::Accel::from_env(), state, assets.as_ref().ok()).await;
+    let assets = assets.and_then(Result::ok);
+    let accel = crate::accel::choose(crate::accel::Accel::from_env(), state, assets.as_ref()).await;
     DoctorReport { checks, accel }
 }
 
@@ -651,6 +701,42 @@ mod tests {
         let not_elf = dir.path().join("x");
         std::fs::write(&not_elf, b"#!/bin/sh\n").unwrap();
         assert!(is_static_elf(&not_elf).is_err());
+    }
+
+    #[test]
+    fn embedded_agent_is_written_once_per_build_and_repaired() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        static ONE: &[u8] = b"agent build one";
+        static TWO: &[u8] = b"agent build two";
+
+        let one = write_embedded_agent(&state, ONE).unwrap();
+        assert_eq!(one.parent().unwrap(), state.agent_dir());
+        assert_eq!(std::fs::read(&one).unwrap(), ONE);
+        let meta = std::fs::metadata(&one).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+        // Present and intact: left alone (same inode, not rewritten).
+        assert_eq!(write_embedded_agent(&state, ONE).unwrap(), one);
+        assert_eq!(std::fs::metadata(&one).unwrap().ino(), meta.ino());
+        // Damaged: written again under the same name.
+        std::fs::write(&one, b"agent build on").unwrap();
+        assert_eq!(write_embedded_agent(&state, ONE).unwrap(), one);
+        assert_eq!(std::fs::read(&one).unwrap(), ONE);
+        // Another build gets its own file, so its initramfs gets its own key.
+        let two = write_embedded_agent(&state, TWO).unwrap();
+        assert_ne!(two, one);
+        assert_eq!(std::fs::read(&two).unwrap(), TWO);
+        assert_eq!(std::fs::read(&one).unwrap(), ONE);
+    }
+
+    #[test]
+    fn agent_source_debug_leaves_the_bytes_out() {
+        static AGENT: &[u8] = &[0xAB; 4096];
+        assert_eq!(
+            format!("{:?}", AgentSource::Embedded(AGENT)),
+            "Embedded(4096 bytes)"
+        );
     }
 
     #[test]

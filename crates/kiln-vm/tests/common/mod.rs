@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use kiln_vm::provision::{self, SetupOptions, StateDir};
+use kiln_vm::provision::{self, AgentSource, SetupOptions, StateDir};
 use kiln_vm::{KernelAssets, NetConfig, Resolved, RootDisk, VmConfig};
 
 static PROVISION_LOCK: Mutex<()> = Mutex::new(());
@@ -53,7 +53,7 @@ pub async fn env(test: &str) -> Env {
         });
         let report = provision::setup(&SetupOptions {
             state: state.clone(),
-            agent_bin: Some(agent.clone()),
+            agent: AgentSource::Path(agent.clone()),
             install_packages: true,
         })
         .unwrap_or_else(|e| panic!("provisioning failed: {}", kiln_vm::error_chain(&e)));

@@ -224,15 +224,28 @@ mod tests {
     #[test]
     fn transitions() {
         use SandboxStatus::*;
+        assert!(Starting.can_move_to(Active));
         assert!(Active.can_move_to(Pausing) && Pausing.can_move_to(Paused));
         assert!(Paused.can_move_to(Resuming) && Resuming.can_move_to(Active));
-        assert!(Failed.can_move_to(Deleted) && !Failed.can_move_to(Active));
         for s in SandboxStatus::ALL {
             assert!(!Deleted.can_move_to(*s));
+            assert_eq!(Failed.can_move_to(*s), *s == Deleted);
         }
+        assert!(!Starting.can_move_to(Paused));
         assert!(
             !Paused.can_move_to(Active),
             "a resume goes through resuming"
         );
+        assert!(Active.is_live() && Paused.is_live());
+        assert!(!Failed.is_live() && !Deleted.is_live());
+    }
+
+    #[test]
+    fn serde_and_parse_use_the_wire_strings() {
+        assert_eq!(
+            serde_json::to_string(&BuildStatus::Snapshotting).unwrap(),
+            "\"snapshotting\""
+        );
+        assert_eq!("stderr".parse::<LogStream>().unwrap(), LogStream::Stderr);
     }
 }

@@ -1,19 +1,12 @@
-//! The floor: plain QEMU loading the same snapshot bundle with `-incoming`, as
-//! `crates/kiln-vm/examples/bench_vm.rs` does, with the machine shape read from the
-//! bundle's manifest. Its command line is production's ([`QemuArgs`], the builder
-//! `kiln_vm::Vm` launches with); what it leaves out is the builder's floor options: no
-//! overlay created by `qemu-img` (`snapshot=on` instead), no console log. Nothing else of
-//! kiln runs on this path: no run-dir bookkeeping, no clock sync, no store.
+//! The floor: plain QEMU loading the same snapshot bundle with `-incoming`
+//! ([`kiln_vm::floor`]: production's command line minus kiln's bookkeeping), timed to
+//! `running` and to the first commands through its agent socket.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use kiln_vm::qmp::Qmp;
-use kiln_vm::{
-    AgentClient, Console, DiskFormat, Drive, ExecRequest, KernelAssets, Manifest, NetConfig,
-    QemuArgs, RamFile, RamMode,
-};
+use kiln_vm::{AgentClient, ExecRequest, Manifest, RamMode};
 
 /// One bare restore.
 #[derive(Debug, Clone, Copy)]
@@ -48,50 +41,18 @@ pub async fn restore(bundle: &Path, m: &Manifest, parent: &Path) -> anyhow::Resu
         .tempdir_in(parent)
         .context("bare run dir")?;
     let b = bundle.display();
-    let kernel = KernelAssets {
-        version: m.kernel_version.clone(),
-        vmlinuz: bundle.join("vmlinuz"),
-        initramfs: bundle.join("initramfs.cpio"),
-    };
-    let (memory, disk) = (bundle.join("memory"), bundle.join("disk.raw"));
-    // No egress command and no forwards: production's egress command runs only when the
-    // guest connects out, so leaving it out costs the floor nothing it should pay.
-    let net = NetConfig::default();
-    let qemu = QemuArgs {
-        shape: &m.shape,
-        kernel: &kernel,
-        run_dir: dir.path(),
-        console: Console::Discard,
-        ram: RamFile {
-            path: &memory,
-            shared: false,
-        },
-        disk: Drive {
-            path: &disk,
-            format: DiskFormat::Raw,
-            snapshot: true,
-        },
-        net: &net,
-        incoming: true,
-    };
-    let argv = qemu.argv()?;
+    let floor = kiln_vm::floor::command(bundle, m, dir.path())?;
     let t = Instant::now();
     let mut child = crate::procs::command("qemu-system-x86_64")
-        .args(argv)
+        .args(&floor.argv)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("starting qemu-system-x86_64")?;
     let result = async {
-        let mut qmp = Qmp::connect(&qemu.qmp_socket(), Duration::from_secs(10)).await?;
-        qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
-            .await?;
-        qmp.migrate_incoming(&format!("exec:cat {b}/state")).await?;
-        qmp.wait_migration(Duration::from_secs(30)).await?;
-        qmp.cont().await?;
-        qmp.wait_status("running", Duration::from_secs(10)).await?;
+        kiln_vm::floor::load(&floor.qmp_socket, bundle).await?;
         let running = t.elapsed();
-        let agent = AgentClient::connect_unix(qemu.agent_socket(), Duration::from_secs(10)).await?;
+        let agent = AgentClient::connect_unix(&floor.agent_socket, Duration::from_secs(10)).await?;
         let out = agent
             .exec_collect(ExecRequest {
                 command: "true".into(),

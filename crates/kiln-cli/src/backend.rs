@@ -20,6 +20,18 @@ pub(crate) enum Output {
     Stderr,
 }
 
+/// What every backend call returns.
+pub(crate) type R<T> = anyhow::Result<T>;
+
+/// A command to run in a sandbox.
+#[derive(Debug, Clone)]
+pub(crate) struct Command {
+    /// The command and its options, as the API takes them.
+    pub req: ExecRequest,
+    /// Run as this user instead of the template's (the local state dir only).
+    pub user: Option<String>,
+}
+
 /// A log line callback.
 pub(crate) type OnLog<'a> = &'a mut (dyn FnMut(&BuildLogEvent) + Send);
 /// A command output callback.
@@ -31,78 +43,57 @@ pub(crate) trait Backend: Send + Sync {
     /// Creates the template, or rebuilds it with this spec when the name exists. Returns
     /// the template and the build to follow (an in-flight build of the same spec is
     /// returned rather than a new one).
-    async fn submit(
-        &self,
-        req: &TemplateRequest,
-        no_cache: bool,
-    ) -> anyhow::Result<(TemplateInfo, BuildInfo)>;
+    async fn submit(&self, req: &TemplateRequest, no_cache: bool) -> R<(TemplateInfo, BuildInfo)>;
 
     /// Makes sure a queued build runs without this process (`build --detach`).
-    fn detach(&self, build: &BuildInfo) -> anyhow::Result<()>;
+    fn detach(&self, b: &BuildInfo) -> R<()>;
 
     /// Runs or follows a build to its end, giving its log lines to `on_log`; returns the
     /// build as its record says it ended.
-    async fn run_build(
-        &self,
-        template: &TemplateInfo,
-        build: &BuildInfo,
-        on_log: OnLog<'_>,
-    ) -> anyhow::Result<BuildInfo>;
+    async fn run_build(&self, b: &BuildInfo, on_log: OnLog<'_>) -> R<BuildInfo>;
 
     /// Asks for a build to stop.
-    async fn cancel_build(&self, template: &TemplateInfo, build_id: &str) -> anyhow::Result<()>;
+    async fn cancel_build(&self, b: &BuildInfo) -> R<()>;
 
     /// The team's templates.
-    async fn templates(&self) -> anyhow::Result<Vec<TemplateInfo>>;
+    async fn templates(&self) -> R<Vec<TemplateInfo>>;
 
     /// One template.
-    async fn template(&self, name: &str) -> anyhow::Result<TemplateInfo>;
+    async fn template(&self, name: &str) -> R<TemplateInfo>;
 
     /// A template's builds, newest first.
-    async fn builds(&self, template: &TemplateInfo) -> anyhow::Result<Vec<BuildInfo>>;
+    async fn builds(&self, t: &TemplateInfo) -> R<Vec<BuildInfo>>;
 
     /// One build of a template.
-    async fn build(&self, template: &TemplateInfo, build_id: &str) -> anyhow::Result<BuildInfo>;
+    async fn build(&self, t: &TemplateInfo, build_id: &str) -> R<BuildInfo>;
 
     /// A build's log: its history, and with `follow` the lines still to come until it
     /// ends (a server's stream always follows).
-    async fn logs(
-        &self,
-        template: &TemplateInfo,
-        build: &BuildInfo,
-        follow: bool,
-        on_log: OnLog<'_>,
-    ) -> anyhow::Result<()>;
+    async fn logs(&self, b: &BuildInfo, follow: bool, on_log: OnLog<'_>) -> R<()>;
 
     /// Deletes a template (refused while sandboxes use it).
-    async fn delete_template(&self, template: &TemplateInfo) -> anyhow::Result<()>;
+    async fn delete_template(&self, t: &TemplateInfo) -> R<()>;
 
     /// Starts a sandbox; returns its id once it runs.
-    async fn create_sandbox(&self, req: CreateSandbox) -> anyhow::Result<String>;
+    async fn create_sandbox(&self, req: CreateSandbox) -> R<String>;
 
     /// The team's sandboxes.
-    async fn sandboxes(&self) -> anyhow::Result<Vec<SandboxInfo>>;
+    async fn sandboxes(&self) -> R<Vec<SandboxInfo>>;
 
     /// Replaces (or with `None` clears) a sandbox's egress rules.
-    async fn set_network(&self, id: &str, rules: Option<NetworkConfig>) -> anyhow::Result<()>;
+    async fn set_network(&self, id: &str, rules: Option<NetworkConfig>) -> R<()>;
 
     /// Stops a sandbox and removes everything it had.
-    async fn kill_sandbox(&self, id: &str) -> anyhow::Result<()>;
+    async fn kill_sandbox(&self, id: &str) -> R<()>;
 
     /// Runs a command, giving its output as it comes; returns its exit code.
-    async fn exec(
-        &self,
-        id: &str,
-        req: &ExecRequest,
-        user: Option<String>,
-        on_output: OnOutput<'_>,
-    ) -> anyhow::Result<i32>;
+    async fn exec(&self, id: &str, cmd: &Command, out: OnOutput<'_>) -> R<i32>;
 
     /// Copies a file (a directory: a zip of it) out of a sandbox; returns the bytes.
-    async fn download(&self, id: &str, path: &str, dst: &Path) -> anyhow::Result<u64>;
+    async fn download(&self, id: &str, path: &str, dst: &Path) -> R<u64>;
 
     /// Copies a file into a sandbox; returns the bytes.
-    async fn upload(&self, id: &str, src: &Path, path: &str) -> anyhow::Result<u64>;
+    async fn upload(&self, id: &str, src: &Path, path: &str) -> R<u64>;
 }
 
 /// The server of `KILN_URL` / `kiln login` when there is one, else the local state dir.

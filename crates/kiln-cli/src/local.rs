@@ -14,12 +14,12 @@ use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use futures::StreamExt as _;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, ExecRequest, NetworkConfig, SandboxFilter,
-    SandboxInfo, SandboxStatus, TemplateInfo, TemplateRequest,
+    ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo,
+    SandboxStatus, TemplateInfo, TemplateRequest,
 };
 use kiln_engine::{Engine, FileContent, SessionEvent, SessionOptions};
 
-use crate::backend::{Backend, OnLog, OnOutput, Output};
+use crate::backend::{Backend, Command, OnLog, OnOutput, Output, R};
 
 /// How long `create` waits for the keeper to bring the sandbox up.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -108,11 +108,7 @@ impl Local {
 
 #[async_trait]
 impl Backend for Local {
-    async fn submit(
-        &self,
-        req: &TemplateRequest,
-        no_cache: bool,
-    ) -> anyhow::Result<(TemplateInfo, BuildInfo)> {
+    async fn submit(&self, req: &TemplateRequest, no_cache: bool) -> R<(TemplateInfo, BuildInfo)> {
         match self.engine.submit_with(&self.team, req, no_cache).await {
             Ok(created) => Ok(created),
             Err(e) if e.code() == ApiErrorCode::Conflict => {
@@ -133,31 +129,22 @@ impl Backend for Local {
         }
     }
 
-    fn detach(&self, build: &BuildInfo) -> anyhow::Result<()> {
-        if build.status == BuildStatus::Pending {
-            crate::spawn_detached(
-                &["template", "run-build", &build.id],
-                &self.logs_dir(),
-                &build.id,
-            )?;
+    fn detach(&self, b: &BuildInfo) -> R<()> {
+        if b.status == BuildStatus::Pending {
+            crate::spawn_detached(&["template", "run-build", &b.id], &self.logs_dir(), &b.id)?;
         }
         Ok(())
     }
 
-    async fn run_build(
-        &self,
-        template: &TemplateInfo,
-        build: &BuildInfo,
-        on_log: OnLog<'_>,
-    ) -> anyhow::Result<BuildInfo> {
-        if build.status != BuildStatus::Pending {
+    async fn run_build(&self, b: &BuildInfo, on_log: OnLog<'_>) -> R<BuildInfo> {
+        if b.status != BuildStatus::Pending {
             // Another process runs it: follow its log.
-            self.logs(template, build, true, on_log).await?;
-            return Ok(self.engine.build(&self.team, &build.id).await?);
+            self.logs(b, true, on_log).await?;
+            return Ok(self.engine.build(&self.team, &b.id).await?);
         }
         // This process runs it, its lines given to `on_log` as they come.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let run = self.engine.run_build(&build.id, Some(tx));
+        let run = self.engine.run_build(&b.id, Some(tx));
         tokio::pin!(run);
         loop {
             tokio::select! {
@@ -172,44 +159,38 @@ impl Backend for Local {
         }
     }
 
-    async fn cancel_build(&self, _template: &TemplateInfo, build_id: &str) -> anyhow::Result<()> {
-        self.engine.cancel_build(&self.team, build_id).await?;
+    async fn cancel_build(&self, b: &BuildInfo) -> R<()> {
+        self.engine.cancel_build(&self.team, &b.id).await?;
         Ok(())
     }
 
-    async fn templates(&self) -> anyhow::Result<Vec<TemplateInfo>> {
+    async fn templates(&self) -> R<Vec<TemplateInfo>> {
         Ok(self.engine.list_templates(&self.team, "").await?)
     }
 
-    async fn template(&self, name: &str) -> anyhow::Result<TemplateInfo> {
+    async fn template(&self, name: &str) -> R<TemplateInfo> {
         Ok(self.engine.template(&self.team, name).await?)
     }
 
-    async fn builds(&self, template: &TemplateInfo) -> anyhow::Result<Vec<BuildInfo>> {
-        Ok(self.engine.list_builds(&self.team, &template.id).await?)
+    async fn builds(&self, t: &TemplateInfo) -> R<Vec<BuildInfo>> {
+        Ok(self.engine.list_builds(&self.team, &t.id).await?)
     }
 
-    async fn build(&self, template: &TemplateInfo, build_id: &str) -> anyhow::Result<BuildInfo> {
+    async fn build(&self, t: &TemplateInfo, build_id: &str) -> R<BuildInfo> {
         Ok(self
             .engine
-            .template_build(&self.team, &template.id, build_id)
+            .template_build(&self.team, &t.id, build_id)
             .await?)
     }
 
-    async fn logs(
-        &self,
-        _template: &TemplateInfo,
-        build: &BuildInfo,
-        follow: bool,
-        on_log: OnLog<'_>,
-    ) -> anyhow::Result<()> {
-        if !follow || build.status.is_terminal() {
-            for line in self.engine.build_log(&self.team, &build.id).await? {
+    async fn logs(&self, b: &BuildInfo, follow: bool, on_log: OnLog<'_>) -> R<()> {
+        if !follow || b.status.is_terminal() {
+            for line in self.engine.build_log(&self.team, &b.id).await? {
                 on_log(&line);
             }
             return Ok(());
         }
-        let events = self.engine.follow_build_log(&self.team, &build.id).await?;
+        let events = self.engine.follow_build_log(&self.team, &b.id).await?;
         tokio::pin!(events);
         while let Some(e) = events.next().await {
             on_log(&e);
@@ -217,14 +198,12 @@ impl Backend for Local {
         Ok(())
     }
 
-    async fn delete_template(&self, template: &TemplateInfo) -> anyhow::Result<()> {
-        self.engine
-            .delete_template(&self.team, &template.id)
-            .await?;
+    async fn delete_template(&self, t: &TemplateInfo) -> R<()> {
+        self.engine.delete_template(&self.team, &t.id).await?;
         Ok(())
     }
 
-    async fn create_sandbox(&self, req: CreateSandbox) -> anyhow::Result<String> {
+    async fn create_sandbox(&self, req: CreateSandbox) -> R<String> {
         let (sandbox, _token) = self.engine.create_sandbox_record(&self.team, &req).await?;
         crate::spawn_detached(
             &["sandbox", "keep", &sandbox.id],
@@ -235,7 +214,7 @@ impl Backend for Local {
         Ok(sandbox.id)
     }
 
-    async fn sandboxes(&self) -> anyhow::Result<Vec<SandboxInfo>> {
+    async fn sandboxes(&self) -> R<Vec<SandboxInfo>> {
         self.engine.reap_orphaned_sandboxes(&self.team).await?;
         Ok(self
             .engine
@@ -243,36 +222,33 @@ impl Backend for Local {
             .await?)
     }
 
-    async fn set_network(&self, id: &str, rules: Option<NetworkConfig>) -> anyhow::Result<()> {
+    async fn set_network(&self, id: &str, rules: Option<NetworkConfig>) -> R<()> {
         Ok(self
             .engine
             .set_network_rules(&self.team, id, rules.as_ref())
             .await?)
     }
 
-    async fn kill_sandbox(&self, id: &str) -> anyhow::Result<()> {
+    async fn kill_sandbox(&self, id: &str) -> R<()> {
         // Stops the keeper (or whichever process owns the VM) and marks it deleted.
         self.engine.kill_sandbox(&self.team, id).await?;
         Ok(())
     }
 
-    async fn exec(
-        &self,
-        id: &str,
-        req: &ExecRequest,
-        user: Option<String>,
-        on_output: OnOutput<'_>,
-    ) -> anyhow::Result<i32> {
+    async fn exec(&self, id: &str, cmd: &Command, out: OnOutput<'_>) -> R<i32> {
         let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
-        let opts = SessionOptions { stdin: false, user };
-        let mut session = sandbox.session(req, opts).await?;
+        let opts = SessionOptions {
+            stdin: false,
+            user: cmd.user.clone(),
+        };
+        let mut session = sandbox.session(&cmd.req, opts).await?;
         loop {
             match session.next_event().await? {
-                SessionEvent::Stdout(b) => on_output(Output::Stdout, &b),
-                SessionEvent::Stderr(b) => on_output(Output::Stderr, &b),
+                SessionEvent::Stdout(b) => out(Output::Stdout, &b),
+                SessionEvent::Stderr(b) => out(Output::Stderr, &b),
                 SessionEvent::Exit { exit_code, error } => {
                     if let Some(e) = error {
-                        on_output(Output::Stderr, e.as_bytes());
+                        out(Output::Stderr, e.as_bytes());
                     }
                     return Ok(exit_code);
                 }
@@ -280,7 +256,7 @@ impl Backend for Local {
         }
     }
 
-    async fn download(&self, id: &str, path: &str, dst: &Path) -> anyhow::Result<u64> {
+    async fn download(&self, id: &str, path: &str, dst: &Path) -> R<u64> {
         let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
         let mut file = tokio::fs::File::create(dst)
             .await
@@ -294,7 +270,7 @@ impl Backend for Local {
         })
     }
 
-    async fn upload(&self, id: &str, src: &Path, path: &str) -> anyhow::Result<u64> {
+    async fn upload(&self, id: &str, src: &Path, path: &str) -> R<u64> {
         let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
         let file = tokio::fs::File::open(src)
             .await

@@ -42,9 +42,11 @@ enum Command {
     /// Pull, inspect, list and prune base images.
     Image(image::Args),
     /// Build, list, inspect and delete templates.
-    Template(template::Args),
+    #[command(subcommand)]
+    Template(template::Cmd),
     /// Create, list, use and kill sandboxes.
-    Sandbox(sandbox::Args),
+    #[command(subcommand)]
+    Sandbox(sandbox::Cmd),
     /// Serve the HTTP API (Superserve's wire format) on this state dir.
     Serve(serve::ServeArgs),
     /// Administration: API keys.

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, SandboxInfo,
+    ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, NetworkConfig, SandboxInfo,
     TemplateInfo, TemplateRequest,
 };
 use kiln_sdk::{
@@ -22,7 +22,7 @@ use kiln_sdk::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, OnLog, OnOutput, Output};
+use crate::backend::{Backend, Command, OnLog, OnOutput, Output, R};
 
 /// A saved server: `kiln login` writes it, `kiln logout` removes it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -135,18 +135,14 @@ pub(crate) struct Remote {
 }
 
 impl Remote {
-    async fn template_of(&self, template: &TemplateInfo) -> anyhow::Result<Template> {
-        Ok(Template::connect(&self.client, &template.id).await?)
+    async fn template_of(&self, template_id: &str) -> R<Template> {
+        Ok(Template::connect(&self.client, template_id).await?)
     }
 }
 
 #[async_trait]
 impl Backend for Remote {
-    async fn submit(
-        &self,
-        req: &TemplateRequest,
-        no_cache: bool,
-    ) -> anyhow::Result<(TemplateInfo, BuildInfo)> {
+    async fn submit(&self, req: &TemplateRequest, no_cache: bool) -> R<(TemplateInfo, BuildInfo)> {
         let options = create_options(req, no_cache)?;
         let mut template = match Template::create(&self.client, options.clone()).await {
             Ok(t) => t,
@@ -162,71 +158,56 @@ impl Backend for Remote {
         Ok((template.get_info().await?, build))
     }
 
-    fn detach(&self, _build: &BuildInfo) -> anyhow::Result<()> {
+    fn detach(&self, _b: &BuildInfo) -> R<()> {
         // The server runs it.
         Ok(())
     }
 
-    async fn run_build(
-        &self,
-        template: &TemplateInfo,
-        build: &BuildInfo,
-        on_log: OnLog<'_>,
-    ) -> anyhow::Result<BuildInfo> {
-        let mut t = self.template_of(template).await?;
+    async fn run_build(&self, b: &BuildInfo, on_log: OnLog<'_>) -> R<BuildInfo> {
+        let mut t = self.template_of(&b.template_id).await?;
         // A failed or cancelled build is an error of the wait; the build's own record says
         // how it ended, whichever way the wait did.
         let _ = t.wait_until_ready(Some(on_log)).await;
-        Ok(t.get_build(&build.id).await?)
+        Ok(t.get_build(&b.id).await?)
     }
 
-    async fn cancel_build(&self, template: &TemplateInfo, build_id: &str) -> anyhow::Result<()> {
+    async fn cancel_build(&self, b: &BuildInfo) -> R<()> {
         Ok(self
-            .template_of(template)
+            .template_of(&b.template_id)
             .await?
-            .cancel_build(build_id)
+            .cancel_build(&b.id)
             .await?)
     }
 
-    async fn templates(&self) -> anyhow::Result<Vec<TemplateInfo>> {
+    async fn templates(&self) -> R<Vec<TemplateInfo>> {
         Ok(Template::list(&self.client, None).await?)
     }
 
-    async fn template(&self, name: &str) -> anyhow::Result<TemplateInfo> {
+    async fn template(&self, name: &str) -> R<TemplateInfo> {
         Ok(Template::connect(&self.client, name).await?.info().clone())
     }
 
-    async fn builds(&self, template: &TemplateInfo) -> anyhow::Result<Vec<BuildInfo>> {
-        Ok(self.template_of(template).await?.list_builds(None).await?)
+    async fn builds(&self, t: &TemplateInfo) -> R<Vec<BuildInfo>> {
+        Ok(self.template_of(&t.id).await?.list_builds(None).await?)
     }
 
-    async fn build(&self, template: &TemplateInfo, build_id: &str) -> anyhow::Result<BuildInfo> {
-        Ok(self
-            .template_of(template)
-            .await?
-            .get_build(build_id)
-            .await?)
+    async fn build(&self, t: &TemplateInfo, build_id: &str) -> R<BuildInfo> {
+        Ok(self.template_of(&t.id).await?.get_build(build_id).await?)
     }
 
-    async fn logs(
-        &self,
-        template: &TemplateInfo,
-        build: &BuildInfo,
-        _follow: bool,
-        on_log: OnLog<'_>,
-    ) -> anyhow::Result<()> {
+    async fn logs(&self, b: &BuildInfo, _follow: bool, on_log: OnLog<'_>) -> R<()> {
         // The server's log stream always follows a running build.
-        let t = self.template_of(template).await?;
-        t.stream_build_logs(Some(&build.id), |e: &BuildLogEvent| on_log(e))
+        let t = self.template_of(&b.template_id).await?;
+        t.stream_build_logs(Some(&b.id), |e: &BuildLogEvent| on_log(e))
             .await?;
         Ok(())
     }
 
-    async fn delete_template(&self, template: &TemplateInfo) -> anyhow::Result<()> {
-        Ok(Template::delete_by_id(&self.client, &template.id).await?)
+    async fn delete_template(&self, t: &TemplateInfo) -> R<()> {
+        Ok(Template::delete_by_id(&self.client, &t.id).await?)
     }
 
-    async fn create_sandbox(&self, req: CreateSandbox) -> anyhow::Result<String> {
+    async fn create_sandbox(&self, req: CreateSandbox) -> R<String> {
         let mut options =
             SandboxCreateOptions::new(req.name, req.from_template.unwrap_or_default());
         options.env_vars = req.env_vars;
@@ -238,43 +219,37 @@ impl Backend for Remote {
             .to_owned())
     }
 
-    async fn sandboxes(&self) -> anyhow::Result<Vec<SandboxInfo>> {
+    async fn sandboxes(&self) -> R<Vec<SandboxInfo>> {
         Ok(Sandbox::list(&self.client, ListOptions::default()).await?)
     }
 
-    async fn set_network(&self, id: &str, rules: Option<NetworkConfig>) -> anyhow::Result<()> {
+    async fn set_network(&self, id: &str, rules: Option<NetworkConfig>) -> R<()> {
         Ok(Sandbox::set_network_by_id(&self.client, id, rules.as_ref()).await?)
     }
 
-    async fn kill_sandbox(&self, id: &str) -> anyhow::Result<()> {
+    async fn kill_sandbox(&self, id: &str) -> R<()> {
         Ok(Sandbox::kill_by_id(&self.client, id).await?)
     }
 
-    async fn exec(
-        &self,
-        id: &str,
-        req: &ExecRequest,
-        user: Option<String>,
-        on_output: OnOutput<'_>,
-    ) -> anyhow::Result<i32> {
-        if user.is_some() {
+    async fn exec(&self, id: &str, cmd: &Command, out: OnOutput<'_>) -> R<i32> {
+        if cmd.user.is_some() {
             bail!("--user is not available against a server: commands run as the template's user");
         }
         let s = Sandbox::connect(&self.client, id).await?;
         let options = RunOptions {
-            cwd: req.working_dir.clone(),
-            env: req.env.clone(),
-            timeout_s: req.timeout_s,
+            cwd: cmd.req.working_dir.clone(),
+            env: cmd.req.env.clone(),
+            timeout_s: cmd.req.timeout_s,
         };
         // Both callbacks need the one output sink, one at a time.
-        let sink = std::sync::Mutex::new(on_output);
+        let sink = std::sync::Mutex::new(out);
         let put = |o: Output, text: &str| {
             (sink.lock().unwrap_or_else(|e| e.into_inner()))(o, text.as_bytes());
         };
         let result = s
             .commands()
             .run_streaming(
-                &req.command,
+                &cmd.req.command,
                 options,
                 |out: &str| put(Output::Stdout, out),
                 |err: &str| put(Output::Stderr, err),
@@ -283,14 +258,14 @@ impl Backend for Remote {
         Ok(result.exit_code)
     }
 
-    async fn download(&self, id: &str, path: &str, dst: &Path) -> anyhow::Result<u64> {
+    async fn download(&self, id: &str, path: &str, dst: &Path) -> R<u64> {
         let s = Sandbox::connect(&self.client, id).await?;
         let data = s.files().read(path).await?;
         std::fs::write(dst, &data).with_context(|| format!("writing {}", dst.display()))?;
         Ok(data.len() as u64)
     }
 
-    async fn upload(&self, id: &str, src: &Path, path: &str) -> anyhow::Result<u64> {
+    async fn upload(&self, id: &str, src: &Path, path: &str) -> R<u64> {
         let data = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
         let s = Sandbox::connect(&self.client, id).await?;
         s.files().write(path, &data).await?;

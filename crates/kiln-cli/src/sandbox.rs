@@ -8,15 +8,8 @@ use std::process::ExitCode;
 use anyhow::bail;
 use kiln_api::{CreateSandbox, ExecRequest, NetworkConfig};
 
-use crate::backend::{backend, Output};
+use crate::backend::{backend, Command, Output};
 use crate::print;
-
-/// `kiln sandbox`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    command: Cmd,
-}
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Cmd {
@@ -99,15 +92,15 @@ pub(crate) enum Cmd {
     },
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if let Cmd::Keep { id } = &args.command {
+pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
+    if let Cmd::Keep { id } = &command {
         // The keeper that `create` starts: this machine only.
         crate::local::Local::open().await?.keep(id).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let backend = backend().await?;
     let backend = backend.as_ref();
-    match args.command {
+    match command {
         Cmd::Create {
             template,
             env,
@@ -157,15 +150,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             id,
             cmd,
         } => {
-            let req = ExecRequest {
-                command: shell_join(&cmd),
-                working_dir: cwd,
-                env: pairs(&env)?,
-                timeout_s: None,
+            let command = Command {
+                req: ExecRequest {
+                    command: shell_join(&cmd),
+                    working_dir: cwd,
+                    env: pairs(&env)?,
+                    timeout_s: None,
+                },
+                user,
             };
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
             let code = backend
-                .exec(&id, &req, user, &mut |o, data| {
+                .exec(&id, &command, &mut |o, data| {
                     let w: &mut dyn Write = match o {
                         Output::Stdout => &mut out,
                         Output::Stderr => &mut err,

@@ -9,13 +9,6 @@ use kiln_api::{BuildStatus, TemplateRequest};
 use crate::backend::{backend, Backend};
 use crate::print;
 
-/// `kiln template`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Cmd {
     /// Build a template from a spec file (either JSON form); rebuilds it if the name exists.
@@ -77,8 +70,8 @@ pub(crate) enum Cmd {
     },
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if let Cmd::RunBuild { build_id } = &args.command {
+pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
+    if let Cmd::RunBuild { build_id } = &command {
         // The detached runner of `build --detach`: this machine only.
         let local = crate::local::Local::open().await?;
         let b = local.engine.run_build(build_id, None).await?;
@@ -90,7 +83,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let backend = backend().await?;
     let backend = backend.as_ref();
-    match args.command {
+    match command {
         Cmd::Build {
             file,
             name,
@@ -117,7 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             let b = backend.build(&t, &build_id).await?;
             backend
-                .logs(&t, &b, follow, &mut |e| print::log_line(e))
+                .logs(&b, follow, &mut |e| print::log_line(e))
                 .await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -132,7 +125,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let Some(build_id) = t.latest_build_id.clone() else {
                 bail!("template {} has no builds", t.name)
             };
-            backend.cancel_build(&t, &build_id).await?;
+            backend
+                .cancel_build(&backend.build(&t, &build_id).await?)
+                .await?;
             let b = backend.build(&t, &build_id).await?;
             println!("{} {}", b.id, b.status);
             Ok(ExitCode::SUCCESS)
@@ -179,13 +174,13 @@ async fn build(
     }
     // Ctrl-C cancels the build: its VM is stopped and nothing is left behind.
     let mut on_log = |e: &kiln_api::BuildLogEvent| print::live_log_line(e);
-    let run = backend.run_build(&template, &build, &mut on_log);
+    let run = backend.run_build(&build, &mut on_log);
     tokio::pin!(run);
     let finished = tokio::select! {
         r = &mut run => r?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("--> cancelling");
-            backend.cancel_build(&template, &build.id).await?;
+            backend.cancel_build(&build).await?;
             run.await?
         }
     };

@@ -38,12 +38,7 @@ impl FromRequestParts<AppState> for Target {
             return Ok(Target(state.engine.sandbox_by_token(&id, &token).await?));
         }
         if let Some(key) = header_str(&parts.headers, "x-api-key") {
-            let team = state
-                .engine
-                .authenticate(key)
-                .await?
-                .ok_or_else(ApiError::unauthorized)?;
-            state.check_rate(key)?;
+            let team = state.team_of_key(key).await?;
             return Ok(Target(state.engine.sandbox_for_team(&team.id, &id).await?));
         }
         Err(ApiError::new(

@@ -168,13 +168,20 @@ impl FromRequestParts<AppState> for Auth {
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(ApiError::unauthorized)?;
-        let team = state
+        Ok(Auth(state.team_of_key(key).await?))
+    }
+}
+
+impl AppState {
+    /// The team of an API key, counted against its rate; 401 for a key that is none.
+    pub(crate) async fn team_of_key(&self, key: &str) -> Result<Team, ApiError> {
+        let team = self
             .engine
             .authenticate(key)
             .await?
             .ok_or_else(ApiError::unauthorized)?;
-        state.check_rate(key)?;
-        Ok(Auth(team))
+        self.check_rate(key)?;
+        Ok(team)
     }
 }
 

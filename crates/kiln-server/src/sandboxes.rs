@@ -98,10 +98,8 @@ pub(crate) async fn resume(
     Auth(team): Auth,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(up(
-        &state,
-        state.engine.resume_sandbox(&team.id, &id).await?,
-    ))
+    let resumed = state.engine.resume_sandbox(&team.id, &id).await?;
+    Ok(up(&state, resumed))
 }
 
 /// `POST /sandboxes/{id}/activate`: the sandbox running (resumed if paused) and a token
@@ -111,10 +109,8 @@ pub(crate) async fn activate(
     Auth(team): Auth,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(up(
-        &state,
-        state.engine.activate_sandbox(&team.id, &id).await?,
-    ))
+    let activated = state.engine.activate_sandbox(&team.id, &id).await?;
+    Ok(up(&state, activated))
 }
 
 /// `GET /sandboxes/{id}/network`: the connections the sandbox made, newest first, with

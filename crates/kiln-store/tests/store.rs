@@ -700,57 +700,6 @@ async fn sandbox_lifecycle_listing_and_template_deletion() {
 }
 
 #[tokio::test]
-async fn sandbox_transition_table() {
-    use SandboxStatus::*;
-    assert!(Starting.can_move_to(Active));
-    assert!(Active.can_move_to(Pausing));
-    assert!(Pausing.can_move_to(Paused));
-    assert!(Paused.can_move_to(Resuming));
-    assert!(Resuming.can_move_to(Active));
-    for s in SandboxStatus::ALL {
-        assert!(!Deleted.can_move_to(*s));
-        assert_eq!(Failed.can_move_to(*s), *s == Deleted);
-    }
-    assert!(!Starting.can_move_to(Paused));
-    assert!(!Paused.can_move_to(Active));
-    assert!(Active.is_live() && Paused.is_live());
-    assert!(!Failed.is_live() && !Deleted.is_live());
-    let wire: Vec<_> = SandboxStatus::ALL.iter().map(|s| s.as_str()).collect();
-    assert_eq!(
-        wire,
-        [
-            "starting",
-            "active",
-            "pausing",
-            "paused",
-            "resuming",
-            "migrating",
-            "failed",
-            "deleted"
-        ]
-    );
-    let wire: Vec<_> = BuildStatus::ALL.iter().map(|s| s.as_str()).collect();
-    assert_eq!(
-        wire,
-        [
-            "pending",
-            "building",
-            "snapshotting",
-            "ready",
-            "failed",
-            "cancelled"
-        ]
-    );
-    let wire: Vec<_> = TemplateStatus::ALL.iter().map(|s| s.as_str()).collect();
-    assert_eq!(wire, ["pending", "building", "ready", "failed"]);
-    assert_eq!(
-        serde_json::to_string(&BuildStatus::Snapshotting).unwrap(),
-        "\"snapshotting\""
-    );
-    assert_eq!("stderr".parse::<LogStream>().unwrap(), LogStream::Stderr);
-}
-
-#[tokio::test]
 async fn logs_append_read_since_and_follow_live() {
     let (store, team) = store_with_team().await;
     let (_, b) = pending_template(&store, &team, "web").await;

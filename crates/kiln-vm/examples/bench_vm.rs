@@ -10,11 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_vm::provision::{self, AgentSource, SetupOptions, StateDir};
-use kiln_vm::qmp::Qmp;
-use kiln_vm::{
-    Console, DiskFormat, Drive, ExecRequest, KernelAssets, Manifest, NetConfig, QemuArgs, RamFile,
-    RestoreConfig, RootDisk, Vm, VmConfig,
-};
+use kiln_vm::{ExecRequest, Manifest, NetConfig, RestoreConfig, RootDisk, Vm, VmConfig};
 
 fn req(c: &str) -> ExecRequest {
     ExecRequest {
@@ -129,48 +125,17 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Plain QEMU loading the same snapshot: production's command line ([`QemuArgs`]) with
-/// the floor's options (no console log; the disk via `snapshot=on`, no `qemu-img`
-/// overlay), no agent connection.
+/// Plain QEMU loading the same snapshot ([`kiln_vm::floor`]), no agent connection.
 async fn bare_incoming(bundle: &Path, run_parent: &Path) -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir_in(run_parent)?;
-    let b = bundle.display();
     let m: Manifest = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json"))?)?;
-    let kernel = KernelAssets {
-        version: m.kernel_version.clone(),
-        vmlinuz: bundle.join("vmlinuz"),
-        initramfs: bundle.join("initramfs.cpio"),
-    };
-    let (memory, disk) = (bundle.join("memory"), bundle.join("disk.raw"));
-    let qemu = QemuArgs {
-        shape: &m.shape,
-        kernel: &kernel,
-        run_dir: dir.path(),
-        console: Console::Discard,
-        ram: RamFile {
-            path: &memory,
-            shared: false,
-        },
-        disk: Drive {
-            path: &disk,
-            format: DiskFormat::Raw,
-            snapshot: true,
-        },
-        net: &NetConfig::default(),
-        incoming: true,
-    };
+    let floor = kiln_vm::floor::command(bundle, &m, dir.path())?;
     let t = Instant::now();
     let mut child = tokio::process::Command::new("qemu-system-x86_64")
-        .args(qemu.argv()?)
+        .args(&floor.argv)
         .kill_on_drop(true)
         .spawn()?;
-    let mut qmp = Qmp::connect(&qemu.qmp_socket(), Duration::from_secs(10)).await?;
-    qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
-        .await?;
-    qmp.migrate_incoming(&format!("exec:cat {b}/state")).await?;
-    qmp.wait_migration(Duration::from_secs(30)).await?;
-    qmp.cont().await?;
-    qmp.wait_status("running", Duration::from_secs(10)).await?;
+    kiln_vm::floor::load(&floor.qmp_socket, bundle).await?;
     let d = t.elapsed();
     child.kill().await?;
     Ok(d)

@@ -329,14 +329,7 @@ impl Machine for FakeMachine {
         let manifest = Manifest {
             version: crate::snapshot::MANIFEST_VERSION,
             created_unix: 0,
-            shape: Shape {
-                vcpus: 1,
-                memory_mib: 256,
-                network: false,
-                accel: crate::Resolved::Tcg,
-                machine: "fake".into(),
-                hostname: format!("fake-{}", self.pid),
-            },
+            shape: Shape::sample(crate::Resolved::Tcg, false),
             kernel_version: "fake".into(),
             ram: RamMode::Stream,
             files: BTreeMap::new(),

@@ -19,6 +19,7 @@ mod elf;
 mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod floor;
 mod hypervisor;
 pub mod initramfs;
 pub mod provision;

@@ -650,14 +650,7 @@ mod tests {
         let m = Manifest {
             version,
             created_unix: 0,
-            shape: Shape {
-                vcpus: 1,
-                memory_mib: 256,
-                network: false,
-                accel: crate::Resolved::Tcg,
-                machine: "pc".into(),
-                hostname: "t".into(),
-            },
+            shape: Shape::sample(crate::Resolved::Tcg, false),
             kernel_version: "x".into(),
             ram: RamMode::File,
             files,

@@ -204,6 +204,21 @@ pub struct Shape {
     pub hostname: String,
 }
 
+#[cfg(any(test, feature = "fake"))]
+impl Shape {
+    /// A shape for tests and the fake hypervisor: 2 vCPUs, 1 GiB, hostname `box`.
+    pub(crate) fn sample(accel: Resolved, network: bool) -> Self {
+        Self {
+            vcpus: 2,
+            memory_mib: 1024,
+            network,
+            accel,
+            machine: accel.machine().to_owned(),
+            hostname: "box".into(),
+        }
+    }
+}
+
 /// How QEMU ended.
 #[derive(Debug, Clone)]
 pub(crate) struct Exit(pub String);
@@ -1023,14 +1038,7 @@ mod tests {
     }
 
     fn shape(accel: Resolved, network: bool) -> Shape {
-        Shape {
-            vcpus: 2,
-            memory_mib: 1024,
-            network,
-            accel,
-            machine: accel.machine().to_owned(),
-            hostname: "box".into(),
-        }
+        Shape::sample(accel, network)
     }
 
     fn kernel() -> KernelAssets {
@@ -1068,54 +1076,10 @@ mod tests {
             net: &net,
             incoming: false,
         };
-        let want = [
-            "-name",
-            "kiln-box",
-            "-accel",
-            "tcg,thread=multi",
-            "-machine",
-            "pc,memory-backend=ram0",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-            "1024M",
-            "-object",
-            "memory-backend-file,id=ram0,size=1024M,mem-path=/r/box-1/memory,share=on,prealloc=off",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-kernel",
-            "/k/vmlinuz",
-            "-initrd",
-            "/k/initramfs.cpio",
-            "-append",
-            "console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet kiln.net=1",
-            "-chardev",
-            "file,id=con,path=/r/box-1/console.log",
-            "-serial",
-            "chardev:con",
-            "-qmp",
-            "unix:/r/box-1/qmp.sock,server=on,wait=off",
-            "-device",
-            "virtio-serial-pci,id=vser0",
-            "-chardev",
-            "socket,id=agent,path=/r/box-1/agent.sock,server=on,wait=off",
-            "-device",
-            "virtserialport,chardev=agent,name=kiln.agent",
-            "-drive",
-            "file=/r/box-1/disk.raw,format=raw,if=none,id=root,cache=writeback,discard=unmap",
-            "-device",
-            "virtio-blk-pci,drive=root",
-            "-netdev",
-            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:'kiln' 'egress' 'rules.json',hostfwd=tcp:127.0.0.1:18080-:80",
-            "-device",
-            "virtio-net-pci,netdev=net0",
-        ];
-        assert_eq!(qemu.argv().unwrap(), want);
+        // One line, arguments separated by " | ", so that a changed argument shows
+        // in place and the pin is not a list to keep in step by hand.
+        let want = "-name | kiln-box | -accel | tcg,thread=multi | -machine | pc,memory-backend=ram0 | -cpu | max | -smp | 2 | -m | 1024M | -object | memory-backend-file,id=ram0,size=1024M,mem-path=/r/box-1/memory,share=on,prealloc=off | -nodefaults | -no-user-config | -display | none | -no-reboot | -kernel | /k/vmlinuz | -initrd | /k/initramfs.cpio | -append | console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet kiln.net=1 | -chardev | file,id=con,path=/r/box-1/console.log | -serial | chardev:con | -qmp | unix:/r/box-1/qmp.sock,server=on,wait=off | -device | virtio-serial-pci,id=vser0 | -chardev | socket,id=agent,path=/r/box-1/agent.sock,server=on,wait=off | -device | virtserialport,chardev=agent,name=kiln.agent | -drive | file=/r/box-1/disk.raw,format=raw,if=none,id=root,cache=writeback,discard=unmap | -device | virtio-blk-pci,drive=root | -netdev | user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:'kiln' 'egress' 'rules.json',hostfwd=tcp:127.0.0.1:18080-:80 | -device | virtio-net-pci,netdev=net0";
+        assert_eq!(qemu.argv().unwrap().join(" | "), want);
     }
 
     /// What `Vm::restore` runs: KVM, a bundle's memory image mapped privately, a qcow2
@@ -1137,52 +1101,10 @@ mod tests {
             net: &NetConfig::default(),
             incoming: true,
         };
-        let want = [
-            "-name",
-            "kiln-box",
-            "-accel",
-            "kvm",
-            "-machine",
-            "microvm,pcie=on,rtc=on,memory-backend=ram0",
-            "-cpu",
-            "host",
-            "-smp",
-            "2",
-            "-m",
-            "1024M",
-            "-object",
-            "memory-backend-file,id=ram0,size=1024M,mem-path=/b/memory,share=off,prealloc=off",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-kernel",
-            "/k/vmlinuz",
-            "-initrd",
-            "/k/initramfs.cpio",
-            "-append",
-            "console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet",
-            "-chardev",
-            "file,id=con,path=/logs/box.log",
-            "-serial",
-            "chardev:con",
-            "-qmp",
-            "unix:/r/box-2/qmp.sock,server=on,wait=off",
-            "-device",
-            "virtio-serial-pci,id=vser0",
-            "-chardev",
-            "socket,id=agent,path=/r/box-2/agent.sock,server=on,wait=off",
-            "-device",
-            "virtserialport,chardev=agent,name=kiln.agent",
-            "-drive",
-            "file=/r/box-2/disk.qcow2,format=qcow2,if=none,id=root,cache=writeback,discard=unmap",
-            "-device",
-            "virtio-blk-pci,drive=root",
-            "-incoming",
-            "defer",
-        ];
-        assert_eq!(qemu.argv().unwrap(), want);
+        // One line, arguments separated by " | ", so that a changed argument shows
+        // in place and the pin is not a list to keep in step by hand.
+        let want = "-name | kiln-box | -accel | kvm | -machine | microvm,pcie=on,rtc=on,memory-backend=ram0 | -cpu | host | -smp | 2 | -m | 1024M | -object | memory-backend-file,id=ram0,size=1024M,mem-path=/b/memory,share=off,prealloc=off | -nodefaults | -no-user-config | -display | none | -no-reboot | -kernel | /k/vmlinuz | -initrd | /k/initramfs.cpio | -append | console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet | -chardev | file,id=con,path=/logs/box.log | -serial | chardev:con | -qmp | unix:/r/box-2/qmp.sock,server=on,wait=off | -device | virtio-serial-pci,id=vser0 | -chardev | socket,id=agent,path=/r/box-2/agent.sock,server=on,wait=off | -device | virtserialport,chardev=agent,name=kiln.agent | -drive | file=/r/box-2/disk.qcow2,format=qcow2,if=none,id=root,cache=writeback,discard=unmap | -device | virtio-blk-pci,drive=root | -incoming | defer";
+        assert_eq!(qemu.argv().unwrap().join(" | "), want);
     }
 
     /// The benchmark's floor: production's restore line for the same inputs with its two

@@ -247,8 +247,10 @@ impl Engine {
     }
 
     /// Stops the pooled processes waiting for `template_id`'s builds.
-    pub(crate) fn forget_pooled(&self, template_id: &str) {
-        self.pool.forget_template(template_id);
+    pub(crate) async fn forget_pooled(&self, template_id: &str) {
+        self.pool
+            .forget_template(template_id, crate::builds::DELETE_WAIT)
+            .await;
     }
 
     /// The restore pool's processes waiting now and handed out so far.

@@ -265,7 +265,11 @@ async fn the_pool_keeps_a_vm_ready_and_a_create_claims_it() {
     t.engine.delete_template(&team, &template).await.unwrap();
     assert_eq!(t.engine.restore_pool_stats().waiting, 0);
     assert!(t.hypervisor.alive().is_empty());
-    assert_eq!(run_dirs(&t), 0, "a launch of the deleted template left its run dir");
+    assert_eq!(
+        run_dirs(&t),
+        0,
+        "a launch of the deleted template left its run dir"
+    );
 }
 
 #[tokio::test]

@@ -19,7 +19,9 @@ pub mod templates;
 pub mod time;
 
 pub use codes::{ApiErrorCode, ErrorBody, ErrorDetail};
-pub use exec::{ExecEvent, ExecRequest, ExecResult, SessionControl, Utf8Chunks, EXEC_SUBPROTOCOL};
+pub use exec::{
+    ExecEvent, ExecRequest, ExecResult, SessionControl, TerminalSize, Utf8Chunks, EXEC_SUBPROTOCOL,
+};
 pub use files::FilesQuery;
 pub use network::{NetworkConfig, NetworkEvent, NetworkLogPage, NetworkLogQuery, NetworkVerdict};
 pub use request::RequestError;

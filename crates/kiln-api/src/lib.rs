@@ -27,7 +27,7 @@ pub use network::{NetworkConfig, NetworkEvent, NetworkLogPage, NetworkLogQuery, 
 pub use request::RequestError;
 pub use sandboxes::{CreateSandbox, SandboxFilter, SandboxInfo, SandboxWithToken, UpdateSandbox};
 pub use status::{BuildStatus, LogStream, SandboxStatus, TemplateStatus};
-pub use templates::{BuildInfo, BuildLogEvent, CreatedTemplate, TemplateInfo};
+pub use templates::{BuildInfo, BuildLogEvent, CreatedTemplate, SpecValidation, TemplateInfo};
 
 /// The BuildSpec types, re-exported: a template's spec is part of the wire format.
 pub use kiln_spec::{

@@ -1218,3 +1218,56 @@ async fn terminal_sessions_over_the_websocket() {
     }
     server.abort();
 }
+
+/// The console is static and locked down: its page and files carry the Content-Security
+/// Policy; unknown files are a 404 in the API's shape; `/validate` words problems as
+/// `kiln validate` does and needs a key like every other call.
+#[tokio::test]
+async fn the_console_and_spec_validation() {
+    let a = api(Limits::UNLIMITED).await;
+    for path in [
+        "/console",
+        "/console/app.js",
+        "/console/xterm.js",
+        "/console/app.css",
+    ] {
+        let (s, headers, _) = a.call_with("GET", path, &[], None).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self';"), "{path}: {csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+    }
+    let (s, _, v) = a.call_with("GET", "/console/nope.js", &[], None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+
+    let body = json!({"name": "x", "build_spec": {"from": ""}}).to_string();
+    let (s, v) = a
+        .call("POST", "/validate", None, Some(body.clone().into_bytes()))
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let key = a.key("acme").await;
+    let (s, v) = a
+        .call("POST", "/validate", Some(&key), Some(body.into_bytes()))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["valid"], false);
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("build_spec.from: "),
+        "{v}"
+    );
+    let good = json!({"name": "x", "build_spec": {"from": "python:3.11"}}).to_string();
+    let (_, v) = a
+        .call("POST", "/validate", Some(&key), Some(good.into_bytes()))
+        .await;
+    assert_eq!(
+        (v["valid"].as_bool(), v["problems"].as_array().map(Vec::len)),
+        (Some(true), Some(0))
+    );
+}

@@ -51,7 +51,7 @@ function bytes(n) {
 }
 
 function page(title, ...children) {
-  main.replaceChildren(h("h1", {}, title), ...children);
+  main.replaceChildren(h("h1", {}, title), ...children.filter((c) => c !== null && c !== undefined));
   document.title = `${title} - kiln`;
 }
 

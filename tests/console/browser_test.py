@@ -153,6 +153,10 @@ def main():
 
         # Kill it, with a confirmation.
         page.get_by_text(sandbox_id[:8]).locator("xpath=..").get_by_role("link").click()
+        # Once the page has settled (its file listing and terminal are up): a kill cuts
+        # off whatever is still talking to the sandbox.
+        expect(page.get_by_role("button", name="..")).to_be_visible(timeout=SLOW)
+        expect(page.get_by_text("Connected.")).to_be_visible(timeout=SLOW)
         page.get_by_role("button", name="Kill").click()
         page.get_by_role("button", name="Confirm").click()
         expect(page.get_by_role("heading", name="Sandboxes")).to_be_visible(timeout=SLOW)

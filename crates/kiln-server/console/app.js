@@ -134,11 +134,8 @@ const enc = (s) => encodeURIComponent(s);
 // The routes this server has, from its OpenAPI document: optional features (snapshots,
 // previews) show only where the server has them.
 let routesCache = null;
-async function routes() {
-  if (!routesCache) {
-    const doc = await call("GET", "/openapi.json");
-    routesCache = Object.keys(doc.paths || {}).filter((p) => doc.paths[p].get);
-  }
+function routes() {
+  routesCache ||= call("GET", "/openapi.json").then((doc) => Object.keys(doc.paths || {}).filter((p) => doc.paths[p].get));
   return routesCache;
 }
 

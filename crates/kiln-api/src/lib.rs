@@ -19,13 +19,15 @@ pub mod templates;
 pub mod time;
 
 pub use codes::{ApiErrorCode, ErrorBody, ErrorDetail};
-pub use exec::{ExecEvent, ExecRequest, ExecResult, SessionControl, Utf8Chunks, EXEC_SUBPROTOCOL};
+pub use exec::{
+    ExecEvent, ExecRequest, ExecResult, SessionControl, TerminalSize, Utf8Chunks, EXEC_SUBPROTOCOL,
+};
 pub use files::FilesQuery;
 pub use network::{NetworkConfig, NetworkEvent, NetworkLogPage, NetworkLogQuery, NetworkVerdict};
 pub use request::RequestError;
 pub use sandboxes::{CreateSandbox, SandboxFilter, SandboxInfo, SandboxWithToken, UpdateSandbox};
 pub use status::{BuildStatus, LogStream, SandboxStatus, TemplateStatus};
-pub use templates::{BuildInfo, BuildLogEvent, CreatedTemplate, TemplateInfo};
+pub use templates::{BuildInfo, BuildLogEvent, CreatedTemplate, SpecValidation, TemplateInfo};
 
 /// The BuildSpec types, re-exported: a template's spec is part of the wire format.
 pub use kiln_spec::{

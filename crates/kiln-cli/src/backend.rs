@@ -8,8 +8,9 @@ use std::path::Path;
 use async_trait::async_trait;
 use kiln_api::{
     BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, SandboxInfo, TemplateInfo,
-    TemplateRequest,
+    TemplateRequest, TerminalSize,
 };
+use tokio::sync::mpsc;
 
 /// Which stream a piece of command output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +33,21 @@ pub(crate) struct Command {
     pub user: Option<String>,
 }
 
+/// What a user's terminal sends to a shell in a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ShellInput {
+    /// Keystrokes (raw bytes).
+    Data(Vec<u8>),
+    /// The window changed size.
+    Resize(TerminalSize),
+    /// The input ended (not a terminal, and its pipe or file is at its end).
+    Eof,
+}
+
 /// A log line callback.
 pub(crate) type OnLog<'a> = &'a mut (dyn FnMut(&BuildLogEvent) + Send);
+/// A terminal's output callback (raw bytes).
+pub(crate) type OnTerminal<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
 /// A command output callback.
 pub(crate) type OnOutput<'a> = &'a mut (dyn FnMut(Output, &[u8]) + Send);
 
@@ -88,6 +102,18 @@ pub(crate) trait Backend: Send + Sync {
 
     /// Runs a command, giving its output as it comes; returns its exit code.
     async fn exec(&self, id: &str, cmd: &Command, out: OnOutput<'_>) -> R<i32>;
+
+    /// Runs a command on a terminal of `size` in a sandbox (`cmd.req.pty` is set from it),
+    /// feeding it `input` and giving what the terminal shows to `out` as raw bytes;
+    /// returns its exit code.
+    async fn shell(
+        &self,
+        id: &str,
+        cmd: &Command,
+        size: TerminalSize,
+        input: mpsc::Receiver<ShellInput>,
+        out: OnTerminal<'_>,
+    ) -> R<i32>;
 
     /// Copies a file (a directory: a zip of it) out of a sandbox; returns the bytes.
     async fn download(&self, id: &str, path: &str, dst: &Path) -> R<u64>;

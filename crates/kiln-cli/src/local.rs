@@ -15,11 +15,12 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use kiln_api::{
     ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo,
-    SandboxStatus, TemplateInfo, TemplateRequest,
+    SandboxStatus, TemplateInfo, TemplateRequest, TerminalSize,
 };
 use kiln_engine::{Engine, FileContent, SessionEvent, SessionOptions};
+use tokio::sync::mpsc;
 
-use crate::backend::{Backend, Command, OnLog, OnOutput, Output, R};
+use crate::backend::{Backend, Command, OnLog, OnOutput, OnTerminal, Output, ShellInput, R};
 
 /// How long `create` waits for the keeper to bring the sandbox up.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -252,6 +253,49 @@ impl Backend for Local {
                     }
                     return Ok(exit_code);
                 }
+            }
+        }
+    }
+
+    async fn shell(
+        &self,
+        id: &str,
+        cmd: &Command,
+        size: TerminalSize,
+        mut input: mpsc::Receiver<ShellInput>,
+        out: OnTerminal<'_>,
+    ) -> R<i32> {
+        let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
+        let opts = SessionOptions {
+            stdin: true,
+            user: cmd.user.clone(),
+        };
+        let mut req = cmd.req.clone();
+        req.pty = Some(size);
+        let mut session = sandbox.session(&req, opts).await?;
+        let mut keys = session.input().context("a new session has its input")?;
+        let mut typing = true;
+        loop {
+            tokio::select! {
+                ev = session.next_event() => match ev? {
+                    SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => out(&b),
+                    SessionEvent::Exit { exit_code, error } => {
+                        if let Some(e) = error {
+                            out(format!("\r\n{e}\r\n").as_bytes());
+                        }
+                        return Ok(exit_code);
+                    }
+                },
+                key = input.recv(), if typing => match key {
+                    Some(ShellInput::Data(b)) => {
+                        keys.write_stdin(&b).await;
+                    }
+                    Some(ShellInput::Resize(size)) => keys.resize(size),
+                    Some(ShellInput::Eof) | None => {
+                        keys.close_stdin();
+                        typing = false;
+                    }
+                },
             }
         }
     }

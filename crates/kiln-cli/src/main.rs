@@ -15,6 +15,7 @@ mod sandbox;
 mod serve;
 mod state;
 mod template;
+mod terminal;
 mod validate;
 mod vm;
 

@@ -15,14 +15,15 @@ use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use kiln_api::{
     ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, NetworkConfig, SandboxInfo,
-    TemplateInfo, TemplateRequest,
+    TemplateInfo, TemplateRequest, TerminalSize,
 };
 use kiln_sdk::{
     Client, ListOptions, RunOptions, Sandbox, SandboxCreateOptions, Template, TemplateCreateOptions,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
-use crate::backend::{Backend, Command, OnLog, OnOutput, Output, R};
+use crate::backend::{Backend, Command, OnLog, OnOutput, OnTerminal, Output, ShellInput, R};
 
 /// A saved server: `kiln login` writes it, `kiln logout` removes it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -255,6 +256,52 @@ impl Backend for Remote {
                 |err: &str| put(Output::Stderr, err),
             )
             .await?;
+        Ok(result.exit_code)
+    }
+
+    async fn shell(
+        &self,
+        id: &str,
+        cmd: &Command,
+        size: TerminalSize,
+        mut input: mpsc::Receiver<ShellInput>,
+        out: OnTerminal<'_>,
+    ) -> R<i32> {
+        if cmd.user.is_some() {
+            bail!("--user is not available against a server: commands run as the template's user");
+        }
+        let s = Sandbox::connect(&self.client, id).await?;
+        let options = RunOptions {
+            cwd: cmd.req.working_dir.clone(),
+            env: cmd.req.env.clone(),
+            timeout_s: cmd.req.timeout_s,
+        };
+        let mut session = s
+            .commands()
+            .spawn_terminal(&cmd.req.command, size, options)
+            .await?;
+        let mut typing = true;
+        loop {
+            tokio::select! {
+                o = session.next_output() => match o {
+                    Some(kiln_sdk::Output::Terminal(b)) => out(&b),
+                    Some(_) => {}
+                    None => break,
+                },
+                key = input.recv(), if typing => match key {
+                    Some(ShellInput::Data(b)) => session.write_stdin(&b).await?,
+                    Some(ShellInput::Resize(size)) => session.resize(size).await?,
+                    Some(ShellInput::Eof) | None => {
+                        session.close_stdin().await?;
+                        typing = false;
+                    }
+                },
+            }
+        }
+        let result = session.wait().await?;
+        if !result.stderr.is_empty() {
+            out(format!("\r\n{}\r\n", result.stderr.trim_end()).as_bytes());
+        }
         Ok(result.exit_code)
     }
 

@@ -77,6 +77,27 @@ pub(crate) enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// An interactive shell (or CMD) on a terminal in a sandbox; exits with its exit code.
+    ///
+    /// The local terminal is in raw mode while it runs (Ctrl-C goes to the sandbox), and
+    /// the sandbox's terminal follows its size.
+    Shell {
+        /// Working directory (default: the template's).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Environment variable (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// User (default: the template's).
+        #[arg(long)]
+        user: Option<String>,
+        /// Sandbox id.
+        id: String,
+        /// The command, run with `/bin/sh -c` (default: bash if the sandbox has it,
+        /// else sh, as a login shell).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
     /// Copy a file in or out: `kiln sandbox cp LOCAL ID:/path` or `kiln sandbox cp ID:/path LOCAL`.
     Cp {
         /// Source.
@@ -155,7 +176,7 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
                     command: shell_join(&cmd),
                     working_dir: cwd,
                     env: pairs(&env)?,
-                    timeout_s: None,
+                    ..ExecRequest::default()
                 },
                 user,
             };
@@ -172,6 +193,38 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
                 .await?;
             Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
         }
+        Cmd::Shell {
+            cwd,
+            env,
+            user,
+            id,
+            cmd,
+        } => {
+            let command = Command {
+                req: ExecRequest {
+                    command: if cmd.is_empty() {
+                        DEFAULT_SHELL.to_owned()
+                    } else {
+                        shell_join(&cmd)
+                    },
+                    working_dir: cwd,
+                    env: pairs(&env)?,
+                    ..ExecRequest::default()
+                },
+                user,
+            };
+            let input = crate::terminal::input()?;
+            let raw = crate::terminal::RawMode::enter()?;
+            let mut out = std::io::stdout();
+            let code = backend
+                .shell(&id, &command, crate::terminal::size(), input, &mut |data| {
+                    let _ = out.write_all(data);
+                    let _ = out.flush();
+                })
+                .await;
+            drop(raw);
+            Ok(ExitCode::from(u8::try_from(code? & 0xff).unwrap_or(1)))
+        }
         Cmd::Cp { src, dst } => {
             let n = match (split_remote(&src), split_remote(&dst)) {
                 (Some((id, path)), None) => backend.download(id, path, dst.as_ref()).await?,
@@ -184,6 +237,11 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Keep { .. } => unreachable!("handled above"),
     }
 }
+
+/// The shell `kiln sandbox shell` runs without a command: a login shell, bash where the
+/// image has it.
+const DEFAULT_SHELL: &str =
+    "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi";
 
 pub fn pairs(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     items

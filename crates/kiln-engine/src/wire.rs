@@ -23,6 +23,7 @@ pub(crate) fn template(t: &Template) -> TemplateInfo {
         created_at: t.created_at,
         built_at: t.built_at,
         latest_build_id: t.latest_build_id.clone(),
+        build_spec: Some(t.build_spec.clone()),
     }
 }
 

@@ -67,7 +67,7 @@ pub use template::{LogCallback, Template, TemplateCreateOptions, BUILD_POLL_INTE
 /// The wire types, shared with the server (crate `kiln-api`): what the API answers.
 pub use kiln_api::{
     ApiErrorCode, BuildInfo, BuildLogEvent, BuildStatus, LogStream, NetworkConfig, SandboxInfo,
-    SandboxStatus, Step, TemplateInfo, TemplateStatus,
+    SandboxStatus, Step, TemplateInfo, TemplateStatus, TerminalSize,
 };
 
 /// The `reqwest` version the SDK uses, for [`ClientBuilder::http_client`] and

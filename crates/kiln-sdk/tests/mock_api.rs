@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kiln_sdk::{
     BuildLogEvent, BuildStatus, Client, Error, ListOptions, Output, RunOptions, Sandbox,
-    SandboxCreateOptions, SandboxStatus, Step, Template, TemplateCreateOptions,
+    SandboxCreateOptions, SandboxStatus, Step, Template, TemplateCreateOptions, TerminalSize,
 };
 use serde_json::json;
 
@@ -328,6 +328,9 @@ async fn echo_session(mut ws: WebSocket) {
     };
     let start: serde_json::Value = serde_json::from_str(start.as_str()).unwrap();
     assert_eq!(start["command"], "cat");
+    if !start["pty"].is_null() {
+        return terminal_session(ws, &start).await;
+    }
     // Half of a two-byte character first: the client keeps it whole.
     let e_acute = "\u{e9}".as_bytes();
     let _ = ws
@@ -362,6 +365,43 @@ async fn echo_session(mut ws: WebSocket) {
             json!({"finished": true, "exit_code": code})
                 .to_string()
                 .into(),
+        ))
+        .await;
+    let _ = ws.send(Message::Close(None)).await;
+}
+
+/// A terminal session: its size and every resize are written back on stdout as raw
+/// bytes (one of them not UTF-8), stdin is echoed; stdin_close ends it with 0.
+async fn terminal_session(mut ws: WebSocket, start: &serde_json::Value) {
+    let size = format!("size {}x{}?", start["pty"]["cols"], start["pty"]["rows"]);
+    let mut first = vec![1];
+    first.extend_from_slice(size.as_bytes());
+    *first.last_mut().unwrap() = 0xff;
+    let _ = ws.send(Message::Binary(first.into())).await;
+    while let Some(Ok(msg)) = ws.recv().await {
+        match msg {
+            Message::Binary(b) if b.first() == Some(&0) => {
+                let mut out = b.to_vec();
+                out[0] = 1;
+                let _ = ws.send(Message::Binary(out.into())).await;
+            }
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                match v["type"].as_str() {
+                    Some("resize") => {
+                        let out = format!("\x01resized {}x{}", v["cols"], v["rows"]);
+                        let _ = ws.send(Message::Binary(out.into_bytes().into())).await;
+                    }
+                    Some("stdin_close") => break,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = ws
+        .send(Message::Text(
+            json!({"finished": true, "exit_code": 0}).to_string().into(),
         ))
         .await;
     let _ = ws.send(Message::Close(None)).await;
@@ -609,6 +649,45 @@ async fn spawn_writes_stdin_reads_output_and_waits() {
     let r = s.wait().await.unwrap();
     assert_eq!(r.exit_code, 143);
     // The process is over: stdin and signals are no-ops, not errors.
+}
+
+#[tokio::test]
+async fn a_terminal_session_sends_its_size_and_resizes_and_gives_raw_bytes() {
+    let (c, _state) = start().await;
+    let sb = sandbox(&c).await;
+    let size = TerminalSize {
+        cols: 100,
+        rows: 30,
+    };
+    let mut s = sb
+        .commands()
+        .spawn_terminal("cat", size, RunOptions::default())
+        .await
+        .unwrap();
+    // Bytes as they were sent, not text: the last byte is not UTF-8.
+    assert_eq!(
+        s.next_output().await,
+        Some(Output::Terminal(b"size 100x30\xff"[..].into()))
+    );
+    s.resize(TerminalSize {
+        cols: 120,
+        rows: 40,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.next_output().await,
+        Some(Output::Terminal(b"resized 120x40"[..].into()))
+    );
+    s.write_stdin(b"\x03").await.unwrap();
+    assert_eq!(
+        s.next_output().await,
+        Some(Output::Terminal(b"\x03"[..].into()))
+    );
+    s.close_stdin().await.unwrap();
+    let r = s.wait().await.unwrap();
+    assert_eq!(r.exit_code, 0);
+    assert!(r.stdout.is_empty(), "a terminal's screen is not kept");
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@
 //! the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]). The server
 //! process owns the VMs of the sandboxes it starts.
 
+pub mod console;
 mod data;
 pub mod error;
 pub mod metrics;
@@ -44,6 +45,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health"),
     ("GET", "/openapi.json"),
     ("GET", "/metrics"),
+    ("GET", "/console"),
+    ("GET", "/console/{asset}"),
+    ("POST", "/validate"),
     ("GET", "/templates"),
     ("POST", "/templates"),
     ("GET", "/templates/{template}"),
@@ -107,6 +111,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_text))
+        .route("/console", get(console::index))
+        .route("/console/{asset}", get(console::asset))
+        .route("/validate", post(templates::validate))
         .route(
             "/templates",
             get(templates::list_templates).post(templates::create_template),
@@ -246,6 +253,7 @@ async fn metrics_text(State(state): State<AppState>) -> Result<Response, ApiErro
     let stats = state.engine.stats().await?;
     let mut text = state.metrics.render(&stats);
     metrics::render_pool(&mut text, state.engine.restore_pool_stats());
+    metrics::render_capacity(&mut text, state.engine.config());
     Ok(metrics::render_response(text))
 }
 

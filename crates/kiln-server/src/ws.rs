@@ -7,6 +7,12 @@
 //! `{"type":"signal","name":"SIGTERM"}` from the client, and a last
 //! `{"finished":true,"exit_code":n}` from the server before it closes. The access token
 //! rides in the `token.<value>` subprotocol, which is never echoed back.
+//!
+//! kiln's extension, which the official SDKs never use: a start frame with
+//! `"pty": {"cols", "rows"}` runs the command on a terminal of its own (its bytes on the
+//! stdout channel, stdin through the terminal), and `{"type":"resize","cols","rows"}`
+//! resizes it. A browser names the sandbox with a `sandbox.<id>` subprotocol, as it
+//! cannot set the header.
 
 use std::time::Duration;
 
@@ -14,7 +20,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures::{SinkExt as _, StreamExt as _};
 use kiln_api::exec::{channel, signal_number};
-use kiln_api::{ExecEvent, ExecRequest, SessionControl, EXEC_SUBPROTOCOL};
+use kiln_api::{ExecEvent, ExecRequest, SessionControl, TerminalSize, EXEC_SUBPROTOCOL};
 use kiln_engine::{SandboxHandle, SessionEvent, SessionOptions};
 
 use crate::data::Target;
@@ -113,6 +119,9 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
                         if let Some(sig) = signal_number(&name) {
                             input.signal(sig).await;
                         }
+                    }
+                    Ok(SessionControl::Resize { cols, rows }) => {
+                        input.resize(TerminalSize { cols, rows });
                     }
                     Err(_) => {}
                 },

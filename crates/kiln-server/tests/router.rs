@@ -1106,3 +1106,168 @@ async fn a_running_sandbox_answers_commands_until_paused_and_after_resume() {
     assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
     assert!(a.t.hypervisor.alive().is_empty(), "no VM left");
 }
+
+/// kiln's terminal sessions: a start frame with `pty` runs the command on a terminal, a
+/// browser names the sandbox and its token in subprotocols (it cannot set headers), and
+/// the other exec routes refuse a terminal.
+#[tokio::test]
+async fn terminal_sessions_over_the_websocket() {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    a.ready_template("acme", "web").await;
+    let body = json!({"name": "s", "from_template": "web"})
+        .to_string()
+        .into_bytes();
+    let (_, created) = a.call("POST", "/sandboxes", Some(&key), Some(body)).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["access_token"].as_str().unwrap().to_owned();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+        listener,
+        a.app.clone(),
+    )));
+
+    let mut req = format!("ws://{addr}/exec/connect")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("superserve.exec.v1, sandbox.{id}, token.{token}")
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    // Only the session's own subprotocol is echoed: never the token.
+    assert_eq!(
+        resp.headers()["sec-websocket-protocol"],
+        "superserve.exec.v1"
+    );
+    let start = json!({"command": "exit 3", "pty": {"cols": 100, "rows": 30}});
+    ws.send(Message::Text(start.to_string().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        json!({"type": "resize", "cols": 120, "rows": 40})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let mut stdout = Vec::new();
+    let mut last = Value::Null;
+    while let Some(Ok(m)) = ws.next().await {
+        match m {
+            Message::Binary(b) if b.first() == Some(&1) => stdout.extend_from_slice(&b[1..]),
+            Message::Text(t) => last = serde_json::from_str(t.as_str()).unwrap(),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    // The fake agent echoes the command; the exit code comes back as from a real one.
+    assert_eq!(stdout, b"exit 3");
+    assert_eq!(last, json!({"finished": true, "exit_code": 3}));
+
+    // A bad size is refused in the session, with the reason.
+    let mut req = format!("ws://{addr}/exec/connect")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("superserve.exec.v1, sandbox.{id}, token.{token}")
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let start = json!({"command": "sh", "pty": {"cols": 0, "rows": 30}});
+    ws.send(Message::Text(start.to_string().into()))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) => {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            assert!(v["error"].as_str().unwrap().contains("pty:"), "{v}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // `/exec` and `/exec/stream` have no terminal.
+    for route in ["/exec", "/exec/stream"] {
+        let (s, _, v) = a
+            .call_with(
+                "POST",
+                route,
+                &[("x-superserve-sandbox-id", &id), ("x-access-token", &token)],
+                Some(
+                    json!({"command": "sh", "pty": {"cols": 80, "rows": 24}})
+                        .to_string()
+                        .into_bytes(),
+                ),
+            )
+            .await;
+        assert_eq!(
+            (s, error_code(&v)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{route}"
+        );
+    }
+    server.abort();
+}
+
+/// The console is static and locked down: its page and files carry the Content-Security
+/// Policy; unknown files are a 404 in the API's shape; `/validate` words problems as
+/// `kiln validate` does and needs a key like every other call.
+#[tokio::test]
+async fn the_console_and_spec_validation() {
+    let a = api(Limits::UNLIMITED).await;
+    for path in [
+        "/console",
+        "/console/app.js",
+        "/console/xterm.js",
+        "/console/app.css",
+    ] {
+        let (s, headers, _) = a.call_with("GET", path, &[], None).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self';"), "{path}: {csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+    }
+    let (s, _, v) = a.call_with("GET", "/console/nope.js", &[], None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+
+    let body = json!({"name": "x", "build_spec": {"from": ""}}).to_string();
+    let (s, v) = a
+        .call("POST", "/validate", None, Some(body.clone().into_bytes()))
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let key = a.key("acme").await;
+    let (s, v) = a
+        .call("POST", "/validate", Some(&key), Some(body.into_bytes()))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["valid"], false);
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("build_spec.from: "),
+        "{v}"
+    );
+    let good = json!({"name": "x", "build_spec": {"from": "python:3.11"}}).to_string();
+    let (_, v) = a
+        .call("POST", "/validate", Some(&key), Some(good.into_bytes()))
+        .await;
+    assert_eq!(
+        (v["valid"].as_bool(), v["problems"].as_array().map(Vec::len)),
+        (Some(true), Some(0))
+    );
+}

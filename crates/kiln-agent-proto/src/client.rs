@@ -486,6 +486,104 @@ impl ExecHandle {
     }
 }
 
+/// A TCP connection to a port inside the guest, relayed by the agent
+/// ([`AgentClient::connect_port`]): an [`AsyncRead`] + [`AsyncWrite`] like a socket.
+/// Shutting down the write half half-closes the guest's socket; dropping the stream
+/// closes it. Both directions are flow controlled by the protocol's credit, so a slow
+/// reader on either side holds its writer back instead of growing a buffer.
+#[derive(Debug)]
+pub struct PortStream {
+    stream: Stream,
+    /// The write half: the same writer as an exec's stdin (data on channel 0 under the
+    /// agent's credit, eof on shutdown).
+    writer: ExecStdin,
+    /// The rest of a data frame the reader has not taken yet.
+    pending: Bytes,
+    /// The guest's end of data was seen (eof, or the stream's end).
+    read_done: bool,
+    /// The agent ended the stream (`done` or `error`): nothing to close on drop.
+    finished: bool,
+}
+
+impl PortStream {
+    fn gone(e: ClientError) -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
+    }
+}
+
+impl AsyncRead for PortStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending.split_to(n));
+                this.stream.consumed(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            match this.stream.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                // The agent connection died under the stream.
+                Poll::Ready(None) => {
+                    this.read_done = true;
+                    return Poll::Ready(Err(Self::gone(ClientError::Disconnected)));
+                }
+                Poll::Ready(Some(Incoming::Data(channel::STDOUT, b))) => this.pending = b,
+                Poll::Ready(Some(Incoming::Data(..))) => {}
+                Poll::Ready(Some(Incoming::Eof)) => this.read_done = true,
+                Poll::Ready(Some(Incoming::Msg(AgentMsg::Error(e)))) => {
+                    this.read_done = true;
+                    this.finished = true;
+                    return Poll::Ready(Err(Self::gone(ClientError::Agent {
+                        code: e.code,
+                        message: e.message,
+                    })));
+                }
+                Poll::Ready(Some(Incoming::Msg(m))) => {
+                    if m.is_final() {
+                        this.read_done = true;
+                        this.finished = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PortStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().writer).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_shutdown(cx)
+    }
+}
+
+impl Drop for PortStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The agent shuts the guest's socket down and ends the stream.
+            let _ = self.stream.inner.send_msg(self.stream.id, &HostMsg::Close);
+        }
+    }
+}
+
 /// A connection to one guest agent.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
@@ -661,6 +759,27 @@ impl AgentClient {
             stream: s,
             pid,
             stdin,
+            finished: false,
+        })
+    }
+
+    /// Opens a TCP connection to `port` on the guest's loopback through the agent (no
+    /// port on the host is involved). Nothing listening there is an
+    /// [`ErrorCode::ConnectionRefused`] agent error; an agent that predates connections
+    /// answers with [`ErrorCode::BadFrame`] (it cannot read the request).
+    pub async fn connect_port(&self, port: u16) -> Result<PortStream> {
+        let mut s = self.open()?;
+        s.inner.send_msg(s.id, &HostMsg::Connect { port })?;
+        match s.recv_msg().await? {
+            AgentMsg::Connected => {}
+            m => return Err(unexpected(m)),
+        }
+        let writer = ExecStdin::new(s.inner.clone(), s.id, s.window.clone());
+        Ok(PortStream {
+            stream: s,
+            writer,
+            pending: Bytes::new(),
+            read_done: false,
             finished: false,
         })
     }

@@ -4,17 +4,20 @@
 //!
 //! It answers the handshake, `health`, `set_clock`, `get_defaults`/`set_defaults` (kept in
 //! memory), `kill_pid`, and `exec`: the command is not run; its stdout is the command
-//! text, and a command of the form `exit N` exits with `N` (0 otherwise). Everything else
-//! is an `unsupported` error (`exec` with `pty` is confirmed as a terminal; `signal` and
-//! `resize` get no reply, as from the real agent). Every request is recorded for the test
-//! to inspect.
+//! text, and a command of the form `exit N` exits with `N` (0 otherwise). `connect`
+//! reaches the port on the *host's* loopback (a test runs its "guest app" there), relayed
+//! as the real agent relays a guest port. Everything else is an `unsupported` error
+//! (`exec` with `pty` is confirmed as a terminal; `signal` and `resize` get no reply, as
+//! from the real agent). Every request is recorded for the test to inspect.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
 
 use crate::frame::{channel, DecodeEvent, Decoder, Frame, FrameKind, MAX_FRAME, SYNC};
 use crate::msg::{
@@ -81,30 +84,150 @@ impl FakeAgent {
     }
 }
 
-async fn serve_connection(mut conn: UnixStream, state: &Mutex<FakeAgentState>) {
+/// The host's bytes for one `connect` stream (data, or `None` for its eof).
+type ConnInput = mpsc::UnboundedSender<Option<Bytes>>;
+
+async fn serve_connection(conn: UnixStream, state: &Mutex<FakeAgentState>) {
+    let (mut r, mut w) = conn.into_split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
+    let writer = tokio::spawn(async move {
+        while let Some(b) = out_rx.recv().await {
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut conns: HashMap<u32, ConnInput> = HashMap::new();
     let mut dec = Decoder::new_hunting(MAX_FRAME);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match conn.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         dec.push(&buf[..n]);
         while let Some(ev) = dec.next_event() {
             let DecodeEvent::Frame(f) = ev else { continue };
-            if f.kind != FrameKind::Control {
-                continue;
+            match f.kind {
+                FrameKind::Data | FrameKind::Eof => {
+                    if let Some(tx) = conns.get(&f.stream) {
+                        let len = f.payload.len() as u32;
+                        let eof = f.kind == FrameKind::Eof;
+                        let _ = tx.send((!eof).then_some(f.payload));
+                        if !eof {
+                            let mut out = BytesMut::new();
+                            reply(f.stream, &AgentMsg::Credit { bytes: len }, &mut out);
+                            let _ = out_tx.send(out.freeze());
+                        }
+                    }
+                    continue;
+                }
+                FrameKind::Control => {}
             }
             let Ok(msg) = serde_json::from_slice::<HostMsg>(&f.payload) else {
                 continue;
             };
-            let mut out = BytesMut::new();
-            answer(f.stream, msg, state, &mut out);
-            if conn.write_all(&out).await.is_err() {
-                return;
+            match msg {
+                HostMsg::Connect { port } => {
+                    record(state, &msg);
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    conns.insert(f.stream, tx);
+                    tokio::spawn(relay(f.stream, port, rx, out_tx.clone()));
+                }
+                HostMsg::Close => {
+                    record(state, &msg);
+                    conns.remove(&f.stream);
+                }
+                msg => {
+                    let mut out = BytesMut::new();
+                    answer(f.stream, msg, state, &mut out);
+                    if out_tx.send(out.freeze()).is_err() {
+                        break;
+                    }
+                }
             }
         }
     }
+    // The host went away: its connections close, as the real agent's do.
+    drop(conns);
+    writer.abort();
+}
+
+fn record(state: &Mutex<FakeAgentState>, msg: &HostMsg) {
+    state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .requests
+        .push(msg.clone());
+}
+
+/// One `connect`: the host's loopback `port`, relayed both ways until both ends are done
+/// or the host closes the stream (drops its sender). Credit is not enforced.
+async fn relay(
+    stream: u32,
+    port: u16,
+    mut input: mpsc::UnboundedReceiver<Option<Bytes>>,
+    out: mpsc::UnboundedSender<Bytes>,
+) {
+    let send = |m: &AgentMsg| {
+        let mut b = BytesMut::new();
+        reply(stream, m, &mut b);
+        let _ = out.send(b.freeze());
+    };
+    let sock = match TcpStream::connect(("127.0.0.1", port)).await {
+        Ok(s) => s,
+        Err(e) => {
+            send(&AgentMsg::Error(ErrorReply {
+                code: if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    ErrorCode::ConnectionRefused
+                } else {
+                    ErrorCode::Io
+                },
+                message: format!("connect to port {port}: {e}"),
+            }));
+            return;
+        }
+    };
+    send(&AgentMsg::Connected);
+    let (mut sr, mut sw) = sock.into_split();
+    let (mut to_guest_done, mut from_guest_done) = (false, false);
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while !(to_guest_done && from_guest_done) {
+        tokio::select! {
+            // Still read after the host's eof: the end of the channel is its `close`.
+            item = input.recv() => match item {
+                Some(Some(b)) => {
+                    if to_guest_done || sw.write_all(&b).await.is_err() {
+                        to_guest_done = true;
+                    }
+                }
+                Some(None) => {
+                    if !to_guest_done {
+                        let _ = sw.shutdown().await;
+                    }
+                    to_guest_done = true;
+                }
+                // Closed by the host: abort the connection (a reset, as the real agent).
+                None => {
+                    let _ = sw.as_ref().set_zero_linger();
+                    break;
+                }
+            },
+            n = sr.read(&mut buf), if !from_guest_done => match n {
+                Ok(0) | Err(_) => {
+                    from_guest_done = true;
+                    let _ = out.send(Frame::eof(stream, channel::STDOUT).encode());
+                }
+                Ok(n) => {
+                    total += n as u64;
+                    let data = Bytes::copy_from_slice(&buf[..n]);
+                    let _ = out.send(Frame::data(stream, channel::STDOUT, data).encode());
+                }
+            },
+        }
+    }
+    send(&AgentMsg::Done { bytes: total });
 }
 
 fn reply(stream: u32, m: &AgentMsg, out: &mut BytesMut) {
@@ -178,7 +301,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::AgentClient;
+    use crate::{AgentClient, ClientError};
 
     #[tokio::test]
     async fn a_real_client_talks_to_it() {
@@ -203,5 +326,50 @@ mod tests {
         assert_eq!(out.status.code, Some(3));
         assert_eq!(out.stdout, b"exit 3");
         assert!(client.stat("/x").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn connect_relays_a_port_both_ways() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let agent =
+            FakeAgent::serve(&dir.path().join("a.sock"), RuntimeDefaults::default()).unwrap();
+        let client = AgentClient::connect_unix(agent.socket(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        // An upper-casing echo server stands in for the guest's app.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(&got.to_ascii_uppercase()).await.unwrap();
+        });
+        let mut conn = client.connect_port(port).await.unwrap();
+        // More than the flow-control window, so credit has to come back.
+        let sent = vec![b'a'; 3 * crate::INITIAL_WINDOW as usize / 2];
+        conn.write_all(&sent).await.unwrap();
+        conn.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        conn.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back.len(), sent.len());
+        assert!(back.iter().all(|b| *b == b'A'));
+
+        // Nothing listens on a port that was just freed.
+        let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = free.local_addr().unwrap().port();
+        drop(free);
+        let err = client.connect_port(dead).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Agent {
+                    code: ErrorCode::ConnectionRefused,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 }

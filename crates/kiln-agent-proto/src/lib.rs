@@ -21,7 +21,7 @@ pub mod fake;
 
 #[cfg(feature = "client")]
 pub use client::{
-    AgentClient, ClientError, ExecControl, ExecEvent, ExecHandle, ExecOutput, ExecStdin,
+    AgentClient, ClientError, ExecControl, ExecEvent, ExecHandle, ExecOutput, ExecStdin, PortStream,
 };
 pub use frame::{DecodeEvent, Decoder, Frame, FrameKind};
 pub use msg::*;

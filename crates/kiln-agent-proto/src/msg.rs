@@ -12,6 +12,7 @@
 //! | `read_file` | data on channel 1, `done` (final) |
 //! | `write_file` | host sends data on channel 0 then eof; agent sends `credit`s, then `done` (final) |
 //! | `list_dir` | `dir_entries` batches, `done` (final) |
+//! | `connect` | `connected`, then a byte stream both ways (below), `done` (final) |
 //!
 //! Any request may instead end with `error` (final). Data is flow controlled in both
 //! directions, per stream: a sender may have at most [`INITIAL_WINDOW`] unacknowledged
@@ -22,6 +23,16 @@
 //!
 //! On an exec's stream the host may also send `signal` (to its process group) and, for a
 //! terminal, `resize`; neither gets a reply.
+//!
+//! **Connections** (`connect`, for preview URLs): the agent opens a TCP connection to a
+//! port on the guest's loopback (IPv4, then IPv6) and answers `connected`, or `error`
+//! (`connection_refused` when nothing listens). Then the host's data on channel 0 goes to
+//! the socket (the agent returns `credit` as it writes), the socket's bytes come back on
+//! channel 1 (under the host's credit), an eof on channel 0 half-closes the socket
+//! (`shutdown(SHUT_WR)`) and the socket's end of data is an eof on channel 1. `done`
+//! (final, `bytes` = bytes from the guest) follows once both directions have ended. The
+//! host ends a connection early with `close` (no reply beyond the final `done`); a host
+//! that goes away closes all of its connections.
 //!
 //! **Versions.** [`PROTOCOL_VERSION`] changes only when a message an older peer relies on
 //! changes meaning; the client refuses an agent of another version. Additions are
@@ -114,6 +125,14 @@ pub enum HostMsg {
         #[serde(default)]
         recursive: bool,
     },
+    /// Open a TCP connection to `port` on the guest's loopback (a preview URL's request):
+    /// the stream then carries its bytes both ways.
+    Connect {
+        port: u16,
+    },
+    /// Abandon this stream's connection: the socket is shut down both ways and the stream
+    /// ends with `done`. Ignored on other streams.
+    Close,
 }
 
 /// Messages the agent sends.
@@ -140,6 +159,8 @@ pub enum AgentMsg {
     BackgroundStarted {
         pid: i32,
     },
+    /// A `connect` reached its port: bytes flow from now on.
+    Connected,
     PidStatus(PidStatus),
     Stat(FileStat),
     DirEntries {
@@ -162,7 +183,10 @@ impl AgentMsg {
     pub fn is_final(&self) -> bool {
         !matches!(
             self,
-            AgentMsg::ExecStarted { .. } | AgentMsg::DirEntries { .. } | AgentMsg::Credit { .. }
+            AgentMsg::ExecStarted { .. }
+                | AgentMsg::DirEntries { .. }
+                | AgentMsg::Credit { .. }
+                | AgentMsg::Connected
         )
     }
 }
@@ -350,6 +374,8 @@ pub enum ErrorCode {
     NoSuchProcess,
     Io,
     Unsupported,
+    /// Nothing listens on the port a `connect` asked for.
+    ConnectionRefused,
     #[serde(other)]
     Unknown,
 }
@@ -426,6 +452,27 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&AgentMsg::ExecStarted { pid: 7, pty: false }).unwrap(),
             r#"{"type":"exec_started","pid":7}"#
+        );
+    }
+
+    #[test]
+    fn connection_messages_are_stable() {
+        assert_eq!(
+            serde_json::to_value(HostMsg::Connect { port: 8080 }).unwrap(),
+            serde_json::json!({"type": "connect", "port": 8080})
+        );
+        assert_eq!(
+            serde_json::to_value(HostMsg::Close).unwrap(),
+            serde_json::json!({"type": "close"})
+        );
+        assert_eq!(
+            serde_json::to_string(&AgentMsg::Connected).unwrap(),
+            r#"{"type":"connected"}"#
+        );
+        assert!(!AgentMsg::Connected.is_final());
+        assert_eq!(
+            ErrorCode::ConnectionRefused.to_string(),
+            "connection_refused"
         );
     }
 

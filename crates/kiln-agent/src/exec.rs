@@ -208,6 +208,7 @@ pub fn start(ctx: Ctx, req: ExecRequest) -> Option<Entry> {
         input,
         window,
         pty: None,
+        conn: None,
     })
 }
 
@@ -277,6 +278,7 @@ fn start_pty(ctx: Ctx, mut cmd: Command, size: PtySize, timeout_ms: Option<u64>)
         input: Some(tx),
         window: ctx.window.clone(),
         pty: Some(Arc::new(master)),
+        conn: None,
     })
 }
 

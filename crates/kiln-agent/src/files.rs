@@ -293,6 +293,7 @@ pub fn start_write(ctx: Ctx, req: WriteFileRequest) -> Option<Entry> {
         input: Some(tx),
         window,
         pty: None,
+        conn: None,
     })
 }
 

@@ -3,6 +3,7 @@
 //! `--listen-unix PATH` it serves the same protocol on a unix socket, without any init
 //! duties, so exec/files logic can be tested on a host.
 
+mod connect;
 mod exec;
 mod files;
 mod init;

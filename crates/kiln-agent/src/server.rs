@@ -163,6 +163,8 @@ pub struct Entry {
     pub window: Arc<Window>,
     /// For an exec on a terminal: its master side, for `resize`.
     pub pty: Option<Arc<OwnedFd>>,
+    /// For a `connect`: its connection, for `close`.
+    pub conn: Option<Arc<crate::connect::Conn>>,
 }
 
 impl Entry {
@@ -175,6 +177,7 @@ impl Entry {
                 input: None,
                 window: ctx.window.clone(),
                 pty: None,
+                conn: None,
             },
             done,
         )
@@ -188,6 +191,8 @@ impl Entry {
 pub struct Window {
     avail: Mutex<u64>,
     cv: Condvar,
+    /// The host abandoned the stream: nothing more will be credited.
+    cancelled: AtomicBool,
 }
 
 impl Window {
@@ -195,7 +200,14 @@ impl Window {
         Arc::new(Self {
             avail: Mutex::new(u64::from(INITIAL_WINDOW)),
             cv: Condvar::new(),
+            cancelled: AtomicBool::new(false),
         })
+    }
+
+    /// Wakes a sender waiting for credit and makes it give up.
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
     }
 
     fn add(&self, n: u32) {
@@ -212,7 +224,7 @@ impl Window {
                 *a -= n;
                 return true;
             }
-            if !valid() {
+            if !valid() || self.cancelled.load(Ordering::SeqCst) {
                 return false;
             }
             a = self
@@ -533,6 +545,15 @@ fn handle_frame(agent: &Arc<Agent>, streams: &mut HashMap<u32, Entry>, f: Frame)
                 }
                 return;
             }
+            if let HostMsg::Close = msg {
+                if let Some(e) = streams.get(&f.stream) {
+                    if let Some(conn) = &e.conn {
+                        conn.close();
+                        e.window.cancel();
+                    }
+                }
+                return;
+            }
             if let HostMsg::Resize { cols, rows } = msg {
                 if let Some(pty) = streams.get(&f.stream).and_then(|e| e.pty.as_ref()) {
                     if let Err(e) = exec::resize(pty.as_fd(), PtySize { cols, rows }) {
@@ -591,7 +612,11 @@ fn dispatch(ctx: Ctx, msg: HostMsg) -> Option<Entry> {
             ctx.error(ErrorCode::InvalidRequest, "hello is only valid on stream 0");
             None
         }
-        HostMsg::Signal { .. } | HostMsg::Resize { .. } | HostMsg::Credit { .. } => None,
+        HostMsg::Signal { .. }
+        | HostMsg::Resize { .. }
+        | HostMsg::Credit { .. }
+        | HostMsg::Close => None,
+        HostMsg::Connect { port } => crate::connect::start(ctx, port),
         HostMsg::Health => {
             let a = &ctx.agent;
             ctx.reply(&AgentMsg::Health(Health {

@@ -844,3 +844,104 @@ async fn collect_terminal(
     assert!(out.stderr.is_empty(), "{:?}", out.stderr);
     (out.stdout, out.status)
 }
+
+// ---- connections (preview URLs) --------------------------------------------------
+
+/// A port on the loopback that nothing listens on.
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn connect_relays_both_ways_with_half_close() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let a = start_agent(&[]);
+    let c = connect(&a).await;
+    // The "guest's web server": reads everything, then answers it reversed.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got.reverse();
+        s.write_all(&got).await.unwrap();
+    });
+    let mut conn = c.connect_port(port).await.unwrap();
+    // Three windows' worth each way: credit must flow in both directions.
+    let sent: Vec<u8> = (0..3 * kiln_agent_proto::INITIAL_WINDOW as usize)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    conn.write_all(&sent).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    conn.read_to_end(&mut back).await.unwrap();
+    let mut want = sent.clone();
+    want.reverse();
+    assert!(back == want, "{} bytes back", back.len());
+    server.await.unwrap();
+
+    let err = c.connect_port(dead_port()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Agent {
+                code: ErrorCode::ConnectionRefused,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The connection to the agent is still good.
+    c.health().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_connection_closes_the_guest_socket() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let a = start_agent(&[]);
+    let c = connect(&a).await;
+    // A server that streams forever (an SSE endpoint nobody reads to the end): it must
+    // see its client go away once the host drops the stream, even while the agent waits
+    // for credit.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        loop {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut conn = c.connect_port(port).await.unwrap();
+    let mut first = [0u8; 1024];
+    conn.read_exact(&mut first).await.unwrap();
+    drop(conn);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the guest's socket must be closed")
+        .unwrap();
+
+    // The same when the host connection itself goes away.
+    drop(c);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 16];
+        // EOF (or a reset) once the agent closes its side.
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let mut r = Raw::connect(&a.sock);
+    r.hello(1);
+    r.msg(3, &HostMsg::Connect { port });
+    assert!(matches!(r.recv(), (3, AgentMsg::Connected)));
+    drop(r);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the guest's socket must be closed with the host connection")
+        .unwrap();
+}

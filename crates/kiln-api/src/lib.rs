@@ -12,6 +12,7 @@ pub mod codes;
 pub mod exec;
 pub mod files;
 pub mod network;
+pub mod preview;
 pub mod request;
 pub mod sandboxes;
 pub mod status;
@@ -24,6 +25,10 @@ pub use exec::{
 };
 pub use files::FilesQuery;
 pub use network::{NetworkConfig, NetworkEvent, NetworkLogPage, NetworkLogQuery, NetworkVerdict};
+pub use preview::{
+    PortAccess, PreviewAccess, PreviewPortList, PreviewSite, PreviewToken, PreviewTokenRequest,
+    PublishPreviewPort, PublishedPreviewPort,
+};
 pub use request::RequestError;
 pub use sandboxes::{CreateSandbox, SandboxFilter, SandboxInfo, SandboxWithToken, UpdateSandbox};
 pub use status::{BuildStatus, LogStream, SandboxStatus, TemplateStatus};

@@ -37,11 +37,12 @@ pub enum NetworkVerdict {
     Failed,
 }
 
-/// One row of a sandbox's network log (the SDK's `NetworkEvent`). `kind: connection` rows
-/// are all kiln writes today.
+/// One row of a sandbox's network log (the SDK's `NetworkEvent`): `kind: connection` for a
+/// connection the sandbox made through the egress proxy, `kind: request` with `direction:
+/// inbound` for a request that reached it through a preview URL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkEvent {
-    /// `connection`.
+    /// `connection` or `request`.
     pub kind: String,
     /// Orders the log; pass the last one of a page as `before` for the next page.
     #[serde(default)]
@@ -72,7 +73,26 @@ pub struct NetworkEvent {
     /// Bytes to the guest.
     #[serde(default)]
     pub bytes_recv: u64,
+    /// `inbound` for requests that came into the sandbox (kiln's addition); absent for
+    /// its own outgoing connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// A request row's method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// A request row's path, without its query string (which may hold a credential).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A request row's response status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// A request row's time to the response head, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
 }
+
+/// The `direction` of a request that came in through a preview URL.
+pub const INBOUND: &str = "inbound";
 
 /// `GET /sandboxes/{id}/network` filters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -188,6 +208,11 @@ mod tests {
             error_code: None,
             bytes_sent: 0,
             bytes_recv: 0,
+            direction: None,
+            method: None,
+            path: None,
+            status: None,
+            latency_ms: None,
         }
     }
 

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::network::NetworkConfig;
+use crate::preview::PreviewAccess;
 use crate::request::{parse_count, RequestError};
 use crate::status::SandboxStatus;
 
@@ -55,9 +56,14 @@ pub struct SandboxInfo {
     /// Its egress rules, when any were set.
     #[serde(default)]
     pub network: Option<NetworkConfig>,
-    /// Superserve's preview access policy (`legacy_public` in kiln for now).
-    #[serde(default)]
-    pub preview_access: Option<String>,
+    /// Which of its ports preview URLs serve, and how (absent from an older server:
+    /// `legacy_public`, as the SDKs read it).
+    #[serde(default = "legacy_public")]
+    pub preview_access: PreviewAccess,
+}
+
+fn legacy_public() -> PreviewAccess {
+    PreviewAccess::LegacyPublic
 }
 
 /// What create, resume and activate answer: the sandbox and the token that opens its data
@@ -103,9 +109,9 @@ pub struct CreateSandbox {
     /// Not implemented by kiln yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<serde_json::Value>,
-    /// Not implemented by kiln yet.
+    /// Its preview policy, `public` or `private` (none: `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preview_access: Option<serde_json::Value>,
+    pub preview_access: Option<PreviewAccess>,
 }
 
 impl CreateSandbox {
@@ -127,8 +133,10 @@ impl CreateSandbox {
             ("timeout_seconds", is_set(&self.timeout_seconds)),
             ("auto_delete_seconds", is_set(&self.auto_delete_seconds)),
             ("secrets", is_set(&self.secrets)),
-            ("preview_access", is_set(&self.preview_access)),
         ])?;
+        if let Some(a) = self.preview_access {
+            a.check_choice()?;
+        }
         if self.from_template.as_deref().is_none_or(str::is_empty) {
             return Err(RequestError::invalid("from_template: is required"));
         }
@@ -162,9 +170,10 @@ pub struct UpdateSandbox {
     /// Not implemented by kiln yet (`null` is accepted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_delete_seconds: Option<serde_json::Value>,
-    /// Not implemented by kiln yet (`null` is accepted).
+    /// A new preview policy, `public` or `private`; published ports keep their access
+    /// (moving away from `legacy_public` closes every unpublished port at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preview_access: Option<serde_json::Value>,
+    pub preview_access: Option<PreviewAccess>,
 }
 
 impl UpdateSandbox {
@@ -173,8 +182,10 @@ impl UpdateSandbox {
         unsupported(&[
             ("timeout_seconds", is_set(&self.timeout_seconds)),
             ("auto_delete_seconds", is_set(&self.auto_delete_seconds)),
-            ("preview_access", is_set(&self.preview_access)),
         ])?;
+        if let Some(a) = self.preview_access {
+            a.check_choice()?;
+        }
         if let Some(m) = &self.metadata {
             check_map("metadata", m)?;
         }
@@ -327,6 +338,37 @@ mod tests {
             serde_json::from_value::<CreateSandbox>(serde_json::json!({"name": "a", "nope": 1}))
                 .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn preview_access_is_public_or_private() {
+        let req: CreateSandbox = serde_json::from_value(
+            serde_json::json!({"name": "a", "from_template": "t", "preview_access": "private"}),
+        )
+        .unwrap();
+        assert_eq!(req.preview_access, Some(PreviewAccess::Private));
+        req.validate().unwrap();
+        for bad in ["legacy_public", "open"] {
+            let req: CreateSandbox = serde_json::from_value(
+                serde_json::json!({"name": "a", "from_template": "t", "preview_access": bad}),
+            )
+            .unwrap();
+            assert!(req
+                .validate()
+                .unwrap_err()
+                .message
+                .starts_with("preview_access:"));
+            let upd: UpdateSandbox =
+                serde_json::from_value(serde_json::json!({ "preview_access": bad })).unwrap();
+            assert!(upd.validate().is_err());
+        }
+        // An older server's info has no policy: the SDKs read `legacy_public`.
+        let info: SandboxInfo = serde_json::from_value(serde_json::json!({
+            "id": "x", "name": "x", "status": "active",
+            "created_at": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(info.preview_access, PreviewAccess::LegacyPublic);
     }
 
     #[test]

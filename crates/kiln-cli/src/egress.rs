@@ -1,7 +1,6 @@
 //! `kiln egress-proxy`: what QEMU runs for every connection a VM makes to the outside,
 //! with the connection on stdin and stdout (see `kiln_net::proxy`). Not for people.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,26 +13,6 @@ pub struct Args {
     /// Append one line per connection here.
     #[arg(long)]
     log: Option<PathBuf>,
-}
-
-/// The log is kept to about [`MAX_LOG`]: past it, the current file becomes `.1` (the
-/// previous `.1` goes) and a new one starts.
-const MAX_LOG: u64 = 8 << 20;
-
-fn append_log(path: &std::path::Path, record: &kiln_api::NetworkEvent) {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_LOG) {
-        let _ = std::fs::rename(path, path.with_extension("log.1"));
-    }
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        // One write per line: concurrent proxies append whole lines.
-        let mut line = serde_json::to_vec(record).unwrap_or_default();
-        line.push(b'\n');
-        let _ = f.write_all(&line);
-    }
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -69,7 +48,7 @@ pub fn run(args: Args) -> ExitCode {
             }
             .log_record(id, now),
         };
-        append_log(&path, &record);
+        kiln_net::log::append(&path, &record);
     }
     ExitCode::SUCCESS
 }

@@ -14,6 +14,7 @@ mod lifecycle_tests;
 mod live;
 mod logs;
 mod pool;
+mod preview;
 mod sandboxes;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -44,6 +45,7 @@ pub use kiln_store::{
 };
 pub use live::{Paused, Recovered, SandboxUp};
 pub use pool::PoolStats;
+pub use preview::{InboundRequest, PreviewError, PreviewGrant, TOKEN_KEY_FILE};
 pub use sandboxes::{pid_alive, LiveSandbox, Owner, SandboxEndpoint, ENDPOINT_FILE};
 
 /// The team the CLI's embedded mode works as.
@@ -83,6 +85,9 @@ pub struct EngineConfig {
     /// The guest agent (default: `$KILN_AGENT_BIN`, else the workspace build); the `kiln`
     /// binary hands down the one built into it.
     pub agent: kiln_vm::provision::AgentSource,
+    /// Where preview URLs point (`KILN_PREVIEW_DOMAIN`; by default
+    /// `http://{port}-{id}.preview.localhost:8080`).
+    pub preview: kiln_api::PreviewSite,
 }
 
 impl EngineConfig {
@@ -111,6 +116,10 @@ impl EngineConfig {
             restore_pool_idle: Duration::from_secs(600),
             hypervisor: Arc::new(kiln_vm::Qemu),
             agent: Default::default(),
+            preview: kiln_api::PreviewSite::for_domain(
+                kiln_api::preview::DEFAULT_PREVIEW_DOMAIN,
+                8080,
+            ),
         }
     }
 }
@@ -147,6 +156,8 @@ pub struct Engine {
     running_builds: builds::RunningBuilds,
     /// QEMU processes waiting for a snapshot to load.
     pool: pool::RestorePool,
+    /// What preview tokens are signed with.
+    preview_key: preview::TokenKey,
 }
 
 impl Engine {
@@ -160,6 +171,7 @@ impl Engine {
         let images = ImageStore::open(layout.root(), registries).map_err(EngineError::Images)?;
         let slots = cfg.max_parallel_builds.max(1);
         let pool = pool::RestorePool::new(cfg.restore_pool, cfg.restore_pool_idle);
+        let preview_key = preview::TokenKey::load_or_create(layout.root())?;
         Ok(Arc::new(Self {
             cfg,
             store,
@@ -170,6 +182,7 @@ impl Engine {
             live: live::LiveSandboxes::default(),
             running_builds: builds::RunningBuilds::default(),
             pool,
+            preview_key,
         }))
     }
 

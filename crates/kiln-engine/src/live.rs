@@ -79,7 +79,7 @@ impl LiveSandboxes {
         self.lock().remove(id)
     }
 
-    fn agent(&self, id: &str) -> Option<AgentClient> {
+    pub(crate) fn agent(&self, id: &str) -> Option<AgentClient> {
         self.lock().get(id).map(|r| r.agent.clone())
     }
 

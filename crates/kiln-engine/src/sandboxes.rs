@@ -125,6 +125,7 @@ impl Engine {
             name: Some(req.name.clone()),
             metadata: req.metadata.clone(),
             env: req.env_vars.clone(),
+            preview_access: req.preview_access,
         };
         let (record, token) = self.insert_sandbox(team_id, &new).await?;
         if req.network.is_some() {
@@ -358,7 +359,7 @@ impl Engine {
         Ok(self.sandbox_info(&s))
     }
 
-    /// Changes a sandbox's metadata and egress rules (`PATCH /sandboxes/{id}`).
+    /// Changes a sandbox's metadata, egress rules and preview policy (`PATCH /sandboxes/{id}`).
     pub async fn update_sandbox(
         &self,
         team_id: &str,
@@ -381,6 +382,9 @@ impl Engine {
         if let Some(rules) = &update.network {
             self.set_network_rules(team_id, sandbox_id, rules.as_ref())
                 .await?;
+        }
+        if let Some(access) = update.preview_access {
+            self.set_preview_access(team_id, sandbox_id, access).await?;
         }
         Ok(())
     }

@@ -6,9 +6,6 @@ use kiln_store::{Build, LogLine, Sandbox, Template};
 
 use crate::Engine;
 
-/// The preview policy of every sandbox until previews exist (the SDK's default).
-const LEGACY_PUBLIC: &str = "legacy_public";
-
 pub(crate) fn template(t: &Template) -> TemplateInfo {
     TemplateInfo {
         id: t.id.clone(),
@@ -69,7 +66,7 @@ impl Engine {
             timeout_seconds: None,
             auto_delete_seconds: None,
             network: self.network_rules(&s.id),
-            preview_access: Some(LEGACY_PUBLIC.to_owned()),
+            preview_access: s.preview_access,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! the only way out is the egress proxy ([`proxy`]), which applies the sandbox's
 //! [`rules`] to every connection. See `docs/security.md` for the wall this builds.
 
+pub mod log;
 pub mod proxy;
 pub mod rules;
 

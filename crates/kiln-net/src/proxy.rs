@@ -97,6 +97,11 @@ impl Outcome {
             error_code: None,
             bytes_sent: 0,
             bytes_recv: 0,
+            direction: None,
+            method: None,
+            path: None,
+            status: None,
+            latency_ms: None,
         };
         match self {
             Self::Connected {

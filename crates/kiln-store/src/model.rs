@@ -12,7 +12,9 @@ use crate::error::StoreError;
 
 /// Statuses are the wire's enums (one definition, in `kiln-api`), kept in TEXT columns as
 /// their wire strings.
-pub use kiln_api::{BuildStatus, LogStream, SandboxFilter, SandboxStatus, TemplateStatus};
+pub use kiln_api::{
+    BuildStatus, LogStream, PortAccess, PreviewAccess, SandboxFilter, SandboxStatus, TemplateStatus,
+};
 
 /// A tenant. Teams are walls: nothing of one team is visible to another.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -185,6 +187,27 @@ pub struct Sandbox {
     pub created_at: DateTime<Utc>,
     /// Last status or field change.
     pub updated_at: DateTime<Utc>,
+    /// Which ports preview URLs serve.
+    pub preview_access: PreviewAccess,
+}
+
+/// A port a sandbox published for preview URLs (or did once: see `published`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PreviewPort {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// The port inside it.
+    pub port: u16,
+    /// Who may open it.
+    pub access: PortAccess,
+    /// The generation of its tokens (only tokens of this one open it).
+    pub token_version: u32,
+    /// Whether it is published now.
+    pub published: bool,
+    /// When it was first published.
+    pub created_at: DateTime<Utc>,
+    /// Its last change.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// Whether an access token opens a sandbox's data plane.
@@ -209,6 +232,8 @@ pub struct NewSandbox {
     pub metadata: BTreeMap<String, String>,
     /// Environment overrides.
     pub env: BTreeMap<String, String>,
+    /// Its preview policy; none: [`PreviewAccess::DEFAULT`].
+    pub preview_access: Option<PreviewAccess>,
 }
 
 /// Per-team limits, enforced atomically with the insert they guard.

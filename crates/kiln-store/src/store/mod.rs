@@ -17,10 +17,12 @@
 //! - [`builds`]: the build state machine, the build limit, restart recovery, the build cache's
 //!   candidates;
 //! - [`build_logs`]: a build's log lines and their followers;
-//! - [`sandboxes`]: sandboxes, their limit, state machine and access tokens.
+//! - [`sandboxes`]: sandboxes, their limit, state machine and access tokens;
+//! - [`previews`]: a sandbox's preview policy and published ports.
 
 mod build_logs;
 mod builds;
+mod previews;
 mod sandboxes;
 mod teams;
 mod templates;

@@ -15,7 +15,9 @@ use super::templates::template_by_id_or_name_in;
 use super::{check_limit, hash_secret, new_id, new_secret, now, Result, Store};
 use crate::error::Limit;
 use crate::error::StoreError;
-use crate::model::{Limits, NewSandbox, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus};
+use crate::model::{
+    Limits, NewSandbox, PreviewAccess, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus,
+};
 
 /// The statuses [`SandboxStatus::is_live`] holds for, as an SQL list: those that count
 /// against the team's limit and pin their template.
@@ -59,8 +61,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO sandboxes (id, team_id, template_id, build_id, name, status, vcpu_count,
                                     memory_mib, metadata, env, access_token_hash, created_at,
-                                    updated_at)
-             VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?, ?)",
+                                    updated_at, preview_access)
+             VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(team_id)
@@ -74,6 +76,7 @@ impl Store {
         .bind(hash_secret(&token))
         .bind(at)
         .bind(at)
+        .bind(new.preview_access.unwrap_or(PreviewAccess::DEFAULT))
         .execute(&mut *tx)
         .await?;
         let sandbox = sandbox_in(&mut tx, team_id, &id).await?;
@@ -250,7 +253,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn sandbox_in(conn: &mut SqliteConnection, team_id: &str, id: &str) -> Result<Sandbox> {
+pub(super) async fn sandbox_in(
+    conn: &mut SqliteConnection,
+    team_id: &str,
+    id: &str,
+) -> Result<Sandbox> {
     sqlx::query_as::<_, Sandbox>("SELECT * FROM sandboxes WHERE id = ? AND team_id = ?")
         .bind(id)
         .bind(team_id)

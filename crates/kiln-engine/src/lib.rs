@@ -38,6 +38,8 @@ pub use data::{
 };
 pub use error::{EngineError, GuestError, Result};
 pub use images::Pruned;
+/// A connection into a sandbox's port, through its agent ([`Engine::preview_connect`]).
+pub use kiln_agent_proto::PortStream as PreviewStream;
 /// The store's figures for `/metrics`, the team record requests are authorised as, and
 /// the one-way hash kiln keys secrets by (the rate limiter's keys).
 pub use kiln_store::{

@@ -172,6 +172,9 @@ pub enum PreviewError {
     /// The port refused the connection.
     #[error("nothing is listening on port {0} in the sandbox")]
     NothingListening(u16),
+    /// The connection to the port broke before an answer came.
+    #[error("the connection to port {0} in the sandbox broke before it answered")]
+    ConnectionLost(u16),
     /// The sandbox's agent cannot open connections (its template was built by an older
     /// kiln).
     #[error("this sandbox's agent predates preview URLs: rebuild its template")]
@@ -189,7 +192,7 @@ impl PreviewError {
             Self::BadPort(_) => 400,
             Self::TokenRequired | Self::BadToken => 401,
             Self::NotRunning => 503,
-            Self::NothingListening(_) | Self::AgentTooOld => 502,
+            Self::NothingListening(_) | Self::ConnectionLost(_) | Self::AgentTooOld => 502,
             Self::Engine(e) => e.code().http_status(),
         }
     }

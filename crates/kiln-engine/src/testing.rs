@@ -151,6 +151,17 @@ impl TestEngine {
         Ok((t.id, b.id))
     }
 
+    /// Gives a sandbox the `legacy_public` preview policy (every listening port served),
+    /// which only sandboxes from before previews have and the API cannot set.
+    pub async fn legacy_preview(&self, team: &str, sandbox_id: &str) -> Result<()> {
+        let team_id = self.team(team).await?;
+        self.engine
+            .store
+            .set_preview_access(&team_id, sandbox_id, kiln_api::PreviewAccess::LegacyPublic)
+            .await?;
+        Ok(())
+    }
+
     /// Whether a build was asked to bypass the build cache.
     pub async fn build_no_cache(&self, build_id: &str) -> Result<bool> {
         Ok(self.engine.store.get_build(build_id).await?.no_cache)

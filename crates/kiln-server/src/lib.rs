@@ -5,13 +5,17 @@
 //!
 //! The control plane (`/templates`, `/sandboxes`) is authorised by a team's `X-API-Key`;
 //! the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]). The server
-//! process owns the VMs of the sandboxes it starts.
+//! process owns the VMs of the sandboxes it starts. Requests for a preview host
+//! (`{port}-{sandbox}.{domain}`) never reach the API: [`proxy`] serves them from the
+//! sandbox.
 
 pub mod console;
 mod data;
 pub mod error;
 pub mod metrics;
 pub mod observe;
+mod previews;
+pub mod proxy;
 pub mod ratelimit;
 mod sandboxes;
 mod templates;
@@ -29,6 +33,7 @@ use kiln_engine::{Engine, Team};
 
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use proxy::PreviewClient;
 pub use ratelimit::RateLimiter;
 
 /// Largest JSON request body accepted; a BuildSpec is far smaller. File uploads have
@@ -66,6 +71,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/sandboxes/{sandbox}/resume"),
     ("POST", "/sandboxes/{sandbox}/activate"),
     ("GET", "/sandboxes/{sandbox}/network"),
+    ("GET", "/sandboxes/{sandbox}/preview-ports"),
+    ("POST", "/sandboxes/{sandbox}/preview-ports"),
+    ("DELETE", "/sandboxes/{sandbox}/preview-ports/{port}"),
+    ("POST", "/sandboxes/{sandbox}/preview-ports/{port}/token"),
+    (
+        "POST",
+        "/sandboxes/{sandbox}/preview-ports/{port}/token/rotate",
+    ),
     ("POST", "/exec"),
     ("POST", "/exec/stream"),
     ("GET", "/exec/connect"),
@@ -82,12 +95,15 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Requests per API key (and per sandbox token on the data plane).
     pub limiter: Arc<RateLimiter>,
+    /// Carries preview requests into sandboxes (its connections are pooled).
+    pub preview: PreviewClient,
 }
 
 impl AppState {
     /// A state with fresh metrics and no rate limit.
     pub fn new(engine: Arc<Engine>) -> Self {
         Self {
+            preview: PreviewClient::new(engine.clone()),
             engine,
             metrics: Metrics::new(),
             limiter: Arc::new(RateLimiter::disabled()),
@@ -103,9 +119,11 @@ impl AppState {
     }
 }
 
-/// The API's routes, wrapped in request ids, request logs and metrics.
+/// The API's routes, wrapped in request ids, request logs and metrics, behind the preview
+/// proxy (which takes every request for a preview host before any of that).
 pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
+    let proxy_state = state.clone();
     let files_limit = usize::try_from(kiln_engine::MAX_UPLOAD_BYTES).unwrap_or(usize::MAX);
     let app = Router::new()
         .route("/health", get(health))
@@ -145,6 +163,22 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{sandbox}/resume", post(sandboxes::resume))
         .route("/sandboxes/{sandbox}/activate", post(sandboxes::activate))
         .route("/sandboxes/{sandbox}/network", get(sandboxes::network_log))
+        .route(
+            "/sandboxes/{sandbox}/preview-ports",
+            get(previews::list).post(previews::publish),
+        )
+        .route(
+            "/sandboxes/{sandbox}/preview-ports/{port}",
+            axum::routing::delete(previews::unpublish),
+        )
+        .route(
+            "/sandboxes/{sandbox}/preview-ports/{port}/token",
+            post(previews::token),
+        )
+        .route(
+            "/sandboxes/{sandbox}/preview-ports/{port}/token/rotate",
+            post(previews::rotate),
+        )
         .route("/exec", post(data::exec))
         .route("/exec/stream", post(data::exec_stream))
         .route("/exec/connect", get(ws::exec_connect))
@@ -159,7 +193,12 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
-    observe::layers(app, metrics)
+    Router::new()
+        .fallback_service(observe::layers(app, metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            proxy_state,
+            proxy::intercept,
+        ))
 }
 
 /// The team of the request's `X-API-Key`.

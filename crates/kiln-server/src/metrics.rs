@@ -4,8 +4,12 @@
 //! restart would reset.
 //!
 //! Labels are only ever drawn from small fixed sets (methods, route templates, statuses,
-//! error codes): never a raw path, id, team, key or token. A label per id would leak tenant
-//! data to whoever scrapes and would grow the series count without bound.
+//! error codes): never a raw path, team, key or token. A label per id would leak tenant
+//! data to whoever scrapes and would grow the series count without bound. The one
+//! exception is preview requests, counted per sandbox as operators need them to see which
+//! sandbox serves what: those series are bounded ([`MAX_PREVIEW_SANDBOXES`], the least
+//! recently seen go first) and only ever name a sandbox that answered (a 404 may name any
+//! id at all and is counted under `sandbox="none"`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,6 +40,11 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 const MAX_ROUTES: usize = 256;
 const OVERFLOW_ROUTE: &str = "other";
 
+/// Sandboxes whose preview requests have series of their own; past it the least recently
+/// seen sandbox's series are dropped (a counter that comes back starts from 0, which
+/// Prometheus reads as a reset).
+pub const MAX_PREVIEW_SANDBOXES: usize = 1000;
+
 /// The content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -49,6 +58,16 @@ pub struct Metrics {
 struct Inner {
     restores: Mutex<Option<Histogram>>,
     routes: Mutex<BTreeMap<String, RouteSeries>>,
+    previews: Mutex<PreviewSeries>,
+}
+
+/// Preview requests by sandbox and status.
+#[derive(Debug, Default)]
+struct PreviewSeries {
+    /// `sandbox -> (last seen, status -> count)`.
+    by_sandbox: BTreeMap<String, (u64, BTreeMap<u16, u64>)>,
+    /// Orders "last seen".
+    tick: u64,
 }
 
 #[derive(Debug, Default)]
@@ -175,6 +194,28 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Records one preview request answered with `status`, for `sandbox` (none: the
+    /// request named no sandbox that answered).
+    pub fn observe_preview(&self, sandbox: Option<&str>, status: u16) {
+        let mut p = lock(&self.inner.previews);
+        p.tick += 1;
+        let tick = p.tick;
+        let key = sandbox.unwrap_or("none");
+        if !p.by_sandbox.contains_key(key) && p.by_sandbox.len() >= MAX_PREVIEW_SANDBOXES {
+            let oldest = p
+                .by_sandbox
+                .iter()
+                .min_by_key(|(_, (seen, _))| *seen)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                p.by_sandbox.remove(&k);
+            }
+        }
+        let (seen, counts) = p.by_sandbox.entry(key.to_owned()).or_default();
+        *seen = tick;
+        *counts.entry(status).or_default() += 1;
+    }
+
     /// Every series, the recorded ones followed by the store's, in the text format.
     pub fn render(&self, stats: &StoreStats) -> String {
         let mut out = String::new();
@@ -230,6 +271,20 @@ impl Metrics {
                         h.count,
                     );
                 }
+            }
+        }
+
+        family(
+            &mut out,
+            "kiln_preview_requests_total",
+            "Requests through preview URLs, by sandbox and status.",
+            "counter",
+        );
+        for (sandbox, (_, counts)) in &lock(&self.inner.previews).by_sandbox {
+            for (status, n) in counts {
+                let status = status.to_string();
+                let labels = [("sandbox", sandbox.as_str()), ("status", &status)];
+                sample(&mut out, "kiln_preview_requests_total", &labels, *n as f64);
             }
         }
 
@@ -499,6 +554,40 @@ mod tests {
             live_sandboxes: 2,
             templates: 4,
         }
+    }
+
+    #[test]
+    fn preview_series_are_per_sandbox_and_bounded() {
+        let m = Metrics::new();
+        m.observe_preview(Some("a"), 200);
+        m.observe_preview(Some("a"), 200);
+        m.observe_preview(Some("a"), 502);
+        m.observe_preview(None, 404);
+        let text = m.render(&StoreStats::default());
+        for line in [
+            r#"kiln_preview_requests_total{sandbox="a",status="200"} 2"#,
+            r#"kiln_preview_requests_total{sandbox="a",status="502"} 1"#,
+            r#"kiln_preview_requests_total{sandbox="none",status="404"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        // Past the bound, the least recently seen sandbox goes ("a" was seen just now).
+        m.observe_preview(Some("a"), 200);
+        for i in 0..MAX_PREVIEW_SANDBOXES {
+            m.observe_preview(Some(&format!("s{i}")), 200);
+            if i == 0 {
+                m.observe_preview(Some("a"), 200);
+            }
+        }
+        let text = m.render(&StoreStats::default());
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("kiln_preview_requests_total{"))
+            .map(|l| l.split(",status").next().unwrap_or(""))
+            .collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(series.len(), MAX_PREVIEW_SANDBOXES);
+        assert!(text.contains(r#"{sandbox="a",status="200"} 4"#), "{text}");
+        assert!(!text.contains(r#"sandbox="none""#));
     }
 
     /// Every non-comment line is `name{labels} value`, every family has HELP then TYPE

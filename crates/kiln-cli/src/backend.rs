@@ -7,7 +7,8 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use kiln_api::{
-    BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, SandboxInfo, TemplateInfo,
+    BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, PortAccess,
+    PreviewPortList, PreviewToken, PublishedPreviewPort, SandboxInfo, TemplateInfo,
     TemplateRequest, TerminalSize,
 };
 use tokio::sync::mpsc;
@@ -120,6 +121,29 @@ pub(crate) trait Backend: Send + Sync {
 
     /// Copies a file into a sandbox; returns the bytes.
     async fn upload(&self, id: &str, src: &Path, path: &str) -> R<u64>;
+
+    /// A sandbox's preview policy and published ports.
+    async fn preview_ports(&self, id: &str) -> R<PreviewPortList>;
+
+    /// Publishes a port (`access` none: keep a published port's, or the sandbox's default).
+    async fn publish_port(
+        &self,
+        id: &str,
+        port: u16,
+        access: Option<PortAccess>,
+    ) -> R<PublishedPreviewPort>;
+
+    /// Unpublishes a port and revokes its tokens.
+    async fn unpublish_port(&self, id: &str, port: u16) -> R<()>;
+
+    /// A token for a published port (with `rotate`, after revoking all the others).
+    async fn preview_token(
+        &self,
+        id: &str,
+        port: u16,
+        expires_in_seconds: Option<u64>,
+        rotate: bool,
+    ) -> R<PreviewToken>;
 }
 
 /// The server of `KILN_URL` / `kiln login` when there is one, else the local state dir.

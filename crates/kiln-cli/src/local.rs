@@ -14,8 +14,9 @@ use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use futures::StreamExt as _;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo,
-    SandboxStatus, TemplateInfo, TemplateRequest, TerminalSize,
+    ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, NetworkConfig, PortAccess,
+    PreviewPortList, PreviewToken, PublishedPreviewPort, SandboxFilter, SandboxInfo, SandboxStatus,
+    TemplateInfo, TemplateRequest, TerminalSize,
 };
 use kiln_engine::{Engine, FileContent, SessionEvent, SessionOptions};
 use tokio::sync::mpsc;
@@ -323,4 +324,40 @@ impl Backend for Local {
             std::os::unix::fs::PermissionsExt::mode(&file.metadata().await?.permissions()) & 0o7777;
         Ok(sandbox.write_file(path, file, Some(mode)).await?)
     }
+
+    async fn preview_ports(&self, _id: &str) -> R<PreviewPortList> {
+        Err(previews_need_a_server())
+    }
+
+    async fn publish_port(
+        &self,
+        _id: &str,
+        _port: u16,
+        _access: Option<PortAccess>,
+    ) -> R<PublishedPreviewPort> {
+        Err(previews_need_a_server())
+    }
+
+    async fn unpublish_port(&self, _id: &str, _port: u16) -> R<()> {
+        Err(previews_need_a_server())
+    }
+
+    async fn preview_token(
+        &self,
+        _id: &str,
+        _port: u16,
+        _expires_in_seconds: Option<u64>,
+        _rotate: bool,
+    ) -> R<PreviewToken> {
+        Err(previews_need_a_server())
+    }
+}
+
+/// Preview URLs are served by `kiln serve` (its listener proxies them into the sandboxes
+/// it runs); a sandbox a CLI keeper runs has no such front door.
+fn previews_need_a_server() -> anyhow::Error {
+    anyhow::anyhow!(
+        "preview URLs are served by `kiln serve`: start it, and point the CLI at it \
+         (KILN_URL and KILN_API_KEY, or `kiln login`)"
+    )
 }

@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use kiln_api::{
-    BuildErrorCode, BuildInfo, BuildLogEvent, BuildStatus, CodedMessage, LogStream, SandboxInfo,
-    TemplateInfo,
+    BuildErrorCode, BuildInfo, BuildLogEvent, BuildStatus, CodedMessage, LogStream,
+    PreviewPortList, PreviewToken, SandboxInfo, TemplateInfo,
 };
 use serde::Serialize;
 
@@ -92,6 +92,45 @@ pub(crate) fn sandboxes(all: &[SandboxInfo], as_json: bool) -> anyhow::Result<()
             kiln_api::time::format(&s.created_at)
         );
     }
+    Ok(())
+}
+
+/// `sandbox preview ls`: the policy, then a port per line.
+pub(crate) fn preview_ports(list: &PreviewPortList, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(list);
+    }
+    println!("policy  {}", list.preview_access);
+    println!("{:<6}  {:<8}  {:>7}  URL", "PORT", "ACCESS", "VERSION");
+    for p in &list.ports {
+        println!(
+            "{:<6}  {:<8}  {:>7}  {}",
+            p.port,
+            p.access.to_string(),
+            p.token_version,
+            or_dash(p.url.as_deref())
+        );
+    }
+    Ok(())
+}
+
+/// `sandbox preview token`: the token, then the signed URL (a secret either way).
+pub(crate) fn preview_token(t: &PreviewToken, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(t);
+    }
+    println!("{}", t.token);
+    if let Some(url) = t.signed_url() {
+        println!("{url}");
+    }
+    let until = t.expires_at.map_or_else(
+        || "until rotated or unpublished".to_owned(),
+        |at| format!("until {}", kiln_api::time::format(&at)),
+    );
+    eprintln!(
+        "--> send it as `{}: <token>`, or open the second URL; version {}, valid {until}",
+        t.header, t.token_version
+    );
     Ok(())
 }
 

@@ -14,11 +14,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, NetworkConfig, SandboxInfo,
-    TemplateInfo, TemplateRequest, TerminalSize,
+    ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, NetworkConfig, PortAccess,
+    PreviewPortList, PreviewToken, PublishedPreviewPort, SandboxInfo, TemplateInfo,
+    TemplateRequest, TerminalSize,
 };
 use kiln_sdk::{
-    Client, ListOptions, RunOptions, Sandbox, SandboxCreateOptions, Template, TemplateCreateOptions,
+    Client, ListOptions, Previews, RunOptions, Sandbox, SandboxCreateOptions, Template,
+    TemplateCreateOptions,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -214,6 +216,7 @@ impl Backend for Remote {
         options.env_vars = req.env_vars;
         options.metadata = req.metadata;
         options.network = req.network;
+        options.preview_access = req.preview_access;
         Ok(Sandbox::create(&self.client, options)
             .await?
             .id()
@@ -317,5 +320,37 @@ impl Backend for Remote {
         let s = Sandbox::connect(&self.client, id).await?;
         s.files().write(path, &data).await?;
         Ok(data.len() as u64)
+    }
+
+    async fn preview_ports(&self, id: &str) -> R<PreviewPortList> {
+        Ok(Previews::of(&self.client, id).list().await?)
+    }
+
+    async fn publish_port(
+        &self,
+        id: &str,
+        port: u16,
+        access: Option<PortAccess>,
+    ) -> R<PublishedPreviewPort> {
+        Ok(Previews::of(&self.client, id).publish(port, access).await?)
+    }
+
+    async fn unpublish_port(&self, id: &str, port: u16) -> R<()> {
+        Ok(Previews::of(&self.client, id).unpublish(port).await?)
+    }
+
+    async fn preview_token(
+        &self,
+        id: &str,
+        port: u16,
+        expires_in_seconds: Option<u64>,
+        rotate: bool,
+    ) -> R<PreviewToken> {
+        let p = Previews::of(&self.client, id);
+        Ok(if rotate {
+            p.rotate(port).await?
+        } else {
+            p.token(port, expires_in_seconds).await?
+        })
     }
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::bail;
-use kiln_api::{CreateSandbox, ExecRequest, NetworkConfig};
+use kiln_api::{CreateSandbox, ExecRequest, NetworkConfig, PortAccess, PreviewAccess};
 
 use crate::backend::{backend, Command, Output};
 use crate::print;
@@ -33,6 +33,9 @@ pub(crate) enum Cmd {
         /// Egress: a CIDR it may not reach (repeatable; `0.0.0.0/0` for an allowlist).
         #[arg(long = "deny-out", value_name = "CIDR")]
         deny_out: Vec<String>,
+        /// Ports published for preview URLs need a token by default (else: public).
+        #[arg(long)]
+        private_previews: bool,
     },
     /// List live sandboxes.
     Ls {
@@ -98,6 +101,17 @@ pub(crate) enum Cmd {
         #[arg(last = true)]
         cmd: Vec<String>,
     },
+    /// Preview URLs: `preview ID PORT` publishes a port and prints its URL (and, for a
+    /// private port, a signed URL a browser can open); `preview ls|rm|token`.
+    ///
+    /// They are served by `kiln serve`, at `{port}-{id}.{KILN_PREVIEW_DOMAIN}`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Preview {
+        #[command(subcommand)]
+        cmd: Option<PreviewCmd>,
+        #[command(flatten)]
+        publish: PublishArgs,
+    },
     /// Copy a file in or out: `kiln sandbox cp LOCAL ID:/path` or `kiln sandbox cp ID:/path LOCAL`.
     Cp {
         /// Source.
@@ -111,6 +125,116 @@ pub(crate) enum Cmd {
         /// Sandbox id.
         id: String,
     },
+}
+
+/// `kiln sandbox preview ID PORT`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PublishArgs {
+    /// Sandbox id.
+    id: Option<String>,
+    /// The port inside the sandbox (1024-65535).
+    port: Option<u16>,
+    /// Anyone with the URL may open it.
+    #[arg(long, conflicts_with = "private")]
+    public: bool,
+    /// It needs a token (a signed URL is printed).
+    #[arg(long)]
+    private: bool,
+    /// How long the printed signed URL works, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SIGNED_URL_SECS)]
+    expires: u64,
+}
+
+/// How long `kiln sandbox preview` makes a private port's signed URL work by default (the
+/// Superserve MCP tool's default).
+const DEFAULT_SIGNED_URL_SECS: u64 = 3600;
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum PreviewCmd {
+    /// A sandbox's preview policy and published ports, with their URLs.
+    Ls {
+        /// Sandbox id.
+        id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unpublish a port: its URL closes and its tokens stop working.
+    Rm {
+        /// Sandbox id.
+        id: String,
+        /// The port.
+        port: u16,
+    },
+    /// Print a token for a published port (and its signed URL).
+    Token {
+        /// Sandbox id.
+        id: String,
+        /// The port.
+        port: u16,
+        /// It works for this many seconds (default: until rotated or unpublished).
+        #[arg(long, value_name = "SECS")]
+        expires: Option<u64>,
+        /// Revoke every earlier token, signed URL and cookie of the port first.
+        #[arg(long, conflicts_with = "expires")]
+        rotate: bool,
+        /// JSON output (holds the token).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+async fn preview(
+    backend: &dyn crate::backend::Backend,
+    cmd: Option<PreviewCmd>,
+    publish: PublishArgs,
+) -> anyhow::Result<()> {
+    match cmd {
+        Some(PreviewCmd::Ls { id, json }) => {
+            print::preview_ports(&backend.preview_ports(&id).await?, json)
+        }
+        Some(PreviewCmd::Rm { id, port }) => {
+            backend.unpublish_port(&id, port).await?;
+            println!("{port}");
+            Ok(())
+        }
+        Some(PreviewCmd::Token {
+            id,
+            port,
+            expires,
+            rotate,
+            json,
+        }) => print::preview_token(
+            &backend.preview_token(&id, port, expires, rotate).await?,
+            json,
+        ),
+        None => {
+            let (Some(id), Some(port)) = (publish.id, publish.port) else {
+                bail!("usage: kiln sandbox preview ID PORT [--public|--private], or preview ls|rm|token");
+            };
+            let access = match (publish.public, publish.private) {
+                (true, _) => Some(PortAccess::Public),
+                (_, true) => Some(PortAccess::Private),
+                _ => None,
+            };
+            let published = backend.publish_port(&id, port, access).await?;
+            println!("{}", published.url.as_deref().unwrap_or("-"));
+            if published.access == PortAccess::Private {
+                let token = backend
+                    .preview_token(&id, port, Some(publish.expires), false)
+                    .await?;
+                if let Some(url) = token.signed_url() {
+                    println!("{url}");
+                }
+                eprintln!(
+                    "--> port {port} is private: the second URL carries a token for {}s; \
+                     `kiln sandbox preview token {id} {port}` mints others",
+                    publish.expires
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
@@ -129,6 +253,7 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
             name,
             allow_out,
             deny_out,
+            private_previews,
         } => {
             // The API wants a name; the template's name and a random suffix stand in.
             let name = name.unwrap_or_else(|| {
@@ -139,6 +264,7 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
                 env_vars: pairs(&env)?,
                 metadata: pairs(&metadata)?,
                 network: network_rules(allow_out, deny_out)?,
+                preview_access: private_previews.then_some(PreviewAccess::Private),
                 ..CreateSandbox::new(name, template)
             };
             println!("{}", backend.create_sandbox(req).await?);
@@ -232,6 +358,10 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
                 _ => bail!("exactly one side must be a sandbox path, as ID:/absolute/path"),
             };
             eprintln!("{n} bytes");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Preview { cmd, publish } => {
+            preview(backend, cmd, publish).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keep { .. } => unreachable!("handled above"),

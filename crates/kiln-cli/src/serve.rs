@@ -39,6 +39,13 @@ struct ServerConfig {
     /// QEMU processes kept started per template build in use, so that creating a
     /// sandbox skips process start-up; 0 turns it off (`KILN_RESTORE_POOL`).
     restore_pool: Option<usize>,
+    /// The domain preview URLs are served under, `{port}-{sandbox}.{domain}`
+    /// (`KILN_PREVIEW_DOMAIN`; default `preview.localhost`).
+    preview_domain: Option<String>,
+    /// How preview URLs are written when they are not `http://...:<listen port>` for a
+    /// `*.localhost` domain nor `https://...` for any other: `http(s)://DOMAIN[:PORT]`
+    /// (`KILN_PREVIEW_URL`).
+    preview_url: Option<String>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -75,7 +82,31 @@ impl ServerConfig {
         env("KILN_RATE_LIMIT_BURST", &mut cfg.rate_limit_burst)?;
         env("KILN_MAX_PARALLEL_BUILDS", &mut cfg.max_parallel_builds)?;
         env("KILN_RESTORE_POOL", &mut cfg.restore_pool)?;
+        env("KILN_PREVIEW_DOMAIN", &mut cfg.preview_domain)?;
+        env("KILN_PREVIEW_URL", &mut cfg.preview_url)?;
         Ok(cfg)
+    }
+
+    /// Where preview URLs point, for a server listening on `listen_port`.
+    fn preview_site(&self, listen_port: u16) -> anyhow::Result<kiln_api::PreviewSite> {
+        let domain = self.preview_domain.as_deref();
+        match &self.preview_url {
+            Some(url) => {
+                let site = kiln_api::PreviewSite::parse(url)
+                    .map_err(|e| anyhow::anyhow!("KILN_PREVIEW_URL: {e}"))?;
+                if let Some(d) = domain.filter(|d| !d.eq_ignore_ascii_case(&site.domain)) {
+                    anyhow::bail!(
+                        "KILN_PREVIEW_URL names {:?} but KILN_PREVIEW_DOMAIN is {d:?}",
+                        site.domain
+                    );
+                }
+                Ok(site)
+            }
+            None => Ok(kiln_api::PreviewSite::for_domain(
+                domain.unwrap_or(kiln_api::preview::DEFAULT_PREVIEW_DOMAIN),
+                listen_port,
+            )),
+        }
     }
 }
 
@@ -144,6 +175,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         cfg.max_parallel_builds = n.max(1);
     }
     cfg.restore_pool = conf.restore_pool.unwrap_or(DEFAULT_RESTORE_POOL);
+    let listen = args
+        .listen
+        .or(conf.listen)
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+    // Bound first: preview URLs carry the port actually bound (`--listen ...:0`).
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    cfg.preview = conf.preview_site(listener.local_addr()?.port())?;
     let limits = cfg.limits;
     let engine = kiln_engine::Engine::open(cfg).await?;
     // Builds and sandboxes a previous server left behind when it died.
@@ -169,15 +209,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut state = kiln_server::AppState::new(engine.clone());
     state.limiter = std::sync::Arc::new(limiter);
     let app = kiln_server::router(state);
-    let listen = args
-        .listen
-        .or(conf.listen)
-        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(?limits, rate_per_sec = rate, "limits");
     eprintln!("kiln API listening on http://{}", listener.local_addr()?);
+    eprintln!(
+        "kiln previews at {}",
+        engine
+            .preview_site()
+            .url("<sandbox>", 0)
+            .replacen("0-", "<port>-", 1)
+    );
     let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
     let signalled = stopping.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -9,7 +9,8 @@
 //!   for the build with its logs, rebuild, list, delete.
 //! - [`Sandbox`]: create from a template, connect, list, pause, resume, kill; its
 //!   [`Commands`] (run to completion, stream, or [`spawn`](Commands::spawn) an
-//!   interactive [`CommandSession`]) and [`Files`].
+//!   interactive [`CommandSession`]), [`Files`] and [`Previews`] (preview URLs of its
+//!   web ports, with their access tokens).
 //! - [`Error`]: typed, with the server's stable codes ([`Error::code`]).
 //!
 //! Only idempotent requests (GET, DELETE) are retried, on 429/502/503/504 and connection
@@ -48,6 +49,7 @@ mod client;
 mod commands;
 mod error;
 mod files;
+mod previews;
 mod sandbox;
 mod session;
 mod sse;
@@ -60,14 +62,16 @@ pub use client::{
 pub use commands::{CommandResult, Commands, RunOptions};
 pub use error::{Error, Result};
 pub use files::{Files, MAX_DOWNLOAD_BYTES};
+pub use previews::Previews;
 pub use sandbox::{ListOptions, Sandbox, SandboxCreateOptions};
 pub use session::{CommandSession, Output, EXEC_SUBPROTOCOL};
 pub use template::{LogCallback, Template, TemplateCreateOptions, BUILD_POLL_INTERVAL};
 
 /// The wire types, shared with the server (crate `kiln-api`): what the API answers.
 pub use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, BuildStatus, LogStream, NetworkConfig, SandboxInfo,
-    SandboxStatus, Step, TemplateInfo, TemplateStatus, TerminalSize,
+    ApiErrorCode, BuildInfo, BuildLogEvent, BuildStatus, LogStream, NetworkConfig, PortAccess,
+    PreviewAccess, PreviewPortList, PreviewToken, PublishedPreviewPort, SandboxInfo, SandboxStatus,
+    Step, TemplateInfo, TemplateStatus, TerminalSize,
 };
 
 /// The `reqwest` version the SDK uses, for [`ClientBuilder::http_client`] and

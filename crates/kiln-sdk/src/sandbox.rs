@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_api::{
-    ApiErrorCode, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo, SandboxStatus,
-    SandboxWithToken,
+    ApiErrorCode, CreateSandbox, NetworkConfig, PreviewAccess, SandboxFilter, SandboxInfo,
+    SandboxStatus, SandboxWithToken,
 };
 use reqwest::Method;
 
@@ -15,6 +15,7 @@ use crate::client::{Client, Request};
 use crate::commands::Commands;
 use crate::error::{Error, Result};
 use crate::files::Files;
+use crate::previews::Previews;
 
 /// What [`Sandbox::create`] sends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,6 +30,9 @@ pub struct SandboxCreateOptions {
     pub metadata: BTreeMap<String, String>,
     /// Egress rules from the start (none: the public internet).
     pub network: Option<NetworkConfig>,
+    /// Its preview policy, [`PreviewAccess::Public`] or [`PreviewAccess::Private`]
+    /// (none: public).
+    pub preview_access: Option<PreviewAccess>,
 }
 
 impl SandboxCreateOptions {
@@ -75,6 +79,7 @@ impl SandboxCreateOptions {
             metadata: self.metadata.clone(),
             env_vars: self.env_vars.clone(),
             network: self.network.clone(),
+            preview_access: self.preview_access,
             ..CreateSandbox::new(&self.name, &self.from_template)
         }
     }
@@ -233,6 +238,23 @@ impl Sandbox {
     /// Its files.
     pub fn files(&self) -> Files<'_> {
         Files::new(self)
+    }
+
+    /// Its preview URLs.
+    pub fn previews(&self) -> Previews<'_> {
+        Previews::of(&self.client, &self.id)
+    }
+
+    /// Sets its preview policy ([`PreviewAccess::Public`] or [`PreviewAccess::Private`];
+    /// published ports keep their own access).
+    pub async fn set_preview_access(&self, access: PreviewAccess) -> Result<()> {
+        let req = self
+            .client
+            .api(Method::PATCH, &["sandboxes", &self.id])
+            .json(&serde_json::json!({ "preview_access": access }));
+        self.client.empty(req).await?;
+        self.lock().info.preview_access = access;
+        Ok(())
     }
 
     /// Fetches its current state (and remembers it).

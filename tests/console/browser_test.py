@@ -48,7 +48,9 @@ def main():
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"],
+                  "--disable-sync", "--no-first-run", "--disable-quic",
+                  # Preview URLs (`<port>-<id>.preview.localhost`) are kiln's own listener.
+                  "--host-resolver-rules=MAP *.preview.localhost 127.0.0.1"],
         )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(60_000)
@@ -133,6 +135,24 @@ def main():
             page.get_by_role("button", name="Download console.txt").click()
         with open(dl.value.path()) as f:
             assert f.read() == "from-the-console-42\n"
+
+        # Preview URLs: a port published from the console is listed with its URL; a
+        # private one's link opens a signed URL (the token never shows), which here finds
+        # nothing listening on the port: the proxy's short 502 page.
+        page.get_by_label("Preview port").fill("8000")
+        page.get_by_label("Preview access").select_option("private")
+        page.get_by_role("button", name="Publish").click()
+        link = page.get_by_role("link", name=re.compile(r"^http://8000-"))
+        expect(link).to_be_visible()
+        ports = api("GET", f"/sandboxes/{sandbox_id}/preview-ports")
+        assert [(p["port"], p["access"]) for p in ports["ports"]] == [(8000, "private")], ports
+        with page.context.expect_page() as opened:
+            link.click()
+        preview = opened.value
+        expect(preview.get_by_text("nothing is listening on port 8000")).to_be_visible(timeout=SLOW)
+        assert "kiln_preview_token" not in preview.url, preview.url
+        preview.close()
+        shot("06b-sandbox-previews")
 
         # Pause and resume.
         page.get_by_role("button", name="Pause").click()

@@ -431,7 +431,7 @@ async function sandboxesPage(query) {
       : h("p", { class: "muted" }, "No sandbox matches."));
 }
 
-// A table of whatever objects an optional endpoint lists (snapshots, previews).
+// A table of whatever objects an optional endpoint lists (snapshots).
 function genericTable(items) {
   const cols = [...new Set(items.flatMap((i) => Object.keys(i)))].slice(0, 6);
   const cell = (v) => (typeof v === "string" && /^https?:\/\//.test(v) ? h("a", { href: v, target: "_blank", rel: "noopener noreferrer" }, v)
@@ -452,12 +452,64 @@ async function optionalSection(id, word, title) {
   return section;
 }
 
+// Preview URLs: the policy, each published port with its URL (a private port's link
+// mints a short-lived signed URL when clicked, never showing the token), publish and
+// unpublish.
+async function previewSection(id) {
+  const path = (await routes()).find((p) => p.startsWith("/sandboxes/{sandbox}/") && p.includes("preview"));
+  if (!path) return null;
+  const base = `/sandboxes/${enc(id)}/preview-ports`;
+  const section = h("section", { "aria-label": "Previews" }, h("h2", {}, "Previews"));
+  const body = h("div", {});
+  const open = (p) => async (ev) => {
+    ev.preventDefault();
+    clearError();
+    // Opened at once (inside the click), pointed at the signed URL once it is minted.
+    const w = window.open("about:blank", "_blank");
+    if (w) w.opener = null;
+    try {
+      const t = await call("POST", `${base}/${p.port}/token`, { body: { expires_in_seconds: 300 } });
+      const url = `${t.url}/?${encodeURIComponent(t.query_param)}=${encodeURIComponent(t.token)}`;
+      if (w) w.location.href = url; else location.href = url;
+    } catch (e) { if (w) w.close(); showError(e); }
+  };
+  const load = async () => {
+    const list = await call("GET", base);
+    body.replaceChildren(h("p", { class: "muted" }, `Policy: ${list.preview_access}`),
+      list.ports.length ? h("table", {}, h("thead", {}, h("tr", {}, ["Port", "Access", "URL", ""].map((c) => h("th", {}, c)))),
+        h("tbody", {}, list.ports.map((p) => h("tr", {}, h("td", {}, String(p.port)), h("td", {}, p.access),
+          h("td", { class: "mono" }, p.access === "public"
+            ? h("a", { href: p.url, target: "_blank", rel: "noopener noreferrer" }, p.url)
+            : h("a", { href: p.url, onclick: open(p), title: "Opens a signed URL valid for 5 minutes" }, p.url)),
+          h("td", {}, h("button", { onclick: async () => {
+            clearError();
+            try { await call("DELETE", `${base}/${p.port}`); await load(); } catch (e) { showError(e); }
+          } }, "Unpublish"))))))
+        : h("p", { class: "muted" }, "No published port."));
+  };
+  const port = h("input", { id: "preview-port", "aria-label": "Preview port", type: "number", min: "1024", max: "65535", placeholder: "port", required: true });
+  const access = h("select", { id: "preview-access", "aria-label": "Preview access" }, h("option", { value: "" }, "default access"),
+    h("option", { value: "public" }, "public"), h("option", { value: "private" }, "private"));
+  const form = h("form", { class: "actions", onsubmit: async (ev) => {
+    ev.preventDefault();
+    clearError();
+    const req = { port: Number(port.value) };
+    if (access.value) req.access = access.value;
+    try { await call("POST", base, { body: req }); port.value = ""; await load(); } catch (e) { showError(e); }
+  } }, port, access, h("button", { type: "submit" }, "Publish"));
+  try { await load(); } catch (e) { body.replaceChildren(h("p", { class: "problems" }, `${e.code}: ${e.message}`)); }
+  section.append(body, form);
+  return section;
+}
+
 async function networkSection(id) {
   const log = await call("GET", `/sandboxes/${enc(id)}/network?limit=50`);
   return h("section", {}, h("h2", {}, "Network log"),
     log.data.length ? h("table", {}, h("thead", {}, h("tr", {}, ["Time", "Destination", "Verdict", "Rule", "Sent"].map((c) => h("th", {}, c)))),
       h("tbody", {}, log.data.map((e) => h("tr", {}, h("td", {}, `${age(e.ts)} ago`),
-        h("td", { class: "mono" }, `${e.host || e.dst_ip || ""}:${e.dst_port || ""}`), h("td", {}, e.verdict),
+        h("td", { class: "mono" }, e.direction === "inbound"
+          ? `preview :${e.dst_port} ${e.method || ""} ${e.path || ""} -> ${e.status}`
+          : `${e.host || e.dst_ip || ""}:${e.dst_port || ""}`), h("td", {}, e.verdict),
         h("td", { class: "mono" }, e.match_rule || ""), h("td", {}, bytes(e.bytes_sent))))))
       : h("p", { class: "muted" }, "No connection yet."));
 }
@@ -584,7 +636,7 @@ async function sandboxPage(id) {
       } }, "Kill")));
   if (["deleted", "failed"].includes(s.status)) return;
   const sections = await Promise.all([
-    optionalSection(id, "snapshot", "Snapshots"), optionalSection(id, "preview", "Previews"), networkSection(id),
+    optionalSection(id, "snapshot", "Snapshots"), previewSection(id), networkSection(id),
   ]);
   main.append(...sections.filter(Boolean));
   if (s.status === "active") main.append(fileBrowser(id), await terminalSection(id));

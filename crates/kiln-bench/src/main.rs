@@ -8,6 +8,8 @@
 //!   the kiln samples so that both see the same host load;
 //! - the ceiling: the cold path (boot from the template's disk, startCmd, readyCmd);
 //! - exec round trip (`true`) through the HTTP API and directly through the agent;
+//! - preview URLs: time to first byte and a 100 MiB download through the preview proxy,
+//!   against the same requests made from inside the sandbox;
 //! - template build overhead (total minus the user's steps), cold and with a warm image
 //!   cache, from the build logs;
 //! - pull + unpack against `skopeo copy` + `umoci unpack` of the same image;
@@ -24,6 +26,7 @@ mod creates;
 mod exec;
 mod mem;
 mod memory;
+mod previews;
 mod procs;
 mod pulls;
 mod report;
@@ -474,6 +477,11 @@ async fn measure(
     let exec = exec::exec_bench(plan, &ctx).await?;
     exec::exec_rows(&mut rows, &exec);
     results.insert("exec".into(), serde_json::to_value(&exec)?);
+
+    // ---- preview URLs ------------------------------------------------------------------
+    let preview = previews::preview_bench(plan, &ctx).await?;
+    previews::preview_rows(&mut rows, &preview);
+    results.insert("preview".into(), serde_json::to_value(&preview)?);
 
     // ---- memory ----------------------------------------------------------------------
     let memory = memory::memory_bench(plan, &ctx, memory_mib).await?;

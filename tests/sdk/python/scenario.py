@@ -14,6 +14,9 @@ Environment:
   KILN_MAX_SANDBOXES       the server's sandbox limit; the scenario's one sandbox must reach
                            it, so it must be 1
   KILN_SDK_RUN_ID          optional suffix that keeps names unique (default: the pid)
+  KILN_BROWSER_PYTHON      the python of scripts/browser-venv.sh (Playwright), which opens a
+                           preview's signed URL in headless Chromium (preview_browser.py)
+  KILN_CHROMIUM            the browser (default /usr/bin/chromium)
 
 Every step asserts; a broken expectation prints `FAIL: ...` and exits 1 (after a
 best-effort cleanup). Each step prints its duration.
@@ -27,6 +30,7 @@ import inspect
 import io
 import os
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -58,6 +62,7 @@ def require_env(name: str) -> str:
 BASE_URL = require_env("SUPERSERVE_BASE_URL").rstrip("/")
 API_KEY = require_env("SUPERSERVE_API_KEY")
 IMAGE = require_env("KILN_TEST_IMAGE_PYTHON")
+BROWSER_PYTHON = require_env("KILN_BROWSER_PYTHON")
 MAX_TEMPLATES = int(os.environ.get("KILN_MAX_TEMPLATES", "2"))
 MAX_SANDBOXES = int(os.environ.get("KILN_MAX_SANDBOXES", "1"))
 RUN_ID = os.environ.get("KILN_SDK_RUN_ID") or str(os.getpid())
@@ -126,6 +131,7 @@ from superserve import (  # noqa: E402
     EnvStepValue,
     NetworkConfig,
     NotFoundError,
+    PreviewAccess,
     RateLimitError,
     RunStep,
     Sandbox,
@@ -136,6 +142,7 @@ from superserve import (  # noqa: E402
     TemplateStatus,
     UserStep,
     UserStepValue,
+    ValidationError,
     WorkdirStep,
 )
 
@@ -430,6 +437,9 @@ def scenario() -> None:
         r = sandbox.commands.run("curl -fsS http://127.0.0.1:8000/index.html")
         check_eq((r.stdout.strip(), r.exit_code), ("hello from app", 0), "curl of the start process")
 
+    with step("preview URLs: a private port, its tokens, a signed URL in a browser"):
+        preview_part(sandbox)
+
     with step("Sandbox.list(metadata=...)"):
         found = Sandbox.list(metadata={"run": RUN_ID})
         check_eq([s.id for s in found], [sandbox.id], "Sandbox.list(metadata={run})")
@@ -534,6 +544,75 @@ def scenario() -> None:
         cleanup.clear()
         names = {t.name for t in Template.list(name_prefix="sdk-")}
         check(not ({name("web"), name("broken")} & names), f"templates left: {names}")
+
+
+def kiln_preview(sandbox_id: str, port: int) -> tuple[str, str]:
+    """kiln's preview URL of a port (the default domain, on the server's own listener) and
+    its host. The SDK's `get_preview_url` writes Superserve's hosts; the query of its
+    signed URL is what carries the token."""
+    host = f"{port}-{sandbox_id}.preview.localhost"
+    return f"http://{host}:{_base.port}", host
+
+
+def preview_get(sandbox_id: str, port: int, path: str = "/", headers: dict | None = None) -> httpx.Response:
+    """A request to a preview URL, sent to the server's address with the preview host."""
+    _, host = kiln_preview(sandbox_id, port)
+    return httpx.get(f"{BASE_URL}{path}", headers={"Host": host, **(headers or {})}, timeout=60)
+
+
+def preview_part(sandbox: Sandbox) -> None:
+    # The SDK refuses what Superserve's edge refuses, before sending.
+    for bad in (80, 49983, 70000):
+        try:
+            sandbox.publish_preview_port(bad)
+        except ValidationError:
+            pass
+        else:
+            fail(f"publish_preview_port({bad}) was accepted")
+    ports = sandbox.list_preview_ports()
+    check_eq(ports.preview_access, PreviewAccess.PUBLIC, "preview policy of a sandbox created without one")
+    check_eq(ports.ports, [], "published ports of a new sandbox")
+    check_eq(preview_get(sandbox.id, 8000).status_code, 404, "an unpublished port under a strict policy")
+
+    p = sandbox.publish_preview_port(8000, access="private")
+    check_eq((p.port, p.access, p.token_version), (8000, "private", 1), "publish_preview_port")
+    check_eq(preview_get(sandbox.id, 8000).status_code, 401, "a private port without a token")
+    tok = sandbox.get_preview_token(8000)
+    check_eq((tok.port, tok.token_version, tok.access), (8000, 1, "private"), "get_preview_token")
+    r = preview_get(sandbox.id, 8000, "/index.html", {tok.header: tok.token})
+    check_eq((r.status_code, r.text.strip()), (200, "hello from app"), "the page with the header token")
+
+    signed = sandbox.get_signed_preview_url(8000, expires_in_seconds=300)
+    query = urlsplit(signed).query
+    check(tok.query_param in query, f"signed URL {signed!r} lacks {tok.query_param}")
+    url, _ = kiln_preview(sandbox.id, 8000)
+    done = subprocess.run(
+        [BROWSER_PYTHON, os.path.join(os.path.dirname(__file__), "preview_browser.py"),
+         f"{url}/index.html?{query}", "hello from app"],
+        capture_output=True, text=True, timeout=300,
+    )
+    for line in (done.stdout + done.stderr).splitlines():
+        say(f"   {line}")
+    check_eq(done.returncode, 0, "the browser on the signed URL")
+
+    fresh = sandbox.rotate_preview_token(8000)
+    check_eq(fresh.token_version, 2, "token_version after rotate_preview_token")
+    r = preview_get(sandbox.id, 8000, "/index.html", {tok.header: tok.token})
+    check_eq(r.status_code, 401, "the token from before the rotation")
+    r = preview_get(sandbox.id, 8000, "/index.html", {fresh.header: fresh.token})
+    check_eq(r.status_code, 200, "the rotated token")
+
+    listed = sandbox.list_preview_ports()
+    check_eq([(x.port, x.access, x.token_version) for x in listed.ports], [(8000, "private", 2)], "list_preview_ports")
+    sandbox.unpublish_preview_port(8000)
+    sandbox.unpublish_preview_port(8000)  # idempotent
+    r = preview_get(sandbox.id, 8000, "/index.html", {fresh.header: fresh.token})
+    check_eq(r.status_code, 404, "an unpublished port")
+
+    sandbox.update(preview_access="private")
+    check_eq(sandbox.get_info().preview_access, PreviewAccess.PRIVATE, "preview_access after update")
+    check_eq(sandbox.publish_preview_port(8000).access, "private", "a new port under the private policy")
+    sandbox.unpublish_preview_port(8000)
 
 
 async def spawn_part(sandbox_id: str) -> None:

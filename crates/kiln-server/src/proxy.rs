@@ -33,6 +33,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kiln_api::preview::{PREVIEW_TOKEN_COOKIE, PREVIEW_TOKEN_HEADER, PREVIEW_TOKEN_QUERY};
+use kiln_api::PortAccess;
 use kiln_engine::{Engine, InboundRequest, PreviewError, PreviewGrant, PreviewStream};
 
 use crate::AppState;
@@ -228,10 +229,12 @@ async fn serve(state: &AppState, req: Request, port: u32, sandbox_id: &str) -> R
     };
     let resp = outcome.unwrap_or_else(|e| refusal(&e));
     let status = resp.status().as_u16();
-    // A 404 may name any id at all: it is counted, but not under that id.
+    // A 404 or a 400 (refused before the sandbox was looked up) may name any id at all:
+    // counted, but not under that id.
+    let known = !matches!(status, 400 | 404);
     state
         .metrics
-        .observe_preview((status != 404).then_some(sandbox_id), status);
+        .observe_preview(known.then_some(sandbox_id), status);
     if let Ok(port) = u16::try_from(port) {
         state.engine.log_preview_request(
             sandbox_id,
@@ -244,8 +247,13 @@ async fn serve(state: &AppState, req: Request, port: u32, sandbox_id: &str) -> R
             },
         );
     }
+    // The id came from the client: into the log only if it can be a sandbox's.
+    let plausible = sandbox_id.len() <= 64
+        && sandbox_id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'-');
     tracing::info!(
-        sandbox = %sandbox_id,
+        sandbox = if plausible { sandbox_id } else { "(invalid)" },
         port,
         method = %method,
         status,
@@ -264,7 +272,9 @@ async fn forward(
 ) -> Result<Response<Body>, PreviewError> {
     let upgrade = is_upgrade(req.headers());
     if let Some((token, Source::Query)) = &token {
-        if matches!(*req.method(), Method::GET | Method::HEAD) && !upgrade {
+        // Only a token that was checked (a private port's) becomes a cookie.
+        let private = grant.access != PortAccess::Public;
+        if private && matches!(*req.method(), Method::GET | Method::HEAD) && !upgrade {
             return Ok(cookie_redirect(state, &req, grant, token));
         }
     }

@@ -555,6 +555,14 @@ async fn policies_public_ports_and_legacy_mode() {
         k.get(&id, unpublished.port, "/", &[]).await.0,
         StatusCode::NOT_FOUND
     );
+    // A public port needs no token: one in the query is not checked, so it becomes no
+    // cookie; it is removed all the same.
+    let (s, h, body) = k
+        .get(&id, web.port, "/hello?kiln_preview_token=whatever&a=1", &[])
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(h.get("set-cookie").is_none());
+    assert_eq!(json_of(&body)["query"], "a=1");
 
     // Switching the default leaves published ports as they are; an explicit access
     // changes one port.

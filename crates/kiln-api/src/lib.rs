@@ -1,5 +1,5 @@
 //! kiln's HTTP wire format, in one place: the request and response types of every route,
-//! the statuses of templates, builds and sandboxes, log, exec and network events, and the
+//! the statuses of templates, builds, sandboxes and snapshots, log, exec and network events, and the
 //! API's error codes. The server produces these, the Rust SDK and the CLI's remote mode
 //! consume them, and the engine converts its records into them, so the format is written
 //! once.
@@ -14,6 +14,7 @@ pub mod files;
 pub mod network;
 pub mod request;
 pub mod sandboxes;
+pub mod snapshots;
 pub mod status;
 pub mod templates;
 pub mod time;
@@ -21,11 +22,18 @@ pub mod time;
 pub use codes::{ApiErrorCode, ErrorBody, ErrorDetail};
 pub use exec::{ExecEvent, ExecRequest, ExecResult, SessionControl, Utf8Chunks, EXEC_SUBPROTOCOL};
 pub use files::FilesQuery;
-pub use network::{NetworkConfig, NetworkEvent, NetworkLogPage, NetworkLogQuery, NetworkVerdict};
+pub use network::{
+    Before, NetworkConfig, NetworkEvent, NetworkLogPage, NetworkLogQuery, NetworkVerdict,
+};
 pub use request::RequestError;
 pub use sandboxes::{CreateSandbox, SandboxFilter, SandboxInfo, SandboxWithToken, UpdateSandbox};
-pub use status::{BuildStatus, LogStream, SandboxStatus, TemplateStatus};
-pub use templates::{BuildInfo, BuildLogEvent, CreatedTemplate, TemplateInfo};
+pub use snapshots::{
+    CreateSnapshot, SnapshotInfo, SnapshotPage, SnapshotResources, UpdateSnapshot,
+};
+pub use status::{BuildStatus, LogStream, SandboxStatus, SnapshotStatus, TemplateStatus};
+pub use templates::{
+    BuildInfo, BuildLogEvent, CreatedTemplate, TemplateInfo, DEFAULT_TEMPLATE, SYSTEM_PREFIX,
+};
 
 /// The BuildSpec types, re-exported: a template's spec is part of the wire format.
 pub use kiln_spec::{

@@ -74,13 +74,50 @@ pub struct NetworkEvent {
     pub bytes_recv: u64,
 }
 
+/// Where a page of the network log ends (`before=`): a page's `next_cursor`, or a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Before {
+    /// Events older than this one (by id).
+    Event(i64),
+    /// Events before this time.
+    Time(DateTime<Utc>),
+}
+
+impl Before {
+    /// An event id (what `next_cursor` holds) or an RFC 3339 time, as the SDKs'
+    /// `get_network_log(before=...)` documents both.
+    pub fn parse(value: &str) -> Result<Self, RequestError> {
+        if let Ok(id) = value.parse() {
+            return Ok(Self::Event(id));
+        }
+        crate::time::parse(value)
+            .map(Self::Time)
+            .map_err(|_| RequestError::invalid("before: must be a next_cursor or an RFC 3339 time"))
+    }
+
+    fn admits(&self, e: &NetworkEvent) -> bool {
+        match self {
+            Self::Event(id) => e.id < *id,
+            Self::Time(t) => e.ts < *t,
+        }
+    }
+
+    /// The query value.
+    pub fn to_query(&self) -> String {
+        match self {
+            Self::Event(id) => id.to_string(),
+            Self::Time(t) => crate::time::format(t),
+        }
+    }
+}
+
 /// `GET /sandboxes/{id}/network` filters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetworkLogQuery {
     /// Page size, 1-[`NetworkLogQuery::MAX_PAGE`] (default 100).
     pub limit: usize,
-    /// Only events older than this id (the previous page's `next_cursor`).
-    pub before: Option<i64>,
+    /// Only events older than this (the previous page's `next_cursor`, or a time).
+    pub before: Option<Before>,
     /// Only events at or after this time.
     pub since: Option<DateTime<Utc>>,
     /// Only events with this verdict.
@@ -102,13 +139,7 @@ impl NetworkLogQuery {
         for (key, value) in pairs {
             match key.as_str() {
                 "limit" => q.limit = parse_count::<usize>(key, value)?.clamp(1, Self::MAX_PAGE),
-                "before" => {
-                    q.before = Some(
-                        value
-                            .parse()
-                            .map_err(|_| RequestError::invalid("before: must be an event id"))?,
-                    )
-                }
+                "before" => q.before = Some(Before::parse(value)?),
                 "since" => {
                     q.since =
                         Some(crate::time::parse(value).map_err(|_| {
@@ -136,7 +167,7 @@ impl NetworkLogQuery {
 
     /// Whether an event passes the filters (not the paging).
     pub fn matches(&self, e: &NetworkEvent) -> bool {
-        self.before.is_none_or(|b| e.id < b)
+        self.before.is_none_or(|b| b.admits(e))
             && self.since.is_none_or(|s| e.ts >= s)
             && self.verdict.is_none_or(|v| e.verdict == v)
     }
@@ -219,6 +250,18 @@ mod tests {
         let p = q.page(log.into_iter());
         assert_eq!(p.data.iter().map(|e| e.id).collect::<Vec<_>>(), [3, 1]);
         assert!(!p.has_more && p.next_cursor.is_none());
+        // A time works as `before` too: events strictly before it (ids 1 and 2 here).
+        let at = crate::time::format(&DateTime::from_timestamp(1_700_000_003, 0).unwrap());
+        let q = NetworkLogQuery::from_query(&[("before".into(), at)]).unwrap();
+        let p = q.page(log_of(5).into_iter());
+        assert_eq!(p.data.iter().map(|e| e.id).collect::<Vec<_>>(), [2, 1]);
+    }
+
+    fn log_of(n: i64) -> Vec<NetworkEvent> {
+        (1..=n)
+            .rev()
+            .map(|i| event(i, NetworkVerdict::Allowed))
+            .collect()
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! <root>/images/sha256/<hex>/                  unpacked, vetted rootfs (owned by kiln-oci)
 //! <root>/templates/<template_id>/<build_id>/   disk, memory snapshot, manifest.json
 //! <root>/sandboxes/<sandbox_id>/               overlay, sockets, logs, network rules
+//! <root>/snapshots/<snapshot_id>/              a sandbox snapshot's bundle
 //! <root>/cache/steps/<key>/                    build step layers (owned by kiln-build)
 //! ```
 //!
@@ -53,6 +54,7 @@ impl Layout {
             self.root.join("images/sha256"),
             self.templates_dir(),
             self.sandboxes_dir(),
+            self.snapshots_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
         }
@@ -131,6 +133,24 @@ impl Layout {
     /// One sandbox's runtime directory.
     pub fn sandbox_dir(&self, sandbox_id: &str) -> Result<PathBuf, ArtifactError> {
         Ok(self.sandboxes_dir().join(component(sandbox_id)?))
+    }
+
+    /// The snapshots root.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// A snapshot's published bundle.
+    pub fn snapshot_dir(&self, snapshot_id: &str) -> Result<PathBuf, ArtifactError> {
+        Ok(self.snapshots_dir().join(component(snapshot_id)?))
+    }
+
+    /// Where a snapshot is captured and made forkable before it is published under
+    /// [`Layout::snapshot_dir`] (dot-named, like a build's staging directory).
+    pub fn snapshot_staging_dir(&self, snapshot_id: &str) -> Result<PathBuf, ArtifactError> {
+        Ok(self
+            .snapshots_dir()
+            .join(format!(".{}.partial", component(snapshot_id)?)))
     }
 }
 

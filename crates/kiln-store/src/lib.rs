@@ -20,7 +20,8 @@ pub use logs::{LogFollower, LogSignal};
 pub use manifest::{ArtifactFile, ArtifactManifest, MANIFEST_FILE};
 pub use model::{
     ApiKey, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream, NewLogLine, NewSandbox,
-    Rebuild, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus, Team, Template, TemplateStatus,
+    NewSnapshot, Rebuild, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus, Snapshot,
+    SnapshotStatus, Team, Template, TemplateStatus, SYSTEM_TEAM_ID,
 };
 pub use stats::{DurationHistogram, StoreStats, BUILD_DURATION_BUCKETS_SECS};
-pub use store::{hash_secret, Store};
+pub use store::{hash_secret, now, Store};

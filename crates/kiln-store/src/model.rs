@@ -12,7 +12,13 @@ use crate::error::StoreError;
 
 /// Statuses are the wire's enums (one definition, in `kiln-api`), kept in TEXT columns as
 /// their wire strings.
-pub use kiln_api::{BuildStatus, LogStream, SandboxFilter, SandboxStatus, TemplateStatus};
+pub use kiln_api::{
+    BuildStatus, LogStream, SandboxFilter, SandboxStatus, SnapshotStatus, TemplateStatus,
+};
+
+/// The id of the team that owns the system templates (`superserve/...`), which every
+/// team sees (migration 0004 creates it).
+pub const SYSTEM_TEAM_ID: &str = "system";
 
 /// A tenant. Teams are walls: nothing of one team is visible to another.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -185,6 +191,65 @@ pub struct Sandbox {
     pub created_at: DateTime<Utc>,
     /// Last status or field change.
     pub updated_at: DateTime<Utc>,
+    /// The snapshot it was created from.
+    pub source_snapshot_id: Option<String>,
+    /// Auto-pause after this much active time.
+    pub timeout_seconds: Option<u32>,
+    /// Auto-delete after this long paused.
+    pub auto_delete_seconds: Option<u32>,
+    /// When it is paused, if it is still active then (set while active with a timeout).
+    pub pause_at: Option<DateTime<Utc>>,
+    /// When it is deleted, if it is still paused then (set while paused with an
+    /// auto-delete window).
+    pub delete_at: Option<DateTime<Utc>>,
+}
+
+/// A snapshot row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Snapshot {
+    /// UUID.
+    pub id: String,
+    /// Owning team.
+    pub team_id: String,
+    /// The sandbox it was taken from (maybe deleted since).
+    pub sandbox_id: String,
+    /// That sandbox's template: the snapshot's disk is a layer over its build's.
+    pub template_id: String,
+    /// The template build whose artifact the snapshot's disk lies over.
+    pub build_id: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// `mem+fs`.
+    pub kind: String,
+    /// Where it is.
+    pub status: SnapshotStatus,
+    /// `"<code>: <detail>"` when failed.
+    pub error_message: Option<String>,
+    /// Bytes of its bundle on disk (0 until ready).
+    pub size_bytes: u64,
+    /// vCPUs of sandboxes created from it.
+    pub vcpu_count: u32,
+    /// Memory (MiB) of sandboxes created from it.
+    pub memory_mib: u32,
+    /// Disk (MiB) of sandboxes created from it.
+    pub disk_mib: u32,
+    /// The create request's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// The process capturing it while `creating`.
+    pub runner_pid: Option<i64>,
+    /// When it was asked for.
+    pub created_at: DateTime<Utc>,
+    /// When it became ready.
+    pub ready_at: Option<DateTime<Utc>>,
+}
+
+/// What a caller asks for when taking a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewSnapshot {
+    /// Display name.
+    pub name: Option<String>,
+    /// Answer an earlier snapshot of the same sandbox made with this key.
+    pub idempotency_key: Option<String>,
 }
 
 /// Whether an access token opens a sandbox's data plane.
@@ -201,8 +266,15 @@ pub enum SandboxAccess {
 /// What a caller asks for when creating a sandbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewSandbox {
-    /// Template id or name, within the team.
+    /// Template id or name, within the team (or a system template).
     pub template: String,
+    /// A ready snapshot of the team to continue from instead (its template and shape
+    /// come with it; `template` is ignored).
+    pub snapshot: Option<String>,
+    /// Auto-pause after this much active time.
+    pub timeout_seconds: Option<u32>,
+    /// Auto-delete after this long paused.
+    pub auto_delete_seconds: Option<u32>,
     /// Display name; defaults to the sandbox id.
     pub name: Option<String>,
     /// User metadata.
@@ -220,6 +292,8 @@ pub struct Limits {
     pub max_concurrent_builds: u32,
     /// Sandboxes a team may have that are neither failed nor deleted.
     pub max_live_sandboxes: u32,
+    /// Snapshots a team may keep (creating or ready).
+    pub max_snapshots: u32,
 }
 
 impl Limits {
@@ -228,6 +302,7 @@ impl Limits {
         max_templates: u32::MAX,
         max_concurrent_builds: u32::MAX,
         max_live_sandboxes: u32::MAX,
+        max_snapshots: u32::MAX,
     };
 }
 

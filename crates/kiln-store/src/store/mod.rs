@@ -17,11 +17,13 @@
 //! - [`builds`]: the build state machine, the build limit, restart recovery, the build cache's
 //!   candidates;
 //! - [`build_logs`]: a build's log lines and their followers;
-//! - [`sandboxes`]: sandboxes, their limit, state machine and access tokens.
+//! - [`sandboxes`]: sandboxes, their limit, state machine, timers and access tokens;
+//! - [`snapshots`]: snapshots of sandboxes, their limit, idempotency keys and status.
 
 mod build_logs;
 mod builds;
 mod sandboxes;
+mod snapshots;
 mod teams;
 mod templates;
 
@@ -50,8 +52,16 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The current time, truncated to microseconds so that a value read back compares equal.
-pub(crate) fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(6)
+///
+/// Under tokio's paused clock (`tokio::time::pause`, tests only) it moves with tokio's
+/// time as well, so that the deadlines the store sets and the engine's timers, which sleep
+/// on tokio's clock, agree. Otherwise the advance below is zero and this is the wall clock.
+pub fn now() -> DateTime<Utc> {
+    let advance = tokio::time::Instant::now()
+        .into_std()
+        .saturating_duration_since(std::time::Instant::now());
+    let advance = chrono::TimeDelta::from_std(advance).unwrap_or_default();
+    (Utc::now() + advance).trunc_subsecs(6)
 }
 
 fn new_id() -> String {

@@ -37,7 +37,7 @@ pub use kiln_agent_proto::{
 };
 pub use provision::{KernelAssets, StateDir};
 pub use rundir::{sweep_stale_run_dirs, RunDir};
-pub use snapshot::{Incoming, Manifest, RamMode, RestoreConfig, SnapshotInfo};
+pub use snapshot::{CheckpointInfo, Incoming, Manifest, RamMode, RestoreConfig, SnapshotInfo};
 pub use vm::{
     error_chain, Console, DiskFormat, Drive, NetConfig, PortForward, QemuArgs, RamFile, RootDisk,
     Shape, Vm, VmConfig, AGENT_PORT, READY_MARKER,

@@ -878,6 +878,11 @@ impl Vm {
         }
     }
 
+    /// After the disk was frozen onto `top` (a new qcow2 layer QEMU now writes to).
+    pub(crate) fn set_overlay_top(&mut self, top: PathBuf) {
+        self.disk = Disk::Overlay(top);
+    }
+
     pub(crate) fn disk_source(&self) -> (&Path, bool, bool) {
         // (path, owned-by-us raw, is overlay)
         match &self.disk {
@@ -910,7 +915,7 @@ impl Vm {
             .await
             .execute("blockdev-snapshot-sync", Some(args))
             .await?;
-        self.disk = Disk::Overlay(new_top.to_owned());
+        self.set_overlay_top(new_top.to_owned());
         Ok(old)
     }
 

@@ -270,7 +270,7 @@ async fn build_inner(
     // The agent keeps the defaults in guest memory, so they are in the snapshot and every
     // sandbox's exec uses them without the host saying so again.
     vm.agent()
-        .set_defaults(to_agent(&defaults))
+        .set_defaults(agent_defaults(&defaults))
         .await
         .map_err(|e| {
             BuildError::new(
@@ -543,8 +543,8 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-/// The agent's form of the defaults.
-fn to_agent(d: &RuntimeDefaults) -> kiln_agent_proto::RuntimeDefaults {
+/// The agent's form of the defaults (what a build sets, and a fork resets to).
+pub fn agent_defaults(d: &RuntimeDefaults) -> kiln_agent_proto::RuntimeDefaults {
     kiln_agent_proto::RuntimeDefaults {
         env: d.env.iter().cloned().collect(),
         cwd: Some(d.workdir.clone()),

@@ -15,8 +15,13 @@ mod live;
 mod logs;
 mod pool;
 mod sandboxes;
+#[cfg(test)]
+mod snapshot_tests;
+mod snapshots;
+mod system;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod timers;
 mod wire;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +50,8 @@ pub use kiln_store::{
 pub use live::{Paused, Recovered, SandboxUp};
 pub use pool::PoolStats;
 pub use sandboxes::{pid_alive, LiveSandbox, Owner, SandboxEndpoint, ENDPOINT_FILE};
+pub use snapshots::SnapshotTaken;
+pub use system::{SystemTemplate, SYSTEM_TEMPLATES};
 
 /// The team the CLI's embedded mode works as.
 pub const LOCAL_TEAM: &str = "local";
@@ -147,6 +154,10 @@ pub struct Engine {
     running_builds: builds::RunningBuilds,
     /// QEMU processes waiting for a snapshot to load.
     pool: pool::RestorePool,
+    /// Wakes the auto-pause/auto-delete timer when a deadline may have changed.
+    timers: tokio::sync::Notify,
+    /// Bumped whenever a snapshot this process makes settles (ready or failed).
+    snapshots_settled: tokio::sync::watch::Sender<u64>,
 }
 
 impl Engine {
@@ -170,6 +181,8 @@ impl Engine {
             live: live::LiveSandboxes::default(),
             running_builds: builds::RunningBuilds::default(),
             pool,
+            timers: tokio::sync::Notify::new(),
+            snapshots_settled: tokio::sync::watch::Sender::new(0),
         }))
     }
 

@@ -1,8 +1,11 @@
 //! The store's records as the API shows them: the one place where kiln's rows become
 //! `kiln-api` types. The server and the CLI (local and remote) print only these.
 
-use kiln_api::{BuildInfo, BuildLogEvent, SandboxInfo, TemplateInfo};
-use kiln_store::{Build, LogLine, Sandbox, Template};
+use kiln_api::{
+    BuildInfo, BuildLogEvent, SandboxInfo, SandboxStatus, SnapshotInfo, SnapshotResources,
+    TemplateInfo,
+};
+use kiln_store::{Build, LogLine, Sandbox, Snapshot, Template};
 
 use crate::Engine;
 
@@ -40,6 +43,26 @@ pub(crate) fn build(b: &Build) -> BuildInfo {
     }
 }
 
+pub(crate) fn snapshot(s: &Snapshot) -> SnapshotInfo {
+    SnapshotInfo {
+        id: s.id.clone(),
+        sandbox_id: s.sandbox_id.clone(),
+        template_id: Some(s.template_id.clone()),
+        kind: s.kind.clone(),
+        status: s.status,
+        name: s.name.clone(),
+        size_bytes: s.size_bytes,
+        resources: SnapshotResources {
+            vcpu_count: s.vcpu_count,
+            memory_mib: s.memory_mib,
+            disk_mib: s.disk_mib,
+        },
+        created_at: s.created_at,
+        ready_at: s.ready_at,
+        error_message: s.error_message.clone(),
+    }
+}
+
 pub(crate) fn log_line(l: &LogLine) -> BuildLogEvent {
     BuildLogEvent {
         timestamp: l.timestamp,
@@ -65,8 +88,10 @@ impl Engine {
             template_id: Some(s.template_id.clone()),
             build_id: Some(s.build_id.clone()),
             metadata: s.metadata.clone(),
-            timeout_seconds: None,
-            auto_delete_seconds: None,
+            timeout_seconds: s.timeout_seconds.map(u64::from),
+            auto_delete_seconds: s.auto_delete_seconds.map(u64::from),
+            auto_delete_at: s.delete_at.filter(|_| s.status == SandboxStatus::Paused),
+            source_snapshot_id: s.source_snapshot_id.clone(),
             network: self.network_rules(&s.id),
             preview_access: Some(LEGACY_PUBLIC.to_owned()),
         }

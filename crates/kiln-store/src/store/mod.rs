@@ -51,17 +51,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// How long a writer waits for the write lock before giving up with "database is locked".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The current time, truncated to microseconds so that a value read back compares equal.
-///
-/// Under tokio's paused clock (`tokio::time::pause`, tests only) it moves with tokio's
-/// time as well, so that the deadlines the store sets and the engine's timers, which sleep
-/// on tokio's clock, agree. Otherwise the advance below is zero and this is the wall clock.
+/// The current time, truncated to microseconds so that a value read back compares equal:
+/// what the store stamps rows and sets deadlines with.
 pub fn now() -> DateTime<Utc> {
-    let advance = tokio::time::Instant::now()
-        .into_std()
-        .saturating_duration_since(std::time::Instant::now());
-    let advance = chrono::TimeDelta::from_std(advance).unwrap_or_default();
-    (Utc::now() + advance).trunc_subsecs(6)
+    Utc::now().trunc_subsecs(6)
 }
 
 fn new_id() -> String {

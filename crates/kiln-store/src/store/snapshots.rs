@@ -232,6 +232,15 @@ impl Store {
         Ok(out)
     }
 
+    /// The ids of the snapshots being captured (of every team).
+    pub async fn snapshots_creating(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM snapshots WHERE status = 'creating'")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// The ids of every snapshot row (of every team): what may have a bundle on disk.
     pub async fn snapshot_ids(&self) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar("SELECT id FROM snapshots")

@@ -35,7 +35,6 @@ const MAX_ZIP_ENTRIES: usize = 100_000;
 /// How a download reaches its reader: a pipe of this many bytes, so a slow reader holds
 /// the guest back instead of the host's memory.
 const DOWNLOAD_PIPE: usize = 256 * 1024;
-const SIGKILL: i32 = 9;
 
 /// The data plane of one running sandbox. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -445,11 +444,6 @@ impl SessionInput {
     /// Sends a signal to the command's process group.
     pub async fn signal(&self, signal: i32) {
         let _ = self.agent.kill_pid(self.pid, signal, true).await;
-    }
-
-    /// Kills the command's process group: its client is gone.
-    pub async fn kill(&self) {
-        self.signal(SIGKILL).await;
     }
 }
 

@@ -190,7 +190,17 @@ impl Engine {
     async fn template_to_start(&self, team_id: &str, name: &str) -> Result<kiln_store::Template> {
         let deadline = tokio::time::Instant::now() + SYSTEM_TEMPLATE_WAIT;
         loop {
-            let t = self.store.template_by_id_or_name(team_id, name).await?;
+            let t = match self.store.template_by_id_or_name(team_id, name).await {
+                Err(kiln_store::StoreError::NotFound { .. }) if name == DEFAULT_TEMPLATE => {
+                    return Err(EngineError::NotReady {
+                        name: name.to_owned(),
+                        status: "not built: `kiln serve` builds it when it starts, \
+                                 `kiln template build --system` ahead of time"
+                            .to_owned(),
+                    })
+                }
+                other => other?,
+            };
             let building = t.current_build_id.is_none()
                 && matches!(
                     t.status,

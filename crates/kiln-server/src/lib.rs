@@ -3,9 +3,9 @@
 //! engine call, a typed result becomes a response, and errors are mapped in one place
 //! ([`error`]).
 //!
-//! The control plane (`/templates`, `/sandboxes`) is authorised by a team's `X-API-Key`;
-//! the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]). The server
-//! process owns the VMs of the sandboxes it starts.
+//! The control plane (`/templates`, `/sandboxes`, `/snapshots`) is authorised by a team's
+//! `X-API-Key`; the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]).
+//! The server process owns the VMs of the sandboxes it starts.
 
 mod data;
 pub mod error;
@@ -62,6 +62,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/sandboxes/{sandbox}/resume"),
     ("POST", "/sandboxes/{sandbox}/activate"),
     ("GET", "/sandboxes/{sandbox}/network"),
+    ("POST", "/sandboxes/{sandbox}/snapshot"),
+    ("GET", "/sandboxes/{sandbox}/snapshots"),
+    ("GET", "/snapshots"),
+    ("GET", "/snapshots/{snapshot}"),
+    ("PATCH", "/snapshots/{snapshot}"),
+    ("DELETE", "/snapshots/{snapshot}"),
     ("POST", "/exec"),
     ("POST", "/exec/stream"),
     ("GET", "/exec/connect"),
@@ -138,6 +144,18 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{sandbox}/resume", post(sandboxes::resume))
         .route("/sandboxes/{sandbox}/activate", post(sandboxes::activate))
         .route("/sandboxes/{sandbox}/network", get(sandboxes::network_log))
+        .route("/sandboxes/{sandbox}/snapshot", post(sandboxes::snapshot))
+        .route(
+            "/sandboxes/{sandbox}/snapshots",
+            get(sandboxes::snapshots_of),
+        )
+        .route("/snapshots", get(sandboxes::list_snapshots))
+        .route(
+            "/snapshots/{snapshot}",
+            get(sandboxes::get_snapshot)
+                .patch(sandboxes::rename_snapshot)
+                .delete(sandboxes::delete_snapshot),
+        )
         .route("/exec", post(data::exec))
         .route("/exec/stream", post(data::exec_stream))
         .route("/exec/connect", get(ws::exec_connect))

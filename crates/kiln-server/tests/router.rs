@@ -1143,13 +1143,11 @@ impl Api {
 /// 3.9 and 3.10's `fromisoformat`, which the official SDK parses times with, refuses more.
 fn assert_micros(v: &Value, at: &str) {
     match v {
-        Value::String(s) => {
-            if kiln_api::time::parse(s).is_ok() {
-                let frac = s.split_once('.').map_or(0, |(_, f)| {
-                    f.chars().take_while(char::is_ascii_digit).count()
-                });
-                assert!(frac <= 6, "{at}: {s} has {frac} fractional digits");
-            }
+        Value::String(s) if kiln_api::time::parse(s).is_ok() => {
+            let frac = s.split_once('.').map_or(0, |(_, f)| {
+                f.chars().take_while(char::is_ascii_digit).count()
+            });
+            assert!(frac <= 6, "{at}: {s} has {frac} fractional digits");
         }
         Value::Array(items) => items
             .iter()

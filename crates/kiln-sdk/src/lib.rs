@@ -7,9 +7,11 @@
 //!   `SUPERSERVE_API_KEY`).
 //! - [`Template`]: create (a base image, [`Step`]s, a start and a ready command), wait
 //!   for the build with its logs, rebuild, list, delete.
-//! - [`Sandbox`]: create from a template, connect, list, pause, resume, kill; its
-//!   [`Commands`] (run to completion, stream, or [`spawn`](Commands::spawn) an
-//!   interactive [`CommandSession`]) and [`Files`].
+//! - [`Sandbox`]: create from a template or a [`Snapshot`], connect, list, pause, resume,
+//!   snapshot, set its auto-pause/auto-delete timers, kill; its [`Commands`] (run to
+//!   completion, stream, or [`spawn`](Commands::spawn) an interactive [`CommandSession`])
+//!   and [`Files`].
+//! - [`Snapshot`]: get, list, rename, delete, wait until ready.
 //! - [`Error`]: typed, with the server's stable codes ([`Error::code`]).
 //!
 //! Only idempotent requests (GET, DELETE) are retried, on 429/502/503/504 and connection
@@ -50,6 +52,7 @@ mod error;
 mod files;
 mod sandbox;
 mod session;
+mod snapshot;
 mod sse;
 mod template;
 
@@ -62,12 +65,14 @@ pub use error::{Error, Result};
 pub use files::{Files, MAX_DOWNLOAD_BYTES};
 pub use sandbox::{ListOptions, Sandbox, SandboxCreateOptions};
 pub use session::{CommandSession, Output, EXEC_SUBPROTOCOL};
+pub use snapshot::{Snapshot, SnapshotOptions, SNAPSHOT_POLL_INTERVAL};
 pub use template::{LogCallback, Template, TemplateCreateOptions, BUILD_POLL_INTERVAL};
 
 /// The wire types, shared with the server (crate `kiln-api`): what the API answers.
 pub use kiln_api::{
     ApiErrorCode, BuildInfo, BuildLogEvent, BuildStatus, LogStream, NetworkConfig, SandboxInfo,
-    SandboxStatus, Step, TemplateInfo, TemplateStatus,
+    SandboxStatus, SnapshotInfo, SnapshotPage, SnapshotResources, SnapshotStatus, Step,
+    TemplateInfo, TemplateStatus,
 };
 
 /// The `reqwest` version the SDK uses, for [`ClientBuilder::http_client`] and

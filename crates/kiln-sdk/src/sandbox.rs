@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kiln_api::{
     ApiErrorCode, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo, SandboxStatus,
-    SandboxWithToken,
+    SandboxWithToken, SnapshotInfo, SnapshotPage,
 };
 use reqwest::Method;
 
@@ -15,14 +15,22 @@ use crate::client::{Client, Request};
 use crate::commands::Commands;
 use crate::error::{Error, Result};
 use crate::files::Files;
+use crate::snapshot::{Snapshot, SnapshotOptions};
 
 /// What [`Sandbox::create`] sends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SandboxCreateOptions {
     /// Display name (1-255 bytes).
     pub name: String,
-    /// Template id or name; it must have a ready build.
+    /// Template id or name; it must have a ready build. Empty (with no `from_snapshot`):
+    /// the system template `superserve/base`.
     pub from_template: String,
+    /// A ready snapshot's id to continue from instead of a template (its processes live).
+    pub from_snapshot: Option<String>,
+    /// Auto-pause after this many seconds of active time.
+    pub timeout_seconds: Option<u64>,
+    /// Auto-delete after this many seconds continuously paused (0: at once).
+    pub auto_delete_seconds: Option<u64>,
     /// Environment of every process, over the template's defaults.
     pub env_vars: BTreeMap<String, String>,
     /// Tags, filterable in [`Sandbox::list`].
@@ -37,6 +45,15 @@ impl SandboxCreateOptions {
         Self {
             name: name.into(),
             from_template: from_template.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Options for a sandbox that continues from snapshot `snapshot_id` (a fork).
+    pub fn from_snapshot(name: impl Into<String>, snapshot_id: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            from_snapshot: Some(snapshot_id.into()),
             ..Self::default()
         }
     }
@@ -72,10 +89,15 @@ impl SandboxCreateOptions {
     /// The request body.
     fn request(&self) -> CreateSandbox {
         CreateSandbox {
+            name: self.name.clone(),
+            from_template: Some(self.from_template.clone()).filter(|t| !t.is_empty()),
+            from_snapshot: self.from_snapshot.clone(),
+            timeout_seconds: self.timeout_seconds,
+            auto_delete_seconds: self.auto_delete_seconds,
             metadata: self.metadata.clone(),
             env_vars: self.env_vars.clone(),
             network: self.network.clone(),
-            ..CreateSandbox::new(&self.name, &self.from_template)
+            ..CreateSandbox::default()
         }
     }
 }
@@ -150,7 +172,8 @@ impl Sandbox {
         })
     }
 
-    /// Creates a sandbox from a template and returns once it runs (`POST /sandboxes`).
+    /// Creates a sandbox from a template (or a snapshot) and returns once it runs (`POST
+    /// /sandboxes`).
     pub async fn create(client: &Client, options: SandboxCreateOptions) -> Result<Self> {
         let req = client
             .api(Method::POST, &["sandboxes"])
@@ -254,6 +277,41 @@ impl Sandbox {
         self.client.empty(req).await?;
         self.lock().info.metadata = metadata;
         Ok(())
+    }
+
+    /// Sets its timers (`PATCH /sandboxes/{id}`): `Some(Some(n))` sets one, `Some(None)`
+    /// turns it off, `None` leaves it. A running sandbox's auto-pause window, and a
+    /// paused one's auto-delete countdown, start over from now.
+    pub async fn set_timers(
+        &self,
+        timeout_seconds: Option<Option<u64>>,
+        auto_delete_seconds: Option<Option<u64>>,
+    ) -> Result<()> {
+        let update = kiln_api::UpdateSandbox {
+            timeout_seconds,
+            auto_delete_seconds,
+            ..kiln_api::UpdateSandbox::default()
+        };
+        let req = self
+            .client
+            .api(Method::PATCH, &["sandboxes", &self.id])
+            .json(&update);
+        self.client.empty(req).await?;
+        self.get_info().await?;
+        Ok(())
+    }
+
+    /// Takes a snapshot of it (memory and disk; a running sandbox runs on) and waits
+    /// until the snapshot is ready, which new sandboxes can then continue from.
+    pub async fn snapshot(&self, options: SnapshotOptions) -> Result<Snapshot> {
+        let mut s = Snapshot::take(&self.client, &self.id, options).await?;
+        s.wait_until_ready().await?;
+        Ok(s)
+    }
+
+    /// Its snapshots, newest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Snapshot::list(&self.client, Some(&self.id), SnapshotPage::default()).await
     }
 
     /// Replaces its egress rules (`None` clears them); they apply to its next connection.

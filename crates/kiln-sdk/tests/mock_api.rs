@@ -41,6 +41,8 @@ struct Mock {
     queries: BTreeMap<String, String>,
     /// Build polls so far.
     build_polls: usize,
+    /// Snapshot polls so far (the snapshot is ready from the second).
+    snapshot_polls: usize,
     files: BTreeMap<String, Vec<u8>>,
 }
 
@@ -66,6 +68,15 @@ fn sandbox_json(token: Option<&str>, status: &str) -> serde_json::Value {
         v["access_token"] = t.into();
     }
     v
+}
+
+fn snapshot_json(status: &str, name: &str) -> serde_json::Value {
+    json!({
+        "id": "s1", "sandbox_id": SANDBOX_ID, "template_id": TEMPLATE_ID, "kind": "mem+fs",
+        "status": status, "name": name, "size_bytes": 0,
+        "resources": {"vcpu_count": 1, "memory_mib": 256, "disk_mib": 1024},
+        "created_at": "2025-01-01T00:00:00Z", "ready_at": null,
+    })
 }
 
 fn template_json(status: &str) -> serde_json::Value {
@@ -132,6 +143,32 @@ impl Mock {
 
 fn app(state: Shared) -> Router {
     Router::new()
+        .route(
+            "/sandboxes/{id}/snapshot",
+            post(
+                |State(s): State<Shared>, Json(body): Json<serde_json::Value>| async move {
+                    s.lock().unwrap().bodies.insert("/snapshot".into(), body);
+                    (StatusCode::ACCEPTED, Json(snapshot_json("creating", "n")))
+                },
+            ),
+        )
+        .route(
+            "/sandboxes/{id}/snapshots",
+            get(|| async { Json(json!([snapshot_json("ready", "n")])) }),
+        )
+        .route(
+            "/snapshots/{id}",
+            get(|State(s): State<Shared>| async move {
+                let mut m = s.lock().unwrap();
+                m.snapshot_polls += 1;
+                let status = if m.snapshot_polls > 1 { "ready" } else { "creating" };
+                Json(snapshot_json(status, "n"))
+            })
+            .patch(|Json(body): Json<serde_json::Value>| async move {
+                Json(snapshot_json("ready", body["name"].as_str().unwrap()))
+            })
+            .delete(|| async { error(StatusCode::NOT_FOUND, "not_found") }),
+        )
         .route(
             "/templates",
             post(
@@ -658,6 +695,50 @@ fn futures_are_send(c: Client, mut t: Template, sb: Sandbox, s: kiln_sdk::Comman
     send(sb.files().write("/x", b"y"));
     send(sb.pause());
     send(s.wait());
+}
+
+#[tokio::test]
+async fn a_snapshot_is_waited_for_renamed_forked_and_deleted() {
+    let (c, state) = start().await;
+    let sb = sandbox(&c).await;
+    let mut snap = sb
+        .snapshot(kiln_sdk::SnapshotOptions {
+            name: Some("n".into()),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(snap.info().status, kiln_sdk::SnapshotStatus::Ready);
+    {
+        let m = state.lock().unwrap();
+        let body = &m.bodies["/snapshot"];
+        assert_eq!(
+            (&body["kind"], &body["name"]),
+            (&json!("mem+fs"), &json!("n"))
+        );
+        // Always keyed, so that a retried request cannot take a second snapshot.
+        assert!(body["idempotency_key"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()));
+        assert_eq!(m.snapshot_polls, 2, "polled until ready");
+    }
+    assert_eq!(
+        snap.rename("other").await.unwrap().name.as_deref(),
+        Some("other")
+    );
+    assert_eq!(sb.snapshots().await.unwrap()[0].id, "s1");
+    // Deleting one already gone is fine.
+    snap.delete().await.unwrap();
+    let fork = SandboxCreateOptions {
+        timeout_seconds: Some(60),
+        ..SandboxCreateOptions::from_snapshot("fork", snap.id())
+    };
+    Sandbox::create(&c, fork).await.unwrap();
+    let body = state.lock().unwrap().bodies["/sandboxes"].clone();
+    assert_eq!(
+        body,
+        json!({"name": "fork", "from_snapshot": "s1", "timeout_seconds": 60})
+    );
 }
 
 #[tokio::test]

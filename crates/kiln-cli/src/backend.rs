@@ -7,8 +7,8 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use kiln_api::{
-    BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, SandboxInfo, TemplateInfo,
-    TemplateRequest,
+    BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, SandboxInfo, SnapshotInfo,
+    TemplateInfo, TemplateRequest,
 };
 
 /// Which stream a piece of command output came from.
@@ -74,8 +74,23 @@ pub(crate) trait Backend: Send + Sync {
     /// Deletes a template (refused while sandboxes use it).
     async fn delete_template(&self, t: &TemplateInfo) -> R<()>;
 
-    /// Starts a sandbox; returns its id once it runs.
+    /// Starts a sandbox (from a template, or a snapshot); returns its id once it runs.
     async fn create_sandbox(&self, req: CreateSandbox) -> R<String>;
+
+    /// Takes a snapshot of a sandbox; returns it once it is ready.
+    async fn snapshot_sandbox(&self, id: &str, name: Option<String>) -> R<SnapshotInfo>;
+
+    /// The team's snapshots (of one sandbox, when given), newest first.
+    async fn snapshots(&self, sandbox: Option<&str>) -> R<Vec<SnapshotInfo>>;
+
+    /// One snapshot.
+    async fn snapshot(&self, id: &str) -> R<SnapshotInfo>;
+
+    /// Renames a snapshot.
+    async fn rename_snapshot(&self, id: &str, name: &str) -> R<SnapshotInfo>;
+
+    /// Deletes a snapshot (sandboxes created from it are not affected).
+    async fn delete_snapshot(&self, id: &str) -> R<()>;
 
     /// The team's sandboxes.
     async fn sandboxes(&self) -> R<Vec<SandboxInfo>>;

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use kiln_api::{
     ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo,
-    SandboxStatus, TemplateInfo, TemplateRequest,
+    SandboxStatus, SnapshotInfo, SnapshotPage, TemplateInfo, TemplateRequest, UpdateSnapshot,
 };
 use kiln_engine::{Engine, FileContent, SessionEvent, SessionOptions};
 
@@ -204,6 +204,13 @@ impl Backend for Local {
     }
 
     async fn create_sandbox(&self, req: CreateSandbox) -> R<String> {
+        if req.timeout_seconds.is_some() || req.auto_delete_seconds.is_some() {
+            bail!(
+                "--timeout and --auto-delete need `kiln serve` (its timers pause and delete \
+                 sandboxes; the local state dir has no process to run them): use a server \
+                 (KILN_URL, `kiln login`)"
+            );
+        }
         let (sandbox, _token) = self.engine.create_sandbox_record(&self.team, &req).await?;
         crate::spawn_detached(
             &["sandbox", "keep", &sandbox.id],
@@ -212,6 +219,35 @@ impl Backend for Local {
         )?;
         self.wait_started(&sandbox.id).await?;
         Ok(sandbox.id)
+    }
+
+    async fn snapshot_sandbox(&self, id: &str, _name: Option<String>) -> R<SnapshotInfo> {
+        // The sandbox's VM belongs to its keeper process, which takes no requests.
+        self.engine.sandbox(&self.team, id).await?;
+        bail!(
+            "taking a snapshot needs `kiln serve`, which owns its sandboxes' VMs (a local \
+             sandbox's VM belongs to its keeper process): use a server (KILN_URL, `kiln login`)"
+        )
+    }
+
+    async fn snapshots(&self, sandbox: Option<&str>) -> R<Vec<SnapshotInfo>> {
+        Ok(self
+            .engine
+            .list_snapshots(&self.team, sandbox, &SnapshotPage::default())
+            .await?)
+    }
+
+    async fn snapshot(&self, id: &str) -> R<SnapshotInfo> {
+        Ok(self.engine.snapshot(&self.team, id).await?)
+    }
+
+    async fn rename_snapshot(&self, id: &str, name: &str) -> R<SnapshotInfo> {
+        let update = UpdateSnapshot { name: name.into() };
+        Ok(self.engine.rename_snapshot(&self.team, id, &update).await?)
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> R<()> {
+        Ok(self.engine.delete_snapshot(&self.team, id).await?)
     }
 
     async fn sandboxes(&self) -> R<Vec<SandboxInfo>> {

@@ -13,6 +13,7 @@ mod print;
 mod remote;
 mod sandbox;
 mod serve;
+mod snapshot;
 mod state;
 mod template;
 mod validate;
@@ -44,9 +45,12 @@ enum Command {
     /// Build, list, inspect and delete templates.
     #[command(subcommand)]
     Template(template::Cmd),
-    /// Create, list, use and kill sandboxes.
+    /// Create, list, use, snapshot and kill sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::Cmd),
+    /// List, inspect, rename and delete snapshots of sandboxes.
+    #[command(subcommand)]
+    Snapshot(snapshot::Cmd),
     /// Serve the HTTP API (Superserve's wire format) on this state dir.
     Serve(serve::ServeArgs),
     /// Administration: API keys.
@@ -177,6 +181,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args, &state::state_dir()),
         Command::Template(args) => block_on(template::run(args)),
         Command::Sandbox(args) => block_on(sandbox::run(args)),
+        Command::Snapshot(args) => block_on(snapshot::run(args)),
         Command::Serve(args) => block_on(serve::serve(args)),
         Command::Admin(args) => block_on(serve::admin(args)),
         Command::Login { url, api_key } => {

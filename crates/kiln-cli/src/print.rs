@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use kiln_api::{
     BuildErrorCode, BuildInfo, BuildLogEvent, BuildStatus, CodedMessage, LogStream, SandboxInfo,
-    TemplateInfo,
+    SnapshotInfo, TemplateInfo,
 };
 use serde::Serialize;
 
@@ -91,6 +91,52 @@ pub(crate) fn sandboxes(all: &[SandboxInfo], as_json: bool) -> anyhow::Result<()
             or_dash(s.template_id.as_deref()),
             kiln_api::time::format(&s.created_at)
         );
+    }
+    Ok(())
+}
+
+/// `snapshot ls`.
+pub(crate) fn snapshots(all: &[SnapshotInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&all);
+    }
+    println!(
+        "{:<36}  {:<8}  {:<36}  {:>10}  {:<20}  CREATED",
+        "ID", "STATUS", "SANDBOX", "SIZE", "NAME"
+    );
+    for s in all {
+        println!(
+            "{:<36}  {:<8}  {:<36}  {:>10}  {:<20}  {}",
+            s.id,
+            s.status.to_string(),
+            s.sandbox_id,
+            s.size_bytes,
+            or_dash(s.name.as_deref()),
+            kiln_api::time::format(&s.created_at)
+        );
+    }
+    Ok(())
+}
+
+/// `snapshot show`.
+pub(crate) fn snapshot(s: &SnapshotInfo, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(s);
+    }
+    println!("{} ({})  {}", or_dash(s.name.as_deref()), s.id, s.status);
+    println!("sandbox    {}", s.sandbox_id);
+    println!("template   {}", or_dash(s.template_id.as_deref()));
+    println!(
+        "shape      {} vCPU, {} MiB memory, {} MiB disk",
+        s.resources.vcpu_count, s.resources.memory_mib, s.resources.disk_mib
+    );
+    println!("size       {} bytes", s.size_bytes);
+    println!("created    {}", kiln_api::time::format(&s.created_at));
+    if let Some(t) = &s.ready_at {
+        println!("ready      {}", kiln_api::time::format(t));
+    }
+    if let Some(e) = &s.error_message {
+        println!("error      {e}");
     }
     Ok(())
 }

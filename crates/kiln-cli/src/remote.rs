@@ -15,10 +15,11 @@ use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use kiln_api::{
     ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, NetworkConfig, SandboxInfo,
-    TemplateInfo, TemplateRequest,
+    SnapshotInfo, SnapshotPage, TemplateInfo, TemplateRequest,
 };
 use kiln_sdk::{
-    Client, ListOptions, RunOptions, Sandbox, SandboxCreateOptions, Template, TemplateCreateOptions,
+    Client, ListOptions, RunOptions, Sandbox, SandboxCreateOptions, Snapshot, SnapshotOptions,
+    Template, TemplateCreateOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -208,15 +209,49 @@ impl Backend for Remote {
     }
 
     async fn create_sandbox(&self, req: CreateSandbox) -> R<String> {
-        let mut options =
-            SandboxCreateOptions::new(req.name, req.from_template.unwrap_or_default());
-        options.env_vars = req.env_vars;
-        options.metadata = req.metadata;
-        options.network = req.network;
+        let options = SandboxCreateOptions {
+            name: req.name,
+            from_template: req.from_template.unwrap_or_default(),
+            from_snapshot: req.from_snapshot,
+            timeout_seconds: req.timeout_seconds,
+            auto_delete_seconds: req.auto_delete_seconds,
+            env_vars: req.env_vars,
+            metadata: req.metadata,
+            network: req.network,
+        };
         Ok(Sandbox::create(&self.client, options)
             .await?
             .id()
             .to_owned())
+    }
+
+    async fn snapshot_sandbox(&self, id: &str, name: Option<String>) -> R<SnapshotInfo> {
+        let options = SnapshotOptions {
+            name,
+            idempotency_key: None,
+        };
+        let mut s = Snapshot::take(&self.client, id, options).await?;
+        Ok(s.wait_until_ready().await?.clone())
+    }
+
+    async fn snapshots(&self, sandbox: Option<&str>) -> R<Vec<SnapshotInfo>> {
+        Ok(Snapshot::list(&self.client, sandbox, SnapshotPage::default()).await?)
+    }
+
+    async fn snapshot(&self, id: &str) -> R<SnapshotInfo> {
+        Ok(Snapshot::get(&self.client, id).await?.info().clone())
+    }
+
+    async fn rename_snapshot(&self, id: &str, name: &str) -> R<SnapshotInfo> {
+        let mut s = Snapshot::get(&self.client, id).await?;
+        Ok(s.rename(name).await?.clone())
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> R<()> {
+        // Unlike the SDK's idempotent delete, a command names one snapshot: not finding it
+        // is an error to show.
+        Snapshot::get(&self.client, id).await?;
+        Ok(Snapshot::delete_by_id(&self.client, id).await?)
     }
 
     async fn sandboxes(&self) -> R<Vec<SandboxInfo>> {

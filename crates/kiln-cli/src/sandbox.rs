@@ -13,10 +13,21 @@ use crate::print;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Cmd {
-    /// Start a sandbox from a template (name or id); prints the sandbox id.
+    /// Start a sandbox from a template (name or id) or a snapshot; prints the sandbox id.
     Create {
-        /// Template name or id.
-        template: String,
+        /// Template name or id (default: the system template `superserve/base`).
+        #[arg(conflicts_with = "from_snapshot")]
+        template: Option<String>,
+        /// Continue from this snapshot instead (its processes live, its files as they were).
+        #[arg(long, value_name = "SNAPSHOT_ID")]
+        from_snapshot: Option<String>,
+        /// Pause it after this many seconds of active time (a server's timer; each resume
+        /// starts a fresh window).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        /// Delete it after this many seconds continuously paused (0: as soon as it pauses).
+        #[arg(long, value_name = "SECONDS")]
+        auto_delete: Option<u64>,
         /// Environment variable over the template's defaults (repeatable).
         #[arg(long = "env", value_name = "K=V")]
         env: Vec<String>,
@@ -59,6 +70,14 @@ pub(crate) enum Cmd {
     Kill {
         /// Sandbox id.
         id: String,
+    },
+    /// Take a snapshot of a sandbox (it runs on); prints the snapshot id once it is ready.
+    Snapshot {
+        /// Sandbox id.
+        id: String,
+        /// A name for the snapshot.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Run a command in a sandbox, streaming its output; exits with its exit code.
     Exec {
@@ -103,22 +122,34 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
     match command {
         Cmd::Create {
             template,
+            from_snapshot,
+            timeout,
+            auto_delete,
             env,
             metadata,
             name,
             allow_out,
             deny_out,
         } => {
-            // The API wants a name; the template's name and a random suffix stand in.
+            // The API wants a name; what it starts from and a random suffix stand in.
             let name = name.unwrap_or_else(|| {
                 let tail = uuid::Uuid::new_v4().simple().to_string();
-                format!("{template}-{}", &tail[..8])
+                let from = template
+                    .as_deref()
+                    .or(from_snapshot.as_deref().map(|_| "fork"))
+                    .unwrap_or("sandbox");
+                format!("{}-{}", from.replace('/', "-"), &tail[..8])
             });
             let req = CreateSandbox {
+                name,
+                from_template: template,
+                from_snapshot,
+                timeout_seconds: timeout,
+                auto_delete_seconds: auto_delete,
                 env_vars: pairs(&env)?,
                 metadata: pairs(&metadata)?,
                 network: network_rules(allow_out, deny_out)?,
-                ..CreateSandbox::new(name, template)
+                ..CreateSandbox::default()
             };
             println!("{}", backend.create_sandbox(req).await?);
             Ok(ExitCode::SUCCESS)
@@ -141,6 +172,11 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Kill { id } => {
             backend.kill_sandbox(&id).await?;
             println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Snapshot { id, name } => {
+            let s = backend.snapshot_sandbox(&id, name).await?;
+            println!("{}", s.id);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Exec {

@@ -27,7 +27,11 @@ pub const SERVER_ENV_CLEARED: &[&str] = &[
     "KILN_MAX_TEMPLATES",
     "KILN_MAX_CONCURRENT_BUILDS",
     "KILN_MAX_SANDBOXES",
+    "KILN_MAX_SNAPSHOTS",
     "KILN_MAX_PARALLEL_BUILDS",
+    "KILN_SYSTEM_TEMPLATES",
+    "KILN_BASE_IMAGE",
+    "KILN_PYTHON_IMAGE",
     "KILN_RATE_LIMIT_PER_SEC",
     "KILN_RATE_LIMIT_BURST",
 ];
@@ -163,13 +167,15 @@ pub struct Server {
 
 impl Server {
     /// Starts `kiln serve` on a port of its choosing, with `env` set, and waits until it
-    /// listens.
+    /// listens. It builds no system template unless `env` sets `KILN_SYSTEM_TEMPLATES`
+    /// (a build is a minute of TCG that most tests do not need).
     pub fn start(state: &Path, env: &[(&str, &str)]) -> Server {
         let mut cmd = kiln(state, &["serve", "--listen", "127.0.0.1:0"]);
         cmd.env(
             "KILN_LOG",
             std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        )
+        .env("KILN_SYSTEM_TEMPLATES", "none");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -170,7 +170,41 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
-    observe::layers(app, metrics)
+    // Before routing (a layer of an outer router whose one service is the API).
+    Router::new()
+        .fallback_service(observe::layers(app, metrics))
+        .layer(axum::middleware::map_request(system_template_paths))
+}
+
+/// The official SDKs put a template's name in the path as it is (`Template.connect(
+/// "superserve/base")` asks for `GET /templates/superserve/base`), so a path naming a
+/// system template that way is routed as if its slash were escaped. Only the system
+/// templates' own names are: no team template can take them.
+async fn system_template_paths(mut req: axum::extract::Request) -> axum::extract::Request {
+    let Some(rest) = req.uri().path().strip_prefix("/templates/") else {
+        return req;
+    };
+    let named = kiln_engine::SYSTEM_TEMPLATES.iter().find(|t| {
+        rest.strip_prefix(t.name)
+            .is_some_and(|after| after.is_empty() || after.starts_with('/'))
+    });
+    let Some(t) = named else {
+        return req;
+    };
+    let escaped = t.name.replace('/', "%2F");
+    let mut path = format!("/templates/{escaped}{}", &rest[t.name.len()..]);
+    if let Some(q) = req.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = path.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
 }
 
 /// The team of the request's `X-API-Key`.

@@ -1453,6 +1453,20 @@ async fn system_templates_are_listed_for_every_team_and_theirs_alone() {
     a.t.ready_system_template("superserve/base").await.unwrap();
     let (_, list) = a.call("GET", "/templates", Some(&key), None).await;
     assert_eq!(list[0]["name"], "superserve/base");
+    // The official SDKs put the name in the path unescaped.
+    for uri in ["/templates/superserve/base", "/templates/superserve%2Fbase"] {
+        let (s, t) = a.call("GET", uri, Some(&key), None).await;
+        assert_eq!((s, &t["id"]), (StatusCode::OK, &list[0]["id"]), "{uri}");
+    }
+    let (s, builds) = a
+        .call(
+            "GET",
+            "/templates/superserve/base/builds?limit=5",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{builds}");
     let (s, v) = a
         .call("DELETE", "/templates/superserve%2Fbase", Some(&key), None)
         .await;

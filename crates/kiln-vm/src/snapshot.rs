@@ -770,7 +770,9 @@ impl Vm {
             "checkpoint saved"
         );
         let dest = staged.path().join("disk.qcow2");
+        let t_layer = Instant::now();
         layer_over(&top, base_disk, &dest)?;
+        let layer_time = t_layer.elapsed();
         link_or_copy(&self.kernel.vmlinuz, &staged.path().join("vmlinuz"))?;
         link_or_copy(
             &self.kernel.initramfs,
@@ -789,6 +791,8 @@ impl Vm {
         tracing::info!(
             ms = total_time.as_millis() as u64,
             frozen_ms = frozen_time.as_millis() as u64,
+            layer_ms = layer_time.as_millis() as u64,
+            digest_ms = p.digest_time.as_millis() as u64,
             allocated = p.allocated,
             bundle = %bundle.display(),
             "checkpoint written"

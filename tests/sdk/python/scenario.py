@@ -11,8 +11,10 @@ Environment:
   KILN_TEST_IMAGE_PYTHON   base image reference (python3 + curl + sudo) in the test registry
   KILN_MAX_TEMPLATES       the server's template limit; the scenario owns 2 templates when
                            it checks the limit, so it must be 2
-  KILN_MAX_SANDBOXES       the server's sandbox limit; the scenario's one sandbox must reach
-                           it, so it must be 1
+  KILN_MAX_SANDBOXES       the server's sandbox limit; the scenario's two forks must reach it,
+                           so it must be 2
+  The server builds the system template superserve/base (KILN_SYSTEM_TEMPLATES=base) from
+  the test registry's minbase image, for the create without a template.
   KILN_SDK_RUN_ID          optional suffix that keeps names unique (default: the pid)
 
 Every step asserts; a broken expectation prints `FAIL: ...` and exits 1 (after a
@@ -59,7 +61,7 @@ BASE_URL = require_env("SUPERSERVE_BASE_URL").rstrip("/")
 API_KEY = require_env("SUPERSERVE_API_KEY")
 IMAGE = require_env("KILN_TEST_IMAGE_PYTHON")
 MAX_TEMPLATES = int(os.environ.get("KILN_MAX_TEMPLATES", "2"))
-MAX_SANDBOXES = int(os.environ.get("KILN_MAX_SANDBOXES", "1"))
+MAX_SANDBOXES = int(os.environ.get("KILN_MAX_SANDBOXES", "2"))
 RUN_ID = os.environ.get("KILN_SDK_RUN_ID") or str(os.getpid())
 SANDBOX_ID_HEADER = "X-Superserve-Sandbox-Id"
 
@@ -131,6 +133,8 @@ from superserve import (  # noqa: E402
     Sandbox,
     SandboxError,
     SandboxStatus,
+    Snapshot,
+    SnapshotStatus,
     Template,
     TemplateBuildStatus,
     TemplateStatus,
@@ -349,19 +353,6 @@ def scenario() -> None:
         check_eq(info.memory_mib, 384, "sandbox memory_mib (the template's)")
         check_eq(info.vcpu_count, 1, "sandbox vcpu_count (the template's)")
 
-    with step(f"RateLimitError past the team's {MAX_SANDBOXES} sandbox"):
-        check_eq(MAX_SANDBOXES, 1, "KILN_MAX_SANDBOXES (the scenario runs 1 sandbox here)")
-        try:
-            extra_box = Sandbox.create(name=name("one-too-many"), from_template=web)
-        except RateLimitError as e:
-            check_eq(e.code, "too_many_sandboxes", "RateLimitError.code")
-        else:
-            cleanup.insert(0, ("kill sandbox one-too-many", extra_box.kill))
-            fail(
-                "a second sandbox was accepted: the server does not enforce "
-                f"KILN_MAX_SANDBOXES={MAX_SANDBOXES}"
-            )
-
     with step("commands.run: env, user, workdir"):
         r = sandbox.commands.run("echo $KILN_SDK_VAR; echo $GREETING; id -un; pwd")
         check_eq(r.exit_code, 0, f"exit code (stderr {r.stderr!r})")
@@ -517,16 +508,121 @@ def scenario() -> None:
         else:
             fail("a template was deleted while a sandbox made from it runs")
 
-    with step("sandbox.kill"):
+    with step("a spawned counter runs on after its client disconnects"):
+        asyncio.run(spawn_and_leave(sandbox.id, COUNTER))
+        first = counter(sandbox)
+        poll("the counter advances", 60, lambda: counter(sandbox) > first)
+
+    with step("sandbox.snapshot: memory and disk, the source runs on"):
+        sandbox.files.write("/tmp/snap.txt", "at-snapshot")
+        before_snapshot = counter(sandbox)
+        snap = sandbox.snapshot(name=name("snap"))
+        at_snapshot = counter(sandbox)
+        check_eq(snap.status, SnapshotStatus.READY, "status after snapshot()")
+        check_eq(snap.sandbox_id, sandbox.id, "snapshot.sandbox_id")
+        check_eq(snap.template_id, web.id, "snapshot.template_id")
+        check_eq(snap.kind, "mem+fs", "snapshot.kind")
+        check(snap.size_bytes > 0, f"size_bytes {snap.size_bytes}")
+        check_eq(snap.resources.memory_mib, 384, "snapshot.resources.memory_mib")
+        check(snap.ready_at is not None, "ready_at unset on a ready snapshot")
+        poll("the source's counter advances", 60, lambda: counter(sandbox) > at_snapshot)
+        sandbox.files.write("/tmp/snap.txt", "after-snapshot")
+        check_eq([s.id for s in sandbox.snapshots()], [snap.id], "sandbox.snapshots()")
+        check_eq(Snapshot.get(snap.id).name, name("snap"), "Snapshot.get(id).name")
+        cleanup.append(("delete snapshot", snap.delete))
+
+    with step("sandbox.kill; GET of the killed sandbox is 404"):
         sandbox_id = sandbox.id
         sandbox.kill()
         cleanup[:] = [c for c in cleanup if c[0] != "kill sandbox"]
         check_eq(Sandbox.list(metadata={"run": RUN_ID}), [], "Sandbox.list after kill")
         r = httpx.get(f"{BASE_URL}/sandboxes/{sandbox_id}", headers={"X-API-Key": API_KEY}, timeout=10)
-        check(
-            r.status_code == 404 or (r.status_code == 200 and r.json().get("status") == "deleted"),
-            f"GET a killed sandbox -> {r.status_code} {r.text[:200]}",
+        check_eq(r.status_code, 404, f"GET a killed sandbox ({r.text[:200]})")
+        check_eq([s.id for s in Snapshot.list(sandbox_id)], [snap.id], "a killed sandbox's snapshots")
+
+    forks: list[Sandbox] = []
+    with step("fork twice: the counter runs on in each, the file is the snapshot's"):
+        forks.append(Sandbox.create(name=name("fork-a"), from_snapshot=snap))
+        cleanup.insert(0, ("kill fork a", forks[0].kill))
+        forks.append(Sandbox.create(name=name("fork-b"), from_snapshot=snap.id))
+        cleanup.insert(0, ("kill fork b", forks[1].kill))
+        for f in forks:
+            info = f.get_info()
+            check_eq(info.source_snapshot_id, snap.id, "source_snapshot_id")
+            check_eq(info.status, SandboxStatus.ACTIVE, "a fork's status")
+            n = counter(f)
+            check(n >= before_snapshot, f"a fork's counter went back: {n} < {before_snapshot}")
+            poll("a fork's counter advances", 60, lambda f=f, n=n: counter(f) > n)
+            check_eq(f.files.read_text("/tmp/snap.txt"), "at-snapshot", "a fork's file")
+            r = f.commands.run("curl -fsS http://127.0.0.1:8000/index.html")
+            check_eq(r.stdout.strip(), "hello from app", "the start process in a fork")
+
+    with step("the forks are independent"):
+        forks[0].files.write("/tmp/snap.txt", "changed in a")
+        check_eq(forks[1].files.read_text("/tmp/snap.txt"), "at-snapshot", "fork b's file")
+        check_eq(forks[0].files.read_text("/tmp/snap.txt"), "changed in a", "fork a's file")
+
+    with step(f"RateLimitError past the team's {MAX_SANDBOXES} sandboxes"):
+        check_eq(MAX_SANDBOXES, 2, "KILN_MAX_SANDBOXES (the scenario runs 2 forks here)")
+        try:
+            extra_box = Sandbox.create(name=name("one-too-many"), from_snapshot=snap)
+        except RateLimitError as e:
+            check_eq(e.code, "too_many_sandboxes", "RateLimitError.code")
+        else:
+            cleanup.insert(0, ("kill sandbox one-too-many", extra_box.kill))
+            fail(
+                "a third sandbox was accepted: the server does not enforce "
+                f"KILN_MAX_SANDBOXES={MAX_SANDBOXES}"
+            )
+
+    with step("Snapshot rename and delete; the forks run on"):
+        renamed = snap.rename(name("renamed"))
+        check_eq(renamed.name, name("renamed"), "renamed snapshot's name")
+        snap.delete()
+        cleanup[:] = [c for c in cleanup if c[0] != "delete snapshot"]
+        try:
+            Snapshot.get(snap.id)
+        except NotFoundError:
+            pass
+        else:
+            fail("Snapshot.get of a deleted snapshot succeeded")
+        Snapshot.delete_by_id(snap.id)  # idempotent
+        check(counter(forks[0]) > 0, "fork a after its snapshot was deleted")
+
+    with step("auto-pause, then auto-delete, with second-scale values"):
+        fork_b = forks[1]
+        fork_b.update(timeout_seconds=2, auto_delete_seconds=4)
+        info = fork_b.get_info()
+        check_eq((info.timeout_seconds, info.auto_delete_seconds), (2, 4), "timers after update")
+        paused = poll(
+            "auto-paused",
+            60,
+            lambda: (i := fork_b.get_info()).status == SandboxStatus.PAUSED and i,
+            interval=0.25,
         )
+        check(paused.auto_delete_at is not None, f"auto_delete_at unset while paused: {paused!r}")
+
+        def gone() -> bool:
+            try:
+                fork_b.get_info()
+            except NotFoundError:
+                return True
+            return False
+
+        poll("auto-deleted", 60, gone, interval=0.25)
+        cleanup[:] = [c for c in cleanup if c[0] != "kill fork b"]
+
+    with step("Sandbox.create without a template: the system template superserve/base"):
+        base = Template.connect("superserve/base")
+        check_eq(base.status, TemplateStatus.READY, "superserve/base status")
+        quick = Sandbox.create(name=name("quickstart"))
+        cleanup.insert(0, ("kill quickstart", quick.kill))
+        r = httpx.get(f"{BASE_URL}/sandboxes/{quick.id}", headers={"X-API-Key": API_KEY}, timeout=10)
+        check_eq(r.json().get("template_id"), base.id, "the quickstart sandbox's template")
+        check_eq(quick.commands.run("echo quick").stdout, "quick\n", "a command in it")
+        quick.kill()
+        forks[0].kill()
+        cleanup[:] = [c for c in cleanup if c[0] not in ("kill quickstart", "kill fork a")]
 
     with step("Template.delete"):
         web.delete()
@@ -534,6 +630,27 @@ def scenario() -> None:
         cleanup.clear()
         names = {t.name for t in Template.list(name_prefix="sdk-")}
         check(not ({name("web"), name("broken")} & names), f"templates left: {names}")
+
+
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done"
+
+
+def counter(sb: Sandbox) -> int:
+    r = sb.commands.run("cat /tmp/counter 2>/dev/null || echo 0")
+    return int(r.stdout.strip() or "0")
+
+
+async def spawn_and_leave(sandbox_id: str, command: str) -> None:
+    """Spawns `command`, then drops the WebSocket without a kill (what a lost connection
+    does): Superserve's docs say the process keeps running inside the sandbox."""
+    sb = await AsyncSandbox.connect(sandbox_id)
+    try:
+        session = await sb.commands.spawn(command)
+        await asyncio.sleep(0.5)
+        session._reader.cancel()
+        await session._ws.close()
+    finally:
+        await sb._close_http_client()
 
 
 async def spawn_part(sandbox_id: str) -> None:

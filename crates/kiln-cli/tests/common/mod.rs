@@ -386,9 +386,9 @@ const SDK_SCENARIO_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The team's template limit on the server: an SDK scenario owns two templates when it asks
 /// for a third and expects `too_many_templates`.
 const SDK_MAX_TEMPLATES: &str = "2";
-/// The team's sandbox limit: an SDK scenario runs one sandbox and expects a second to be
-/// refused with `too_many_sandboxes`.
-const SDK_MAX_SANDBOXES: &str = "1";
+/// The team's sandbox limit: an SDK scenario runs two sandboxes (two forks, in Python) and
+/// expects a third to be refused with `too_many_sandboxes`.
+const SDK_MAX_SANDBOXES: &str = "2";
 
 /// Runs an official SDK's scenario against `kiln serve` on a fresh state dir (`prefix`)
 /// and asserts that it passed, that the server lived through it, and that no VM outlived
@@ -400,12 +400,17 @@ pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &st
     let dir = state_dir(prefix);
     let state = dir.path();
     let key = api_key(state, "sdk");
+    // The system template `superserve/base`, for the create without a template, from the
+    // test registry's minbase (it builds while the scenario's own templates do).
+    let base_image = format!("{registry}/kiln/minbase:latest");
     let mut server = Server::start(
         state,
         &[
             ("KILN_READY_TIMEOUT_SECS", "300"),
             ("KILN_MAX_TEMPLATES", SDK_MAX_TEMPLATES),
             ("KILN_MAX_SANDBOXES", SDK_MAX_SANDBOXES),
+            ("KILN_SYSTEM_TEMPLATES", "base"),
+            ("KILN_BASE_IMAGE", &base_image),
         ],
     );
     let base_url = server.url.clone();

@@ -683,7 +683,8 @@ async fn a_create_without_a_template_starts_from_the_system_base_and_waits_for_i
         .create_sandbox(&team, &no_template)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), ApiErrorCode::NotFound, "{err}");
+    assert_eq!(err.code(), ApiErrorCode::NotReady, "{err}");
+    assert!(err.to_string().contains("--system"), "{err}");
     // Its build is under way: the create waits for it.
     let (tid, bid) = {
         let sys = t.queued_system_template("superserve/base").await.unwrap();

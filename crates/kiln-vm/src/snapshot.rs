@@ -7,6 +7,8 @@
 //! state           QEMU migration stream (device state; RAM too in `stream` mode)
 //! memory          guest RAM image (`file` mode)
 //! disk.raw        the frozen root disk: the read-only base of every restore's overlay
+//! disk.qcow2      (instead, for a restored VM's capture) its disk as one layer over its
+//!                 template's disk.raw, which the layer names by absolute path
 //! vmlinuz, initramfs.cpio   the exact boot files (the firmware/option-ROM layout must match)
 //! ```
 //!
@@ -19,7 +21,10 @@
 //!
 //! A VM that was itself restored runs on a private mapping, which `x-ignore-shared` does
 //! not skip, so its snapshot streams RAM into `state` (`stream` mode); restoring such a
-//! bundle loads RAM from the stream into a fresh per-VM memory file.
+//! bundle loads RAM from the stream into a fresh per-VM memory file. Its disk is kept as
+//! one qcow2 layer over the bottom of its chain, the template's `disk.raw` (`disk.qcow2`:
+//! see [`layer_over`]), so a pause costs what the sandbox wrote, not its whole disk, and
+//! the disk chains of resumed sandboxes stay one layer deep.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -627,16 +632,26 @@ impl Vm {
             let disk_name = match disk {
                 BundleDisk::Own => {
                     let (disk, owned, overlay) = self.disk_source();
-                    let dest = staged.path().join("disk.raw");
-                    if owned {
-                        move_file(disk, &dest)?;
-                    } else if overlay {
-                        crate::disk::flatten_to_raw(disk, &dest)
-                            .map_err(|e| Error::Snapshot(error_chain(&e)))?;
-                    } else {
-                        copy_sparse(disk, &dest)?;
+                    match (&self.root_disk, overlay) {
+                        // A restored VM: one layer over its template's disk (what a pause
+                        // then a resume, or a fork, restores on), not a flattened copy.
+                        (Some(root), true) => {
+                            layer_over(disk, root, &staged.path().join("disk.qcow2"))?;
+                            "disk.qcow2"
+                        }
+                        _ => {
+                            let dest = staged.path().join("disk.raw");
+                            if owned {
+                                move_file(disk, &dest)?;
+                            } else if overlay {
+                                crate::disk::flatten_to_raw(disk, &dest)
+                                    .map_err(|e| Error::Snapshot(error_chain(&e)))?;
+                            } else {
+                                copy_sparse(disk, &dest)?;
+                            }
+                            "disk.raw"
+                        }
                     }
-                    "disk.raw"
                 }
                 BundleDisk::Linked(image) => {
                     let name = disk_name_of(&image)?;

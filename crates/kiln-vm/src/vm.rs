@@ -240,6 +240,10 @@ pub struct Vm {
     pub(crate) shape: Shape,
     pub(crate) kernel: KernelAssets,
     pub(crate) forwards: Vec<PortForward>,
+    /// The bottom of the disk chain of a VM restored from a bundle (its template's raw
+    /// disk): captures keep the disk as one layer over it instead of flattening it.
+    /// `None` for a booted VM (a build's bundle must stand alone).
+    pub(crate) root_disk: Option<PathBuf>,
 }
 
 /// QEMU's command line for one VM: the one place it is written down.
@@ -652,6 +656,7 @@ impl Vm {
             shape,
             kernel: config.kernel.clone(),
             forwards,
+            root_disk: None,
         };
         let deadline = started + timeout;
         match vm.wait_ready(deadline).await {
@@ -938,6 +943,10 @@ impl Vm {
         disk::create_overlay(base_disk, &ov)
             .map_err(|e| Error::Restore(format!("overlay: {}", error_chain(&e))))?;
         let disk = Disk::Overlay(ov);
+        let root_disk = Some(
+            disk::chain_bottom(base_disk)
+                .map_err(|e| Error::Restore(format!("disk chain: {}", error_chain(&e))))?,
+        );
         let ram = match memory {
             Some(m) => Ram::PrivateFile(m.to_owned()),
             None => Ram::SharedFile(dir.path().join("memory")),
@@ -973,6 +982,7 @@ impl Vm {
             shape,
             kernel,
             forwards: net.forwards,
+            root_disk,
         })
     }
 }

@@ -464,11 +464,40 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
             Some(std::fs::canonicalize(&base).unwrap())
         );
     }
-    for vm in [a, b] {
-        vm.shutdown().await;
-    }
+    a.shutdown().await;
     src.shutdown().await;
-    for (bundle, want) in [(&stream2, "after\n"), (&stream3, "before\n")] {
+    // A pause (the fork consumed) keeps its disk as one layer over the template's; a
+    // resume of it captured again lies over the template's disk too, with both layers'
+    // writes.
+    b.exec_collect(req("echo paused-once > /root/file && sync"))
+        .await
+        .unwrap();
+    let paused = env.run_parent.join("paused");
+    let p = b
+        .snapshot(&paused)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    assert_eq!(p.manifest.disk_file(), "disk.qcow2");
+    let mut r = Vm::restore(&paused, RestoreConfig::new("ckpt-p", &env.run_parent))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    let stream4 = env.run_parent.join("stream4");
+    r.checkpoint(&stream4, &base)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    r.shutdown().await;
+    for layer in [&paused, &stream4] {
+        let backing = kiln_vm::disk::backing_file(&layer.join("disk.qcow2")).unwrap();
+        assert_eq!(
+            backing.map(|b| std::fs::canonicalize(b).unwrap()),
+            Some(std::fs::canonicalize(&base).unwrap())
+        );
+    }
+    for (bundle, want) in [
+        (&stream2, "after\n"),
+        (&stream3, "before\n"),
+        (&stream4, "paused-once\n"),
+    ] {
         let vm = Vm::restore(bundle, RestoreConfig::new("ckpt-r", &env.run_parent))
             .await
             .unwrap_or_else(|e| panic!("{}", chain(e)));
@@ -477,7 +506,9 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), want);
         vm.shutdown().await;
     }
-    for dir in [&template, &stream, &stream2, &stream3, &forkable] {
+    for dir in [
+        &template, &stream, &stream2, &stream3, &stream4, &paused, &forkable,
+    ] {
         std::fs::remove_dir_all(dir).unwrap();
     }
     env.assert_no_leaks().await;

@@ -389,7 +389,7 @@ impl Engine {
             paused_bundle(&dir).ok_or_else(|| EngineError::NotRunning(record.id.clone()))?;
         self.set_status(team_id, &record.id, SandboxStatus::Resuming)
             .await?;
-        let cfg = self.restore_config(&record.id, &dir);
+        let cfg = self.restore_config(record, &dir)?;
         match self.hypervisor().restore(&bundle, cfg).await {
             Ok(vm) => {
                 self.write_endpoint(&dir, vm.as_ref())?;

@@ -254,7 +254,7 @@ impl Engine {
             .layout
             .artifact_dir(&record.template_id, &record.build_id)?;
         let bundle = artifact.join("bundle");
-        let cfg = self.restore_config(&record.id, &dir);
+        let cfg = self.restore_config(record, &dir)?;
         let pooled = match self.pool.take(&record.template_id, &record.build_id) {
             Some(incoming) => match claim(incoming, &record.id, &dir, cfg.timeout).await {
                 Ok(vm) => Some(vm),
@@ -282,6 +282,7 @@ impl Engine {
                 self.vm_dir(),
             );
             pool_cfg.egress = self.egress_command(Some(Path::new("")));
+            pool_cfg.base_disk = Some(self.template_disk(&record.template_id, &record.build_id)?);
             self.pool.refill(
                 self.cfg.hypervisor.clone(),
                 &record.template_id,
@@ -316,7 +317,7 @@ impl Engine {
         let origin = dir.join(ORIGIN);
         remove_dir_quiet(&origin);
         kiln_vm::snapshot::link_bundle(&src, &origin).map_err(EngineError::restore)?;
-        let cfg = self.restore_config(&record.id, &dir);
+        let cfg = self.restore_config(record, &dir)?;
         let vm = self
             .hypervisor()
             .restore(&origin, cfg)
@@ -343,15 +344,26 @@ impl Engine {
         self.pool.stats()
     }
 
-    /// How a sandbox's VM is restored: console log and egress rules in its directory.
-    pub(crate) fn restore_config(&self, sandbox_id: &str, dir: &Path) -> RestoreConfig {
-        let mut cfg = RestoreConfig::new(
-            format!("sbx-{}", sandbox_id.get(..8).unwrap_or(sandbox_id)),
-            self.vm_dir(),
-        );
+    /// How a sandbox's VM is restored: console log and egress rules in its directory, and
+    /// its template's disk as the base its captures (pauses, snapshots) are layers over.
+    pub(crate) fn restore_config(&self, record: &Sandbox, dir: &Path) -> Result<RestoreConfig> {
+        let id = &record.id;
+        let mut cfg =
+            RestoreConfig::new(format!("sbx-{}", id.get(..8).unwrap_or(id)), self.vm_dir());
         cfg.console_log = Some(dir.join("console.log"));
         cfg.egress = self.egress_command(Some(dir));
-        cfg
+        cfg.base_disk = Some(self.template_disk(&record.template_id, &record.build_id)?);
+        Ok(cfg)
+    }
+
+    /// The raw disk of a template build's bundle: the bottom of the disk chain of every
+    /// sandbox restored from it, its pauses, snapshots and forks.
+    fn template_disk(&self, template_id: &str, build_id: &str) -> Result<PathBuf> {
+        Ok(self
+            .layout
+            .artifact_dir(template_id, build_id)?
+            .join("bundle")
+            .join("disk.raw"))
     }
 
     /// Sets (or with `None`, clears) a sandbox's egress rules. They apply to its next

@@ -138,17 +138,12 @@ impl Engine {
             kiln_vm::snapshot::link_bundle(&paused, &capture).map_err(EngineError::Capture)?;
             return Ok(None);
         };
-        let base = self
-            .layout
-            .artifact_dir(&sandbox.template_id, &sandbox.build_id)?
-            .join("bundle")
-            .join("disk.raw");
         let info = {
             let mut vm = running.vm.lock().await;
             let vm = vm
                 .as_mut()
                 .ok_or_else(|| EngineError::NotRunning(sandbox.id.clone()))?;
-            vm.checkpoint(&capture, &base).await
+            vm.checkpoint(&capture).await
         };
         // The guest's clock stood still while it was stopped.
         if let Err(e) = running.agent.set_clock(SystemTime::now()).await {

@@ -166,23 +166,6 @@ pub fn backing_file(image: &Path) -> Result<Option<std::path::PathBuf>> {
         .map(std::path::PathBuf::from))
 }
 
-/// The bottom of `image`'s backing chain (`image` itself when it has no backing file), as
-/// an absolute path.
-pub fn chain_bottom(image: &Path) -> Result<std::path::PathBuf> {
-    let mut at = std::fs::canonicalize(image).map_err(Error::io("resolve", image))?;
-    // A chain is a handful of layers; a loop in one is corrupt.
-    for _ in 0..64 {
-        match backing_file(&at)? {
-            Some(next) => at = std::fs::canonicalize(&next).map_err(Error::io("resolve", &next))?,
-            None => return Ok(at),
-        }
-    }
-    Err(Error::Config(format!(
-        "{}: the backing chain is longer than 64 images",
-        image.display()
-    )))
-}
-
 /// Makes the qcow2 `image` lie over `backing` while reading as it did
 /// (`qemu-img rebase`, safe mode): whatever its current backing chain holds that differs
 /// from `backing` is written into it. The current chain must still be there.

@@ -432,7 +432,7 @@ impl Machine for FakeMachine {
         Ok(snapshot_info(bundle, manifest))
     }
 
-    async fn checkpoint(&mut self, bundle: &Path, _base_disk: &Path) -> Result<CheckpointInfo> {
+    async fn checkpoint(&mut self, bundle: &Path) -> Result<CheckpointInfo> {
         if let Some(status) = self.dead() {
             return Err(Error::Snapshot(format!("fake: the VM exited ({status})")));
         }
@@ -512,7 +512,7 @@ mod tests {
         let cfg = RestoreConfig::new("t", dir.path().join("vms"));
         let mut m = hv.restore(&src, cfg).await.unwrap();
         let stream = dir.path().join("stream");
-        let info = m.checkpoint(&stream, &src.join("disk.raw")).await.unwrap();
+        let info = m.checkpoint(&stream).await.unwrap();
         assert_eq!(info.manifest.ram, RamMode::Stream);
         assert_eq!(
             hv.alive(),
@@ -520,10 +520,7 @@ mod tests {
             "a checkpoint leaves the machine running"
         );
         hv.fail_checkpoints(Some("disk full"));
-        let err = m
-            .checkpoint(&dir.path().join("again"), &src)
-            .await
-            .unwrap_err();
+        let err = m.checkpoint(&dir.path().join("again")).await.unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
         hv.fail_checkpoints(None);
         let forkable = dir.path().join("forkable");

@@ -141,11 +141,11 @@ pub trait Machine: Send + Sync + Debug {
     async fn snapshot(self: Box<Self>, bundle: &Path) -> Result<SnapshotInfo>;
 
     /// Captures the running VM into a bundle at `bundle` and lets it run on: the guest is
-    /// stopped only for the capture. The bundle's disk lies over `base_disk`, the bottom
-    /// of the VM's disk chain (its template's disk). On failure the VM runs on as it was.
-    /// The guest clock lags by the frozen time afterwards: set it through the agent. See
-    /// [`Vm::checkpoint`].
-    async fn checkpoint(&mut self, bundle: &Path, base_disk: &Path) -> Result<CheckpointInfo>;
+    /// stopped only for the capture. The bundle's disk lies over the restore's
+    /// [`RestoreConfig::base_disk`] (its template's disk). On failure the VM runs on as it
+    /// was. The guest clock lags by the frozen time afterwards: set it through the agent.
+    /// See [`Vm::checkpoint`].
+    async fn checkpoint(&mut self, bundle: &Path) -> Result<CheckpointInfo>;
 
     /// Stops the VM at once and removes its run directory.
     async fn kill(self: Box<Self>);
@@ -253,8 +253,8 @@ impl Machine for Vm {
         Vm::snapshot(*self, bundle).await
     }
 
-    async fn checkpoint(&mut self, bundle: &Path, base_disk: &Path) -> Result<CheckpointInfo> {
-        Vm::checkpoint(self, bundle, base_disk).await
+    async fn checkpoint(&mut self, bundle: &Path) -> Result<CheckpointInfo> {
+        Vm::checkpoint(self, bundle).await
     }
 
     async fn kill(self: Box<Self>) {

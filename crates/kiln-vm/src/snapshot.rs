@@ -146,6 +146,12 @@ pub struct RestoreConfig {
     pub console_log: Option<PathBuf>,
     /// Bound for the whole restore to agent-connected.
     pub timeout: Duration,
+    /// The template disk the bundle's disk lies over (the template bundle's own
+    /// `disk.raw`, or the one a sandbox snapshot's or pause's `disk.qcow2` layer names):
+    /// captures of the VM ([`Vm::snapshot`], [`Vm::checkpoint`]) keep its disk as one
+    /// layer over it. `None`: a capture flattens the disk into a `disk.raw` of its own, and
+    /// a checkpoint is refused.
+    pub base_disk: Option<PathBuf>,
 }
 
 impl RestoreConfig {
@@ -158,6 +164,7 @@ impl RestoreConfig {
             egress: None,
             console_log: None,
             timeout: Duration::from_secs(30),
+            base_disk: None,
         }
     }
 }
@@ -707,23 +714,23 @@ impl Vm {
 
     /// Captures this running VM into a bundle at `bundle` (must not exist; its parent
     /// must) and lets it run on: the guest is stopped only while its disk is frozen and
-    /// its RAM and device state are streamed to the bundle's `state`, then continued.
+    /// its RAM and device state are streamed to the bundle's `state`, then continued. The
+    /// VM must have been restored with a [`RestoreConfig::base_disk`].
     ///
     /// The bundle's RAM is in the stream ([`RamMode::Stream`]: a VM restored from a
     /// bundle maps its RAM privately, so there is no file of it to keep); see
     /// [`make_forkable`] for a bundle that forks map copy-on-write. Its disk is the
     /// layer frozen at the capture (`blockdev-snapshot-sync`; the VM writes to a new layer
-    /// from then on), made to lie directly over `base_disk` (which must be the bottom of
-    /// the VM's disk chain): a VM restored from a bundle whose disk is `base_disk` has it
-    /// as is, and the layers of earlier captures or a resumed pause are folded in
-    /// (`qemu-img rebase`), so the bundle depends on nothing but `base_disk`.
+    /// from then on), made to lie directly over the base disk: a VM restored from the
+    /// template has it as is, and the layers of earlier captures or of a pause are folded
+    /// in (`qemu-img rebase`), so the bundle depends on nothing but the base disk.
     ///
     /// On any failure the guest is continued all the same and the VM is as it was (its
     /// disk may have gained a layer). The guest clock is behind by the frozen time
     /// afterwards: the caller sets it through the agent connection it holds.
-    pub async fn checkpoint(&mut self, bundle: &Path, base_disk: &Path) -> Result<CheckpointInfo> {
+    pub async fn checkpoint(&mut self, bundle: &Path) -> Result<CheckpointInfo> {
         let span = self.span.clone();
-        self.checkpoint_inner(bundle, base_disk)
+        self.checkpoint_inner(bundle)
             .instrument(span)
             .await
             .map_err(|e| match e {
@@ -732,15 +739,11 @@ impl Vm {
             })
     }
 
-    async fn checkpoint_inner(
-        &mut self,
-        bundle: &Path,
-        base_disk: &Path,
-    ) -> Result<CheckpointInfo> {
+    async fn checkpoint_inner(&mut self, bundle: &Path) -> Result<CheckpointInfo> {
         let started = Instant::now();
-        let (top, _, true) = self.disk_source() else {
+        let (Some(base_disk), (top, _, true)) = (self.root_disk.clone(), self.disk_source()) else {
             return Err(Error::Config(
-                "a checkpoint needs a VM restored on a disk overlay".into(),
+                "a checkpoint needs a VM restored with a base disk".into(),
             ));
         };
         let top = top.to_owned();
@@ -786,7 +789,7 @@ impl Vm {
         );
         let dest = staged.path().join("disk.qcow2");
         let t_layer = Instant::now();
-        layer_over(&top, base_disk, &dest)?;
+        layer_over(&top, &base_disk, &dest)?;
         let layer_time = t_layer.elapsed();
         link_or_copy(&self.kernel.vmlinuz, &staged.path().join("vmlinuz"))?;
         link_or_copy(
@@ -867,6 +870,7 @@ impl Vm {
             &cfg.run_parent,
             memory.as_deref(),
             &bundle.join(m.disk_file()),
+            cfg.base_disk.clone(),
             crate::NetConfig {
                 forwards: cfg.forwards.clone(),
                 egress: cfg.egress.clone(),

@@ -240,9 +240,10 @@ pub struct Vm {
     pub(crate) shape: Shape,
     pub(crate) kernel: KernelAssets,
     pub(crate) forwards: Vec<PortForward>,
-    /// The bottom of the disk chain of a VM restored from a bundle (its template's raw
-    /// disk): captures keep the disk as one layer over it instead of flattening it.
-    /// `None` for a booted VM (a build's bundle must stand alone).
+    /// The template disk a restored VM's disk chain starts from
+    /// ([`crate::RestoreConfig::base_disk`]): its captures keep the disk as one layer over
+    /// it instead of flattening it. `None` for a booted VM (a build's bundle must stand
+    /// alone) and for restores not given one.
     pub(crate) root_disk: Option<PathBuf>,
 }
 
@@ -933,6 +934,7 @@ impl Vm {
         run_parent: &Path,
         memory: Option<&Path>,
         base_disk: &Path,
+        root_disk: Option<PathBuf>,
         net: NetConfig,
         console_log: Option<PathBuf>,
     ) -> Result<Self> {
@@ -943,10 +945,6 @@ impl Vm {
         disk::create_overlay(base_disk, &ov)
             .map_err(|e| Error::Restore(format!("overlay: {}", error_chain(&e))))?;
         let disk = Disk::Overlay(ov);
-        let root_disk = Some(
-            disk::chain_bottom(base_disk)
-                .map_err(|e| Error::Restore(format!("disk chain: {}", error_chain(&e))))?,
-        );
         let ram = match memory {
             Some(m) => Ram::PrivateFile(m.to_owned()),
             None => Ram::SharedFile(dir.path().join("memory")),

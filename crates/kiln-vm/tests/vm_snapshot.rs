@@ -351,7 +351,12 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));
     let base = template.join("disk.raw");
-    let mut src = Vm::restore(&template, RestoreConfig::new("ckpt-src", &env.run_parent))
+    // Restores that know their template's disk: their captures are layers over it.
+    let cfg = |name: &str| RestoreConfig {
+        base_disk: Some(base.clone()),
+        ..RestoreConfig::new(name, &env.run_parent)
+    };
+    let mut src = Vm::restore(&template, cfg("ckpt-src"))
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));
     let mut bg = req("i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done");
@@ -364,7 +369,7 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
 
     // Onto a full filesystem: fails, and the VM runs on.
     let err = src
-        .checkpoint(&full.0.path().join("snap"), &base)
+        .checkpoint(&full.0.path().join("snap"))
         .await
         .expect_err("a checkpoint into 2 MiB must fail");
     assert_eq!(
@@ -378,7 +383,7 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
 
     let stream = env.run_parent.join("stream");
     let info = src
-        .checkpoint(&stream, &base)
+        .checkpoint(&stream)
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));
     eprintln!(
@@ -415,8 +420,8 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
     // Two forks (and, to compare, one restored from the stream capture itself).
     let t = Instant::now();
     let (a, b) = tokio::join!(
-        Vm::restore(&forkable, RestoreConfig::new("ckpt-a", &env.run_parent)),
-        Vm::restore(&forkable, RestoreConfig::new("ckpt-b", &env.run_parent)),
+        Vm::restore(&forkable, cfg("ckpt-a")),
+        Vm::restore(&forkable, cfg("ckpt-b")),
     );
     eprintln!("two forks (memory file): {:?}", t.elapsed());
     let t = Instant::now();
@@ -450,11 +455,11 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
     // A second capture of the source, and one of a fork: their layers lie over the
     // template's disk directly, with what the layers in between held folded in.
     let stream2 = env.run_parent.join("stream2");
-    src.checkpoint(&stream2, &base)
+    src.checkpoint(&stream2)
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));
     let stream3 = env.run_parent.join("stream3");
-    b.checkpoint(&stream3, &base)
+    b.checkpoint(&stream3)
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));
     for layer in [&stream2, &stream3] {
@@ -478,11 +483,11 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));
     assert_eq!(p.manifest.disk_file(), "disk.qcow2");
-    let mut r = Vm::restore(&paused, RestoreConfig::new("ckpt-p", &env.run_parent))
+    let mut r = Vm::restore(&paused, cfg("ckpt-p"))
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));
     let stream4 = env.run_parent.join("stream4");
-    r.checkpoint(&stream4, &base)
+    r.checkpoint(&stream4)
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));
     r.shutdown().await;

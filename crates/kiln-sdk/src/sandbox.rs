@@ -367,7 +367,8 @@ impl Sandbox {
     }
 
     /// Resumes it (`POST /sandboxes/{id}/resume`). The access token rotates; this handle
-    /// (and its clones) use the new one.
+    /// (and its clones) use the new one. Resuming an active sandbox is
+    /// [`Error::Conflict`]; [`Sandbox::connect`] hands out the current token instead.
     pub async fn resume(&self) -> Result<()> {
         let with = activate(&self.client, &self.id, "resume").await?;
         self.adopt(with);

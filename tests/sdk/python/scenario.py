@@ -13,6 +13,8 @@ Environment:
                            it checks the limit, so it must be 2
   KILN_MAX_SANDBOXES       the server's sandbox limit; the scenario's two forks must reach it,
                            so it must be 2
+  KILN_MAX_SNAPSHOTS       the server's snapshot limit; the scenario keeps one snapshot when
+                           it checks the limit, so it must be 1
   The server builds the system template superserve/base (KILN_SYSTEM_TEMPLATES=base) from
   the test registry's minbase image, for the create without a template.
   KILN_SDK_RUN_ID          optional suffix that keeps names unique (default: the pid)
@@ -62,6 +64,7 @@ API_KEY = require_env("SUPERSERVE_API_KEY")
 IMAGE = require_env("KILN_TEST_IMAGE_PYTHON")
 MAX_TEMPLATES = int(os.environ.get("KILN_MAX_TEMPLATES", "2"))
 MAX_SANDBOXES = int(os.environ.get("KILN_MAX_SANDBOXES", "2"))
+MAX_SNAPSHOTS = int(os.environ.get("KILN_MAX_SNAPSHOTS", "1"))
 RUN_ID = os.environ.get("KILN_SDK_RUN_ID") or str(os.getpid())
 SANDBOX_ID_HEADER = "X-Superserve-Sandbox-Id"
 
@@ -573,6 +576,20 @@ def scenario() -> None:
             fail(
                 "a third sandbox was accepted: the server does not enforce "
                 f"KILN_MAX_SANDBOXES={MAX_SANDBOXES}"
+            )
+
+    with step(f"RateLimitError past the team's {MAX_SNAPSHOTS} snapshot"):
+        check_eq(MAX_SNAPSHOTS, 1, "KILN_MAX_SNAPSHOTS (the scenario keeps 1 snapshot here)")
+        try:
+            extra_snap = forks[0].snapshot(name=name("one-too-many"))
+        except RateLimitError as e:
+            check_eq(e.code, "too_many_snapshots", "RateLimitError.code")
+            check_eq(e.status_code, 429, "RateLimitError.status_code")
+        else:
+            cleanup.insert(0, ("delete snapshot one-too-many", extra_snap.delete))
+            fail(
+                "a second snapshot was accepted: the server does not enforce "
+                f"KILN_MAX_SNAPSHOTS={MAX_SNAPSHOTS}"
             )
 
     with step("Snapshot rename and delete; the forks run on"):

@@ -389,6 +389,9 @@ const SDK_MAX_TEMPLATES: &str = "2";
 /// The team's sandbox limit: an SDK scenario runs two sandboxes (two forks, in Python) and
 /// expects a third to be refused with `too_many_sandboxes`.
 const SDK_MAX_SANDBOXES: &str = "2";
+/// The team's snapshot limit: the Python scenario keeps one snapshot when it asks for a
+/// second and expects `too_many_snapshots`.
+const SDK_MAX_SNAPSHOTS: &str = "1";
 
 /// Runs an official SDK's scenario against `kiln serve` on a fresh state dir (`prefix`)
 /// and asserts that it passed, that the server lived through it, and that no VM outlived
@@ -409,6 +412,7 @@ pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &st
             ("KILN_READY_TIMEOUT_SECS", "300"),
             ("KILN_MAX_TEMPLATES", SDK_MAX_TEMPLATES),
             ("KILN_MAX_SANDBOXES", SDK_MAX_SANDBOXES),
+            ("KILN_MAX_SNAPSHOTS", SDK_MAX_SNAPSHOTS),
             ("KILN_SYSTEM_TEMPLATES", "base"),
             ("KILN_BASE_IMAGE", &base_image),
         ],
@@ -426,6 +430,7 @@ pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &st
         )
         .env("KILN_MAX_TEMPLATES", SDK_MAX_TEMPLATES)
         .env("KILN_MAX_SANDBOXES", SDK_MAX_SANDBOXES)
+        .env("KILN_MAX_SNAPSHOTS", SDK_MAX_SNAPSHOTS)
         // Loopback only: no proxy may stand between the SDK and the server.
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")

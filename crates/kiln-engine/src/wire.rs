@@ -69,6 +69,7 @@ impl Engine {
             auto_delete_seconds: None,
             network: self.network_rules(&s.id),
             preview_access: Some(LEGACY_PUBLIC.to_owned()),
+            secrets: None,
         }
     }
 }

@@ -79,13 +79,13 @@ async fn secrets_are_named_once_per_team_and_sealed_for_their_own_id() {
 
     // Rotation moves updated_at; re-sealing under a new key does not.
     let rotated = store
-        .reseal_secret(&acme.id, "openai", &|s| format!("v2-{}", s.id), true)
+        .reseal_secret(&acme.id, "openai", &|s| Ok(format!("v2-{}", s.id)), true)
         .await
         .unwrap();
     assert_eq!(rotated.sealed, format!("v2-{}", s.id));
     assert!(rotated.updated_at >= s.updated_at);
     let resealed = store
-        .reseal_secret(&acme.id, "openai", &|s| format!("v3-{}", s.id), false)
+        .reseal_secret(&acme.id, "openai", &|s| Ok(format!("v3-{}", s.id)), false)
         .await
         .unwrap();
     assert_eq!(resealed.updated_at, rotated.updated_at);

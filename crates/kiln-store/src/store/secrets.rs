@@ -81,19 +81,20 @@ impl Store {
         )
     }
 
-    /// Replaces a secret's sealed value; `seal` seals the new value for its id. With
-    /// `rotated` the change is a new value (its `updated_at` moves); without, the same
-    /// value sealed again (under a new key).
+    /// Replaces a secret's sealed value with what `seal` makes of the current row (in the
+    /// write transaction, so a concurrent change is not lost). With `rotated` the change
+    /// is a new value (its `updated_at` moves); without, the same value sealed again
+    /// (under a new key).
     pub async fn reseal_secret(
         &self,
         team_id: &str,
         name: &str,
-        seal: &(dyn Fn(&Secret) -> String + Sync),
+        seal: &(dyn Fn(&Secret) -> Result<String> + Sync),
         rotated: bool,
     ) -> Result<Secret> {
         let mut tx = self.write_tx().await?;
         let secret = secret_named(&mut tx, team_id, name).await?;
-        let sealed = seal(&secret);
+        let sealed = seal(&secret)?;
         let updated = if rotated { now() } else { secret.updated_at };
         sqlx::query("UPDATE secrets SET sealed = ?, updated_at = ? WHERE id = ?")
             .bind(sealed)

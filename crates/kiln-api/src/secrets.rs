@@ -659,7 +659,8 @@ pub struct ProviderShortcut {
 }
 
 /// `POST /secrets`: `provider`, or `auth` with `hosts` (which `per_host` may imply).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Its `Debug` leaves the value out, so no log line can carry it.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSecret {
     /// Unique in the team; what bindings and the URL name it by.
@@ -675,6 +676,18 @@ pub struct CreateSecret {
     /// The hosts the value may be sent to, when no provider is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hosts: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for CreateSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateSecret")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .field("provider", &self.provider)
+            .field("auth", &self.auth)
+            .field("hosts", &self.hosts)
+            .finish()
+    }
 }
 
 /// A [`CreateSecret`] checked: what the store keeps (the value apart).
@@ -801,12 +814,18 @@ pub fn check_env_key(key: &str) -> Result<(), RequestError> {
     }
 }
 
-/// `PATCH /secrets/{name}` (rotate): the new value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `PATCH /secrets/{name}` (rotate): the new value. Its `Debug` leaves the value out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotateSecret {
     /// Replaces the value; bound sandboxes use it from their next request.
     pub value: String,
+}
+
+impl std::fmt::Debug for RotateSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RotateSecret { value: <redacted> }")
+    }
 }
 
 /// A secret as the API shows it (the SDKs' `SecretInfo`); never its value.
@@ -1295,6 +1314,22 @@ mod tests {
         ] {
             let err = req.validate().expect_err(said);
             assert!(err.message.contains(said), "{said}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_a_value() {
+        let create = CreateSecret {
+            name: "n".into(),
+            value: "sk-live-123".into(),
+            ..CreateSecret::default()
+        };
+        let rotate = RotateSecret {
+            value: "sk-live-456".into(),
+        };
+        for shown in [format!("{create:?}"), format!("{rotate:?}")] {
+            assert!(!shown.contains("sk-live"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
         }
     }
 

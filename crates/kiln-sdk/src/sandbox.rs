@@ -29,6 +29,9 @@ pub struct SandboxCreateOptions {
     pub metadata: BTreeMap<String, String>,
     /// Egress rules from the start (none: the public internet).
     pub network: Option<NetworkConfig>,
+    /// Team secrets to bind: environment variable -> secret name (the variable holds a
+    /// stand-in; see [`crate::Secret`]).
+    pub secrets: BTreeMap<String, String>,
 }
 
 impl SandboxCreateOptions {
@@ -75,6 +78,7 @@ impl SandboxCreateOptions {
             metadata: self.metadata.clone(),
             env_vars: self.env_vars.clone(),
             network: self.network.clone(),
+            secrets: self.secrets.clone(),
             ..CreateSandbox::new(&self.name, &self.from_template)
         }
     }
@@ -261,6 +265,30 @@ impl Sandbox {
         Self::set_network_by_id(&self.client, &self.id, network.as_ref()).await?;
         self.lock().info.network = network;
         Ok(())
+    }
+
+    /// Binds a team secret under an environment variable: processes started from now on
+    /// see a stand-in, which kiln's egress proxy swaps for the secret on its hosts (a
+    /// paused sandbox gets it on resume).
+    pub async fn attach_secret(&self, env_key: &str, secret_name: &str) -> Result<()> {
+        let body = kiln_api::AttachSecret {
+            env_key: env_key.to_owned(),
+            secret_name: secret_name.to_owned(),
+        };
+        let req = self
+            .client
+            .api(Method::POST, &["sandboxes", &self.id, "secrets"])
+            .json(&body);
+        self.client.empty(req).await
+    }
+
+    /// Removes the binding of `env_key`: its stand-in is refused from the next request,
+    /// and new processes no longer see the variable.
+    pub async fn detach_secret(&self, env_key: &str) -> Result<()> {
+        let req = self
+            .client
+            .api(Method::DELETE, &["sandboxes", &self.id, "secrets", env_key]);
+        self.client.empty(req).await
     }
 
     /// Pauses it and returns once the pause has landed (the server holds the request;

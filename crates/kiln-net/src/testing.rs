@@ -1,12 +1,16 @@
 //! For tests of the egress path (this crate's, and the real-VM tests above it): an
-//! upstream HTTP or HTTPS server on loopback that records every request head it gets and
-//! answers each with that head as its body, so a test sees exactly what left the proxy.
+//! upstream HTTP or HTTPS server on loopback that records every request head it gets, so a
+//! test sees exactly what left the proxy. Its answer names the path and the sha256 of the
+//! `Authorization` header it got (`path=/x authorization-sha256=<hex|none>`): a guest can
+//! check which credential arrived without the upstream handing the credential back.
 
 use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use sha2::{Digest as _, Sha256};
 
 use crate::ca::EgressCa;
 use crate::intercept::{parse_request, read_head};
@@ -90,7 +94,16 @@ impl Drop for Upstream {
     }
 }
 
-/// Answers each request of a connection with its own head.
+/// What the upstream answers a request with `authorization` (its header, if any) to `path`.
+pub fn answer(path: &str, authorization: Option<&str>) -> String {
+    let auth = authorization.map_or_else(
+        || "none".to_owned(),
+        |a| hex::encode(Sha256::digest(a.as_bytes())),
+    );
+    format!("path={path} authorization-sha256={auth}\n")
+}
+
+/// Answers each request of a connection (see [`answer`]).
 fn serve<S: Read + Write>(stream: S, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
     let mut conn = BufReader::new(stream);
     while let Some(head) = read_head(&mut conn)? {
@@ -106,9 +119,15 @@ fn serve<S: Read + Write>(stream: S, seen: &Mutex<Vec<String>>) -> std::io::Resu
             .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
             .unwrap_or(0);
         std::io::copy(&mut (&mut conn).take(length), &mut std::io::sink())?;
+        let authorization = req
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        let body = answer(&req.first.1, authorization.as_deref());
         let reply = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{text}",
-            text.len()
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
         );
         conn.get_mut().write_all(reply.as_bytes())?;
         conn.get_mut().flush()?;

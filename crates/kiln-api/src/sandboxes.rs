@@ -7,6 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::network::NetworkConfig;
 use crate::request::{parse_count, RequestError};
+use crate::secrets::{check_env_key, check_secret_name, SandboxSecretBinding};
 use crate::status::SandboxStatus;
 
 /// Longest sandbox name, metadata or env key or value accepted.
@@ -58,6 +59,9 @@ pub struct SandboxInfo {
     /// Superserve's preview access policy (`legacy_public` in kiln for now).
     #[serde(default)]
     pub preview_access: Option<String>,
+    /// The team secrets bound to it, when any are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<SandboxSecretBinding>>,
 }
 
 /// What create, resume and activate answer: the sandbox and the token that opens its data
@@ -100,9 +104,14 @@ pub struct CreateSandbox {
     /// Not implemented by kiln yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_delete_seconds: Option<serde_json::Value>,
-    /// Not implemented by kiln yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secrets: Option<serde_json::Value>,
+    /// Team secrets to bind, environment variable -> secret name: each variable holds a
+    /// stand-in that the egress proxy swaps for the secret on the secret's hosts.
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub secrets: BTreeMap<String, String>,
     /// Not implemented by kiln yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_access: Option<serde_json::Value>,
@@ -126,7 +135,6 @@ impl CreateSandbox {
             ("from_snapshot", is_set(&self.from_snapshot)),
             ("timeout_seconds", is_set(&self.timeout_seconds)),
             ("auto_delete_seconds", is_set(&self.auto_delete_seconds)),
-            ("secrets", is_set(&self.secrets)),
             ("preview_access", is_set(&self.preview_access)),
         ])?;
         if self.from_template.as_deref().is_none_or(str::is_empty) {
@@ -138,8 +146,25 @@ impl CreateSandbox {
             )));
         }
         check_map("metadata", &self.metadata)?;
-        check_map("env_vars", &self.env_vars)
+        check_map("env_vars", &self.env_vars)?;
+        check_map("secrets", &self.secrets)?;
+        for (key, name) in &self.secrets {
+            check_env_key(key).map_err(|e| RequestError::invalid(format!("secrets: {e}")))?;
+            check_secret_name(name)
+                .map_err(|e| RequestError::invalid(format!("secrets.{key}: {e}")))?;
+            if self.env_vars.contains_key(key) {
+                return Err(RequestError::invalid(format!(
+                    "secrets.{key}: also set in env_vars; a variable holds one or the other"
+                )));
+            }
+        }
+        Ok(())
     }
+}
+
+/// `null` is the SDKs' "unset".
+fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// `PATCH /sandboxes/{id}`: absent fields are left as they are.
@@ -303,16 +328,16 @@ mod tests {
     fn unsupported_fields_are_named() {
         let mut req = CreateSandbox::new("a", "t");
         req.timeout_seconds = Some(serde_json::json!(60));
-        req.secrets = Some(serde_json::json!({"K": "s"}));
+        req.preview_access = Some(serde_json::json!("private"));
         let err = req.validate().unwrap_err();
         assert_eq!(err.code, crate::ApiErrorCode::Unsupported);
         assert_eq!(
             err.message,
-            "not supported by kiln: timeout_seconds, secrets"
+            "not supported by kiln: timeout_seconds, preview_access"
         );
         // `null` is the SDKs' "unset".
         req.timeout_seconds = Some(serde_json::Value::Null);
-        req.secrets = None;
+        req.preview_access = None;
         req.validate().unwrap();
     }
 
@@ -327,6 +352,32 @@ mod tests {
             serde_json::from_value::<CreateSandbox>(serde_json::json!({"name": "a", "nope": 1}))
                 .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn secrets_bind_shell_names_to_secret_names() {
+        let req: CreateSandbox = serde_json::from_value(serde_json::json!({
+            "name": "a", "from_template": "t", "secrets": {"OPENAI_API_KEY": "openai-prod"}
+        }))
+        .unwrap();
+        req.validate().unwrap();
+        assert_eq!(req.secrets["OPENAI_API_KEY"], "openai-prod");
+        let null: CreateSandbox =
+            serde_json::from_value(serde_json::json!({"name": "a", "secrets": null})).unwrap();
+        assert!(null.secrets.is_empty());
+        for (secrets, env, said) in [
+            (("1BAD", "s"), None, "secrets: env key"),
+            (("K", "a/b"), None, "secrets.K: name"),
+            (("K", "s"), Some("K"), "secrets.K: also set in env_vars"),
+        ] {
+            let mut req = CreateSandbox::new("a", "t");
+            req.secrets.insert(secrets.0.into(), secrets.1.into());
+            if let Some(k) = env {
+                req.env_vars.insert(k.into(), "v".into());
+            }
+            let err = req.validate().unwrap_err();
+            assert!(err.message.starts_with(said), "{}", err.message);
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use kiln_api::{
-    BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, SandboxInfo, TemplateInfo,
-    TemplateRequest, TerminalSize,
+    AuditQuery, BuildInfo, BuildLogEvent, CreateSandbox, CreateSecret, ExecRequest, NetworkConfig,
+    ProxyAuditEvent, SandboxInfo, SecretInfo, TemplateInfo, TemplateRequest, TerminalSize,
 };
 use tokio::sync::mpsc;
 
@@ -120,6 +120,27 @@ pub(crate) trait Backend: Send + Sync {
 
     /// Copies a file into a sandbox; returns the bytes.
     async fn upload(&self, id: &str, src: &Path, path: &str) -> R<u64>;
+
+    /// Stores a team secret.
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo>;
+
+    /// The team's secrets.
+    async fn secrets(&self) -> R<Vec<SecretInfo>>;
+
+    /// Replaces a secret's value.
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo>;
+
+    /// Deletes a secret (its bindings are revoked).
+    async fn delete_secret(&self, name: &str) -> R<()>;
+
+    /// Requests made with a secret, newest first.
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>>;
+
+    /// Binds a secret to a sandbox under `env_key`.
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()>;
+
+    /// Removes a sandbox's binding of `env_key`.
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()>;
 }
 
 /// The server of `KILN_URL` / `kiln login` when there is one, else the local state dir.

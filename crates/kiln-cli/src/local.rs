@@ -14,8 +14,9 @@ use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use futures::StreamExt as _;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo,
-    SandboxStatus, TemplateInfo, TemplateRequest, TerminalSize,
+    ApiErrorCode, AttachSecret, AuditQuery, BuildInfo, BuildStatus, CreateSandbox, CreateSecret,
+    NetworkConfig, ProxyAuditEvent, RotateSecret, SandboxFilter, SandboxInfo, SandboxStatus,
+    SecretInfo, TemplateInfo, TemplateRequest, TerminalSize,
 };
 use kiln_engine::{Engine, FileContent, SessionEvent, SessionOptions};
 use tokio::sync::mpsc;
@@ -322,5 +323,40 @@ impl Backend for Local {
         let mode =
             std::os::unix::fs::PermissionsExt::mode(&file.metadata().await?.permissions()) & 0o7777;
         Ok(sandbox.write_file(path, file, Some(mode)).await?)
+    }
+
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo> {
+        Ok(self.engine.create_secret(&self.team, req).await?)
+    }
+
+    async fn secrets(&self) -> R<Vec<SecretInfo>> {
+        Ok(self.engine.list_secrets(&self.team).await?)
+    }
+
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo> {
+        let req = RotateSecret {
+            value: value.to_owned(),
+        };
+        Ok(self.engine.rotate_secret(&self.team, name, &req).await?)
+    }
+
+    async fn delete_secret(&self, name: &str) -> R<()> {
+        Ok(self.engine.delete_secret(&self.team, name).await?)
+    }
+
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>> {
+        Ok(self.engine.secret_audit(&self.team, name, q).await?)
+    }
+
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()> {
+        let req = AttachSecret {
+            env_key: env_key.to_owned(),
+            secret_name: secret.to_owned(),
+        };
+        Ok(self.engine.attach_secret(&self.team, id, &req).await?)
+    }
+
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()> {
+        Ok(self.engine.detach_secret(&self.team, id, env_key).await?)
     }
 }

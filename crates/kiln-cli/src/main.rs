@@ -12,6 +12,7 @@ mod local;
 mod print;
 mod remote;
 mod sandbox;
+mod secret;
 mod serve;
 mod state;
 mod template;
@@ -48,9 +49,12 @@ enum Command {
     /// Create, list, use and kill sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::Cmd),
+    /// Store team secrets that sandboxes use without holding them.
+    #[command(subcommand)]
+    Secret(secret::Cmd),
     /// Serve the HTTP API (Superserve's wire format) on this state dir.
     Serve(serve::ServeArgs),
-    /// Administration: API keys.
+    /// Administration: API keys, the secrets key.
     Admin(serve::AdminArgs),
     /// Save a server and API key: `kiln template` and `kiln sandbox` then go to it
     /// (`KILN_URL` / `KILN_API_KEY` do the same for one shell).
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args, &state::state_dir()),
         Command::Template(args) => block_on(template::run(args)),
         Command::Sandbox(args) => block_on(sandbox::run(args)),
+        Command::Secret(args) => block_on(secret::run(args)),
         Command::Serve(args) => block_on(serve::serve(args)),
         Command::Admin(args) => block_on(serve::admin(args)),
         Command::Login { url, api_key } => {

@@ -14,11 +14,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, NetworkConfig, SandboxInfo,
-    TemplateInfo, TemplateRequest, TerminalSize,
+    ApiErrorCode, AuditQuery, BuildInfo, BuildLogEvent, CreateSandbox, CreateSecret, NetworkConfig,
+    ProxyAuditEvent, SandboxInfo, SecretInfo, TemplateInfo, TemplateRequest, TerminalSize,
 };
 use kiln_sdk::{
-    Client, ListOptions, RunOptions, Sandbox, SandboxCreateOptions, Template, TemplateCreateOptions,
+    Client, ListOptions, RunOptions, Sandbox, SandboxCreateOptions, Secret, Template,
+    TemplateCreateOptions,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -214,6 +215,7 @@ impl Backend for Remote {
         options.env_vars = req.env_vars;
         options.metadata = req.metadata;
         options.network = req.network;
+        options.secrets = req.secrets;
         Ok(Sandbox::create(&self.client, options)
             .await?
             .id()
@@ -317,5 +319,36 @@ impl Backend for Remote {
         let s = Sandbox::connect(&self.client, id).await?;
         s.files().write(path, &data).await?;
         Ok(data.len() as u64)
+    }
+
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo> {
+        Ok(Secret::create(&self.client, req).await?)
+    }
+
+    async fn secrets(&self) -> R<Vec<SecretInfo>> {
+        Ok(Secret::list(&self.client).await?)
+    }
+
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo> {
+        Ok(Secret::rotate(&self.client, name, value).await?)
+    }
+
+    async fn delete_secret(&self, name: &str) -> R<()> {
+        // Unlike the SDK's idempotent delete, a missing secret is an error here, as on
+        // the local state dir.
+        Secret::get(&self.client, name).await?;
+        Ok(Secret::delete(&self.client, name).await?)
+    }
+
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>> {
+        Ok(Secret::audit(&self.client, name, q).await?)
+    }
+
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()> {
+        Ok(Sandbox::attach_secret_by_id(&self.client, id, env_key, secret).await?)
+    }
+
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()> {
+        Ok(Sandbox::detach_secret_by_id(&self.client, id, env_key).await?)
     }
 }

@@ -33,7 +33,14 @@ pub(crate) enum Cmd {
         /// Egress: a CIDR it may not reach (repeatable; `0.0.0.0/0` for an allowlist).
         #[arg(long = "deny-out", value_name = "CIDR")]
         deny_out: Vec<String>,
+        /// Bind a team secret: the variable holds a stand-in that the egress proxy swaps
+        /// for the secret on its hosts (repeatable).
+        #[arg(long = "secret", value_name = "ENV=NAME")]
+        secrets: Vec<String>,
     },
+    /// Bind or unbind team secrets.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// List live sandboxes.
     Ls {
         /// JSON output.
@@ -113,6 +120,26 @@ pub(crate) enum Cmd {
     },
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum SecretCmd {
+    /// Bind a team secret under a variable; processes started from now on see its
+    /// stand-in (a paused sandbox gets it on resume).
+    Attach {
+        /// Sandbox id.
+        id: String,
+        /// The variable and the secret.
+        #[arg(value_name = "ENV=NAME")]
+        binding: String,
+    },
+    /// Remove a binding: its stand-in is refused from the next request on.
+    Detach {
+        /// Sandbox id.
+        id: String,
+        /// The variable.
+        env: String,
+    },
+}
+
 pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
     if let Cmd::Keep { id } = &command {
         // The keeper that `create` starts: this machine only.
@@ -129,6 +156,7 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
             name,
             allow_out,
             deny_out,
+            secrets,
         } => {
             // The API wants a name; the template's name and a random suffix stand in.
             let name = name.unwrap_or_else(|| {
@@ -139,9 +167,24 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
                 env_vars: pairs(&env)?,
                 metadata: pairs(&metadata)?,
                 network: network_rules(allow_out, deny_out)?,
+                secrets: pairs(&secrets)?,
                 ..CreateSandbox::new(name, template)
             };
+            req.validate()?;
             println!("{}", backend.create_sandbox(req).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Secret(SecretCmd::Attach { id, binding }) => {
+            let Some((env, secret)) = binding.split_once('=') else {
+                bail!("expected ENV=NAME, got {binding:?}");
+            };
+            backend.attach_secret(&id, env, secret).await?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Secret(SecretCmd::Detach { id, env }) => {
+            backend.detach_secret(&id, &env).await?;
+            println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ls { json } => {

@@ -449,6 +449,7 @@ impl Engine {
             runtime,
             template.resources(),
         );
+        manifest.trust = out.trust.clone();
         for (name, size) in &out.files {
             manifest
                 .list_file(&format!("bundle/{name}"), *size)

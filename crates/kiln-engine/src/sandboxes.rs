@@ -67,9 +67,10 @@ pub struct LiveSandbox {
     pub dir: PathBuf,
 }
 
-/// Finishes a pooled restore for the sandbox in `dir`: its egress rules and network
-/// log, named relative to the VM's run directory, become links to the sandbox's files
-/// before the guest runs, and its console log is linked into the sandbox's directory.
+/// Finishes a pooled restore for the sandbox in `dir`: its egress rules, secret bindings
+/// and network log, named relative to the VM's run directory, become links to the
+/// sandbox's files before the guest runs, and its console log is linked into the
+/// sandbox's directory.
 async fn claim(
     incoming: Box<dyn PendingRestore>,
     sandbox_id: &str,
@@ -78,7 +79,7 @@ async fn claim(
 ) -> Result<Box<dyn Machine>> {
     incoming.claimed_by(sandbox_id);
     let run = incoming.run_dir().to_owned();
-    for name in [NETWORK_RULES, NETWORK_LOG] {
+    for name in [NETWORK_RULES, NETWORK_LOG, kiln_net::secrets::SECRETS_FILE] {
         let link = run.join(name);
         std::os::unix::fs::symlink(dir.join(name), &link)
             .map_err(EngineError::io("linking", &link))?;
@@ -99,7 +100,8 @@ async fn claim(
 
 impl Engine {
     /// Records a new sandbox (`starting`) after the request's checks and the team's limit
-    /// check, with its egress rules; the access token is returned once, in plain text.
+    /// check, with its egress rules and secret bindings; the access token is returned
+    /// once, in plain text.
     /// Call [`Engine::start_sandbox`] to bring it up (or [`Engine::create_sandbox`] for
     /// both, in this process).
     pub async fn create_sandbox_record(
@@ -125,17 +127,21 @@ impl Engine {
             name: Some(req.name.clone()),
             metadata: req.metadata.clone(),
             env: req.env_vars.clone(),
+            secrets: self.new_bindings(team_id, &req.secrets).await?,
         };
         let (record, token) = self.insert_sandbox(team_id, &new).await?;
-        if req.network.is_some() {
-            if let Err(e) = self
-                .set_network_rules(team_id, &record.id, req.network.as_ref())
-                .await
-            {
-                self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
+        // The files the egress proxy reads exist before the VM makes a connection.
+        let files = async {
+            if req.network.is_some() {
+                self.set_network_rules(team_id, &record.id, req.network.as_ref())
                     .await?;
-                return Err(e);
             }
+            self.write_bindings(&record).await
+        };
+        if let Err(e) = files.await {
+            self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
+                .await?;
+            return Err(e);
         }
         Ok((record, token))
     }
@@ -231,9 +237,14 @@ impl Engine {
                 pool_cfg,
             );
         }
-        if !record.env.is_empty() {
-            let agent = vm.agent();
+        let agent = vm.agent();
+        // Trust defaults go under what the template and the sandbox set.
+        let trust_env = self.refresh_trust(&artifact, agent).await;
+        if !record.env.is_empty() || !trust_env.is_empty() {
             let mut defaults = agent.get_defaults().await.map_err(EngineError::Agent)?;
+            for (k, v) in trust_env {
+                defaults.env.entry(k).or_insert(v);
+            }
             defaults
                 .env
                 .extend(record.env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -242,6 +253,7 @@ impl Engine {
                 .await
                 .map_err(EngineError::Agent)?;
         }
+        self.apply_secret_env(record, agent).await?;
         self.write_endpoint(&dir, vm.as_ref())?;
         Ok((vm, dir))
     }

@@ -1,8 +1,8 @@
 //! The store's records as the API shows them: the one place where kiln's rows become
 //! `kiln-api` types. The server and the CLI (local and remote) print only these.
 
-use kiln_api::{BuildInfo, BuildLogEvent, SandboxInfo, TemplateInfo};
-use kiln_store::{Build, LogLine, Sandbox, Template};
+use kiln_api::{BuildInfo, BuildLogEvent, SandboxInfo, SandboxSecretBinding, TemplateInfo};
+use kiln_store::{BindingState, Build, LogLine, Sandbox, Template};
 
 use crate::Engine;
 
@@ -70,6 +70,23 @@ impl Engine {
             auto_delete_seconds: None,
             network: self.network_rules(&s.id),
             preview_access: Some(LEGACY_PUBLIC.to_owned()),
+            secrets: secret_bindings(s),
         }
     }
+}
+
+/// A sandbox's bindings as the API lists them: detached ones are gone, a deleted secret's
+/// are `revoked`; none at all is no list.
+fn secret_bindings(s: &Sandbox) -> Option<Vec<SandboxSecretBinding>> {
+    let list: Vec<SandboxSecretBinding> = s
+        .secrets
+        .iter()
+        .filter(|b| b.state != BindingState::Detached)
+        .map(|b| SandboxSecretBinding {
+            env_key: b.env_key.clone(),
+            secret_name: b.secret_name.clone(),
+            revoked: (b.state == BindingState::Revoked).then_some(true),
+        })
+        .collect();
+    (!list.is_empty()).then_some(list)
 }

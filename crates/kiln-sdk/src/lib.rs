@@ -10,6 +10,8 @@
 //! - [`Sandbox`]: create from a template, connect, list, pause, resume, kill; its
 //!   [`Commands`] (run to completion, stream, or [`spawn`](Commands::spawn) an
 //!   interactive [`CommandSession`]) and [`Files`].
+//! - [`Secret`]: team secrets a sandbox uses through stand-ins, never holding them
+//!   ([`Sandbox::attach_secret`], [`SandboxCreateOptions::secrets`]).
 //! - [`Error`]: typed, with the server's stable codes ([`Error::code`]).
 //!
 //! Only idempotent requests (GET, DELETE) are retried, on 429/502/503/504 and connection
@@ -49,6 +51,7 @@ mod commands;
 mod error;
 mod files;
 mod sandbox;
+mod secret;
 mod session;
 mod sse;
 mod template;
@@ -61,13 +64,16 @@ pub use commands::{CommandResult, Commands, RunOptions};
 pub use error::{Error, Result};
 pub use files::{Files, MAX_DOWNLOAD_BYTES};
 pub use sandbox::{ListOptions, Sandbox, SandboxCreateOptions};
+pub use secret::Secret;
 pub use session::{CommandSession, Output, EXEC_SUBPROTOCOL};
 pub use template::{LogCallback, Template, TemplateCreateOptions, BUILD_POLL_INTERVAL};
 
 /// The wire types, shared with the server (crate `kiln-api`): what the API answers.
 pub use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, BuildStatus, LogStream, NetworkConfig, SandboxInfo,
-    SandboxStatus, Step, TemplateInfo, TemplateStatus, TerminalSize,
+    ApiErrorCode, AuditQuery, AuthType, BuildInfo, BuildLogEvent, BuildStatus, CreateSecret,
+    LogStream, NetworkConfig, ProviderShortcut, ProxyAuditEvent, SandboxInfo, SandboxSecretBinding,
+    SandboxStatus, SecretInfo, SecretSandboxBinding, Step, TemplateInfo, TemplateStatus,
+    TerminalSize,
 };
 
 /// The `reqwest` version the SDK uses, for [`ClientBuilder::http_client`] and

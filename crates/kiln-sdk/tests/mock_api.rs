@@ -130,8 +130,76 @@ impl Mock {
     }
 }
 
+fn secret_json() -> serde_json::Value {
+    json!({
+        "id": "5ec2e700-0000-4000-8000-000000000003", "name": "openai-prod",
+        "auth_type": "bearer", "auth_config": {}, "provider_shortcut": "openai",
+        "hosts": ["api.openai.com"], "created_at": "2025-01-01T00:00:00Z",
+        "updated_at": "2025-01-01T00:00:00Z", "last_used_at": null,
+    })
+}
+
+/// `/secrets`, `/providers` and a sandbox's `/secrets`: each request's body or query is
+/// recorded under `METHOD path`.
+fn secret_routes() -> Router<Shared> {
+    use axum::extract::{OriginalUri, RawQuery};
+    use axum::http::Method;
+    async fn record(
+        State(s): State<Shared>,
+        method: Method,
+        OriginalUri(uri): OriginalUri,
+        RawQuery(q): RawQuery,
+        body: axum::body::Bytes,
+    ) -> Response {
+        let key = format!("{method} {}", uri.path());
+        let mut m = s.lock().unwrap();
+        if let Ok(v) = serde_json::from_slice(&body) {
+            m.bodies.insert(key.clone(), v);
+        }
+        m.queries.insert(key.clone(), q.unwrap_or_default());
+        match key.as_str() {
+            "GET /secrets" => Json(json!([secret_json()])).into_response(),
+            "POST /secrets" => (StatusCode::CREATED, Json(secret_json())).into_response(),
+            "GET /secrets/openai-prod" | "PATCH /secrets/openai-prod" => {
+                Json(secret_json()).into_response()
+            }
+            "DELETE /secrets/gone" => error(StatusCode::NOT_FOUND, "not_found"),
+            "GET /secrets/openai-prod/audit" => Json(json!([{
+                "id": 7, "ts": "2025-01-01T00:00:00Z", "sandbox_id": SANDBOX_ID,
+                "sandbox_name": "sb", "secret_id": "s", "method": "POST",
+                "host": "api.openai.com", "path": "/v1/chat/completions", "status": 200,
+                "upstream_status": 200, "latency_ms": 120, "error_code": null,
+            }]))
+            .into_response(),
+            "GET /secrets/openai-prod/sandboxes" => Json(json!([{
+                "sandbox_id": SANDBOX_ID, "sandbox_name": "sb",
+                "env_key": "OPENAI_API_KEY", "status": "active",
+            }]))
+            .into_response(),
+            "GET /providers" => Json(json!([{
+                "name": "openai", "display": "OpenAI", "auth_type": "bearer",
+                "auth_config": {}, "hosts": ["api.openai.com"], "token_shape": "sk-proj-...",
+            }]))
+            .into_response(),
+            _ => StatusCode::NO_CONTENT.into_response(),
+        }
+    }
+    Router::new()
+        .route("/secrets", get(record).post(record))
+        .route("/secrets/{name}", get(record).patch(record).delete(record))
+        .route("/secrets/{name}/audit", get(record))
+        .route("/secrets/{name}/sandboxes", get(record))
+        .route("/providers", get(record))
+        .route("/sandboxes/{id}/secrets", post(record))
+        .route(
+            "/sandboxes/{id}/secrets/{env}",
+            axum::routing::delete(record),
+        )
+}
+
 fn app(state: Shared) -> Router {
     Router::new()
+        .merge(secret_routes())
         .route(
             "/templates",
             post(
@@ -747,4 +815,70 @@ async fn secrets_stay_out_of_debug_output() {
     assert!(!text.contains("tok1"), "{text}");
     assert!(!text.contains("\"key\""), "{text}");
     assert!(text.contains(SANDBOX_ID), "{text}");
+}
+
+#[tokio::test]
+async fn secrets_calls_send_the_wire_shapes() {
+    use kiln_sdk::{AuditQuery, CreateSecret, Secret};
+    let (c, state) = start().await;
+    let created = Secret::create(
+        &c,
+        &CreateSecret {
+            name: "openai-prod".into(),
+            value: "sk-real".into(),
+            provider: Some("openai".into()),
+            ..CreateSecret::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.hosts, ["api.openai.com"]);
+    assert_eq!(
+        state.lock().unwrap().bodies["POST /secrets"],
+        json!({"name": "openai-prod", "value": "sk-real", "provider": "openai"})
+    );
+    assert_eq!(Secret::list(&c).await.unwrap().len(), 1);
+    Secret::get(&c, "openai-prod").await.unwrap();
+    Secret::rotate(&c, "openai-prod", "sk-new").await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies["PATCH /secrets/openai-prod"],
+        json!({"value": "sk-new"})
+    );
+    let q = AuditQuery::from_query(&[("status".into(), "4xx".into())]).unwrap();
+    let audit = Secret::audit(&c, "openai-prod", &q).await.unwrap();
+    assert_eq!((audit[0].status, audit[0].latency_ms), (200, Some(120)));
+    assert_eq!(
+        state.lock().unwrap().queries["GET /secrets/openai-prod/audit"],
+        "limit=100&status=4xx"
+    );
+    let bound = Secret::sandboxes(&c, "openai-prod").await.unwrap();
+    assert_eq!(bound[0].env_key, "OPENAI_API_KEY");
+    assert_eq!(
+        Secret::providers(&c).await.unwrap()[0].token_shape,
+        "sk-proj-..."
+    );
+    Secret::delete(&c, "openai-prod").await.unwrap();
+    // Deleting what is gone is fine, as in the official SDKs.
+    Secret::delete(&c, "gone").await.unwrap();
+
+    let mut options = SandboxCreateOptions::new("sb", "org/web");
+    options
+        .secrets
+        .insert("OPENAI_API_KEY".into(), "openai-prod".into());
+    let sb = Sandbox::create(&c, options).await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies["/sandboxes"]["secrets"],
+        json!({"OPENAI_API_KEY": "openai-prod"})
+    );
+    sb.attach_secret("SECOND", "openai-prod").await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies[&format!("POST /sandboxes/{SANDBOX_ID}/secrets")],
+        json!({"env_key": "SECOND", "secret_name": "openai-prod"})
+    );
+    sb.detach_secret("SECOND").await.unwrap();
+    assert!(state
+        .lock()
+        .unwrap()
+        .queries
+        .contains_key(&format!("DELETE /sandboxes/{SANDBOX_ID}/secrets/SECOND")));
 }

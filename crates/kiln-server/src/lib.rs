@@ -3,9 +3,9 @@
 //! engine call, a typed result becomes a response, and errors are mapped in one place
 //! ([`error`]).
 //!
-//! The control plane (`/templates`, `/sandboxes`) is authorised by a team's `X-API-Key`;
-//! the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]). The server
-//! process owns the VMs of the sandboxes it starts.
+//! The control plane (`/templates`, `/sandboxes`, `/secrets`) is authorised by a team's
+//! `X-API-Key`; the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]).
+//! The server process owns the VMs of the sandboxes it starts.
 
 pub mod console;
 mod data;
@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod observe;
 pub mod ratelimit;
 mod sandboxes;
+mod secrets;
 mod templates;
 mod ws;
 
@@ -66,6 +67,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/sandboxes/{sandbox}/resume"),
     ("POST", "/sandboxes/{sandbox}/activate"),
     ("GET", "/sandboxes/{sandbox}/network"),
+    ("POST", "/sandboxes/{sandbox}/secrets"),
+    ("DELETE", "/sandboxes/{sandbox}/secrets/{env}"),
+    ("GET", "/secrets"),
+    ("POST", "/secrets"),
+    ("GET", "/secrets/{name}"),
+    ("PATCH", "/secrets/{name}"),
+    ("DELETE", "/secrets/{name}"),
+    ("GET", "/secrets/{name}/audit"),
+    ("GET", "/secrets/{name}/sandboxes"),
+    ("GET", "/providers"),
     ("POST", "/exec"),
     ("POST", "/exec/stream"),
     ("GET", "/exec/connect"),
@@ -145,6 +156,21 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{sandbox}/resume", post(sandboxes::resume))
         .route("/sandboxes/{sandbox}/activate", post(sandboxes::activate))
         .route("/sandboxes/{sandbox}/network", get(sandboxes::network_log))
+        .route("/sandboxes/{sandbox}/secrets", post(secrets::attach))
+        .route(
+            "/sandboxes/{sandbox}/secrets/{env}",
+            axum::routing::delete(secrets::detach),
+        )
+        .route("/secrets", get(secrets::list).post(secrets::create))
+        .route(
+            "/secrets/{name}",
+            get(secrets::get)
+                .patch(secrets::rotate)
+                .delete(secrets::delete),
+        )
+        .route("/secrets/{name}/audit", get(secrets::audit))
+        .route("/secrets/{name}/sandboxes", get(secrets::sandboxes))
+        .route("/providers", get(secrets::providers))
         .route("/exec", post(data::exec))
         .route("/exec/stream", post(data::exec_stream))
         .route("/exec/connect", get(ws::exec_connect))

@@ -1271,3 +1271,212 @@ async fn the_console_and_spec_validation() {
         (Some(true), Some(0))
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn team_secrets_bind_to_sandboxes_and_their_values_never_come_back() {
+    // Every log line, as in `secrets_stay_out_of_logs_errors_and_metrics`.
+    let sink = Captured::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    let evil = a.key("evil").await;
+    a.ready_template("acme", "web").await;
+    let value = "sk-live-ROUTER-TEST-VALUE-000111222333";
+    let body = |v: Value| Some(v.to_string().into_bytes());
+
+    let (s, providers) = a.call("GET", "/providers", Some(&key), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<&str> = providers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["openai", "anthropic", "github"]);
+
+    let (s, created) = a
+        .call(
+            "POST",
+            "/secrets",
+            Some(&key),
+            body(json!({"name": "anthropic-prod", "value": value, "provider": "anthropic"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["auth_type"], "api-key");
+    assert_eq!(created["auth_config"], json!({"header": "x-api-key"}));
+    assert_eq!(created["hosts"], json!(["api.anthropic.com"]));
+    assert_eq!(created["provider_shortcut"], "anthropic");
+    let (s, custom) = a
+        .call(
+            "POST",
+            "/secrets",
+            Some(&key),
+            body(json!({"name": "internal", "value": value,
+                        "auth": {"type": "basic", "username": "svc"}, "hosts": ["*.corp.example"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{custom}");
+    for (bad, code) in [
+        (
+            json!({"name": "anthropic-prod", "value": "x", "provider": "openai"}),
+            "conflict",
+        ),
+        (
+            json!({"name": "n", "value": "x", "provider": "nope"}),
+            "invalid_request",
+        ),
+        (json!({"name": "n", "value": "x"}), "invalid_request"),
+        (
+            json!({"name": "n", "value": "x", "auth": {"type": "bearer"}, "hosts": ["a b"]}),
+            "invalid_request",
+        ),
+        (
+            json!({"name": "n", "value": "x", "provider": "openai", "extra": 1}),
+            "invalid_request",
+        ),
+    ] {
+        let (s, v) = a
+            .call("POST", "/secrets", Some(&key), body(bad.clone()))
+            .await;
+        assert_eq!(error_code(&v), code, "{bad} -> {s} {v}");
+    }
+    let (_, list) = a.call("GET", "/secrets", Some(&key), None).await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let (s, _) = a
+        .call("GET", "/secrets/anthropic-prod", Some(&evil), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another team's secret");
+    let (_, theirs) = a.call("GET", "/secrets", Some(&evil), None).await;
+    assert_eq!(theirs, json!([]));
+
+    // A sandbox with the secret bound at create, another bound later.
+    let (s, up) = a
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&key),
+            body(json!({"name": "box", "from_template": "web",
+                        "secrets": {"ANTHROPIC_API_KEY": "anthropic-prod"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{up}");
+    let id = up["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        up["secrets"],
+        json!([{"env_key": "ANTHROPIC_API_KEY", "secret_name": "anthropic-prod"}])
+    );
+    let (s, v) = a
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&key),
+            body(json!({"name": "x", "from_template": "web", "secrets": {"K": "missing"}})),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let attach = |env: &str, secret: &str| body(json!({"env_key": env, "secret_name": secret}));
+    let uri = format!("/sandboxes/{id}/secrets");
+    let (s, _) = a
+        .call("POST", &uri, Some(&key), attach("CORP", "internal"))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = a
+        .call("POST", &uri, Some(&key), attach("CORP", "internal"))
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "conflict"));
+    let (s, v) = a
+        .call("POST", &uri, Some(&key), attach("1BAD", "internal"))
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, _) = a
+        .call("POST", &uri, Some(&evil), attach("X", "internal"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another team's sandbox");
+    let (_, bound) = a
+        .call("GET", "/secrets/internal/sandboxes", Some(&key), None)
+        .await;
+    assert_eq!(
+        bound,
+        json!([{"sandbox_id": id, "sandbox_name": "box", "env_key": "CORP", "status": "active"}])
+    );
+    let (s, _) = a
+        .call("DELETE", &format!("{uri}/CORP"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = a
+        .call("DELETE", &format!("{uri}/CORP"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Rotate, audit (empty: no request went out), delete: the binding is revoked.
+    let (s, rotated) = a
+        .call(
+            "PATCH",
+            "/secrets/anthropic-prod",
+            Some(&key),
+            body(json!({"value": format!("{value}-2")})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{rotated}");
+    let (s, audit) = a
+        .call(
+            "GET",
+            "/secrets/anthropic-prod/audit?limit=5&status=4xx",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!((s, audit), (StatusCode::OK, json!([])));
+    let (s, v) = a
+        .call(
+            "GET",
+            "/secrets/anthropic-prod/audit?status=teapot",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, _) = a
+        .call("DELETE", "/secrets/anthropic-prod", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = a
+        .call("DELETE", "/secrets/anthropic-prod", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, info) = a
+        .call("GET", &format!("/sandboxes/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(
+        info["secrets"],
+        json!([{"env_key": "ANTHROPIC_API_KEY", "secret_name": "anthropic-prod", "revoked": true}])
+    );
+
+    // No answer, log line or metric carries the value.
+    let (_, _, metrics) = a.call_with("GET", "/metrics", &[], None).await;
+    let logs = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    for text in [
+        logs,
+        metrics.to_string(),
+        created.to_string(),
+        custom.to_string(),
+        rotated.to_string(),
+        info.to_string(),
+    ] {
+        assert!(!text.contains("sk-live-ROUTER"), "the value is out: {text}");
+    }
+}

@@ -19,8 +19,9 @@ pub use layout::{fsync_dir, publish_dir, write_atomic, Layout};
 pub use logs::{LogFollower, LogSignal};
 pub use manifest::{ArtifactFile, ArtifactManifest, MANIFEST_FILE};
 pub use model::{
-    ApiKey, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream, NewLogLine, NewSandbox,
-    Rebuild, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus, Team, Template, TemplateStatus,
+    ApiKey, BindingState, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream,
+    NewBinding, NewLogLine, NewSandbox, NewSecret, Rebuild, Sandbox, SandboxAccess, SandboxFilter,
+    SandboxStatus, Secret, SecretBinding, Team, Template, TemplateStatus,
 };
 pub use stats::{DurationHistogram, StoreStats, BUILD_DURATION_BUCKETS_SECS};
 pub use store::{hash_secret, Store};

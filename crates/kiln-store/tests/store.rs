@@ -515,6 +515,7 @@ async fn sandbox_lifecycle_listing_and_template_deletion() {
         name: Some(name.into()),
         metadata: BTreeMap::from([("env".to_string(), env.to_string())]),
         env: BTreeMap::from([("FOO".to_string(), "bar".to_string())]),
+        ..NewSandbox::default()
     };
     assert!(matches!(
         store

@@ -17,11 +17,13 @@
 //! - [`builds`]: the build state machine, the build limit, restart recovery, the build cache's
 //!   candidates;
 //! - [`build_logs`]: a build's log lines and their followers;
-//! - [`sandboxes`]: sandboxes, their limit, state machine and access tokens.
+//! - [`sandboxes`]: sandboxes, their limit, state machine and access tokens;
+//! - [`secrets`]: team secrets (sealed values) and their bindings to sandboxes.
 
 mod build_logs;
 mod builds;
 mod sandboxes;
+mod secrets;
 mod teams;
 mod templates;
 

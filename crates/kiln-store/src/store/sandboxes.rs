@@ -26,7 +26,8 @@ pub(super) fn live_sandboxes() -> &'static str {
 }
 
 impl Store {
-    /// Records a new sandbox (`starting`) from the template's live artifact.
+    /// Records a new sandbox (`starting`) from the template's live artifact, with its
+    /// secret bindings (an unknown secret name is `NotFound`).
     ///
     /// Refuses with `Conflict` when the template has no ready build and with
     /// `LimitReached(too_many_sandboxes)` at the team's live-sandbox limit, counted under the
@@ -53,14 +54,18 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         check_limit(live, limits.max_live_sandboxes, Limit::Sandboxes)?;
+        let mut bindings = Vec::new();
+        for b in &new.secrets {
+            bindings.push(super::secrets::resolve(&mut tx, team_id, b).await?);
+        }
         let id = new_id();
         let token = format!("kiln_sbx_{}", new_secret());
         let at = now();
         sqlx::query(
             "INSERT INTO sandboxes (id, team_id, template_id, build_id, name, status, vcpu_count,
-                                    memory_mib, metadata, env, access_token_hash, created_at,
-                                    updated_at)
-             VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?, ?)",
+                                    memory_mib, metadata, env, secrets, access_token_hash,
+                                    created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(team_id)
@@ -71,6 +76,7 @@ impl Store {
         .bind(t.memory_mib)
         .bind(sqlx::types::Json(&new.metadata))
         .bind(sqlx::types::Json(&new.env))
+        .bind(sqlx::types::Json(&bindings))
         .bind(hash_secret(&token))
         .bind(at)
         .bind(at)
@@ -250,7 +256,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn sandbox_in(conn: &mut SqliteConnection, team_id: &str, id: &str) -> Result<Sandbox> {
+pub(super) async fn sandbox_in(
+    conn: &mut SqliteConnection,
+    team_id: &str,
+    id: &str,
+) -> Result<Sandbox> {
     sqlx::query_as::<_, Sandbox>("SELECT * FROM sandboxes WHERE id = ? AND team_id = ?")
         .bind(id)
         .bind(team_id)

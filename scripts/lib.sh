@@ -14,6 +14,7 @@ install_debian_packages() {
         mmdebstrap zstd apache2-utils          # test base images, zstd layers, htpasswd for auth tests
         cpio file                              # initramfs inspection, static-binary checks
         curl python3-venv                      # HTTP in tests, the official Python SDK's venv
+        chromium                               # the console's browser test (driven by Playwright)
     )
     # Two passes: installing one package can remove another (a backported qemu-utils on
     # the machine conflicts with Debian's qemu-system-x86 and apt removes it), and the

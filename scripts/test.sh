@@ -28,6 +28,8 @@ log "python SDK for the end-to-end test"
 scripts/sdk-venv.sh >/dev/null
 log "TypeScript SDK for the end-to-end test"
 scripts/sdk-node.sh >/dev/null
+log "Playwright for the console's browser test"
+scripts/browser-venv.sh >/dev/null
 
 log "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -366,6 +366,28 @@ impl Drop for ExecStdin {
     }
 }
 
+/// Signals and terminal resizes for a running exec, apart from its output
+/// ([`ExecHandle::control`]).
+#[derive(Debug, Clone)]
+pub struct ExecControl {
+    inner: Arc<Inner>,
+    id: u32,
+}
+
+impl ExecControl {
+    /// Send a signal to the process group.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self.inner.send_msg(self.id, &HostMsg::Signal { signal })
+    }
+
+    /// Resize the exec's terminal (see [`ExecHandle::resize`]).
+    pub fn resize(&self, size: PtySize) -> Result<()> {
+        let PtySize { cols, rows } = size.sanitized();
+        self.inner
+            .send_msg(self.id, &HostMsg::Resize { cols, rows })
+    }
+}
+
 impl ExecHandle {
     /// PID of the process (its process group id too).
     pub fn pid(&self) -> i32 {
@@ -379,9 +401,21 @@ impl ExecHandle {
 
     /// Send a signal to the process group (e.g. `libc::SIGTERM`).
     pub fn signal(&self, signal: i32) -> Result<()> {
-        self.stream
-            .inner
-            .send_msg(self.stream.id, &HostMsg::Signal { signal })
+        self.control().signal(signal)
+    }
+
+    /// Resize the terminal of an exec started with `pty` (no-op otherwise).
+    pub fn resize(&self, size: PtySize) -> Result<()> {
+        self.control().resize(size)
+    }
+
+    /// A handle that can signal and resize this exec from another task (the output
+    /// half keeps reading).
+    pub fn control(&self) -> ExecControl {
+        ExecControl {
+            inner: self.stream.inner.clone(),
+            id: self.stream.id,
+        }
     }
 
     /// Next output event; `Ok(None)` after `Exit` was returned.
@@ -604,10 +638,22 @@ impl AgentClient {
     pub async fn exec(&self, mut req: ExecRequest) -> Result<ExecHandle> {
         req.background = None;
         let want_stdin = req.stdin;
+        let want_pty = req.pty.is_some();
         let mut s = self.open()?;
         s.inner.send_msg(s.id, &HostMsg::Exec(req))?;
         let pid = match s.recv_msg().await? {
-            AgentMsg::ExecStarted { pid } => pid,
+            AgentMsg::ExecStarted { pid, pty } if pty || !want_pty => pid,
+            AgentMsg::ExecStarted { .. } => {
+                // An agent that predates terminals ran it without one: stop it.
+                let _ = s.inner.send_msg(s.id, &HostMsg::Signal { signal: 9 });
+                return Err(ClientError::Agent {
+                    code: ErrorCode::Unsupported,
+                    message: format!(
+                        "this agent ({}) has no terminals; rebuild the template with a newer kiln",
+                        self.hello.agent_version
+                    ),
+                });
+            }
             m => return Err(unexpected(m)),
         };
         let stdin = want_stdin.then(|| ExecStdin::new(s.inner.clone(), s.id, s.window.clone()));

@@ -5,7 +5,9 @@
 //! It answers the handshake, `health`, `set_clock`, `get_defaults`/`set_defaults` (kept in
 //! memory), `kill_pid`, and `exec`: the command is not run; its stdout is the command
 //! text, and a command of the form `exit N` exits with `N` (0 otherwise). Everything else
-//! is an `unsupported` error. Every request is recorded for the test to inspect.
+//! is an `unsupported` error (`exec` with `pty` is confirmed as a terminal; `signal` and
+//! `resize` get no reply, as from the real agent). Every request is recorded for the test
+//! to inspect.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -141,12 +143,13 @@ fn answer(stream: u32, msg: HostMsg, state: &Mutex<FakeAgentState>, out: &mut By
             AgentMsg::Done { bytes: 0 }
         }
         HostMsg::KillPid { .. } => AgentMsg::Done { bytes: 0 },
-        HostMsg::Credit { .. } => return,
+        HostMsg::Credit { .. } | HostMsg::Resize { .. } | HostMsg::Signal { .. } => return,
         HostMsg::Exec(req) => {
             reply(
                 stream,
                 &AgentMsg::ExecStarted {
                     pid: 1000 + stream as i32,
+                    pty: req.pty.is_some(),
                 },
                 out,
             );

@@ -20,7 +20,9 @@ pub mod client;
 pub mod fake;
 
 #[cfg(feature = "client")]
-pub use client::{AgentClient, ClientError, ExecEvent, ExecHandle, ExecOutput, ExecStdin};
+pub use client::{
+    AgentClient, ClientError, ExecControl, ExecEvent, ExecHandle, ExecOutput, ExecStdin,
+};
 pub use frame::{DecodeEvent, Decoder, Frame, FrameKind};
 pub use msg::*;
 

@@ -7,6 +7,7 @@
 //! | `hello` (stream 0, after SYNC) | `hello_ack` (after SYNC) |
 //! | `health`, `set_clock`, `set_defaults`, `get_defaults`, `wait_pid`, `kill_pid`, `stat`, `mkdir`, `remove` | one final message |
 //! | `exec` (foreground) | `exec_started`, data on channels 1/2, eof 1/2, `exit` (final) |
+//! | `exec` with `pty` | `exec_started` (`pty: true`), the terminal's bytes on channel 1, eof 1, `exit` (final) |
 //! | `exec` (background) | `background_started` (final) |
 //! | `read_file` | data on channel 1, `done` (final) |
 //! | `write_file` | host sends data on channel 0 then eof; agent sends `credit`s, then `done` (final) |
@@ -18,6 +19,17 @@
 //! the same stream) as it consumes them. So a process spewing output into a slow host
 //! consumer blocks on its pipe instead of filling anyone's memory, and a process that
 //! does not read stdin does not stall the connection.
+//!
+//! On an exec's stream the host may also send `signal` (to its process group) and, for a
+//! terminal, `resize`; neither gets a reply.
+//!
+//! **Versions.** [`PROTOCOL_VERSION`] changes only when a message an older peer relies on
+//! changes meaning; the client refuses an agent of another version. Additions are
+//! optional fields (absent = the old behaviour) or new messages, and the agent confirms a
+//! feature the host asked for where ignoring it would be silent (an old agent ignores
+//! `exec.pty` and answers `exec_started` without `pty: true`, which the client turns into
+//! an `unsupported` error instead of a session without a terminal). Templates snapshot the
+//! agent of their build, so a sandbox may run an agent older than its host.
 
 use std::collections::BTreeMap;
 
@@ -55,6 +67,12 @@ pub enum HostMsg {
     /// Send a signal to a running foreground exec (its whole process group).
     Signal {
         signal: i32,
+    },
+    /// Resize the terminal of a running exec started with `pty` (TIOCSWINSZ; the process
+    /// group gets SIGWINCH). Ignored for an exec without a terminal.
+    Resize {
+        cols: u16,
+        rows: u16,
     },
     /// The host consumed `bytes` of this stream's agent -> host data (stdout, stderr,
     /// file contents); the agent may send that much more.
@@ -113,6 +131,10 @@ pub enum AgentMsg {
     },
     ExecStarted {
         pid: i32,
+        /// The process runs on a pseudo-terminal (the request asked for `pty`). Absent
+        /// from agents that predate terminals.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pty: bool,
     },
     Exit(ExitStatus),
     BackgroundStarted {
@@ -199,6 +221,33 @@ pub struct ExecRequest {
     /// Detach: new session, output to a log file, reply with the pid at once.
     #[serde(default)]
     pub background: Option<Background>,
+    /// Run on a new pseudo-terminal of this size (its controlling terminal, stdin,
+    /// stdout and stderr): output comes as raw bytes on channel 1 only, stdin goes to the
+    /// terminal, and `resize` changes its size. `TERM` defaults to `xterm-256color`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl PtySize {
+    /// The size when a client gives none (the VT100's).
+    pub const DEFAULT: PtySize = PtySize { cols: 80, rows: 24 };
+
+    /// Zero cells in either direction means "unknown" to the kernel; a client that sends
+    /// it gets the default instead, and sizes beyond what any screen has are clamped.
+    pub fn sanitized(self) -> Self {
+        let fix = |v: u16, d: u16| if v == 0 { d } else { v.min(1000) };
+        Self {
+            cols: fix(self.cols, Self::DEFAULT.cols),
+            rows: fix(self.rows, Self::DEFAULT.rows),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,5 +395,64 @@ mod tests {
             })
         );
         assert_eq!(ErrorCode::FrameTooLarge.to_string(), "frame_too_large");
+    }
+
+    #[test]
+    fn terminal_messages_are_additions_an_old_peer_reads() {
+        // Without pty the exec request is what protocol 1 agents always read.
+        let plain = serde_json::to_value(HostMsg::Exec(ExecRequest {
+            command: "sh".into(),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert!(plain.get("pty").is_none(), "{plain}");
+        let with = serde_json::to_value(HostMsg::Exec(ExecRequest {
+            command: "sh".into(),
+            pty: Some(PtySize {
+                cols: 100,
+                rows: 30,
+            }),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(with["pty"], serde_json::json!({"cols": 100, "rows": 30}));
+        assert_eq!(
+            serde_json::to_value(HostMsg::Resize { cols: 1, rows: 2 }).unwrap(),
+            serde_json::json!({"type": "resize", "cols": 1, "rows": 2})
+        );
+        // An old agent's exec_started has no pty flag: read as "no terminal".
+        let old: AgentMsg = serde_json::from_str(r#"{"type":"exec_started","pid":7}"#).unwrap();
+        assert_eq!(old, AgentMsg::ExecStarted { pid: 7, pty: false });
+        assert_eq!(
+            serde_json::to_string(&AgentMsg::ExecStarted { pid: 7, pty: false }).unwrap(),
+            r#"{"type":"exec_started","pid":7}"#
+        );
+    }
+
+    #[test]
+    fn terminal_sizes_are_sanitized() {
+        let s = PtySize {
+            cols: 0,
+            rows: 5000,
+        }
+        .sanitized();
+        assert_eq!(
+            s,
+            PtySize {
+                cols: 80,
+                rows: 1000
+            }
+        );
+        assert_eq!(
+            PtySize {
+                cols: 120,
+                rows: 40
+            }
+            .sanitized(),
+            PtySize {
+                cols: 120,
+                rows: 40
+            }
+        );
     }
 }

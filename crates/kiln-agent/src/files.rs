@@ -292,6 +292,7 @@ pub fn start_write(ctx: Ctx, req: WriteFileRequest) -> Option<Entry> {
         pid: None,
         input: Some(tx),
         window,
+        pty: None,
     })
 }
 

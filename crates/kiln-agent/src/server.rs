@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use kiln_agent_proto::frame::{channel, SYNC};
 use kiln_agent_proto::{
     AgentMsg, DecodeEvent, Decoder, ErrorCode, ErrorReply, Frame, FrameKind, Health, HelloAck,
-    HostMsg, RuntimeDefaults, INITIAL_WINDOW, MAX_CONTROL, PROTOCOL_VERSION,
+    HostMsg, PtySize, RuntimeDefaults, INITIAL_WINDOW, MAX_CONTROL, PROTOCOL_VERSION,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -161,6 +161,8 @@ pub struct Entry {
     pub input: Option<mpsc::Sender<Input>>,
     /// Credit for this stream's outgoing data.
     pub window: Arc<Window>,
+    /// For an exec on a terminal: its master side, for `resize`.
+    pub pty: Option<Arc<OwnedFd>>,
 }
 
 impl Entry {
@@ -172,6 +174,7 @@ impl Entry {
                 pid: None,
                 input: None,
                 window: ctx.window.clone(),
+                pty: None,
             },
             done,
         )
@@ -294,7 +297,7 @@ impl Agent {
     }
 }
 
-fn poll_in(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> std::io::Result<bool> {
+pub(crate) fn poll_in(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> std::io::Result<bool> {
     let timeout = timeout.map_or(PollTimeout::NONE, |d| {
         PollTimeout::try_from(d.as_millis().max(1)).unwrap_or(PollTimeout::MAX)
     });
@@ -530,6 +533,14 @@ fn handle_frame(agent: &Arc<Agent>, streams: &mut HashMap<u32, Entry>, f: Frame)
                 }
                 return;
             }
+            if let HostMsg::Resize { cols, rows } = msg {
+                if let Some(pty) = streams.get(&f.stream).and_then(|e| e.pty.as_ref()) {
+                    if let Err(e) = exec::resize(pty.as_fd(), PtySize { cols, rows }) {
+                        tracing::debug!(error = %e, "terminal resize failed");
+                    }
+                }
+                return;
+            }
             if streams.len() > 64 {
                 streams.retain(|_, e| !e.done.load(Ordering::SeqCst));
             }
@@ -580,7 +591,7 @@ fn dispatch(ctx: Ctx, msg: HostMsg) -> Option<Entry> {
             ctx.error(ErrorCode::InvalidRequest, "hello is only valid on stream 0");
             None
         }
-        HostMsg::Signal { .. } | HostMsg::Credit { .. } => None,
+        HostMsg::Signal { .. } | HostMsg::Resize { .. } | HostMsg::Credit { .. } => None,
         HostMsg::Health => {
             let a = &ctx.agent;
             ctx.reply(&AgentMsg::Health(Health {

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use kiln_agent_proto::frame::{Frame, SYNC};
 use kiln_agent_proto::{
     AgentClient, AgentMsg, Background, ClientError, DecodeEvent, Decoder, ErrorCode, ExecEvent,
-    ExecRequest, FileKind, HostMsg, RuntimeDefaults, PROTOCOL_VERSION,
+    ExecRequest, FileKind, HostMsg, PtySize, RuntimeDefaults, PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
 
@@ -705,4 +705,148 @@ async fn stdin_as_async_write() {
     let out = h.collect().await.unwrap();
     assert_eq!(writer.await.unwrap(), 2 * 1024 * 1024 + 17);
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "2097169");
+}
+
+/// A terminal exec: the agent confirms it, the process sees a terminal of the asked size.
+fn pty(cmd: &str, cols: u16, rows: u16) -> ExecRequest {
+    ExecRequest {
+        stdin: true,
+        pty: Some(PtySize { cols, rows }),
+        ..sh(cmd)
+    }
+}
+
+/// Reads a terminal exec's output until `want` appears in it (or it exits); fails past a
+/// generous deadline rather than hanging.
+async fn read_until(h: &mut kiln_agent_proto::ExecHandle, seen: &mut Vec<u8>, want: &[u8]) {
+    let found = |s: &[u8]| s.windows(want.len()).any(|w| w == want);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !found(seen) {
+        match tokio::time::timeout_at(deadline, h.next_event()).await {
+            Ok(Ok(Some(ExecEvent::Stdout(b)))) => seen.extend_from_slice(&b),
+            Ok(Ok(Some(ExecEvent::Stderr(b)))) => panic!("a terminal has no stderr: {b:?}"),
+            other => panic!(
+                "waiting for {:?}: {other:?}; output so far {:?}",
+                String::from_utf8_lossy(want),
+                String::from_utf8_lossy(seen)
+            ),
+        }
+    }
+}
+
+async fn exit_of(h: kiln_agent_proto::ExecHandle) -> kiln_agent_proto::ExitStatus {
+    tokio::time::timeout(Duration::from_secs(20), h.wait())
+        .await
+        .expect("the exec ends")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn terminal_size_resize_and_exit_code() {
+    let a = start_agent(&[]);
+    let c = connect(&a).await;
+    // The size the host asked for, a real terminal on all three fds, the default TERM,
+    // and stderr on the terminal too (no separate channel).
+    let out = c
+        .exec(pty(
+            "stty size; tty; test -t 0 && test -t 1 && test -t 2 && echo all-tty; echo $TERM; echo err >&2; exit 7",
+            100,
+            30,
+        ))
+        .await
+        .unwrap();
+    let out = collect_terminal(out).await;
+    let text = String::from_utf8_lossy(&out.0);
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert_eq!(lines[0], "30 100", "{text:?}");
+    assert!(lines[1].starts_with("/dev/pts/"), "{text:?}");
+    assert_eq!(
+        &lines[2..5],
+        ["all-tty", "xterm-256color", "err"],
+        "{text:?}"
+    );
+    assert_eq!(out.1.code, Some(7));
+
+    // A resize reaches the process as SIGWINCH with the new size.
+    let mut h = c
+        .exec(pty(
+            "trap 'echo winch $(stty size)' WINCH; echo ready; while :; do sleep 0.1; done",
+            80,
+            24,
+        ))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut h, &mut seen, b"ready").await;
+    h.resize(PtySize {
+        cols: 132,
+        rows: 43,
+    })
+    .unwrap();
+    read_until(&mut h, &mut seen, b"winch 43 132").await;
+    h.signal(9).unwrap();
+    assert_eq!(exit_of(h).await.signal, Some(9));
+}
+
+#[tokio::test]
+async fn terminal_raw_bytes_and_control_characters() {
+    let a = start_agent(&[]);
+    let c = connect(&a).await;
+    // Output bytes that are not UTF-8 and escape sequences arrive as they were written
+    // (in raw mode, so the terminal adds no \r).
+    let h = c
+        .exec(pty(
+            r"stty raw -echo; printf '\001\377\033[31mred\033[0m\n'",
+            80,
+            24,
+        ))
+        .await
+        .unwrap();
+    let (bytes, st) = collect_terminal(h).await;
+    assert_eq!(bytes, b"\x01\xff\x1b[31mred\x1b[0m\n");
+    assert!(st.success());
+
+    // Input goes through the terminal's line discipline: echo, and ^C interrupts the
+    // foreground job of an interactive shell, which goes on.
+    let mut shell = pty("exec sh -i", 80, 24);
+    shell.env.insert("PS1".into(), "prompt> ".into());
+    let mut h = c.exec(shell).await.unwrap();
+    let mut stdin = h.take_stdin().unwrap();
+    let mut seen = Vec::new();
+    // Typing ahead is fine, but a ^C before the shell set up its handlers would kill it.
+    read_until(&mut h, &mut seen, b"prompt> ").await;
+    // The process that prints `started` becomes the `sleep` (exec), so once the line is
+    // seen the foreground job is the sleep and the ^C is its (found by CI: with
+    // `echo started; sleep 100` the ^C could land between the two commands).
+    stdin
+        .write_all(b"sh -c 'echo started; exec sleep 100'\n")
+        .await
+        .unwrap();
+    read_until(&mut h, &mut seen, b"started\r\n").await;
+    stdin.write_all(b"\x03").await.unwrap();
+    stdin.write_all(b"echo after-$((6*7))\n").await.unwrap();
+    read_until(&mut h, &mut seen, b"after-42").await;
+    // ^D at the start of a line ends the shell; so does closing the input.
+    stdin.write_all(b"exit 3\n").await.unwrap();
+    drop(stdin);
+    assert_eq!(exit_of(h).await.code, Some(3));
+
+    // Closing the input of a terminal is an end-of-file for what reads it.
+    let mut h = c.exec(pty("cat; echo cat-done", 80, 24)).await.unwrap();
+    h.take_stdin().unwrap().close().unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut h, &mut seen, b"cat-done").await;
+    assert!(exit_of(h).await.success());
+}
+
+/// The terminal's bytes and the exit.
+async fn collect_terminal(
+    h: kiln_agent_proto::ExecHandle,
+) -> (Vec<u8>, kiln_agent_proto::ExitStatus) {
+    let out = tokio::time::timeout(Duration::from_secs(20), h.collect())
+        .await
+        .expect("the exec ends")
+        .unwrap();
+    assert!(out.stderr.is_empty(), "{:?}", out.stderr);
+    (out.stdout, out.status)
 }

@@ -30,6 +30,40 @@ pub struct ExecRequest {
     /// Kill the command after this many seconds (0 or none: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// kiln's extension, for sessions (`/exec/connect`) only: run the command on a
+    /// pseudo-terminal of this size. Its output then comes as the terminal's raw bytes on
+    /// the stdout channel (stderr is the terminal too), its input goes through the
+    /// terminal (so `\x03` is Ctrl-C), and `resize` control frames change the size. The
+    /// official SDKs never send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<TerminalSize>,
+}
+
+/// A terminal's size in character cells (kiln's extension of the session protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSize {
+    /// Columns (1 to [`MAX_TERMINAL_CELLS`]).
+    pub cols: u16,
+    /// Rows (1 to [`MAX_TERMINAL_CELLS`]).
+    pub rows: u16,
+}
+
+/// Most columns or rows of a terminal.
+pub const MAX_TERMINAL_CELLS: u16 = 1000;
+
+impl TerminalSize {
+    /// Checks both dimensions.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let ok = |v: u16| (1..=MAX_TERMINAL_CELLS).contains(&v);
+        if ok(self.cols) && ok(self.rows) {
+            Ok(())
+        } else {
+            Err(RequestError::invalid(format!(
+                "pty: cols and rows must be between 1 and {MAX_TERMINAL_CELLS}"
+            )))
+        }
+    }
 }
 
 impl ExecRequest {
@@ -57,6 +91,9 @@ impl ExecRequest {
             .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
         {
             return Err(RequestError::invalid(format!("env: invalid name {key:?}")));
+        }
+        if let Some(size) = &self.pty {
+            size.validate()?;
         }
         match self.timeout_s {
             Some(0) | None => Ok(None),
@@ -150,6 +187,14 @@ pub enum SessionControl {
     Signal {
         /// The signal.
         name: String,
+    },
+    /// kiln's extension: resize the terminal of a session started with `pty` (ignored
+    /// otherwise).
+    Resize {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
     },
 }
 
@@ -245,6 +290,31 @@ mod tests {
             SessionControl::Signal {
                 name: "SIGINT".into()
             }
+        );
+    }
+
+    #[test]
+    fn terminal_sessions_are_kilns_extension() {
+        let start: ExecRequest =
+            serde_json::from_str(r#"{"command":"bash","pty":{"cols":120,"rows":40}}"#).unwrap();
+        assert_eq!(
+            start.pty,
+            Some(TerminalSize {
+                cols: 120,
+                rows: 40
+            })
+        );
+        assert_eq!(start.validate(), Ok(None));
+        // What the official SDKs send has no pty, and serialises without one.
+        let plain = serde_json::to_value(ExecRequest::new("ls")).unwrap();
+        assert_eq!(plain, serde_json::json!({"command": "ls"}));
+        let mut bad = ExecRequest::new("bash");
+        bad.pty = Some(TerminalSize { cols: 0, rows: 40 });
+        assert!(bad.validate().unwrap_err().message.starts_with("pty:"));
+        assert_eq!(
+            serde_json::from_str::<SessionControl>(r#"{"type":"resize","cols":90,"rows":20}"#)
+                .unwrap(),
+            SessionControl::Resize { cols: 90, rows: 20 }
         );
     }
 

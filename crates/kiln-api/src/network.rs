@@ -26,10 +26,11 @@ fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Erro
 }
 
 /// What the egress proxy did with a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkVerdict {
     /// Connected.
+    #[default]
     Allowed,
     /// Refused by a rule (or by the walls around the host).
     Blocked,
@@ -37,16 +38,18 @@ pub enum NetworkVerdict {
     Failed,
 }
 
-/// One row of a sandbox's network log (the SDK's `NetworkEvent`). `kind: connection` rows
-/// are all kiln writes today.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One row of a sandbox's network log (the SDK's `NetworkEvent`): `kind: connection` for
+/// every connection through the egress proxy, `kind: request` for every request the proxy
+/// put a secret into (or refused for carrying a revoked stand-in), with its method, path,
+/// status and secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkEvent {
-    /// `connection`.
+    /// `connection` or `request`.
     pub kind: String,
     /// Orders the log; pass the last one of a page as `before` for the next page.
     #[serde(default)]
     pub id: i64,
-    /// When the connection ended.
+    /// When the connection ended, or the request was answered.
     #[serde(with = "crate::time")]
     pub ts: DateTime<Utc>,
     /// The destination host as the guest named it.
@@ -63,7 +66,8 @@ pub struct NetworkEvent {
     /// Why it was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub match_rule: Option<String>,
-    /// The HTTP status the proxy refused with.
+    /// A connection: the HTTP status the proxy refused with. A request: why the proxy
+    /// answered it itself (`secret_revoked`, `upstream_failed`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
     /// Bytes from the guest.
@@ -72,6 +76,24 @@ pub struct NetworkEvent {
     /// Bytes to the guest.
     #[serde(default)]
     pub bytes_recv: u64,
+    /// A request's method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// A request's path, without the query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The status the guest got for a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The status the upstream answered a request with, when it was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    /// From a request to the upstream's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// The secret put into a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_id: Option<String>,
 }
 
 /// Where a page of the network log ends (`before=`): a page's `next_cursor`, or a time.
@@ -215,10 +237,7 @@ mod tests {
             dst_ip: None,
             dst_port: Some(443),
             verdict,
-            match_rule: None,
-            error_code: None,
-            bytes_sent: 0,
-            bytes_recv: 0,
+            ..NetworkEvent::default()
         }
     }
 

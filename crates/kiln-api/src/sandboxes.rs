@@ -7,6 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::network::NetworkConfig;
 use crate::request::{parse_count, RequestError};
+use crate::secrets::{check_env_key, check_secret_name, SandboxSecretBinding};
 use crate::status::SandboxStatus;
 
 /// Longest sandbox name, metadata or env key or value accepted.
@@ -69,6 +70,9 @@ pub struct SandboxInfo {
     /// Superserve's preview access policy (`legacy_public` in kiln for now).
     #[serde(default)]
     pub preview_access: Option<String>,
+    /// The team secrets bound to it, when any are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<SandboxSecretBinding>>,
 }
 
 /// What create, resume and activate answer: the sandbox and the token that opens its data
@@ -112,9 +116,14 @@ pub struct CreateSandbox {
     /// Egress rules from the start (none: the public internet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
-    /// Not implemented by kiln yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secrets: Option<serde_json::Value>,
+    /// Team secrets to bind, environment variable -> secret name: each variable holds a
+    /// stand-in that the egress proxy swaps for the secret on the secret's hosts.
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub secrets: BTreeMap<String, String>,
     /// Not implemented by kiln yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_access: Option<serde_json::Value>,
@@ -143,10 +152,7 @@ impl CreateSandbox {
     /// the name, where it starts from, the timers, metadata and env sizes. Egress rules
     /// are checked where they are compiled (the engine).
     pub fn validate(&self) -> Result<(), RequestError> {
-        unsupported(&[
-            ("secrets", is_set(&self.secrets)),
-            ("preview_access", is_set(&self.preview_access)),
-        ])?;
+        unsupported(&[("preview_access", is_set(&self.preview_access))])?;
         match (&self.from_template, &self.from_snapshot) {
             (Some(_), Some(_)) => {
                 return Err(RequestError::invalid(
@@ -168,7 +174,19 @@ impl CreateSandbox {
         }
         check_timers(self.timeout_seconds, self.auto_delete_seconds)?;
         check_map("metadata", &self.metadata)?;
-        check_map("env_vars", &self.env_vars)
+        check_map("env_vars", &self.env_vars)?;
+        check_map("secrets", &self.secrets)?;
+        for (key, name) in &self.secrets {
+            check_env_key(key).map_err(|e| RequestError::invalid(format!("secrets: {e}")))?;
+            check_secret_name(name)
+                .map_err(|e| RequestError::invalid(format!("secrets.{key}: {e}")))?;
+            if self.env_vars.contains_key(key) {
+                return Err(RequestError::invalid(format!(
+                    "secrets.{key}: also set in env_vars; a variable holds one or the other"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -186,6 +204,11 @@ fn check_timers(timeout: Option<u64>, auto_delete: Option<u64>) -> Result<(), Re
         )));
     }
     Ok(())
+}
+
+/// `null` is the SDKs' "unset".
+fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// `PATCH /sandboxes/{id}`: absent fields are left as they are.
@@ -359,16 +382,11 @@ mod tests {
     fn unsupported_fields_are_named() {
         let mut req = CreateSandbox::new("a", "t");
         req.preview_access = Some(serde_json::json!("private"));
-        req.secrets = Some(serde_json::json!({"K": "s"}));
         let err = req.validate().unwrap_err();
         assert_eq!(err.code, crate::ApiErrorCode::Unsupported);
-        assert_eq!(
-            err.message,
-            "not supported by kiln: secrets, preview_access"
-        );
+        assert_eq!(err.message, "not supported by kiln: preview_access");
         // `null` is the SDKs' "unset".
         req.preview_access = Some(serde_json::Value::Null);
-        req.secrets = None;
         req.validate().unwrap();
     }
 
@@ -434,6 +452,32 @@ mod tests {
         );
         let zero: UpdateSandbox = serde_json::from_str(r#"{"timeout_seconds": 0}"#).unwrap();
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn secrets_bind_shell_names_to_secret_names() {
+        let req: CreateSandbox = serde_json::from_value(serde_json::json!({
+            "name": "a", "from_template": "t", "secrets": {"OPENAI_API_KEY": "openai-prod"}
+        }))
+        .unwrap();
+        req.validate().unwrap();
+        assert_eq!(req.secrets["OPENAI_API_KEY"], "openai-prod");
+        let null: CreateSandbox =
+            serde_json::from_value(serde_json::json!({"name": "a", "secrets": null})).unwrap();
+        assert!(null.secrets.is_empty());
+        for (secrets, env, said) in [
+            (("1BAD", "s"), None, "secrets: env key"),
+            (("K", "a/b"), None, "secrets.K: name"),
+            (("K", "s"), Some("K"), "secrets.K: also set in env_vars"),
+        ] {
+            let mut req = CreateSandbox::new("a", "t");
+            req.secrets.insert(secrets.0.into(), secrets.1.into());
+            if let Some(k) = env {
+                req.env_vars.insert(k.into(), "v".into());
+            }
+            let err = req.validate().unwrap_err();
+            assert!(err.message.starts_with(said), "{}", err.message);
+        }
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct TemplateInfo {
     /// The most recently started build.
     #[serde(default)]
     pub latest_build_id: Option<String>,
+    /// The spec the template builds, in wire form (kiln's addition; what the console
+    /// shows and edits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_spec: Option<serde_json::Value>,
 }
 
 /// `POST /templates` answers the template with the id of the build it queued.
@@ -146,6 +150,47 @@ impl BuildLogEvent {
     }
 }
 
+/// What `POST /validate` answers (kiln's own): whether a template request, the body
+/// `POST /templates` takes, is valid, with every problem as `kiln validate` prints it
+/// (`<path>: <message>`), or the normalized request when there is none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpecValidation {
+    /// No problem was found.
+    pub valid: bool,
+    /// Each problem, one line each, in the order `kiln validate` lists them.
+    #[serde(default)]
+    pub problems: Vec<String>,
+    /// The request normalized (wire form), when valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalized: Option<serde_json::Value>,
+}
+
+impl SpecValidation {
+    /// Checks a request body in the wire form, as `POST /templates` will.
+    pub fn of(body: &[u8]) -> Self {
+        let doc: serde_json::Value = match serde_json::from_slice(body) {
+            Ok(doc) => doc,
+            Err(e) => return Self::problems(vec![format!("$: invalid JSON: {e}")]),
+        };
+        match kiln_spec::TemplateRequest::parse_and_validate_as(&doc, kiln_spec::Form::Wire) {
+            Ok(req) => Self {
+                valid: true,
+                problems: Vec::new(),
+                normalized: Some(req.normalized().to_json(kiln_spec::Form::Wire)),
+            },
+            Err(p) => Self::problems(p.0.iter().map(ToString::to_string).collect()),
+        }
+    }
+
+    fn problems(problems: Vec<String>) -> Self {
+        Self {
+            valid: false,
+            problems,
+            normalized: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +211,23 @@ mod tests {
         assert_eq!(v["finished"], true);
         assert_eq!(v["status"], "failed");
         assert_eq!(v["text"], "build failed: step_failed: x");
+    }
+
+    #[test]
+    fn validation_lists_problems_as_kiln_validate_prints_them() {
+        let v = SpecValidation::of(br#"{"name": "x", "build_spec": {"from": ""}, "vcpu": 99}"#);
+        assert!(!v.valid);
+        assert!(v.problems.iter().all(|p| p.contains(": ")), "{v:?}");
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.starts_with("build_spec.from: ")),
+            "{v:?}"
+        );
+        let bad = SpecValidation::of(b"{");
+        assert!(bad.problems[0].starts_with("$: invalid JSON: "), "{bad:?}");
+        let ok = SpecValidation::of(br#"{"name": "x", "build_spec": {"from": "python:3.11"}}"#);
+        assert!(ok.valid && ok.problems.is_empty(), "{ok:?}");
+        assert_eq!(ok.normalized.unwrap()["build_spec"]["from"], "python:3.11");
     }
 }

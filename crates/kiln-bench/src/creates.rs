@@ -354,7 +354,7 @@ pub fn create_rows(
             .vs(ratio(m.engine_vm_loaded.p50_ms, floor), &fl),
         );
         rows.push(
-            Row::stats(&s, "engine: `create_live_sandbox` returned", &m.engine.up)
+            Row::stats(&s, "engine: `create_sandbox` returned", &m.engine.up)
                 .vs(ratio(m.engine.up.p50_ms, floor), &fl),
         );
         rows.push(

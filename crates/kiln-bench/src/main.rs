@@ -3,7 +3,7 @@
 //!
 //! - sandbox create -> first exec completed (p50/p99, sequential and N at a time), through
 //!   the HTTP API with kiln-sdk (a `kiln serve` child process, as users see it) and through
-//!   the engine in this process ([`kiln_engine::Engine::create_live_sandbox`]);
+//!   the engine in this process ([`kiln_engine::Engine::create_sandbox`]);
 //! - the floor: the same snapshot restored by bare QEMU (`-incoming`), interleaved with
 //!   the kiln samples so that both see the same host load;
 //! - the ceiling: the cold path (boot from the template's disk, startCmd, readyCmd);

@@ -7,9 +7,11 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use kiln_api::{
-    BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, SandboxInfo, SnapshotInfo,
-    TemplateInfo, TemplateRequest,
+    AuditQuery, BuildInfo, BuildLogEvent, CreateSandbox, CreateSecret, ExecRequest, NetworkConfig,
+    ProxyAuditEvent, SandboxInfo, SecretInfo, SnapshotInfo, TemplateInfo, TemplateRequest,
+    TerminalSize,
 };
+use tokio::sync::mpsc;
 
 /// Which stream a piece of command output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +34,21 @@ pub(crate) struct Command {
     pub user: Option<String>,
 }
 
+/// What a user's terminal sends to a shell in a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ShellInput {
+    /// Keystrokes (raw bytes).
+    Data(Vec<u8>),
+    /// The window changed size.
+    Resize(TerminalSize),
+    /// The input ended (not a terminal, and its pipe or file is at its end).
+    Eof,
+}
+
 /// A log line callback.
 pub(crate) type OnLog<'a> = &'a mut (dyn FnMut(&BuildLogEvent) + Send);
+/// A terminal's output callback (raw bytes).
+pub(crate) type OnTerminal<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
 /// A command output callback.
 pub(crate) type OnOutput<'a> = &'a mut (dyn FnMut(Output, &[u8]) + Send);
 
@@ -104,11 +119,44 @@ pub(crate) trait Backend: Send + Sync {
     /// Runs a command, giving its output as it comes; returns its exit code.
     async fn exec(&self, id: &str, cmd: &Command, out: OnOutput<'_>) -> R<i32>;
 
+    /// Runs a command on a terminal of `size` in a sandbox (`cmd.req.pty` is set from it),
+    /// feeding it `input` and giving what the terminal shows to `out` as raw bytes;
+    /// returns its exit code.
+    async fn shell(
+        &self,
+        id: &str,
+        cmd: &Command,
+        size: TerminalSize,
+        input: mpsc::Receiver<ShellInput>,
+        out: OnTerminal<'_>,
+    ) -> R<i32>;
+
     /// Copies a file (a directory: a zip of it) out of a sandbox; returns the bytes.
     async fn download(&self, id: &str, path: &str, dst: &Path) -> R<u64>;
 
     /// Copies a file into a sandbox; returns the bytes.
     async fn upload(&self, id: &str, src: &Path, path: &str) -> R<u64>;
+
+    /// Stores a team secret.
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo>;
+
+    /// The team's secrets.
+    async fn secrets(&self) -> R<Vec<SecretInfo>>;
+
+    /// Replaces a secret's value.
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo>;
+
+    /// Deletes a secret (its bindings are revoked).
+    async fn delete_secret(&self, name: &str) -> R<()>;
+
+    /// Requests made with a secret, newest first.
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>>;
+
+    /// Binds a secret to a sandbox under `env_key`.
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()>;
+
+    /// Removes a sandbox's binding of `env_key`.
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()>;
 }
 
 /// The server of `KILN_URL` / `kiln login` when there is one, else the local state dir.

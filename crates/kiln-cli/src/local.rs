@@ -14,12 +14,15 @@ use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use futures::StreamExt as _;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, NetworkConfig, SandboxFilter, SandboxInfo,
-    SandboxStatus, SnapshotInfo, SnapshotPage, TemplateInfo, TemplateRequest, UpdateSnapshot,
+    ApiErrorCode, AttachSecret, AuditQuery, BuildInfo, BuildStatus, CreateSandbox, CreateSecret,
+    NetworkConfig, ProxyAuditEvent, RotateSecret, SandboxFilter, SandboxInfo, SandboxStatus,
+    SecretInfo, SnapshotInfo, SnapshotPage, TemplateInfo, TemplateRequest, TerminalSize,
+    UpdateSnapshot,
 };
 use kiln_engine::{Engine, FileContent, SessionEvent, SessionOptions};
+use tokio::sync::mpsc;
 
-use crate::backend::{Backend, Command, OnLog, OnOutput, Output, R};
+use crate::backend::{Backend, Command, OnLog, OnOutput, OnTerminal, Output, ShellInput, R};
 
 /// How long `create` waits for the keeper to bring the sandbox up.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -292,6 +295,49 @@ impl Backend for Local {
         }
     }
 
+    async fn shell(
+        &self,
+        id: &str,
+        cmd: &Command,
+        size: TerminalSize,
+        mut input: mpsc::Receiver<ShellInput>,
+        out: OnTerminal<'_>,
+    ) -> R<i32> {
+        let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
+        let opts = SessionOptions {
+            stdin: true,
+            user: cmd.user.clone(),
+        };
+        let mut req = cmd.req.clone();
+        req.pty = Some(size);
+        let mut session = sandbox.session(&req, opts).await?;
+        let mut keys = session.input().context("a new session has its input")?;
+        let mut typing = true;
+        loop {
+            tokio::select! {
+                ev = session.next_event() => match ev? {
+                    SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => out(&b),
+                    SessionEvent::Exit { exit_code, error } => {
+                        if let Some(e) = error {
+                            out(format!("\r\n{e}\r\n").as_bytes());
+                        }
+                        return Ok(exit_code);
+                    }
+                },
+                key = input.recv(), if typing => match key {
+                    Some(ShellInput::Data(b)) => {
+                        keys.write_stdin(&b).await;
+                    }
+                    Some(ShellInput::Resize(size)) => keys.resize(size),
+                    Some(ShellInput::Eof) | None => {
+                        keys.close_stdin();
+                        typing = false;
+                    }
+                },
+            }
+        }
+    }
+
     async fn download(&self, id: &str, path: &str, dst: &Path) -> R<u64> {
         let sandbox = self.engine.connect_sandbox(&self.team, id).await?;
         let mut file = tokio::fs::File::create(dst)
@@ -314,5 +360,40 @@ impl Backend for Local {
         let mode =
             std::os::unix::fs::PermissionsExt::mode(&file.metadata().await?.permissions()) & 0o7777;
         Ok(sandbox.write_file(path, file, Some(mode)).await?)
+    }
+
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo> {
+        Ok(self.engine.create_secret(&self.team, req).await?)
+    }
+
+    async fn secrets(&self) -> R<Vec<SecretInfo>> {
+        Ok(self.engine.list_secrets(&self.team).await?)
+    }
+
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo> {
+        let req = RotateSecret {
+            value: value.to_owned(),
+        };
+        Ok(self.engine.rotate_secret(&self.team, name, &req).await?)
+    }
+
+    async fn delete_secret(&self, name: &str) -> R<()> {
+        Ok(self.engine.delete_secret(&self.team, name).await?)
+    }
+
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>> {
+        Ok(self.engine.secret_audit(&self.team, name, q).await?)
+    }
+
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()> {
+        let req = AttachSecret {
+            env_key: env_key.to_owned(),
+            secret_name: secret.to_owned(),
+        };
+        Ok(self.engine.attach_secret(&self.team, id, &req).await?)
+    }
+
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()> {
+        Ok(self.engine.detach_secret(&self.team, id, env_key).await?)
     }
 }

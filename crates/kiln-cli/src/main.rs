@@ -12,10 +12,12 @@ mod local;
 mod print;
 mod remote;
 mod sandbox;
+mod secret;
 mod serve;
 mod snapshot;
 mod state;
 mod template;
+mod terminal;
 mod validate;
 mod vm;
 
@@ -51,9 +53,12 @@ enum Command {
     /// List, inspect, rename and delete snapshots of sandboxes.
     #[command(subcommand)]
     Snapshot(snapshot::Cmd),
+    /// Store team secrets that sandboxes use without holding them.
+    #[command(subcommand)]
+    Secret(secret::Cmd),
     /// Serve the HTTP API (Superserve's wire format) on this state dir.
     Serve(serve::ServeArgs),
-    /// Administration: API keys.
+    /// Administration: API keys, the secrets key.
     Admin(serve::AdminArgs),
     /// Save a server and API key: `kiln template` and `kiln sandbox` then go to it
     /// (`KILN_URL` / `KILN_API_KEY` do the same for one shell).
@@ -182,6 +187,7 @@ fn main() -> ExitCode {
         Command::Template(args) => block_on(template::run(args)),
         Command::Sandbox(args) => block_on(sandbox::run(args)),
         Command::Snapshot(args) => block_on(snapshot::run(args)),
+        Command::Secret(args) => block_on(secret::run(args)),
         Command::Serve(args) => block_on(serve::serve(args)),
         Command::Admin(args) => block_on(serve::admin(args)),
         Command::Login { url, api_key } => {

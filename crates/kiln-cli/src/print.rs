@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use kiln_api::{
-    BuildErrorCode, BuildInfo, BuildLogEvent, BuildStatus, CodedMessage, LogStream, SandboxInfo,
-    SnapshotInfo, TemplateInfo,
+    BuildErrorCode, BuildInfo, BuildLogEvent, BuildStatus, CodedMessage, LogStream,
+    ProxyAuditEvent, SandboxInfo, SecretInfo, SnapshotInfo, TemplateInfo,
 };
 use serde::Serialize;
 
@@ -90,6 +90,62 @@ pub(crate) fn sandboxes(all: &[SandboxInfo], as_json: bool) -> anyhow::Result<()
             s.status.to_string(),
             or_dash(s.template_id.as_deref()),
             kiln_api::time::format(&s.created_at)
+        );
+    }
+    Ok(())
+}
+
+/// `secret ls`: never a value (the API has none to give).
+pub(crate) fn secrets(all: &[SecretInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&all);
+    }
+    println!(
+        "{:<24}  {:<8}  {:<10}  {:<32}  LAST USED",
+        "NAME", "AUTH", "PROVIDER", "UPDATED"
+    );
+    for s in all {
+        println!(
+            "{:<24}  {:<8}  {:<10}  {:<32}  {}",
+            s.name,
+            s.auth_type.as_str(),
+            or_dash(s.provider_shortcut.as_deref()),
+            kiln_api::time::format(&s.updated_at),
+            or_dash(s.last_used_at.as_ref().map(kiln_api::time::format)),
+        );
+        println!("{:<24}  hosts: {}", "", s.hosts.join(", "));
+    }
+    Ok(())
+}
+
+/// `secret audit`, newest first.
+pub(crate) fn audit(events: &[ProxyAuditEvent], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&events);
+    }
+    println!(
+        "{:<32}  {:<24}  {:<6}  {:<6}  {:>7}  REQUEST",
+        "TIME", "SANDBOX", "STATUS", "UP", "MS"
+    );
+    for e in events {
+        let sandbox = e
+            .sandbox_name
+            .clone()
+            .unwrap_or_else(|| e.sandbox_id.clone());
+        let status = match &e.error_code {
+            Some(code) => format!("{} {code}", e.status),
+            None => e.status.to_string(),
+        };
+        println!(
+            "{:<32}  {:<24}  {:<6}  {:<6}  {:>7}  {} {}{}",
+            kiln_api::time::format(&e.ts),
+            sandbox,
+            status,
+            or_dash(e.upstream_status),
+            or_dash(e.latency_ms),
+            e.method,
+            e.host,
+            e.path
         );
     }
     Ok(())

@@ -14,16 +14,18 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, NetworkConfig, SandboxInfo,
-    SnapshotInfo, SnapshotPage, TemplateInfo, TemplateRequest,
+    ApiErrorCode, AuditQuery, BuildInfo, BuildLogEvent, CreateSandbox, CreateSecret, NetworkConfig,
+    ProxyAuditEvent, SandboxInfo, SecretInfo, SnapshotInfo, SnapshotPage, TemplateInfo,
+    TemplateRequest, TerminalSize,
 };
 use kiln_sdk::{
-    Client, ListOptions, RunOptions, Sandbox, SandboxCreateOptions, Snapshot, SnapshotOptions,
-    Template, TemplateCreateOptions,
+    Client, ListOptions, RunOptions, Sandbox, SandboxCreateOptions, Secret, Snapshot,
+    SnapshotOptions, Template, TemplateCreateOptions,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
-use crate::backend::{Backend, Command, OnLog, OnOutput, Output, R};
+use crate::backend::{Backend, Command, OnLog, OnOutput, OnTerminal, Output, ShellInput, R};
 
 /// A saved server: `kiln login` writes it, `kiln logout` removes it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -218,6 +220,7 @@ impl Backend for Remote {
             env_vars: req.env_vars,
             metadata: req.metadata,
             network: req.network,
+            secrets: req.secrets,
         };
         Ok(Sandbox::create(&self.client, options)
             .await?
@@ -293,6 +296,52 @@ impl Backend for Remote {
         Ok(result.exit_code)
     }
 
+    async fn shell(
+        &self,
+        id: &str,
+        cmd: &Command,
+        size: TerminalSize,
+        mut input: mpsc::Receiver<ShellInput>,
+        out: OnTerminal<'_>,
+    ) -> R<i32> {
+        if cmd.user.is_some() {
+            bail!("--user is not available against a server: commands run as the template's user");
+        }
+        let s = Sandbox::connect(&self.client, id).await?;
+        let options = RunOptions {
+            cwd: cmd.req.working_dir.clone(),
+            env: cmd.req.env.clone(),
+            timeout_s: cmd.req.timeout_s,
+        };
+        let mut session = s
+            .commands()
+            .spawn_terminal(&cmd.req.command, size, options)
+            .await?;
+        let mut typing = true;
+        loop {
+            tokio::select! {
+                o = session.next_output() => match o {
+                    Some(kiln_sdk::Output::Terminal(b)) => out(&b),
+                    Some(_) => {}
+                    None => break,
+                },
+                key = input.recv(), if typing => match key {
+                    Some(ShellInput::Data(b)) => session.write_stdin(&b).await?,
+                    Some(ShellInput::Resize(size)) => session.resize(size).await?,
+                    Some(ShellInput::Eof) | None => {
+                        session.close_stdin().await?;
+                        typing = false;
+                    }
+                },
+            }
+        }
+        let result = session.wait().await?;
+        if !result.stderr.is_empty() {
+            out(format!("\r\n{}\r\n", result.stderr.trim_end()).as_bytes());
+        }
+        Ok(result.exit_code)
+    }
+
     async fn download(&self, id: &str, path: &str, dst: &Path) -> R<u64> {
         let s = Sandbox::connect(&self.client, id).await?;
         let data = s.files().read(path).await?;
@@ -305,5 +354,36 @@ impl Backend for Remote {
         let s = Sandbox::connect(&self.client, id).await?;
         s.files().write(path, &data).await?;
         Ok(data.len() as u64)
+    }
+
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo> {
+        Ok(Secret::create(&self.client, req).await?)
+    }
+
+    async fn secrets(&self) -> R<Vec<SecretInfo>> {
+        Ok(Secret::list(&self.client).await?)
+    }
+
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo> {
+        Ok(Secret::rotate(&self.client, name, value).await?)
+    }
+
+    async fn delete_secret(&self, name: &str) -> R<()> {
+        // Unlike the SDK's idempotent delete, a missing secret is an error here, as on
+        // the local state dir.
+        Secret::get(&self.client, name).await?;
+        Ok(Secret::delete(&self.client, name).await?)
+    }
+
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>> {
+        Ok(Secret::audit(&self.client, name, q).await?)
+    }
+
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()> {
+        Ok(Sandbox::attach_secret_by_id(&self.client, id, env_key, secret).await?)
+    }
+
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()> {
+        Ok(Sandbox::detach_secret_by_id(&self.client, id, env_key).await?)
     }
 }

@@ -44,7 +44,14 @@ pub(crate) enum Cmd {
         /// Egress: a CIDR it may not reach (repeatable; `0.0.0.0/0` for an allowlist).
         #[arg(long = "deny-out", value_name = "CIDR")]
         deny_out: Vec<String>,
+        /// Bind a team secret: the variable holds a stand-in that the egress proxy swaps
+        /// for the secret on its hosts (repeatable).
+        #[arg(long = "secret", value_name = "ENV=NAME")]
+        secrets: Vec<String>,
     },
+    /// Bind or unbind team secrets.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// List live sandboxes.
     Ls {
         /// JSON output.
@@ -96,6 +103,27 @@ pub(crate) enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// An interactive shell (or CMD) on a terminal in a sandbox; exits with its exit code.
+    ///
+    /// The local terminal is in raw mode while it runs (Ctrl-C goes to the sandbox), and
+    /// the sandbox's terminal follows its size.
+    Shell {
+        /// Working directory (default: the template's).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Environment variable (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// User (default: the template's).
+        #[arg(long)]
+        user: Option<String>,
+        /// Sandbox id.
+        id: String,
+        /// The command, run with `/bin/sh -c` (default: bash if the sandbox has it,
+        /// else sh, as a login shell).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
     /// Copy a file in or out: `kiln sandbox cp LOCAL ID:/path` or `kiln sandbox cp ID:/path LOCAL`.
     Cp {
         /// Source.
@@ -108,6 +136,26 @@ pub(crate) enum Cmd {
     Keep {
         /// Sandbox id.
         id: String,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum SecretCmd {
+    /// Bind a team secret under a variable; processes started from now on see its
+    /// stand-in (a paused sandbox gets it on resume).
+    Attach {
+        /// Sandbox id.
+        id: String,
+        /// The variable and the secret.
+        #[arg(value_name = "ENV=NAME")]
+        binding: String,
+    },
+    /// Remove a binding: its stand-in is refused from the next request on.
+    Detach {
+        /// Sandbox id.
+        id: String,
+        /// The variable.
+        env: String,
     },
 }
 
@@ -130,6 +178,7 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
             name,
             allow_out,
             deny_out,
+            secrets,
         } => {
             // The API wants a name; what it starts from and a random suffix stand in.
             let name = name.unwrap_or_else(|| {
@@ -149,9 +198,24 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
                 env_vars: pairs(&env)?,
                 metadata: pairs(&metadata)?,
                 network: network_rules(allow_out, deny_out)?,
+                secrets: pairs(&secrets)?,
                 ..CreateSandbox::default()
             };
+            req.validate()?;
             println!("{}", backend.create_sandbox(req).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Secret(SecretCmd::Attach { id, binding }) => {
+            let Some((env, secret)) = binding.split_once('=') else {
+                bail!("expected ENV=NAME, got {binding:?}");
+            };
+            backend.attach_secret(&id, env, secret).await?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Secret(SecretCmd::Detach { id, env }) => {
+            backend.detach_secret(&id, &env).await?;
+            println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ls { json } => {
@@ -191,7 +255,7 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
                     command: shell_join(&cmd),
                     working_dir: cwd,
                     env: pairs(&env)?,
-                    timeout_s: None,
+                    ..ExecRequest::default()
                 },
                 user,
             };
@@ -208,6 +272,38 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
                 .await?;
             Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
         }
+        Cmd::Shell {
+            cwd,
+            env,
+            user,
+            id,
+            cmd,
+        } => {
+            let command = Command {
+                req: ExecRequest {
+                    command: if cmd.is_empty() {
+                        DEFAULT_SHELL.to_owned()
+                    } else {
+                        shell_join(&cmd)
+                    },
+                    working_dir: cwd,
+                    env: pairs(&env)?,
+                    ..ExecRequest::default()
+                },
+                user,
+            };
+            let input = crate::terminal::input()?;
+            let raw = crate::terminal::RawMode::enter()?;
+            let mut out = std::io::stdout();
+            let code = backend
+                .shell(&id, &command, crate::terminal::size(), input, &mut |data| {
+                    let _ = out.write_all(data);
+                    let _ = out.flush();
+                })
+                .await;
+            drop(raw);
+            Ok(ExitCode::from(u8::try_from(code? & 0xff).unwrap_or(1)))
+        }
         Cmd::Cp { src, dst } => {
             let n = match (split_remote(&src), split_remote(&dst)) {
                 (Some((id, path)), None) => backend.download(id, path, dst.as_ref()).await?,
@@ -220,6 +316,11 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Keep { .. } => unreachable!("handled above"),
     }
 }
+
+/// The shell `kiln sandbox shell` runs without a command: a login shell, bash where the
+/// image has it.
+const DEFAULT_SHELL: &str =
+    "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi";
 
 pub fn pairs(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     items

@@ -132,6 +132,9 @@ enum AdminCmd {
         /// The key's id (from `list-api-keys`).
         id: String,
     },
+    /// Seal every team secret under a new secrets key and drop the old one (online: a
+    /// running server and its sandboxes keep working throughout).
+    RotateSecretsKey,
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -272,6 +275,10 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
         AdminCmd::RevokeApiKey { team, id } => {
             engine.revoke_api_key(&team, &id).await?;
             println!("{id}");
+        }
+        AdminCmd::RotateSecretsKey => {
+            let n = engine.rotate_secrets_key().await?;
+            eprintln!("--> {n} secret(s) sealed under the new key; the old key is gone");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -215,7 +215,7 @@ impl Engine {
         }
         self.running_builds.wait_gone(&cancelled, DELETE_WAIT).await;
         let (t, _) = self.store.delete_template(team_id, &t.id).await?;
-        self.forget_pooled(&t.id);
+        self.forget_pooled(&t.id).await;
         let dir = self.layout.template_dir(&t.id)?;
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -455,6 +455,7 @@ impl Engine {
             runtime,
             template.resources(),
         );
+        manifest.trust = out.trust.clone();
         for (name, size) in &out.files {
             manifest
                 .list_file(&format!("bundle/{name}"), *size)

@@ -13,10 +13,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures::Stream;
 use kiln_agent_proto::{
-    AgentClient, ClientError, ExecHandle, ExecStdin, ExitStatus, FileKind, WriteFileRequest,
+    AgentClient, ClientError, ExecControl, ExecHandle, ExecStdin, ExitStatus, FileKind, PtySize,
+    WriteFileRequest,
 };
 use kiln_api::exec::{timeout_notice, TIMEOUT_EXIT_CODE};
-use kiln_api::{ExecEvent, ExecRequest, ExecResult, RequestError, Utf8Chunks};
+use kiln_api::{ExecEvent, ExecRequest, ExecResult, RequestError, TerminalSize, Utf8Chunks};
 use kiln_store::{SandboxAccess, SandboxStatus};
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -35,6 +36,8 @@ const MAX_ZIP_ENTRIES: usize = 100_000;
 /// How a download reaches its reader: a pipe of this many bytes, so a slow reader holds
 /// the guest back instead of the host's memory.
 const DOWNLOAD_PIPE: usize = 256 * 1024;
+/// What a terminal whose window closes sends its processes.
+const SIGHUP: i32 = 1;
 
 /// The data plane of one running sandbox. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -117,9 +120,24 @@ fn agent_request(
             stdin: opts.stdin,
             timeout_ms,
             background: None,
+            pty: req.pty.map(|s| PtySize {
+                cols: s.cols,
+                rows: s.rows,
+            }),
         },
         timeout_ms,
     ))
+}
+
+/// A terminal needs a session: its output is a screen, not text to collect or stream.
+fn no_terminal(req: &ExecRequest) -> Result<()> {
+    match req.pty {
+        Some(_) => Err(RequestError::invalid(
+            "pty: a terminal is only available in a session (/exec/connect)",
+        )
+        .into()),
+        None => Ok(()),
+    }
 }
 
 impl SandboxHandle {
@@ -131,6 +149,7 @@ impl SandboxHandle {
     /// Runs a command to completion. At most [`MAX_EXEC_OUTPUT`] bytes of output are kept
     /// (`truncated` beyond, with a note at the end of stderr); a timeout is noted there too.
     pub async fn exec(&self, req: &ExecRequest) -> Result<ExecResult> {
+        no_terminal(req)?;
         let (agent_req, timeout_ms) = agent_request(req, &SessionOptions::default())?;
         let mut handle = self.agent.exec(agent_req).await?;
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -175,6 +194,7 @@ impl SandboxHandle {
         &self,
         req: &ExecRequest,
     ) -> Result<impl Stream<Item = ExecEvent> + Send + 'static> {
+        no_terminal(req)?;
         let (agent_req, timeout_ms) = agent_request(req, &SessionOptions::default())?;
         let handle = self.agent.exec(agent_req).await?;
         struct St {
@@ -239,7 +259,9 @@ impl SandboxHandle {
     }
 
     /// Starts an interactive command: raw output events until its exit, and (with
-    /// `opts.stdin`) its standard input through [`Session::input`].
+    /// `opts.stdin`) its standard input through [`Session::input`]. With `req.pty` it
+    /// runs on a terminal of its own: all its output is the terminal's (as `Stdout`),
+    /// and [`SessionInput::resize`] resizes it.
     pub async fn session(&self, req: &ExecRequest, opts: SessionOptions) -> Result<Session> {
         let (agent_req, timeout_ms) = agent_request(req, &opts)?;
         let mut handle = self.agent.exec(agent_req).await?;
@@ -247,6 +269,7 @@ impl SandboxHandle {
             stdin: handle.take_stdin(),
             agent: self.agent.clone(),
             pid: handle.pid(),
+            control: handle.control(),
         };
         Ok(Session {
             handle,
@@ -418,6 +441,7 @@ pub struct SessionInput {
     stdin: Option<ExecStdin>,
     agent: AgentClient,
     pid: i32,
+    control: ExecControl,
 }
 
 impl SessionInput {
@@ -444,6 +468,22 @@ impl SessionInput {
     /// Sends a signal to the command's process group.
     pub async fn signal(&self, signal: i32) {
         let _ = self.agent.kill_pid(self.pid, signal, true).await;
+    }
+
+    /// Resizes the session's terminal (nothing for a session without one). Sizes out of
+    /// range are clamped: a client's window is what it is.
+    pub fn resize(&self, size: TerminalSize) {
+        let _ = self.control.resize(PtySize {
+            cols: size.cols,
+            rows: size.rows,
+        });
+    }
+
+    /// Hangs up the command's terminal (SIGHUP to its process group), as closing a terminal
+    /// window does: an interactive shell whose client is gone would otherwise wait for
+    /// input forever.
+    pub async fn hang_up(&self) {
+        self.signal(SIGHUP).await;
     }
 }
 

@@ -95,6 +95,15 @@ pub enum EngineError {
     /// A body or a result is larger than allowed.
     #[error("{0}")]
     TooLarge(String),
+    /// The secrets key could not be used, or a sealed value did not open.
+    #[error("secrets key")]
+    Seal(#[from] kiln_net::seal::SealError),
+    /// kiln's egress CA could not be made or read.
+    #[error("egress CA")]
+    Ca(#[from] kiln_net::ca::CaError),
+    /// A setting of the operator's is unusable (named, with why).
+    #[error("{0}")]
+    Config(String),
     /// Host I/O.
     #[error("{what} {path}")]
     Io {
@@ -209,6 +218,9 @@ impl EngineError {
             | Self::Setup(_)
             | Self::Images(_)
             | Self::StepCache(_)
+            | Self::Seal(_)
+            | Self::Ca(_)
+            | Self::Config(_)
             | Self::Io { .. } => C::Internal,
         }
     }

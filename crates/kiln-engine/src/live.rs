@@ -85,7 +85,7 @@ impl LiveSandboxes {
         self.lock().get(id).cloned()
     }
 
-    fn agent(&self, id: &str) -> Option<AgentClient> {
+    pub(crate) fn agent(&self, id: &str) -> Option<AgentClient> {
         self.lock().get(id).map(|r| r.agent.clone())
     }
 
@@ -393,7 +393,9 @@ impl Engine {
         match self.hypervisor().restore(&bundle, cfg).await {
             Ok(vm) => {
                 self.write_endpoint(&dir, vm.as_ref())?;
-                self.live.insert(team_id, &record.id, vm, "")?;
+                let agent = self.live.insert(team_id, &record.id, vm, "")?;
+                // Bindings attached or detached while it was paused.
+                self.apply_secret_env(record, &agent).await?;
                 tracing::info!("sandbox resumed");
                 Ok(self
                     .set_status(team_id, &record.id, SandboxStatus::Active)

@@ -40,8 +40,8 @@ struct Slot {
 struct Slots {
     /// Waiting processes by build id.
     ready: HashMap<String, Vec<Slot>>,
-    /// Launches in flight by build id.
-    starting: HashMap<String, usize>,
+    /// Launches in flight by build id, with their template.
+    starting: HashMap<String, (String, usize)>,
     /// Deleted templates: a launch for one that completes late is stopped at once.
     deleted: HashSet<String>,
     /// Set by [`RestorePool::close`]: nothing is started or kept any more.
@@ -54,6 +54,8 @@ struct Inner {
     idle: Duration,
     slots: Mutex<Slots>,
     claimed: AtomicU64,
+    /// Woken whenever a launch ends, so a delete can wait for its template's launches.
+    landed: tokio::sync::Notify,
 }
 
 /// What the pool holds and has handed out, for `/metrics`.
@@ -102,6 +104,7 @@ impl RestorePool {
             idle,
             slots: Mutex::new(Slots::default()),
             claimed: AtomicU64::new(0),
+            landed: tokio::sync::Notify::new(),
         });
         if size > 0 {
             tokio::spawn(sweep(Arc::downgrade(&inner)));
@@ -160,7 +163,10 @@ impl RestorePool {
                 return;
             }
             let have = g.ready.get(build_id).map_or(0, Vec::len);
-            let starting = g.starting.entry(build_id.to_owned()).or_default();
+            let (_, starting) = g
+                .starting
+                .entry(build_id.to_owned())
+                .or_insert_with(|| (template_id.to_owned(), 0));
             let missing = self.inner.size.saturating_sub(have + *starting);
             *starting += missing;
             missing
@@ -174,8 +180,11 @@ impl RestorePool {
                 let started = hypervisor.prepare_restore(&bundle, &cfg).await;
                 let Some(inner) = inner.upgrade() else { return };
                 let mut g = inner.lock();
-                if let Some(n) = g.starting.get_mut(&build_id) {
+                if let Some((_, n)) = g.starting.get_mut(&build_id) {
                     *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        g.starting.remove(&build_id);
+                    }
                 }
                 match started {
                     Ok(incoming) if g.closed || g.deleted.contains(&template_id) => {
@@ -194,18 +203,37 @@ impl RestorePool {
                         tracing::warn!(build = %build_id, error = %kiln_vm::error_chain(&e), "restore pool: could not start a process");
                     }
                 }
+                inner.landed.notify_waiters();
             });
         }
     }
 
     /// Stops the processes waiting for any build of `template_id` (it was deleted), and
-    /// those still starting for it as soon as they are up.
-    pub(crate) fn forget_template(&self, template_id: &str) {
+    /// waits (up to `within`) for those still starting for it, which stop as soon as they
+    /// are up: when this returns, no VM of the pool uses the template's files.
+    pub(crate) async fn forget_template(&self, template_id: &str, within: Duration) {
         if self.inner.size == 0 {
             return;
         }
         self.inner.lock().deleted.insert(template_id.to_owned());
         drop(self.inner.remove_where(|_, s| s.template_id == template_id));
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let landed = self.inner.landed.notified();
+            let in_flight = self
+                .inner
+                .lock()
+                .starting
+                .values()
+                .any(|(t, n)| t == template_id && *n > 0);
+            if !in_flight {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, landed).await.is_err() {
+                tracing::warn!(template = %template_id, "restore pool: launches still in flight after {within:?}");
+                return;
+            }
+        }
     }
 
     /// Stops every waiting process (and those still starting, once up) for good: the

@@ -75,9 +75,10 @@ pub struct LiveSandbox {
     pub dir: PathBuf,
 }
 
-/// Finishes a pooled restore for the sandbox in `dir`: its egress rules and network
-/// log, named relative to the VM's run directory, become links to the sandbox's files
-/// before the guest runs, and its console log is linked into the sandbox's directory.
+/// Finishes a pooled restore for the sandbox in `dir`: its egress rules, secret bindings
+/// and network log, named relative to the VM's run directory, become links to the
+/// sandbox's files before the guest runs, and its console log is linked into the
+/// sandbox's directory.
 async fn claim(
     incoming: Box<dyn PendingRestore>,
     sandbox_id: &str,
@@ -86,7 +87,7 @@ async fn claim(
 ) -> Result<Box<dyn Machine>> {
     incoming.claimed_by(sandbox_id);
     let run = incoming.run_dir().to_owned();
-    for name in [NETWORK_RULES, NETWORK_LOG] {
+    for name in [NETWORK_RULES, NETWORK_LOG, kiln_net::secrets::SECRETS_FILE] {
         let link = run.join(name);
         std::os::unix::fs::symlink(dir.join(name), &link)
             .map_err(EngineError::io("linking", &link))?;
@@ -107,7 +108,8 @@ async fn claim(
 
 impl Engine {
     /// Records a new sandbox (`starting`) after the request's checks and the team's limit
-    /// check, with its egress rules; the access token is returned once, in plain text.
+    /// check, with its egress rules and secret bindings; the access token is returned
+    /// once, in plain text.
     /// Call [`Engine::start_sandbox`] to bring it up (or [`Engine::create_sandbox`] for
     /// both, in this process).
     pub async fn create_sandbox_record(
@@ -141,19 +143,33 @@ impl Engine {
             env: req.env_vars.clone(),
             timeout_seconds: seconds(req.timeout_seconds),
             auto_delete_seconds: seconds(req.auto_delete_seconds),
+            secrets: self.new_bindings(team_id, &req.secrets).await?,
         };
         let (record, token) = self.insert_sandbox(team_id, &new).await?;
-        if req.network.is_some() {
-            if let Err(e) = self
-                .set_network_rules(team_id, &record.id, req.network.as_ref())
-                .await
-            {
+        // The files the egress proxy reads exist before the VM makes a connection.
+        let files = async {
+            if req.network.is_some() {
+                self.set_network_rules(team_id, &record.id, req.network.as_ref())
+                    .await?;
+            }
+            match &req.from_snapshot {
+                // A fork's memory holds its parent's stand-ins: it gets its own for them.
+                Some(snapshot) => {
+                    let parent = self.store.snapshot_by_id(team_id, snapshot).await?;
+                    self.copy_secret_bindings(team_id, &parent.sandbox_id, &record.id)
+                        .await
+                }
+                None => self.write_bindings(&record).await.map(|()| record.clone()),
+            }
+        };
+        match files.await {
+            Ok(record) => Ok((record, token)),
+            Err(e) => {
                 self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
                     .await?;
-                return Err(e);
+                Err(e)
             }
         }
-        Ok((record, token))
     }
 
     async fn insert_sandbox(&self, team_id: &str, new: &NewSandbox) -> Result<(Sandbox, String)> {
@@ -291,11 +307,17 @@ impl Engine {
                 pool_cfg,
             );
         }
-        if !record.env.is_empty() {
-            let agent = vm.agent();
-            let defaults = agent.get_defaults().await.map_err(EngineError::Agent)?;
+        let agent = vm.agent();
+        // Trust defaults go under what the template and the sandbox set.
+        let trust_env = self.refresh_trust(&artifact, agent).await;
+        if !record.env.is_empty() || !trust_env.is_empty() {
+            let mut defaults = agent.get_defaults().await.map_err(EngineError::Agent)?;
+            for (k, v) in trust_env {
+                defaults.env.entry(k).or_insert(v);
+            }
             set_env(agent, defaults, &record.env).await?;
         }
+        self.apply_secret_env(record, agent).await?;
         self.write_endpoint(&dir, vm.as_ref())?;
         Ok((vm, dir))
     }
@@ -303,7 +325,8 @@ impl Engine {
     /// A fork: the snapshot's bundle linked into the sandbox's directory (the links keep
     /// it whole if the snapshot is deleted while the fork runs) and restored from there,
     /// its processes live; the agent's env, working directory and user go back to the
-    /// template's, with the fork's own env on top (the source's env stays the source's).
+    /// template's, with the fork's own env and its own secret stand-ins on top (the source's env
+    /// stays the source's).
     async fn restore_fork(
         &self,
         record: &Sandbox,
@@ -327,16 +350,22 @@ impl Engine {
             .layout
             .artifact_dir(&record.template_id, &record.build_id)?;
         let template = kiln_store::ArtifactManifest::read(&artifact)?;
-        let defaults = kiln_build::agent_defaults(&template.runtime);
+        let mut defaults = kiln_build::agent_defaults(&template.runtime);
+        for (k, v) in self.refresh_trust(&artifact, vm.agent()).await {
+            defaults.env.entry(k).or_insert(v);
+        }
         set_env(vm.agent(), defaults, &record.env).await?;
+        self.apply_secret_env(record, vm.agent()).await?;
         self.write_endpoint(&dir, vm.as_ref())?;
         tracing::info!(snapshot, "restored a fork");
         Ok((vm, dir))
     }
 
     /// Stops the pooled processes waiting for `template_id`'s builds.
-    pub(crate) fn forget_pooled(&self, template_id: &str) {
-        self.pool.forget_template(template_id);
+    pub(crate) async fn forget_pooled(&self, template_id: &str) {
+        self.pool
+            .forget_template(template_id, crate::builds::DELETE_WAIT)
+            .await;
     }
 
     /// The restore pool's processes waiting now and handed out so far.

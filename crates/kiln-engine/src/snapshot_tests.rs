@@ -45,7 +45,7 @@ fn named(name: &str) -> CreateSnapshot {
 }
 
 /// Takes a snapshot and waits for it to be ready.
-async fn snapshot(t: &TestEngine, team: &str, sandbox: &str, name: &str) -> String {
+pub(crate) async fn snapshot(t: &TestEngine, team: &str, sandbox: &str, name: &str) -> String {
     let taken = t
         .engine
         .create_snapshot(team, sandbox, &named(name))

@@ -2,10 +2,10 @@
 //! `kiln-api` types. The server and the CLI (local and remote) print only these.
 
 use kiln_api::{
-    BuildInfo, BuildLogEvent, SandboxInfo, SandboxStatus, SnapshotInfo, SnapshotResources,
-    TemplateInfo,
+    BuildInfo, BuildLogEvent, SandboxInfo, SandboxSecretBinding, SandboxStatus, SnapshotInfo,
+    SnapshotResources, TemplateInfo,
 };
-use kiln_store::{Build, LogLine, Sandbox, Snapshot, Template};
+use kiln_store::{BindingState, Build, LogLine, Sandbox, Snapshot, Template};
 
 use crate::Engine;
 
@@ -26,6 +26,7 @@ pub(crate) fn template(t: &Template) -> TemplateInfo {
         created_at: t.created_at,
         built_at: t.built_at,
         latest_build_id: t.latest_build_id.clone(),
+        build_spec: Some(t.build_spec.clone()),
     }
 }
 
@@ -94,6 +95,23 @@ impl Engine {
             source_snapshot_id: s.source_snapshot_id.clone(),
             network: self.network_rules(&s.id),
             preview_access: Some(LEGACY_PUBLIC.to_owned()),
+            secrets: secret_bindings(s),
         }
     }
+}
+
+/// A sandbox's bindings as the API lists them: detached ones are gone, a deleted secret's
+/// are `revoked`; none at all is no list.
+fn secret_bindings(s: &Sandbox) -> Option<Vec<SandboxSecretBinding>> {
+    let list: Vec<SandboxSecretBinding> = s
+        .secrets
+        .iter()
+        .filter(|b| b.state != BindingState::Detached)
+        .map(|b| SandboxSecretBinding {
+            env_key: b.env_key.clone(),
+            secret_name: b.secret_name.clone(),
+            revoked: (b.state == BindingState::Revoked).then_some(true),
+        })
+        .collect();
+    (!list.is_empty()).then_some(list)
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kiln_api::{ExecEvent, ExecRequest};
+use kiln_api::{ExecEvent, ExecRequest, TerminalSize};
 use reqwest::Method;
 
 use crate::client::STREAM_IDLE_TIMEOUT;
@@ -36,6 +36,7 @@ impl RunOptions {
             working_dir: self.cwd.clone(),
             env: self.env.clone(),
             timeout_s: self.timeout_s,
+            pty: None,
         }
     }
 }
@@ -163,7 +164,39 @@ impl<'a> Commands<'a> {
     /// [`CommandSession::wait`] for its result. Leave `timeout_s` unset for a
     /// long-lived process. Dropping the session kills the process.
     pub async fn spawn(&self, command: &str, options: RunOptions) -> Result<CommandSession> {
-        CommandSession::start(self.sandbox, command, &options).await
+        CommandSession::start(self.sandbox, options.request(command)).await
+    }
+
+    /// Starts `command` on a terminal of `size` (kiln's extension of `/exec/connect`;
+    /// Superserve's servers do not have it): its output comes as the terminal's raw bytes
+    /// ([`crate::Output::Terminal`], stderr included), its stdin goes through the
+    /// terminal (`\x03` is Ctrl-C, `\x04` at a line start end-of-file), and
+    /// [`CommandSession::resize`] follows the user's window. What a shell needs:
+    ///
+    /// ```no_run
+    /// # async fn demo(sandbox: kiln_sdk::Sandbox) -> kiln_sdk::Result<()> {
+    /// use kiln_sdk::{Output, RunOptions, TerminalSize};
+    /// let size = TerminalSize { cols: 120, rows: 40 };
+    /// let mut shell = sandbox.commands().spawn_terminal("bash -l", size, RunOptions::default()).await?;
+    /// shell.write_stdin(b"stty size; exit\n").await?;
+    /// while let Some(Output::Terminal(bytes)) = shell.next_output().await {
+    ///     print!("{}", String::from_utf8_lossy(&bytes));
+    /// }
+    /// println!("exit code {}", shell.wait().await?.exit_code);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The result of [`CommandSession::wait`] has the exit code only: a terminal's output
+    /// is a screen, which the session does not keep.
+    pub async fn spawn_terminal(
+        &self,
+        command: &str,
+        size: TerminalSize,
+        options: RunOptions,
+    ) -> Result<CommandSession> {
+        let mut req = options.request(command);
+        req.pty = Some(size);
+        CommandSession::start(self.sandbox, req).await
     }
 }
 

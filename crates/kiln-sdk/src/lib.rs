@@ -12,6 +12,8 @@
 //!   completion, stream, or [`spawn`](Commands::spawn) an interactive [`CommandSession`])
 //!   and [`Files`].
 //! - [`Snapshot`]: get, list, rename, delete, wait until ready.
+//! - [`Secret`]: team secrets a sandbox uses through stand-ins, never holding them
+//!   ([`Sandbox::attach_secret`], [`SandboxCreateOptions::secrets`]).
 //! - [`Error`]: typed, with the server's stable codes ([`Error::code`]).
 //!
 //! Only idempotent requests (GET, DELETE) are retried, on 429/502/503/504 and connection
@@ -51,6 +53,7 @@ mod commands;
 mod error;
 mod files;
 mod sandbox;
+mod secret;
 mod session;
 mod snapshot;
 mod sse;
@@ -64,15 +67,17 @@ pub use commands::{CommandResult, Commands, RunOptions};
 pub use error::{Error, Result};
 pub use files::{Files, MAX_DOWNLOAD_BYTES};
 pub use sandbox::{ListOptions, Sandbox, SandboxCreateOptions};
+pub use secret::Secret;
 pub use session::{CommandSession, Output, EXEC_SUBPROTOCOL};
 pub use snapshot::{Snapshot, SnapshotOptions, SNAPSHOT_POLL_INTERVAL};
 pub use template::{LogCallback, Template, TemplateCreateOptions, BUILD_POLL_INTERVAL};
 
 /// The wire types, shared with the server (crate `kiln-api`): what the API answers.
 pub use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, BuildStatus, LogStream, NetworkConfig, SandboxInfo,
-    SandboxStatus, SnapshotInfo, SnapshotPage, SnapshotResources, SnapshotStatus, Step,
-    TemplateInfo, TemplateStatus,
+    ApiErrorCode, AuditQuery, AuthType, BuildInfo, BuildLogEvent, BuildStatus, CreateSecret,
+    LogStream, NetworkConfig, ProviderShortcut, ProxyAuditEvent, SandboxInfo, SandboxSecretBinding,
+    SandboxStatus, SecretInfo, SecretSandboxBinding, SnapshotInfo, SnapshotPage, SnapshotResources,
+    SnapshotStatus, Step, TemplateInfo, TemplateStatus, TerminalSize,
 };
 
 /// The `reqwest` version the SDK uses, for [`ClientBuilder::http_client`] and

@@ -37,6 +37,9 @@ pub struct SandboxCreateOptions {
     pub metadata: BTreeMap<String, String>,
     /// Egress rules from the start (none: the public internet).
     pub network: Option<NetworkConfig>,
+    /// Team secrets to bind: environment variable -> secret name (the variable holds a
+    /// stand-in; see [`crate::Secret`]).
+    pub secrets: BTreeMap<String, String>,
 }
 
 impl SandboxCreateOptions {
@@ -97,6 +100,7 @@ impl SandboxCreateOptions {
             metadata: self.metadata.clone(),
             env_vars: self.env_vars.clone(),
             network: self.network.clone(),
+            secrets: self.secrets.clone(),
             ..CreateSandbox::default()
         }
     }
@@ -319,6 +323,50 @@ impl Sandbox {
         Self::set_network_by_id(&self.client, &self.id, network.as_ref()).await?;
         self.lock().info.network = network;
         Ok(())
+    }
+
+    /// Binds a team secret under an environment variable: processes started from now on
+    /// see a stand-in, which kiln's egress proxy swaps for the secret on its hosts (a
+    /// paused sandbox gets it on resume).
+    pub async fn attach_secret(&self, env_key: &str, secret_name: &str) -> Result<()> {
+        Self::attach_secret_by_id(&self.client, &self.id, env_key, secret_name).await
+    }
+
+    /// [`Sandbox::attach_secret`] by id, without connecting to the sandbox (a paused one
+    /// stays paused).
+    pub async fn attach_secret_by_id(
+        client: &Client,
+        sandbox_id: &str,
+        env_key: &str,
+        secret_name: &str,
+    ) -> Result<()> {
+        let body = kiln_api::AttachSecret {
+            env_key: env_key.to_owned(),
+            secret_name: secret_name.to_owned(),
+        };
+        let req = client
+            .api(Method::POST, &["sandboxes", sandbox_id, "secrets"])
+            .json(&body);
+        client.empty(req).await
+    }
+
+    /// Removes the binding of `env_key`: its stand-in is refused from the next request,
+    /// and new processes no longer see the variable.
+    pub async fn detach_secret(&self, env_key: &str) -> Result<()> {
+        Self::detach_secret_by_id(&self.client, &self.id, env_key).await
+    }
+
+    /// [`Sandbox::detach_secret`] by id, without connecting to the sandbox.
+    pub async fn detach_secret_by_id(
+        client: &Client,
+        sandbox_id: &str,
+        env_key: &str,
+    ) -> Result<()> {
+        let req = client.api(
+            Method::DELETE,
+            &["sandboxes", sandbox_id, "secrets", env_key],
+        );
+        client.empty(req).await
     }
 
     /// Pauses it and returns once the pause has landed (the server holds the request;

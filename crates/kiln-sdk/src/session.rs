@@ -22,10 +22,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use kiln_api::exec::channel;
-use kiln_api::{ExecEvent, SessionControl, Utf8Chunks};
+use kiln_api::{ExecEvent, ExecRequest, SessionControl, TerminalSize, Utf8Chunks};
 
 use crate::client::{parse_retry_after, SANDBOX_ID_HEADER};
-use crate::commands::{CommandResult, RunOptions};
+use crate::commands::CommandResult;
 use crate::error::{Error, Result};
 use crate::sandbox::Sandbox;
 
@@ -49,6 +49,9 @@ pub enum Output {
     Stdout(String),
     /// Standard error.
     Stderr(String),
+    /// What a terminal session's terminal shows, as raw bytes (escape sequences and all):
+    /// the only output of [`crate::Commands::spawn_terminal`].
+    Terminal(bytes::Bytes),
 }
 
 /// A live command, from [`crate::Commands::spawn`]: write to its stdin, signal it, read
@@ -79,13 +82,9 @@ pub struct CommandSession {
 }
 
 impl CommandSession {
-    pub(crate) async fn start(
-        sandbox: &Sandbox,
-        command: &str,
-        options: &RunOptions,
-    ) -> Result<Self> {
-        let start =
-            serde_json::to_string(&options.request(command)).expect("the start frame serialises");
+    pub(crate) async fn start(sandbox: &Sandbox, req: ExecRequest) -> Result<Self> {
+        let terminal = req.pty.is_some();
+        let start = serde_json::to_string(&req).expect("the start frame serialises");
         let ws = sandbox
             .with_token_retry(|token| dial(sandbox, token))
             .await?;
@@ -95,7 +94,7 @@ impl CommandSession {
             .map_err(|e| Error::network("sending the start frame", e))?;
         let done = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_loop(stream, tx, done.clone()));
+        let reader = tokio::spawn(read_loop(stream, tx, done.clone(), terminal));
         Ok(Self {
             sink: Arc::new(tokio::sync::Mutex::new(sink)),
             done,
@@ -120,6 +119,16 @@ impl CommandSession {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Resizes the terminal of a session from [`crate::Commands::spawn_terminal`] (the
+    /// process gets SIGWINCH); nothing for another session.
+    pub async fn resize(&self, size: TerminalSize) -> Result<()> {
+        self.control(SessionControl::Resize {
+            cols: size.cols,
+            rows: size.rows,
+        })
+        .await
     }
 
     /// Closes the process's stdin (it reads end-of-file).
@@ -240,10 +249,12 @@ async fn dial(sandbox: &Sandbox, token: String) -> Result<Ws> {
 }
 
 /// Reads the server's frames until the `finished` event (or the end of the connection).
+/// A terminal's bytes are given as they are and not kept for the result.
 async fn read_loop(
     mut stream: SplitStream<Ws>,
     tx: mpsc::UnboundedSender<Output>,
     done: Arc<AtomicBool>,
+    terminal: bool,
 ) -> Result<CommandResult> {
     let mut out = Utf8Chunks::default();
     let mut err = Utf8Chunks::default();
@@ -252,6 +263,7 @@ async fn read_loop(
         match &o {
             Output::Stdout(s) => result.stdout.push_str(s),
             Output::Stderr(s) => result.stderr.push_str(s),
+            Output::Terminal(_) => {}
         }
         let _ = tx.send(o);
     };
@@ -271,6 +283,10 @@ async fn read_loop(
                     continue;
                 };
                 match ch {
+                    channel::STDOUT if terminal => {
+                        let bytes = bytes::Bytes::copy_from_slice(payload);
+                        emit(&mut result, Output::Terminal(bytes));
+                    }
                     channel::STDOUT => {
                         let s = out.push(payload);
                         if !s.is_empty() {

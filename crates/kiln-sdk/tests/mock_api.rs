@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kiln_sdk::{
     BuildLogEvent, BuildStatus, Client, Error, ListOptions, Output, RunOptions, Sandbox,
-    SandboxCreateOptions, SandboxStatus, Step, Template, TemplateCreateOptions,
+    SandboxCreateOptions, SandboxStatus, Step, Template, TemplateCreateOptions, TerminalSize,
 };
 use serde_json::json;
 
@@ -141,8 +141,76 @@ impl Mock {
     }
 }
 
+fn secret_json() -> serde_json::Value {
+    json!({
+        "id": "5ec2e700-0000-4000-8000-000000000003", "name": "openai-prod",
+        "auth_type": "bearer", "auth_config": {}, "provider_shortcut": "openai",
+        "hosts": ["api.openai.com"], "created_at": "2025-01-01T00:00:00Z",
+        "updated_at": "2025-01-01T00:00:00Z", "last_used_at": null,
+    })
+}
+
+/// `/secrets`, `/providers` and a sandbox's `/secrets`: each request's body or query is
+/// recorded under `METHOD path`.
+fn secret_routes() -> Router<Shared> {
+    use axum::extract::{OriginalUri, RawQuery};
+    use axum::http::Method;
+    async fn record(
+        State(s): State<Shared>,
+        method: Method,
+        OriginalUri(uri): OriginalUri,
+        RawQuery(q): RawQuery,
+        body: axum::body::Bytes,
+    ) -> Response {
+        let key = format!("{method} {}", uri.path());
+        let mut m = s.lock().unwrap();
+        if let Ok(v) = serde_json::from_slice(&body) {
+            m.bodies.insert(key.clone(), v);
+        }
+        m.queries.insert(key.clone(), q.unwrap_or_default());
+        match key.as_str() {
+            "GET /secrets" => Json(json!([secret_json()])).into_response(),
+            "POST /secrets" => (StatusCode::CREATED, Json(secret_json())).into_response(),
+            "GET /secrets/openai-prod" | "PATCH /secrets/openai-prod" => {
+                Json(secret_json()).into_response()
+            }
+            "DELETE /secrets/gone" => error(StatusCode::NOT_FOUND, "not_found"),
+            "GET /secrets/openai-prod/audit" => Json(json!([{
+                "id": 7, "ts": "2025-01-01T00:00:00Z", "sandbox_id": SANDBOX_ID,
+                "sandbox_name": "sb", "secret_id": "s", "method": "POST",
+                "host": "api.openai.com", "path": "/v1/chat/completions", "status": 200,
+                "upstream_status": 200, "latency_ms": 120, "error_code": null,
+            }]))
+            .into_response(),
+            "GET /secrets/openai-prod/sandboxes" => Json(json!([{
+                "sandbox_id": SANDBOX_ID, "sandbox_name": "sb",
+                "env_key": "OPENAI_API_KEY", "status": "active",
+            }]))
+            .into_response(),
+            "GET /providers" => Json(json!([{
+                "name": "openai", "display": "OpenAI", "auth_type": "bearer",
+                "auth_config": {}, "hosts": ["api.openai.com"], "token_shape": "sk-proj-...",
+            }]))
+            .into_response(),
+            _ => StatusCode::NO_CONTENT.into_response(),
+        }
+    }
+    Router::new()
+        .route("/secrets", get(record).post(record))
+        .route("/secrets/{name}", get(record).patch(record).delete(record))
+        .route("/secrets/{name}/audit", get(record))
+        .route("/secrets/{name}/sandboxes", get(record))
+        .route("/providers", get(record))
+        .route("/sandboxes/{id}/secrets", post(record))
+        .route(
+            "/sandboxes/{id}/secrets/{env}",
+            axum::routing::delete(record),
+        )
+}
+
 fn app(state: Shared) -> Router {
     Router::new()
+        .merge(secret_routes())
         .route(
             "/sandboxes/{id}/snapshot",
             post(
@@ -365,6 +433,9 @@ async fn echo_session(mut ws: WebSocket) {
     };
     let start: serde_json::Value = serde_json::from_str(start.as_str()).unwrap();
     assert_eq!(start["command"], "cat");
+    if !start["pty"].is_null() {
+        return terminal_session(ws, &start).await;
+    }
     // Half of a two-byte character first: the client keeps it whole.
     let e_acute = "\u{e9}".as_bytes();
     let _ = ws
@@ -399,6 +470,43 @@ async fn echo_session(mut ws: WebSocket) {
             json!({"finished": true, "exit_code": code})
                 .to_string()
                 .into(),
+        ))
+        .await;
+    let _ = ws.send(Message::Close(None)).await;
+}
+
+/// A terminal session: its size and every resize are written back on stdout as raw
+/// bytes (one of them not UTF-8), stdin is echoed; stdin_close ends it with 0.
+async fn terminal_session(mut ws: WebSocket, start: &serde_json::Value) {
+    let size = format!("size {}x{}?", start["pty"]["cols"], start["pty"]["rows"]);
+    let mut first = vec![1];
+    first.extend_from_slice(size.as_bytes());
+    *first.last_mut().unwrap() = 0xff;
+    let _ = ws.send(Message::Binary(first.into())).await;
+    while let Some(Ok(msg)) = ws.recv().await {
+        match msg {
+            Message::Binary(b) if b.first() == Some(&0) => {
+                let mut out = b.to_vec();
+                out[0] = 1;
+                let _ = ws.send(Message::Binary(out.into())).await;
+            }
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                match v["type"].as_str() {
+                    Some("resize") => {
+                        let out = format!("\x01resized {}x{}", v["cols"], v["rows"]);
+                        let _ = ws.send(Message::Binary(out.into_bytes().into())).await;
+                    }
+                    Some("stdin_close") => break,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = ws
+        .send(Message::Text(
+            json!({"finished": true, "exit_code": 0}).to_string().into(),
         ))
         .await;
     let _ = ws.send(Message::Close(None)).await;
@@ -649,6 +757,45 @@ async fn spawn_writes_stdin_reads_output_and_waits() {
 }
 
 #[tokio::test]
+async fn a_terminal_session_sends_its_size_and_resizes_and_gives_raw_bytes() {
+    let (c, _state) = start().await;
+    let sb = sandbox(&c).await;
+    let size = TerminalSize {
+        cols: 100,
+        rows: 30,
+    };
+    let mut s = sb
+        .commands()
+        .spawn_terminal("cat", size, RunOptions::default())
+        .await
+        .unwrap();
+    // Bytes as they were sent, not text: the last byte is not UTF-8.
+    assert_eq!(
+        s.next_output().await,
+        Some(Output::Terminal(b"size 100x30\xff"[..].into()))
+    );
+    s.resize(TerminalSize {
+        cols: 120,
+        rows: 40,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.next_output().await,
+        Some(Output::Terminal(b"resized 120x40"[..].into()))
+    );
+    s.write_stdin(b"\x03").await.unwrap();
+    assert_eq!(
+        s.next_output().await,
+        Some(Output::Terminal(b"\x03"[..].into()))
+    );
+    s.close_stdin().await.unwrap();
+    let r = s.wait().await.unwrap();
+    assert_eq!(r.exit_code, 0);
+    assert!(r.stdout.is_empty(), "a terminal's screen is not kept");
+}
+
+#[tokio::test]
 async fn list_filters_and_lifecycle() {
     let (c, state) = start().await;
     let list = Sandbox::list(
@@ -749,4 +896,70 @@ async fn secrets_stay_out_of_debug_output() {
     assert!(!text.contains("tok1"), "{text}");
     assert!(!text.contains("\"key\""), "{text}");
     assert!(text.contains(SANDBOX_ID), "{text}");
+}
+
+#[tokio::test]
+async fn secrets_calls_send_the_wire_shapes() {
+    use kiln_sdk::{AuditQuery, CreateSecret, Secret};
+    let (c, state) = start().await;
+    let created = Secret::create(
+        &c,
+        &CreateSecret {
+            name: "openai-prod".into(),
+            value: "sk-real".into(),
+            provider: Some("openai".into()),
+            ..CreateSecret::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.hosts, ["api.openai.com"]);
+    assert_eq!(
+        state.lock().unwrap().bodies["POST /secrets"],
+        json!({"name": "openai-prod", "value": "sk-real", "provider": "openai"})
+    );
+    assert_eq!(Secret::list(&c).await.unwrap().len(), 1);
+    Secret::get(&c, "openai-prod").await.unwrap();
+    Secret::rotate(&c, "openai-prod", "sk-new").await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies["PATCH /secrets/openai-prod"],
+        json!({"value": "sk-new"})
+    );
+    let q = AuditQuery::from_query(&[("status".into(), "4xx".into())]).unwrap();
+    let audit = Secret::audit(&c, "openai-prod", &q).await.unwrap();
+    assert_eq!((audit[0].status, audit[0].latency_ms), (200, Some(120)));
+    assert_eq!(
+        state.lock().unwrap().queries["GET /secrets/openai-prod/audit"],
+        "limit=100&status=4xx"
+    );
+    let bound = Secret::sandboxes(&c, "openai-prod").await.unwrap();
+    assert_eq!(bound[0].env_key, "OPENAI_API_KEY");
+    assert_eq!(
+        Secret::providers(&c).await.unwrap()[0].token_shape,
+        "sk-proj-..."
+    );
+    Secret::delete(&c, "openai-prod").await.unwrap();
+    // Deleting what is gone is fine, as in the official SDKs.
+    Secret::delete(&c, "gone").await.unwrap();
+
+    let mut options = SandboxCreateOptions::new("sb", "org/web");
+    options
+        .secrets
+        .insert("OPENAI_API_KEY".into(), "openai-prod".into());
+    let sb = Sandbox::create(&c, options).await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies["/sandboxes"]["secrets"],
+        json!({"OPENAI_API_KEY": "openai-prod"})
+    );
+    sb.attach_secret("SECOND", "openai-prod").await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies[&format!("POST /sandboxes/{SANDBOX_ID}/secrets")],
+        json!({"env_key": "SECOND", "secret_name": "openai-prod"})
+    );
+    sb.detach_secret("SECOND").await.unwrap();
+    assert!(state
+        .lock()
+        .unwrap()
+        .queries
+        .contains_key(&format!("DELETE /sandboxes/{SANDBOX_ID}/secrets/SECOND")));
 }

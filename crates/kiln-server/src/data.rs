@@ -56,6 +56,8 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
+/// The sandbox: the header, a `boxd-<id>.` host, or (for a browser's WebSocket, which
+/// can set neither) the subprotocol `sandbox.<id>`.
 fn sandbox_id(headers: &HeaderMap) -> Result<String, ApiError> {
     let id = header_str(headers, "x-superserve-sandbox-id")
         .map(str::to_owned)
@@ -64,6 +66,7 @@ fn sandbox_id(headers: &HeaderMap) -> Result<String, ApiError> {
             let rest = host.strip_prefix("boxd-")?;
             Some(rest.split('.').next()?.to_owned())
         })
+        .or_else(|| subprotocol(headers, "sandbox."))
         .ok_or_else(|| {
             ApiError::bad_request("the X-Superserve-Sandbox-Id header names the sandbox")
         })?;
@@ -83,12 +86,17 @@ fn access_token(headers: &HeaderMap) -> Option<String> {
     if let Some(t) = header_str(headers, "x-access-token") {
         return Some(t.to_owned());
     }
+    subprotocol(headers, "token.")
+}
+
+/// The value of the WebSocket subprotocol `<prefix><value>`, if one was offered.
+fn subprotocol(headers: &HeaderMap, prefix: &str) -> Option<String> {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix("token.").map(str::to_owned))
+        .find_map(|p| p.trim().strip_prefix(prefix).map(str::to_owned))
 }
 
 /// `POST /exec`: the command's output once it has exited.

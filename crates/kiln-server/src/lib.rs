@@ -3,16 +3,18 @@
 //! engine call, a typed result becomes a response, and errors are mapped in one place
 //! ([`error`]).
 //!
-//! The control plane (`/templates`, `/sandboxes`, `/snapshots`) is authorised by a team's
-//! `X-API-Key`; the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]).
+//! The control plane (`/templates`, `/sandboxes`, `/snapshots`, `/secrets`) is authorised
+//! by a team's `X-API-Key`; the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]).
 //! The server process owns the VMs of the sandboxes it starts.
 
+pub mod console;
 mod data;
 pub mod error;
 pub mod metrics;
 pub mod observe;
 pub mod ratelimit;
 mod sandboxes;
+mod secrets;
 mod templates;
 mod ws;
 
@@ -44,6 +46,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health"),
     ("GET", "/openapi.json"),
     ("GET", "/metrics"),
+    ("GET", "/console"),
+    ("GET", "/console/{asset}"),
+    ("POST", "/validate"),
     ("GET", "/templates"),
     ("POST", "/templates"),
     ("GET", "/templates/{template}"),
@@ -68,6 +73,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/snapshots/{snapshot}"),
     ("PATCH", "/snapshots/{snapshot}"),
     ("DELETE", "/snapshots/{snapshot}"),
+    ("POST", "/sandboxes/{sandbox}/secrets"),
+    ("DELETE", "/sandboxes/{sandbox}/secrets/{env}"),
+    ("GET", "/secrets"),
+    ("POST", "/secrets"),
+    ("GET", "/secrets/{name}"),
+    ("PATCH", "/secrets/{name}"),
+    ("DELETE", "/secrets/{name}"),
+    ("GET", "/secrets/{name}/audit"),
+    ("GET", "/secrets/{name}/sandboxes"),
+    ("GET", "/providers"),
     ("POST", "/exec"),
     ("POST", "/exec/stream"),
     ("GET", "/exec/connect"),
@@ -113,6 +128,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_text))
+        .route("/console", get(console::index))
+        .route("/console/{asset}", get(console::asset))
+        .route("/validate", post(templates::validate))
         .route(
             "/templates",
             get(templates::list_templates).post(templates::create_template),
@@ -156,6 +174,21 @@ pub fn router(state: AppState) -> Router {
                 .patch(sandboxes::rename_snapshot)
                 .delete(sandboxes::delete_snapshot),
         )
+        .route("/sandboxes/{sandbox}/secrets", post(secrets::attach))
+        .route(
+            "/sandboxes/{sandbox}/secrets/{env}",
+            axum::routing::delete(secrets::detach),
+        )
+        .route("/secrets", get(secrets::list).post(secrets::create))
+        .route(
+            "/secrets/{name}",
+            get(secrets::get)
+                .patch(secrets::rotate)
+                .delete(secrets::delete),
+        )
+        .route("/secrets/{name}/audit", get(secrets::audit))
+        .route("/secrets/{name}/sandboxes", get(secrets::sandboxes))
+        .route("/providers", get(secrets::providers))
         .route("/exec", post(data::exec))
         .route("/exec/stream", post(data::exec_stream))
         .route("/exec/connect", get(ws::exec_connect))
@@ -298,6 +331,7 @@ async fn metrics_text(State(state): State<AppState>) -> Result<Response, ApiErro
     let stats = state.engine.stats().await?;
     let mut text = state.metrics.render(&stats);
     metrics::render_pool(&mut text, state.engine.restore_pool_stats());
+    metrics::render_capacity(&mut text, state.engine.config());
     Ok(metrics::render_response(text))
 }
 

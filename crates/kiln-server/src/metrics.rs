@@ -340,6 +340,65 @@ pub fn render_pool(out: &mut String, pool: kiln_engine::PoolStats) {
     );
 }
 
+/// What this host can take: build slots, each team's sandbox limit, and the machine's
+/// processors and memory (`/proc/meminfo`), so a dashboard (the console's overview) can
+/// set what runs against what fits.
+pub fn render_capacity(out: &mut String, config: &kiln_engine::EngineConfig) {
+    family(
+        out,
+        "kiln_build_slots",
+        "Builds this host runs at once (more wait in pending).",
+        "gauge",
+    );
+    sample(
+        out,
+        "kiln_build_slots",
+        &[],
+        config.max_parallel_builds as f64,
+    );
+    if config.limits.max_live_sandboxes != u32::MAX {
+        family(
+            out,
+            "kiln_team_sandbox_limit",
+            "Live sandboxes a team may have.",
+            "gauge",
+        );
+        let limit = f64::from(config.limits.max_live_sandboxes);
+        sample(out, "kiln_team_sandbox_limit", &[], limit);
+    }
+    family(out, "kiln_host_cpus", "Processors of this host.", "gauge");
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    sample(out, "kiln_host_cpus", &[], cpus as f64);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| {
+        meminfo.lines().find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    for (name, key, help) in [
+        (
+            "kiln_host_memory_bytes",
+            "MemTotal:",
+            "Memory of this host.",
+        ),
+        (
+            "kiln_host_memory_available_bytes",
+            "MemAvailable:",
+            "Memory of this host available to new processes.",
+        ),
+    ] {
+        if let Some(v) = kib(key) {
+            family(out, name, help, "gauge");
+            sample(out, name, &[], v * 1024.0);
+        }
+    }
+}
+
 /// A `/metrics` response carrying `text`.
 pub fn render_response(text: String) -> Response {
     (

@@ -10,7 +10,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt as _;
-use kiln_api::{CreatedTemplate, Form, TemplateRequest};
+use kiln_api::{CreatedTemplate, Form, SpecValidation, TemplateRequest};
 use kiln_engine::{Engine, Rebuilt, Team};
 use serde::Deserialize;
 
@@ -225,4 +225,11 @@ pub(crate) async fn build_logs(
     Ok(crate::data::sse(events.map(|e| {
         Ok(Event::default().data(serde_json::to_string(&e).unwrap_or_default()))
     })))
+}
+
+/// `POST /validate` (kiln's own): the body of `POST /templates` checked as that route
+/// will check it, every problem worded as `kiln validate` words it. Validating is a
+/// successful call whatever the verdict, so it answers 200 either way.
+pub(crate) async fn validate(Auth(_team): Auth, body: axum::body::Bytes) -> Json<SpecValidation> {
+    Json(SpecValidation::of(&body))
 }

@@ -11,7 +11,15 @@
 //! A client that goes away does not take the command with it (Superserve's
 //! `commands_sessions.mdx`: "the process keeps running inside the sandbox"): its output is
 //! read and dropped, and its stdin kept open, until it exits. The SDKs' `close()` sends a
-//! signal first when it means to stop the command.
+//! signal first when it means to stop the command. A terminal session is hung up
+//! (SIGHUP, as a closed terminal window does), so an idle shell does not wait
+//! for its gone client forever.
+//!
+//! kiln's extension, which the official SDKs never use: a start frame with
+//! `"pty": {"cols", "rows"}` runs the command on a terminal of its own (its bytes on the
+//! stdout channel, stdin through the terminal), and `{"type":"resize","cols","rows"}`
+//! resizes it. A browser names the sandbox with a `sandbox.<id>` subprotocol, as it
+//! cannot set the header.
 
 use std::time::Duration;
 
@@ -19,7 +27,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures::{SinkExt as _, StreamExt as _};
 use kiln_api::exec::{channel, signal_number};
-use kiln_api::{ExecEvent, ExecRequest, SessionControl, EXEC_SUBPROTOCOL};
+use kiln_api::{ExecEvent, ExecRequest, SessionControl, TerminalSize, EXEC_SUBPROTOCOL};
 use kiln_engine::{SandboxHandle, SessionEvent, SessionOptions};
 
 use crate::data::Target;
@@ -100,6 +108,7 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
             return Err(refuse(&mut ws, 1011, "could not start the command", why).await);
         }
     };
+    let pty = req.pty.is_some();
     let mut input = session.input().expect("a new session has its input");
     let (mut tx, mut rx) = ws.split();
 
@@ -120,6 +129,9 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
                             input.signal(sig).await;
                         }
                     }
+                    Ok(SessionControl::Resize { cols, rows }) => {
+                        input.resize(TerminalSize { cols, rows });
+                    }
                     Err(_) => {}
                 },
                 Message::Close(_) => break,
@@ -134,7 +146,7 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
         let event = tokio::select! {
             event = session.next_event() => event,
             input = &mut input_task => {
-                run_on(session, input.ok());
+                run_on(session, input.ok(), pty).await;
                 break Err("client went away; the command runs on".to_owned());
             }
         };
@@ -164,7 +176,7 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
         if tx.send(Message::Binary(framed(ch, &data))).await.is_err() {
             // The connection is gone, so the input side ends too.
             let input = tokio::time::timeout(START_TIMEOUT, &mut input_task).await;
-            run_on(session, input.ok().and_then(Result::ok));
+            run_on(session, input.ok().and_then(Result::ok), pty).await;
             break Err("client went away; the command runs on".to_owned());
         }
     };
@@ -174,8 +186,15 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
 
 /// A command whose client went away, left to run to its end: its output is read (and
 /// dropped, so that it never blocks on a full pipe) and its stdin held open until it
-/// exits or the sandbox's agent goes.
-fn run_on(mut session: kiln_engine::Session, input: Option<kiln_engine::SessionInput>) {
+/// exits or the sandbox's agent goes. A terminal session is hung up first.
+async fn run_on(
+    mut session: kiln_engine::Session,
+    input: Option<kiln_engine::SessionInput>,
+    pty: bool,
+) {
+    if let (true, Some(input)) = (pty, &input) {
+        input.hang_up().await;
+    }
     tokio::spawn(async move {
         let _stdin = input;
         while let Ok(event) = session.next_event().await {

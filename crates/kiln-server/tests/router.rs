@@ -510,7 +510,7 @@ async fn sandboxes_list_filter_get_patch_and_refusals() {
             "invalid_request",
         ),
         (
-            json!({"name": "x", "from_template": "web", "secrets": {"K": "s"}}),
+            json!({"name": "x", "from_template": "web", "preview_access": "private"}),
             StatusCode::BAD_REQUEST,
             "unsupported",
         ),
@@ -1561,4 +1561,378 @@ async fn every_time_the_api_writes_has_at_most_six_fractional_digits() {
         )
         .await;
     assert_eq!(net["data"][0]["ts"], "2026-11-29T10:00:01.123456+00:00");
+}
+
+/// kiln's terminal sessions: a start frame with `pty` runs the command on a terminal, a
+/// browser names the sandbox and its token in subprotocols (it cannot set headers), and
+/// the other exec routes refuse a terminal.
+#[tokio::test]
+async fn terminal_sessions_over_the_websocket() {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    a.ready_template("acme", "web").await;
+    let body = json!({"name": "s", "from_template": "web"})
+        .to_string()
+        .into_bytes();
+    let (_, created) = a.call("POST", "/sandboxes", Some(&key), Some(body)).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["access_token"].as_str().unwrap().to_owned();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+        listener,
+        a.app.clone(),
+    )));
+
+    let mut req = format!("ws://{addr}/exec/connect")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("superserve.exec.v1, sandbox.{id}, token.{token}")
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    // Only the session's own subprotocol is echoed: never the token.
+    assert_eq!(
+        resp.headers()["sec-websocket-protocol"],
+        "superserve.exec.v1"
+    );
+    let start = json!({"command": "exit 3", "pty": {"cols": 100, "rows": 30}});
+    ws.send(Message::Text(start.to_string().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        json!({"type": "resize", "cols": 120, "rows": 40})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let mut stdout = Vec::new();
+    let mut last = Value::Null;
+    while let Some(Ok(m)) = ws.next().await {
+        match m {
+            Message::Binary(b) if b.first() == Some(&1) => stdout.extend_from_slice(&b[1..]),
+            Message::Text(t) => last = serde_json::from_str(t.as_str()).unwrap(),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    // The fake agent echoes the command; the exit code comes back as from a real one.
+    assert_eq!(stdout, b"exit 3");
+    assert_eq!(last, json!({"finished": true, "exit_code": 3}));
+
+    // A bad size is refused in the session, with the reason.
+    let mut req = format!("ws://{addr}/exec/connect")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("superserve.exec.v1, sandbox.{id}, token.{token}")
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let start = json!({"command": "sh", "pty": {"cols": 0, "rows": 30}});
+    ws.send(Message::Text(start.to_string().into()))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) => {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            assert!(v["error"].as_str().unwrap().contains("pty:"), "{v}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // `/exec` and `/exec/stream` have no terminal.
+    for route in ["/exec", "/exec/stream"] {
+        let (s, _, v) = a
+            .call_with(
+                "POST",
+                route,
+                &[("x-superserve-sandbox-id", &id), ("x-access-token", &token)],
+                Some(
+                    json!({"command": "sh", "pty": {"cols": 80, "rows": 24}})
+                        .to_string()
+                        .into_bytes(),
+                ),
+            )
+            .await;
+        assert_eq!(
+            (s, error_code(&v)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{route}"
+        );
+    }
+    server.abort();
+}
+
+/// The console is static and locked down: its page and files carry the Content-Security
+/// Policy; unknown files are a 404 in the API's shape; `/validate` words problems as
+/// `kiln validate` does and needs a key like every other call.
+#[tokio::test]
+async fn the_console_and_spec_validation() {
+    let a = api(Limits::UNLIMITED).await;
+    for path in [
+        "/console",
+        "/console/app.js",
+        "/console/xterm.js",
+        "/console/app.css",
+    ] {
+        let (s, headers, _) = a.call_with("GET", path, &[], None).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self';"), "{path}: {csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+    }
+    let (s, _, v) = a.call_with("GET", "/console/nope.js", &[], None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+
+    let body = json!({"name": "x", "build_spec": {"from": ""}}).to_string();
+    let (s, v) = a
+        .call("POST", "/validate", None, Some(body.clone().into_bytes()))
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let key = a.key("acme").await;
+    let (s, v) = a
+        .call("POST", "/validate", Some(&key), Some(body.into_bytes()))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["valid"], false);
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("build_spec.from: "),
+        "{v}"
+    );
+    let good = json!({"name": "x", "build_spec": {"from": "python:3.11"}}).to_string();
+    let (_, v) = a
+        .call("POST", "/validate", Some(&key), Some(good.into_bytes()))
+        .await;
+    assert_eq!(
+        (v["valid"].as_bool(), v["problems"].as_array().map(Vec::len)),
+        (Some(true), Some(0))
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn team_secrets_bind_to_sandboxes_and_their_values_never_come_back() {
+    // Every log line, as in `secrets_stay_out_of_logs_errors_and_metrics`.
+    let sink = Captured::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    let evil = a.key("evil").await;
+    a.ready_template("acme", "web").await;
+    let value = "sk-live-ROUTER-TEST-VALUE-000111222333";
+    let body = |v: Value| Some(v.to_string().into_bytes());
+
+    let (s, providers) = a.call("GET", "/providers", Some(&key), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<&str> = providers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["openai", "anthropic", "github"]);
+
+    let (s, created) = a
+        .call(
+            "POST",
+            "/secrets",
+            Some(&key),
+            body(json!({"name": "anthropic-prod", "value": value, "provider": "anthropic"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["auth_type"], "api-key");
+    assert_eq!(created["auth_config"], json!({"header": "x-api-key"}));
+    assert_eq!(created["hosts"], json!(["api.anthropic.com"]));
+    assert_eq!(created["provider_shortcut"], "anthropic");
+    let (s, custom) = a
+        .call(
+            "POST",
+            "/secrets",
+            Some(&key),
+            body(json!({"name": "internal", "value": value,
+                        "auth": {"type": "basic", "username": "svc"}, "hosts": ["*.corp.example"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{custom}");
+    for (bad, code) in [
+        (
+            json!({"name": "anthropic-prod", "value": "x", "provider": "openai"}),
+            "conflict",
+        ),
+        (
+            json!({"name": "n", "value": "x", "provider": "nope"}),
+            "invalid_request",
+        ),
+        (json!({"name": "n", "value": "x"}), "invalid_request"),
+        (
+            json!({"name": "n", "value": "x", "auth": {"type": "bearer"}, "hosts": ["a b"]}),
+            "invalid_request",
+        ),
+        (
+            json!({"name": "n", "value": "x", "provider": "openai", "extra": 1}),
+            "invalid_request",
+        ),
+    ] {
+        let (s, v) = a
+            .call("POST", "/secrets", Some(&key), body(bad.clone()))
+            .await;
+        assert_eq!(error_code(&v), code, "{bad} -> {s} {v}");
+    }
+    let (_, list) = a.call("GET", "/secrets", Some(&key), None).await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let (s, _) = a
+        .call("GET", "/secrets/anthropic-prod", Some(&evil), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another team's secret");
+    let (_, theirs) = a.call("GET", "/secrets", Some(&evil), None).await;
+    assert_eq!(theirs, json!([]));
+
+    // A sandbox with the secret bound at create, another bound later.
+    let (s, up) = a
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&key),
+            body(json!({"name": "box", "from_template": "web",
+                        "secrets": {"ANTHROPIC_API_KEY": "anthropic-prod"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{up}");
+    let id = up["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        up["secrets"],
+        json!([{"env_key": "ANTHROPIC_API_KEY", "secret_name": "anthropic-prod"}])
+    );
+    let (s, v) = a
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&key),
+            body(json!({"name": "x", "from_template": "web", "secrets": {"K": "missing"}})),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let attach = |env: &str, secret: &str| body(json!({"env_key": env, "secret_name": secret}));
+    let uri = format!("/sandboxes/{id}/secrets");
+    let (s, _) = a
+        .call("POST", &uri, Some(&key), attach("CORP", "internal"))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = a
+        .call("POST", &uri, Some(&key), attach("CORP", "internal"))
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "conflict"));
+    let (s, v) = a
+        .call("POST", &uri, Some(&key), attach("1BAD", "internal"))
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, _) = a
+        .call("POST", &uri, Some(&evil), attach("X", "internal"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another team's sandbox");
+    let (_, bound) = a
+        .call("GET", "/secrets/internal/sandboxes", Some(&key), None)
+        .await;
+    assert_eq!(
+        bound,
+        json!([{"sandbox_id": id, "sandbox_name": "box", "env_key": "CORP", "status": "active"}])
+    );
+    let (s, _) = a
+        .call("DELETE", &format!("{uri}/CORP"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = a
+        .call("DELETE", &format!("{uri}/CORP"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Rotate, audit (empty: no request went out), delete: the binding is revoked.
+    let (s, rotated) = a
+        .call(
+            "PATCH",
+            "/secrets/anthropic-prod",
+            Some(&key),
+            body(json!({"value": format!("{value}-2")})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{rotated}");
+    let (s, audit) = a
+        .call(
+            "GET",
+            "/secrets/anthropic-prod/audit?limit=5&status=4xx",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!((s, audit), (StatusCode::OK, json!([])));
+    let (s, v) = a
+        .call(
+            "GET",
+            "/secrets/anthropic-prod/audit?status=teapot",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, _) = a
+        .call("DELETE", "/secrets/anthropic-prod", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = a
+        .call("DELETE", "/secrets/anthropic-prod", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, info) = a
+        .call("GET", &format!("/sandboxes/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(
+        info["secrets"],
+        json!([{"env_key": "ANTHROPIC_API_KEY", "secret_name": "anthropic-prod", "revoked": true}])
+    );
+
+    // No answer, log line or metric carries the value.
+    let (_, _, metrics) = a.call_with("GET", "/metrics", &[], None).await;
+    let logs = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    for text in [
+        logs,
+        metrics.to_string(),
+        created.to_string(),
+        custom.to_string(),
+        rotated.to_string(),
+        info.to_string(),
+    ] {
+        assert!(!text.contains("sk-live-ROUTER"), "the value is out: {text}");
+    }
 }

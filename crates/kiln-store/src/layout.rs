@@ -8,6 +8,8 @@
 //! <root>/sandboxes/<sandbox_id>/               overlay, sockets, logs, network rules
 //! <root>/snapshots/<snapshot_id>/              a sandbox snapshot's bundle
 //! <root>/cache/steps/<key>/                    build step layers (owned by kiln-build)
+//! <root>/keys/                                 secrets key (0600), egress CA and its leaves
+//! <root>/secrets/audit/<secret_id>.log         requests made with each secret
 //! ```
 //!
 //! Nothing half-written is ever visible under its final name: files go through
@@ -55,6 +57,7 @@ impl Layout {
             self.templates_dir(),
             self.sandboxes_dir(),
             self.snapshots_dir(),
+            self.secret_audit_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
         }
@@ -69,6 +72,17 @@ impl Layout {
     /// The metadata database file.
     pub fn db_path(&self) -> PathBuf {
         self.root.join("kiln.db")
+    }
+
+    /// kiln's keys: the secrets key (unless `KILN_SECRETS_KEY` puts it elsewhere), the
+    /// egress CA and its cached leaf certificates; mode 0700.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+
+    /// One audit log per team secret (`<secret id>.log`), written by the egress proxy.
+    pub fn secret_audit_dir(&self) -> PathBuf {
+        self.root.join("secrets/audit")
     }
 
     /// The blob cache root.

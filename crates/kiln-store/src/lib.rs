@@ -19,9 +19,10 @@ pub use layout::{fsync_dir, publish_dir, write_atomic, Layout};
 pub use logs::{LogFollower, LogSignal};
 pub use manifest::{ArtifactFile, ArtifactManifest, MANIFEST_FILE};
 pub use model::{
-    ApiKey, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream, NewLogLine, NewSandbox,
-    NewSnapshot, Rebuild, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus, Snapshot,
-    SnapshotStatus, Team, Template, TemplateStatus, SYSTEM_TEAM_ID,
+    ApiKey, BindingState, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream,
+    NewBinding, NewLogLine, NewSandbox, NewSecret, NewSnapshot, Rebuild, Sandbox, SandboxAccess,
+    SandboxFilter, SandboxStatus, Secret, SecretBinding, Snapshot, SnapshotStatus, Team, Template,
+    TemplateStatus, SYSTEM_TEAM_ID,
 };
 pub use stats::{DurationHistogram, StoreStats, BUILD_DURATION_BUCKETS_SECS};
 pub use store::{hash_secret, now, Store};

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use kiln_api::{HostPattern, SecretAuth};
 use kiln_spec::{BuildSpec, Resources};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
 
@@ -202,6 +203,9 @@ pub struct Sandbox {
     /// When it is deleted, if it is still paused then (set while paused with an
     /// auto-delete window).
     pub delete_at: Option<DateTime<Utc>>,
+    /// Its secret bindings, detached and revoked ones included.
+    #[sqlx(json)]
+    pub secrets: Vec<SecretBinding>,
 }
 
 /// A snapshot row.
@@ -252,6 +256,99 @@ pub struct NewSnapshot {
     pub idempotency_key: Option<String>,
 }
 
+impl Sandbox {
+    /// The bindings that hold a live stand-in.
+    pub fn bound_secrets(&self) -> impl Iterator<Item = &SecretBinding> {
+        self.secrets
+            .iter()
+            .filter(|b| b.state == BindingState::Bound)
+    }
+}
+
+/// A team secret: never its value in clear.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Secret {
+    /// UUID.
+    pub id: String,
+    /// Owning team.
+    pub team_id: String,
+    /// Unique within the team.
+    pub name: String,
+    /// Where in a request the value goes.
+    #[sqlx(json)]
+    pub auth: SecretAuth,
+    /// Where the value may go.
+    #[sqlx(json)]
+    pub hosts: Vec<HostPattern>,
+    /// The catalog shortcut it was created from.
+    pub provider: Option<String>,
+    /// The value, sealed for this secret's id.
+    pub sealed: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// When the value last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a caller asks for when creating a secret (the value comes sealed, through a
+/// function of the new secret's id: the seal is bound to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSecret {
+    /// Unique within the team.
+    pub name: String,
+    /// The auth shape.
+    pub auth: SecretAuth,
+    /// The hosts.
+    pub hosts: Vec<HostPattern>,
+    /// The catalog shortcut.
+    pub provider: Option<String>,
+}
+
+/// Where a binding is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindingState {
+    /// The stand-in resolves to the secret's value.
+    Bound,
+    /// The secret was deleted: listed on the sandbox as revoked; the stand-in is refused.
+    Revoked,
+    /// Detached: no longer listed; the stand-in is refused.
+    Detached,
+}
+
+/// A secret bound to a sandbox under an environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretBinding {
+    /// The variable holding the stand-in.
+    pub env_key: String,
+    /// The secret; none once it is deleted.
+    pub secret_id: Option<String>,
+    /// The secret's name when it was bound.
+    pub secret_name: String,
+    /// The catalog shortcut of the secret (the stand-in's shape).
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The random token the sandbox holds.
+    pub stand_in: String,
+    /// Where the binding is.
+    pub state: BindingState,
+    /// The secret's auth shape (kept: a revoked stand-in is refused on its hosts).
+    pub auth: SecretAuth,
+    /// The secret's hosts.
+    pub hosts: Vec<HostPattern>,
+}
+
+/// A binding asked for: the variable, the secret's name, and the stand-in made for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBinding {
+    /// The variable.
+    pub env_key: String,
+    /// The team secret.
+    pub secret_name: String,
+    /// The stand-in.
+    pub stand_in: String,
+}
+
 /// Whether an access token opens a sandbox's data plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxAccess {
@@ -281,6 +378,8 @@ pub struct NewSandbox {
     pub metadata: BTreeMap<String, String>,
     /// Environment overrides.
     pub env: BTreeMap<String, String>,
+    /// Secrets to bind.
+    pub secrets: Vec<NewBinding>,
 }
 
 /// Per-team limits, enforced atomically with the insert they guard.

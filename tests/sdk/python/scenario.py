@@ -15,6 +15,9 @@ Environment:
                            so it must be 2
   KILN_MAX_SNAPSHOTS       the server's snapshot limit; the scenario keeps one snapshot when
                            it checks the limit, so it must be 1
+  KILN_SDK_UPSTREAM        http://127.0.0.1:PORT: an upstream the server lets sandboxes
+                           reach (KILN_EGRESS_ALLOW_PRIVATE), answering every request with
+                           `path=<path> authorization-sha256=<hex>`, for team secrets
   The server builds the system template superserve/base (KILN_SYSTEM_TEMPLATES=base) from
   the test registry's minbase image, for the create without a template.
   KILN_SDK_RUN_ID          optional suffix that keeps names unique (default: the pid)
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import io
 import os
@@ -66,6 +70,10 @@ MAX_TEMPLATES = int(os.environ.get("KILN_MAX_TEMPLATES", "2"))
 MAX_SANDBOXES = int(os.environ.get("KILN_MAX_SANDBOXES", "2"))
 MAX_SNAPSHOTS = int(os.environ.get("KILN_MAX_SNAPSHOTS", "1"))
 RUN_ID = os.environ.get("KILN_SDK_RUN_ID") or str(os.getpid())
+UPSTREAM = require_env("KILN_SDK_UPSTREAM").rstrip("/")
+# Never sent into a sandbox: only the server (and the upstream, through the egress proxy)
+# gets it.
+SECRET_VALUE = f"sk-live-sdk-{RUN_ID}-{os.urandom(8).hex()}"
 SANDBOX_ID_HEADER = "X-Superserve-Sandbox-Id"
 
 _base = urlsplit(BASE_URL)
@@ -131,6 +139,7 @@ from superserve import (  # noqa: E402
     EnvStepValue,
     NetworkConfig,
     NotFoundError,
+    Provider,
     RateLimitError,
     RunStep,
     Sandbox,
@@ -138,6 +147,8 @@ from superserve import (  # noqa: E402
     SandboxStatus,
     Snapshot,
     SnapshotStatus,
+    Secret,
+    SecretAuthType,
     Template,
     TemplateBuildStatus,
     TemplateStatus,
@@ -207,6 +218,17 @@ def raw_get(path: str) -> str:
 
 def name(kind: str) -> str:
     return f"sdk-{kind}-{RUN_ID}"
+
+
+def upstream_answer(path: str, value: str) -> str:
+    """What the upstream answers a request to `path` that carried `Bearer <value>`."""
+    digest = hashlib.sha256(f"Bearer {value}".encode()).hexdigest()
+    return f"path={path} authorization-sha256={digest}\n"
+
+
+# The upstream is on the host's loopback: the guest's own addresses must not bypass the
+# proxy for it.
+VIA_PROXY = {"no_proxy": "", "NO_PROXY": ""}
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,6 +361,37 @@ def scenario() -> None:
             cleanup.insert(0, ("kill stray sandbox", stray.kill))
             fail("a sandbox was created from a template whose build failed")
 
+    # -- team secrets: the sandbox gets a stand-in, the upstream the value
+    upstream_host = urlsplit(UPSTREAM).netloc
+    with step("Provider.list / Secret.create / list / get"):
+        providers = {p.name: p for p in Provider.list()}
+        check({"openai", "anthropic", "github"} <= set(providers), f"providers: {list(providers)}")
+        check_eq(providers["anthropic"].hosts, ["api.anthropic.com"], "anthropic's hosts")
+        check(providers["openai"].token_shape.startswith("sk-"), f"{providers['openai']!r}")
+        secret = Secret.create(
+            name=name("upstream"), value=SECRET_VALUE, auth={"type": "bearer"}, hosts=[upstream_host]
+        )
+        cleanup.append(("delete secret", secret.delete))
+        check_eq(secret.auth_type, SecretAuthType.BEARER, "auth_type")
+        check_eq(secret.hosts, [upstream_host], "hosts")
+        shortcut = Secret.create(name=name("anthropic"), value="sk-ant-unused", provider="anthropic")
+        check_eq(
+            (shortcut.provider_shortcut, shortcut.auth_type, shortcut.auth_config),
+            ("anthropic", SecretAuthType.API_KEY, {"header": "x-api-key"}),
+            "a provider shortcut's shape",
+        )
+        Secret.delete_by_name(shortcut.name)
+        Secret.delete_by_name(shortcut.name)  # idempotent
+        check(secret.name in [s.name for s in Secret.list()], "Secret.list")
+        check_eq(Secret.get(secret.name).id, secret.id, "Secret.get")
+        check(SECRET_VALUE not in repr(secret.get_info()), "the value came back")
+        try:
+            Secret.create(name=secret.name, value="x", provider="openai")
+        except ConflictError:
+            pass
+        else:
+            fail("a second secret of the same name was accepted")
+
     # -- a sandbox from the template
     metadata = {"suite": "sdk-e2e", "run": RUN_ID}
     with step("Sandbox.create"):
@@ -347,11 +400,17 @@ def scenario() -> None:
             from_template=web,
             env_vars={"KILN_SDK_VAR": "from-env-vars", "GREETING": "overridden"},
             metadata=metadata,
+            secrets={"UPSTREAM_TOKEN": secret.name},
         )
         cleanup.insert(0, ("kill sandbox", sandbox.kill))
         check_eq(sandbox.name, name("box"), "sandbox name")
         check_eq(sandbox.status, SandboxStatus.ACTIVE, "status returned by Sandbox.create")
         check_eq(sandbox.metadata, metadata, "metadata returned by Sandbox.create")
+        check_eq(
+            [(b.env_key, b.secret_name) for b in sandbox.secrets or []],
+            [("UPSTREAM_TOKEN", secret.name)],
+            "secrets returned by Sandbox.create",
+        )
         info = sandbox.get_info()
         check_eq(info.memory_mib, 384, "sandbox memory_mib (the template's)")
         check_eq(info.vcpu_count, 1, "sandbox vcpu_count (the template's)")
@@ -370,6 +429,68 @@ def scenario() -> None:
         check_eq(r.stdout, "/tmp\nper-command\n", "cwd and env of one command")
         r = sandbox.commands.run("sudo -n true && stat -c %U /srv/app")
         check_eq((r.stdout, r.exit_code), ("app\n", 0), "sudo for the template's user; workdir owner")
+
+    def call_upstream(path: str, token: str = "$UPSTREAM_TOKEN") -> str:
+        r = sandbox.commands.run(
+            f'curl -sS -H "Authorization: Bearer {token}" {UPSTREAM}{path}', env=VIA_PROXY
+        )
+        check_eq(r.exit_code, 0, f"curl {path} ({r.stderr!r})")
+        return r.stdout
+
+    with step("secrets: a stand-in in the sandbox, the real value at the upstream"):
+        stand_in = sandbox.commands.run("printenv UPSTREAM_TOKEN").stdout.strip()
+        check(stand_in.startswith("kiln_sk_"), f"stand-in {stand_in!r}")
+        check(stand_in != SECRET_VALUE, "the sandbox holds the value")
+        check_eq(call_upstream("/sdk"), upstream_answer("/sdk", SECRET_VALUE), "what the upstream got")
+        requests = [e for e in sandbox.get_network_log().events if e.kind == "request"]
+        check(bool(requests), "no request row in the network log")
+        check_eq(
+            (requests[0].secret_id, requests[0].method, requests[0].path, requests[0].status),
+            (secret.id, "GET", "/sdk", 200),
+            "the request row",
+        )
+        audit = secret.get_audit(limit=10)
+        check_eq(
+            [(e.sandbox_id, e.sandbox_name, e.path, e.status) for e in audit],
+            [(sandbox.id, sandbox.name, "/sdk", 200)],
+            "Secret.get_audit",
+        )
+        check_eq(
+            [(b.sandbox_id, b.env_key, b.status) for b in secret.get_sandboxes()],
+            [(sandbox.id, "UPSTREAM_TOKEN", SandboxStatus.ACTIVE)],
+            "Secret.get_sandboxes",
+        )
+        check(secret.get_info().last_used_at is not None, "last_used_at after a request")
+
+    with step("secrets: rotate, detach (refused at once), attach, delete"):
+        rotated = SECRET_VALUE + "-rotated"
+        secret = secret.rotate(rotated)
+        check_eq(call_upstream("/rotated"), upstream_answer("/rotated", rotated), "after rotate")
+        sandbox.detach_secret("UPSTREAM_TOKEN")
+        r = sandbox.commands.run(
+            f"curl -s -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {stand_in}' {UPSTREAM}/after",
+            env=VIA_PROXY,
+        )
+        check_eq(r.stdout, "403", "a detached stand-in")
+        check_eq(sandbox.commands.run("printenv UPSTREAM_TOKEN || echo unset").stdout.strip(), "unset", "env after detach")
+        check_eq(sandbox.get_info().secrets, None, "bindings after detach")
+        sandbox.attach_secret("UPSTREAM_TOKEN", secret.name)
+        again = sandbox.commands.run("printenv UPSTREAM_TOKEN").stdout.strip()
+        check(again.startswith("kiln_sk_") and again != stand_in, f"a new stand-in: {again!r}")
+        check_eq(call_upstream("/again"), upstream_answer("/again", rotated), "after attach")
+        secret.delete()
+        cleanup[:] = [c for c in cleanup if c[0] != "delete secret"]
+        info = sandbox.get_info()
+        check_eq(
+            [(b.env_key, b.revoked) for b in info.secrets or []],
+            [("UPSTREAM_TOKEN", True)],
+            "bindings once the secret is deleted",
+        )
+        r = sandbox.commands.run(
+            f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $UPSTREAM_TOKEN\" {UPSTREAM}/deleted",
+            env=VIA_PROXY,
+        )
+        check_eq(r.stdout, "403", "a stand-in of a deleted secret")
 
     with step("commands.run exit code"):
         r = sandbox.commands.run("exit 3")

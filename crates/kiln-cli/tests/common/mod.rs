@@ -396,8 +396,10 @@ const SDK_MAX_SNAPSHOTS: &str = "1";
 /// Runs an official SDK's scenario against `kiln serve` on a fresh state dir (`prefix`)
 /// and asserts that it passed, that the server lived through it, and that no VM outlived
 /// the server. `scenario` is the command but for what every scenario reads from its
-/// environment (API key, server URL, test image, the team's limits); `provisioned_by` is
-/// the script that installs its SDK.
+/// environment (API key, server URL, test image, the team's limits, and
+/// `KILN_SDK_UPSTREAM`: an HTTP upstream sandboxes may reach, which answers with the
+/// sha256 of the `Authorization` it got, see `kiln_net::testing`); `provisioned_by` is the
+/// script that installs its SDK.
 pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &str) {
     let registry = registry(&assets());
     let dir = state_dir(prefix);
@@ -406,6 +408,10 @@ pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &st
     // The system template `superserve/base`, for the create without a template, from the
     // test registry's minbase (it builds while the scenario's own templates do).
     let base_image = format!("{registry}/kiln/minbase:latest");
+    // An upstream on the host's loopback, opened to sandboxes by the operator's list, for
+    // the scenarios' team secrets.
+    let upstream = kiln_net::testing::Upstream::start(None);
+    let upstream_addr = format!("127.0.0.1:{}", upstream.port);
     let mut server = Server::start(
         state,
         &[
@@ -415,6 +421,7 @@ pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &st
             ("KILN_MAX_SNAPSHOTS", SDK_MAX_SNAPSHOTS),
             ("KILN_SYSTEM_TEMPLATES", "base"),
             ("KILN_BASE_IMAGE", &base_image),
+            ("KILN_EGRESS_ALLOW_PRIVATE", &upstream_addr),
         ],
     );
     let base_url = server.url.clone();
@@ -431,6 +438,7 @@ pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &st
         .env("KILN_MAX_TEMPLATES", SDK_MAX_TEMPLATES)
         .env("KILN_MAX_SANDBOXES", SDK_MAX_SANDBOXES)
         .env("KILN_MAX_SNAPSHOTS", SDK_MAX_SNAPSHOTS)
+        .env("KILN_SDK_UPSTREAM", format!("http://{upstream_addr}"))
         // Loopback only: no proxy may stand between the SDK and the server.
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")

@@ -18,11 +18,13 @@
 //!   candidates;
 //! - [`build_logs`]: a build's log lines and their followers;
 //! - [`sandboxes`]: sandboxes, their limit, state machine, timers and access tokens;
+//! - [`secrets`]: team secrets (sealed values) and their bindings to sandboxes;
 //! - [`snapshots`]: snapshots of sandboxes, their limit, idempotency keys and status.
 
 mod build_logs;
 mod builds;
 mod sandboxes;
+mod secrets;
 mod snapshots;
 mod teams;
 mod templates;

@@ -35,7 +35,8 @@ pub(super) fn live_sandboxes() -> &'static str {
 
 impl Store {
     /// Records a new sandbox (`starting`) from the template's live artifact, or from a
-    /// ready snapshot of the team (whose template, build and shape it takes).
+    /// ready snapshot of the team (whose template, build and shape it takes), with its
+    /// secret bindings (an unknown secret name is `NotFound`).
     ///
     /// Refuses with `Conflict` when the template has no ready build or the snapshot is not
     /// ready, and with `LimitReached(too_many_sandboxes)` at the team's live-sandbox limit,
@@ -78,15 +79,19 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         check_limit(live, limits.max_live_sandboxes, Limit::Sandboxes)?;
+        let mut bindings = Vec::new();
+        for b in &new.secrets {
+            bindings.push(super::secrets::resolve(&mut tx, team_id, b).await?);
+        }
         let id = new_id();
         let token = format!("kiln_sbx_{}", new_secret());
         let at = now();
         sqlx::query(
             "INSERT INTO sandboxes (id, team_id, template_id, build_id, name, status, vcpu_count,
-                                    memory_mib, metadata, env, access_token_hash, created_at,
-                                    updated_at, source_snapshot_id, timeout_seconds,
+                                    memory_mib, metadata, env, secrets, access_token_hash,
+                                    created_at, updated_at, source_snapshot_id, timeout_seconds,
                                     auto_delete_seconds)
-             VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(team_id)
@@ -97,6 +102,7 @@ impl Store {
         .bind(memory_mib)
         .bind(sqlx::types::Json(&new.metadata))
         .bind(sqlx::types::Json(&new.env))
+        .bind(sqlx::types::Json(&bindings))
         .bind(hash_secret(&token))
         .bind(at)
         .bind(at)
@@ -352,7 +358,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn sandbox_in(conn: &mut SqliteConnection, team_id: &str, id: &str) -> Result<Sandbox> {
+pub(super) async fn sandbox_in(
+    conn: &mut SqliteConnection,
+    team_id: &str,
+    id: &str,
+) -> Result<Sandbox> {
     sqlx::query_as::<_, Sandbox>("SELECT * FROM sandboxes WHERE id = ? AND team_id = ?")
         .bind(id)
         .bind(team_id)

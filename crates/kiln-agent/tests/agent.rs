@@ -815,7 +815,13 @@ async fn terminal_raw_bytes_and_control_characters() {
     let mut seen = Vec::new();
     // Typing ahead is fine, but a ^C before the shell set up its handlers would kill it.
     read_until(&mut h, &mut seen, b"prompt> ").await;
-    stdin.write_all(b"echo started; sleep 100\n").await.unwrap();
+    // The process that prints `started` becomes the `sleep` (exec), so once the line is
+    // seen the foreground job is the sleep and the ^C is its (found by CI: with
+    // `echo started; sleep 100` the ^C could land between the two commands).
+    stdin
+        .write_all(b"sh -c 'echo started; exec sleep 100'\n")
+        .await
+        .unwrap();
     read_until(&mut h, &mut seen, b"started\r\n").await;
     stdin.write_all(b"\x03").await.unwrap();
     stdin.write_all(b"echo after-$((6*7))\n").await.unwrap();

@@ -45,6 +45,8 @@ kiln_spec::string_enum! {
         TooManyTemplates => "too_many_templates",
         /// The team's limit of live sandboxes is reached (429).
         TooManySandboxes => "too_many_sandboxes",
+        /// The team's limit of snapshots is reached (429).
+        TooManySnapshots => "too_many_snapshots",
         /// Anything unexpected; the detail is in the server's log, not the response (500).
         Internal => "internal",
         /// A running sandbox could not be captured (500).
@@ -72,7 +74,8 @@ impl ApiErrorCode {
             Conflict | NotReady | NotRunning => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
-            RateLimited | TooManyBuilds | TooManyTemplates | TooManySandboxes => 429,
+            RateLimited | TooManyBuilds | TooManyTemplates | TooManySandboxes
+            | TooManySnapshots => 429,
             Internal | SnapshotFailed | RestoreFailed => 500,
             AgentError | AgentUnreachable => 502,
             SandboxUnavailable => 503,
@@ -156,6 +159,7 @@ mod tests {
                 ("too_many_builds", 429),
                 ("too_many_templates", 429),
                 ("too_many_sandboxes", 429),
+                ("too_many_snapshots", 429),
                 ("internal", 500),
                 ("snapshot_failed", 500),
                 ("restore_failed", 500),

@@ -26,10 +26,11 @@ fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Erro
 }
 
 /// What the egress proxy did with a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkVerdict {
     /// Connected.
+    #[default]
     Allowed,
     /// Refused by a rule (or by the walls around the host).
     Blocked,
@@ -37,17 +38,19 @@ pub enum NetworkVerdict {
     Failed,
 }
 
-/// One row of a sandbox's network log (the SDK's `NetworkEvent`): `kind: connection` for a
-/// connection the sandbox made through the egress proxy, `kind: request` with `direction:
-/// inbound` for a request that reached it through a preview URL.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One row of a sandbox's network log (the SDK's `NetworkEvent`): `kind: connection` for
+/// every connection through the egress proxy; `kind: request` for every request the proxy
+/// put a secret into (or refused for carrying a revoked stand-in), with its method, path,
+/// status and secret, and (with `direction: inbound`) for every request that reached the
+/// sandbox through a preview URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkEvent {
     /// `connection` or `request`.
     pub kind: String,
     /// Orders the log; pass the last one of a page as `before` for the next page.
     #[serde(default)]
     pub id: i64,
-    /// When the connection ended.
+    /// When the connection ended, or the request was answered.
     #[serde(with = "crate::time")]
     pub ts: DateTime<Utc>,
     /// The destination host as the guest named it.
@@ -64,7 +67,8 @@ pub struct NetworkEvent {
     /// Why it was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub match_rule: Option<String>,
-    /// The HTTP status the proxy refused with.
+    /// A connection: the HTTP status the proxy refused with. A request: why the proxy
+    /// answered it itself (`secret_revoked`, `upstream_failed`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
     /// Bytes from the guest.
@@ -73,22 +77,66 @@ pub struct NetworkEvent {
     /// Bytes to the guest.
     #[serde(default)]
     pub bytes_recv: u64,
-    /// `inbound` for requests that came into the sandbox (kiln's addition); absent for
-    /// its own outgoing connections.
+    /// `inbound` for requests that came into the sandbox through a preview URL (kiln's
+    /// addition); absent for its own outgoing traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<String>,
-    /// A request row's method.
+    /// A request's method.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
-    /// A request row's path, without its query string (which may hold a credential).
+    /// A request's path, without the query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// A request row's response status.
+    /// A request's response status (what the guest got, or what the sandbox answered an
+    /// inbound request with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
-    /// A request row's time to the response head, in milliseconds.
+    /// The status the upstream answered a request with, when it was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    /// From a request to its response head, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<u64>,
+    /// The secret put into a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_id: Option<String>,
+}
+
+/// Where a page of the network log ends (`before=`): a page's `next_cursor`, or a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Before {
+    /// Events older than this one (by id).
+    Event(i64),
+    /// Events before this time.
+    Time(DateTime<Utc>),
+}
+
+impl Before {
+    /// An event id (what `next_cursor` holds) or an RFC 3339 time, as the SDKs'
+    /// `get_network_log(before=...)` documents both.
+    pub fn parse(value: &str) -> Result<Self, RequestError> {
+        if let Ok(id) = value.parse() {
+            return Ok(Self::Event(id));
+        }
+        crate::time::parse(value)
+            .map(Self::Time)
+            .map_err(|_| RequestError::invalid("before: must be a next_cursor or an RFC 3339 time"))
+    }
+
+    fn admits(&self, e: &NetworkEvent) -> bool {
+        match self {
+            Self::Event(id) => e.id < *id,
+            Self::Time(t) => e.ts < *t,
+        }
+    }
+
+    /// The query value.
+    pub fn to_query(&self) -> String {
+        match self {
+            Self::Event(id) => id.to_string(),
+            Self::Time(t) => crate::time::format(t),
+        }
+    }
 }
 
 /// The `direction` of a request that came in through a preview URL.
@@ -99,8 +147,8 @@ pub const INBOUND: &str = "inbound";
 pub struct NetworkLogQuery {
     /// Page size, 1-[`NetworkLogQuery::MAX_PAGE`] (default 100).
     pub limit: usize,
-    /// Only events older than this id (the previous page's `next_cursor`).
-    pub before: Option<i64>,
+    /// Only events older than this (the previous page's `next_cursor`, or a time).
+    pub before: Option<Before>,
     /// Only events at or after this time.
     pub since: Option<DateTime<Utc>>,
     /// Only events with this verdict.
@@ -122,13 +170,7 @@ impl NetworkLogQuery {
         for (key, value) in pairs {
             match key.as_str() {
                 "limit" => q.limit = parse_count::<usize>(key, value)?.clamp(1, Self::MAX_PAGE),
-                "before" => {
-                    q.before = Some(
-                        value
-                            .parse()
-                            .map_err(|_| RequestError::invalid("before: must be an event id"))?,
-                    )
-                }
+                "before" => q.before = Some(Before::parse(value)?),
                 "since" => {
                     q.since =
                         Some(crate::time::parse(value).map_err(|_| {
@@ -156,7 +198,7 @@ impl NetworkLogQuery {
 
     /// Whether an event passes the filters (not the paging).
     pub fn matches(&self, e: &NetworkEvent) -> bool {
-        self.before.is_none_or(|b| e.id < b)
+        self.before.is_none_or(|b| b.admits(e))
             && self.since.is_none_or(|s| e.ts >= s)
             && self.verdict.is_none_or(|v| e.verdict == v)
     }
@@ -204,15 +246,7 @@ mod tests {
             dst_ip: None,
             dst_port: Some(443),
             verdict,
-            match_rule: None,
-            error_code: None,
-            bytes_sent: 0,
-            bytes_recv: 0,
-            direction: None,
-            method: None,
-            path: None,
-            status: None,
-            latency_ms: None,
+            ..NetworkEvent::default()
         }
     }
 
@@ -244,6 +278,18 @@ mod tests {
         let p = q.page(log.into_iter());
         assert_eq!(p.data.iter().map(|e| e.id).collect::<Vec<_>>(), [3, 1]);
         assert!(!p.has_more && p.next_cursor.is_none());
+        // A time works as `before` too: events strictly before it (ids 1 and 2 here).
+        let at = crate::time::format(&DateTime::from_timestamp(1_700_000_003, 0).unwrap());
+        let q = NetworkLogQuery::from_query(&[("before".into(), at)]).unwrap();
+        let p = q.page(log_of(5).into_iter());
+        assert_eq!(p.data.iter().map(|e| e.id).collect::<Vec<_>>(), [2, 1]);
+    }
+
+    fn log_of(n: i64) -> Vec<NetworkEvent> {
+        (1..=n)
+            .rev()
+            .map(|i| event(i, NetworkVerdict::Allowed))
+            .collect()
     }
 
     #[test]

@@ -21,14 +21,6 @@ impl RequestError {
             message: message.into(),
         }
     }
-
-    /// 400 `unsupported`: a field kiln does not implement was set.
-    pub fn unsupported(fields: &[&str]) -> Self {
-        Self {
-            code: ApiErrorCode::Unsupported,
-            message: format!("not supported by kiln: {}", fields.join(", ")),
-        }
-    }
 }
 
 impl std::fmt::Display for RequestError {

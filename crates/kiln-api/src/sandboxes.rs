@@ -8,6 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::network::NetworkConfig;
 use crate::preview::PreviewAccess;
 use crate::request::{parse_count, RequestError};
+use crate::secrets::{check_env_key, check_secret_name, SandboxSecretBinding};
 use crate::status::SandboxStatus;
 
 /// Longest sandbox name, metadata or env key or value accepted.
@@ -16,6 +17,10 @@ pub const MAX_FIELD: usize = 4096;
 pub const MAX_ENTRIES: usize = 256;
 /// Longest sandbox name.
 pub const MAX_NAME: usize = 255;
+/// Longest auto-delete window: 30 days (Superserve's bound).
+pub const MAX_AUTO_DELETE_SECONDS: u64 = 30 * 24 * 3600;
+/// Longest auto-pause timeout accepted (the same 30 days).
+pub const MAX_TIMEOUT_SECONDS: u64 = MAX_AUTO_DELETE_SECONDS;
 
 /// A sandbox, as `GET /sandboxes/{id}` answers (the SDK's `SandboxInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,12 +52,19 @@ pub struct SandboxInfo {
     /// Its tags.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
-    /// Superserve's auto-pause timeout (not implemented by kiln yet: always none).
+    /// Auto-pause: paused after this much active time (each resume starts a fresh
+    /// window).
     #[serde(default)]
     pub timeout_seconds: Option<u64>,
-    /// Superserve's auto-delete delay (not implemented by kiln yet: always none).
+    /// Auto-delete: deleted after this long continuously paused.
     #[serde(default)]
     pub auto_delete_seconds: Option<u64>,
+    /// When it will be deleted: set while it is paused with `auto_delete_seconds`.
+    #[serde(default, with = "crate::time::option")]
+    pub auto_delete_at: Option<DateTime<Utc>>,
+    /// The snapshot it was created from, when it was.
+    #[serde(default)]
+    pub source_snapshot_id: Option<String>,
     /// Its egress rules, when any were set.
     #[serde(default)]
     pub network: Option<NetworkConfig>,
@@ -60,6 +72,9 @@ pub struct SandboxInfo {
     /// `legacy_public`, as the SDKs read it).
     #[serde(default = "legacy_public")]
     pub preview_access: PreviewAccess,
+    /// The team secrets bound to it, when any are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<SandboxSecretBinding>>,
 }
 
 fn legacy_public() -> PreviewAccess {
@@ -85,9 +100,19 @@ pub struct SandboxWithToken {
 pub struct CreateSandbox {
     /// Display name, 1-255 bytes.
     pub name: String,
-    /// Template id or name; it must have a ready build.
+    /// Template id or name; it must have a ready build. With neither this nor
+    /// `from_snapshot`, the system template [`crate::templates::DEFAULT_TEMPLATE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_template: Option<String>,
+    /// A ready snapshot's id: the new sandbox continues from it, processes live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
+    /// Auto-pause after this many seconds of active time (1 to 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    /// Auto-delete after this many seconds continuously paused (0, at once, to 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_delete_seconds: Option<u64>,
     /// Tags, filterable in listings.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
@@ -97,18 +122,14 @@ pub struct CreateSandbox {
     /// Egress rules from the start (none: the public internet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
-    /// Not implemented by kiln yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from_snapshot: Option<serde_json::Value>,
-    /// Not implemented by kiln yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_seconds: Option<serde_json::Value>,
-    /// Not implemented by kiln yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto_delete_seconds: Option<serde_json::Value>,
-    /// Not implemented by kiln yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secrets: Option<serde_json::Value>,
+    /// Team secrets to bind, environment variable -> secret name: each variable holds a
+    /// stand-in that the egress proxy swaps for the secret on the secret's hosts.
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub secrets: BTreeMap<String, String>,
     /// Its preview policy, `public` or `private` (none: `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_access: Option<PreviewAccess>,
@@ -124,30 +145,78 @@ impl CreateSandbox {
         }
     }
 
-    /// Checks everything that does not need the store: fields kiln does not implement,
-    /// the name, the template, metadata and env sizes. Egress rules are checked where
+    /// A request for a sandbox that continues from snapshot `snapshot_id`.
+    pub fn from_snapshot(name: impl Into<String>, snapshot_id: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            from_snapshot: Some(snapshot_id.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Checks everything that does not need the store: the preview policy, the name, where
+    /// it starts from, the timers, metadata and env sizes. Egress rules are checked where
     /// they are compiled (the engine).
     pub fn validate(&self) -> Result<(), RequestError> {
-        unsupported(&[
-            ("from_snapshot", is_set(&self.from_snapshot)),
-            ("timeout_seconds", is_set(&self.timeout_seconds)),
-            ("auto_delete_seconds", is_set(&self.auto_delete_seconds)),
-            ("secrets", is_set(&self.secrets)),
-        ])?;
         if let Some(a) = self.preview_access {
             a.check_choice()?;
         }
-        if self.from_template.as_deref().is_none_or(str::is_empty) {
-            return Err(RequestError::invalid("from_template: is required"));
+        match (&self.from_template, &self.from_snapshot) {
+            (Some(_), Some(_)) => {
+                return Err(RequestError::invalid(
+                    "from_template, from_snapshot: give one (a snapshot brings its template)",
+                ))
+            }
+            (Some(t), None) if t.is_empty() => {
+                return Err(RequestError::invalid("from_template: must not be empty"))
+            }
+            (None, Some(s)) if s.is_empty() => {
+                return Err(RequestError::invalid("from_snapshot: must not be empty"))
+            }
+            _ => {}
         }
         if self.name.is_empty() || self.name.len() > MAX_NAME {
             return Err(RequestError::invalid(format!(
                 "name: must be 1-{MAX_NAME} bytes"
             )));
         }
+        check_timers(self.timeout_seconds, self.auto_delete_seconds)?;
         check_map("metadata", &self.metadata)?;
-        check_map("env_vars", &self.env_vars)
+        check_map("env_vars", &self.env_vars)?;
+        check_map("secrets", &self.secrets)?;
+        for (key, name) in &self.secrets {
+            check_env_key(key).map_err(|e| RequestError::invalid(format!("secrets: {e}")))?;
+            check_secret_name(name)
+                .map_err(|e| RequestError::invalid(format!("secrets.{key}: {e}")))?;
+            if self.env_vars.contains_key(key) {
+                return Err(RequestError::invalid(format!(
+                    "secrets.{key}: also set in env_vars; a variable holds one or the other"
+                )));
+            }
+        }
+        Ok(())
     }
+}
+
+/// Auto-pause needs at least a second; auto-delete may be 0 (at once); both at most 30
+/// days.
+fn check_timers(timeout: Option<u64>, auto_delete: Option<u64>) -> Result<(), RequestError> {
+    if timeout.is_some_and(|t| t == 0 || t > MAX_TIMEOUT_SECONDS) {
+        return Err(RequestError::invalid(format!(
+            "timeout_seconds: must be 1-{MAX_TIMEOUT_SECONDS} (null turns auto-pause off)"
+        )));
+    }
+    if auto_delete.is_some_and(|d| d > MAX_AUTO_DELETE_SECONDS) {
+        return Err(RequestError::invalid(format!(
+            "auto_delete_seconds: must be 0-{MAX_AUTO_DELETE_SECONDS} (null turns auto-delete off)"
+        )));
+    }
+    Ok(())
+}
+
+/// `null` is the SDKs' "unset".
+fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// `PATCH /sandboxes/{id}`: absent fields are left as they are.
@@ -164,12 +233,22 @@ pub struct UpdateSandbox {
         skip_serializing_if = "Option::is_none"
     )]
     pub network: Option<Option<NetworkConfig>>,
-    /// Not implemented by kiln yet (`null`, which clears it, is accepted).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_seconds: Option<serde_json::Value>,
-    /// Not implemented by kiln yet (`null` is accepted).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto_delete_seconds: Option<serde_json::Value>,
+    /// Auto-pause: absent leaves it, `null` turns it off, a number sets it (a running
+    /// sandbox's window starts now).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout_seconds: Option<Option<u64>>,
+    /// Auto-delete: absent leaves it, `null` turns it off, a number sets it (a paused
+    /// sandbox's countdown starts now).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub auto_delete_seconds: Option<Option<u64>>,
     /// A new preview policy, `public` or `private`; published ports keep their access
     /// (moving away from `legacy_public` closes every unpublished port at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -179,13 +258,13 @@ pub struct UpdateSandbox {
 impl UpdateSandbox {
     /// See [`CreateSandbox::validate`].
     pub fn validate(&self) -> Result<(), RequestError> {
-        unsupported(&[
-            ("timeout_seconds", is_set(&self.timeout_seconds)),
-            ("auto_delete_seconds", is_set(&self.auto_delete_seconds)),
-        ])?;
         if let Some(a) = self.preview_access {
             a.check_choice()?;
         }
+        check_timers(
+            self.timeout_seconds.flatten(),
+            self.auto_delete_seconds.flatten(),
+        )?;
         if let Some(m) = &self.metadata {
             check_map("metadata", m)?;
         }
@@ -201,19 +280,6 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
-}
-
-fn is_set(v: &Option<serde_json::Value>) -> bool {
-    v.as_ref().is_some_and(|v| !v.is_null())
-}
-
-fn unsupported(fields: &[(&str, bool)]) -> Result<(), RequestError> {
-    let set: Vec<&str> = fields.iter().filter(|(_, s)| *s).map(|(n, _)| *n).collect();
-    if set.is_empty() {
-        Ok(())
-    } else {
-        Err(RequestError::unsupported(&set))
-    }
 }
 
 fn check_map(what: &str, map: &BTreeMap<String, String>) -> Result<(), RequestError> {
@@ -311,36 +377,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unsupported_fields_are_named() {
-        let mut req = CreateSandbox::new("a", "t");
-        req.timeout_seconds = Some(serde_json::json!(60));
-        req.secrets = Some(serde_json::json!({"K": "s"}));
-        let err = req.validate().unwrap_err();
-        assert_eq!(err.code, crate::ApiErrorCode::Unsupported);
-        assert_eq!(
-            err.message,
-            "not supported by kiln: timeout_seconds, secrets"
-        );
-        // `null` is the SDKs' "unset".
-        req.timeout_seconds = Some(serde_json::Value::Null);
-        req.secrets = None;
-        req.validate().unwrap();
-    }
-
-    #[test]
-    fn create_checks_name_template_and_maps() {
-        assert!(CreateSandbox::new("", "t").validate().is_err());
-        assert!(CreateSandbox::new("a", "").validate().is_err());
-        let mut req = CreateSandbox::new("a", "t");
-        req.env_vars.insert(String::new(), "v".into());
-        assert!(req.validate().unwrap_err().message.starts_with("env_vars:"));
-        let err =
-            serde_json::from_value::<CreateSandbox>(serde_json::json!({"name": "a", "nope": 1}))
-                .unwrap_err();
-        assert!(err.to_string().contains("nope"), "{err}");
-    }
-
-    #[test]
     fn preview_access_is_public_or_private() {
         let req: CreateSandbox = serde_json::from_value(
             serde_json::json!({"name": "a", "from_template": "t", "preview_access": "private"}),
@@ -362,6 +398,12 @@ mod tests {
                 serde_json::from_value(serde_json::json!({ "preview_access": bad })).unwrap();
             assert!(upd.validate().is_err());
         }
+        // `null` is the SDKs' "unset".
+        let null: CreateSandbox = serde_json::from_value(
+            serde_json::json!({"name": "a", "from_template": "t", "preview_access": null}),
+        )
+        .unwrap();
+        assert_eq!(null.preview_access, None);
         // An older server's info has no policy: the SDKs read `legacy_public`.
         let info: SandboxInfo = serde_json::from_value(serde_json::json!({
             "id": "x", "name": "x", "status": "active",
@@ -369,6 +411,96 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(info.preview_access, PreviewAccess::LegacyPublic);
+    }
+
+    #[test]
+    fn create_checks_name_origin_and_maps() {
+        assert!(CreateSandbox::new("", "t").validate().is_err());
+        assert!(CreateSandbox::new("a", "").validate().is_err());
+        // No template: the default one.
+        CreateSandbox {
+            name: "a".into(),
+            ..CreateSandbox::default()
+        }
+        .validate()
+        .unwrap();
+        CreateSandbox::from_snapshot("a", "snap")
+            .validate()
+            .unwrap();
+        let mut both = CreateSandbox::from_snapshot("a", "snap");
+        both.from_template = Some("t".into());
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .message
+            .starts_with("from_template, from_snapshot"));
+        let mut req = CreateSandbox::new("a", "t");
+        req.env_vars.insert(String::new(), "v".into());
+        assert!(req.validate().unwrap_err().message.starts_with("env_vars:"));
+        let err =
+            serde_json::from_value::<CreateSandbox>(serde_json::json!({"name": "a", "nope": 1}))
+                .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn timers_accept_a_second_up_and_auto_delete_zero() {
+        let req: CreateSandbox = serde_json::from_value(serde_json::json!({
+            "name": "a", "timeout_seconds": 1, "auto_delete_seconds": 0
+        }))
+        .unwrap();
+        req.validate().unwrap();
+        for (t, d) in [(Some(0), None), (None, Some(MAX_AUTO_DELETE_SECONDS + 1))] {
+            let req = CreateSandbox {
+                timeout_seconds: t,
+                auto_delete_seconds: d,
+                ..CreateSandbox::new("a", "t")
+            };
+            assert!(req.validate().is_err(), "{t:?} {d:?}");
+        }
+        // The SDK's update body: null clears, absent leaves.
+        let u: UpdateSandbox = serde_json::from_value(
+            serde_json::json!({"timeout_seconds": null, "auto_delete_seconds": 30}),
+        )
+        .unwrap();
+        assert_eq!(
+            (u.timeout_seconds, u.auto_delete_seconds),
+            (Some(None), Some(Some(30)))
+        );
+        u.validate().unwrap();
+        let absent: UpdateSandbox = serde_json::from_str("{}").unwrap();
+        assert_eq!(
+            (absent.timeout_seconds, absent.auto_delete_seconds),
+            (None, None)
+        );
+        let zero: UpdateSandbox = serde_json::from_str(r#"{"timeout_seconds": 0}"#).unwrap();
+        assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn secrets_bind_shell_names_to_secret_names() {
+        let req: CreateSandbox = serde_json::from_value(serde_json::json!({
+            "name": "a", "from_template": "t", "secrets": {"OPENAI_API_KEY": "openai-prod"}
+        }))
+        .unwrap();
+        req.validate().unwrap();
+        assert_eq!(req.secrets["OPENAI_API_KEY"], "openai-prod");
+        let null: CreateSandbox =
+            serde_json::from_value(serde_json::json!({"name": "a", "secrets": null})).unwrap();
+        assert!(null.secrets.is_empty());
+        for (secrets, env, said) in [
+            (("1BAD", "s"), None, "secrets: env key"),
+            (("K", "a/b"), None, "secrets.K: name"),
+            (("K", "s"), Some("K"), "secrets.K: also set in env_vars"),
+        ] {
+            let mut req = CreateSandbox::new("a", "t");
+            req.secrets.insert(secrets.0.into(), secrets.1.into());
+            if let Some(k) = env {
+                req.env_vars.insert(k.into(), "v".into());
+            }
+            let err = req.validate().unwrap_err();
+            assert!(err.message.starts_with(said), "{}", err.message);
+        }
     }
 
     #[test]

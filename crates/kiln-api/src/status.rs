@@ -99,6 +99,35 @@ status_enum! {
     }
 }
 
+status_enum! {
+    /// A snapshot's status (the SDK's `SnapshotStatus`). `ready` and `failed` are where a
+    /// snapshot stays; `deleting` is in the SDK's enum, but kiln removes a snapshot at once
+    /// (a deleted one is not found), so it never answers it.
+    pub enum SnapshotStatus {
+        /// Being captured, or made forkable in the background.
+        Creating => "creating",
+        /// Sandboxes can be created from it.
+        Ready => "ready",
+        /// The capture failed; `error_message` says why. It holds nothing.
+        Failed => "failed",
+        /// Being removed.
+        Deleting => "deleting",
+    }
+}
+
+impl SnapshotStatus {
+    /// Whether the snapshot holds (or is about to hold) an artifact: it counts against the
+    /// team's snapshot limit and pins its template.
+    pub const fn is_kept(self) -> bool {
+        matches!(self, SnapshotStatus::Creating | SnapshotStatus::Ready)
+    }
+
+    /// The kept statuses ([`SnapshotStatus::is_kept`]), for store filters.
+    pub fn kept() -> Vec<SnapshotStatus> {
+        Self::ALL.iter().copied().filter(|s| s.is_kept()).collect()
+    }
+}
+
 impl SandboxStatus {
     /// Whether the sandbox counts against the team's live-sandbox limit and pins its
     /// template: everything except `failed` and `deleted`.
@@ -180,6 +209,10 @@ mod tests {
         );
         assert_eq!(strings(LogStream::ALL), ["stdout", "stderr", "system"]);
         assert_eq!(
+            strings(SnapshotStatus::ALL),
+            ["creating", "ready", "failed", "deleting"]
+        );
+        assert_eq!(
             strings(SandboxStatus::ALL),
             [
                 "starting",
@@ -219,6 +252,10 @@ mod tests {
             [Starting, Active, Pausing, Resuming, Migrating]
         );
         assert!(BuildStatus::Cancelled.is_terminal() && !BuildStatus::Snapshotting.is_terminal());
+        assert_eq!(
+            SnapshotStatus::kept(),
+            [SnapshotStatus::Creating, SnapshotStatus::Ready]
+        );
     }
 
     #[test]

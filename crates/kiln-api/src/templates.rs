@@ -5,6 +5,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::status::{BuildStatus, LogStream, TemplateStatus};
 
+/// The name prefix of system templates: kiln provides them to every team, and a team's
+/// own template may not take it (one of [`kiln_spec::validate::RESERVED_NAME_PREFIXES`]).
+pub const SYSTEM_PREFIX: &str = "superserve/";
+/// The system template a sandbox created without `from_template` (or `from_snapshot`)
+/// starts from, as Superserve's.
+pub const DEFAULT_TEMPLATE: &str = "superserve/base";
+
+/// Whether `name` is a system template's (or would take the system prefix).
+pub fn is_system_name(name: &str) -> bool {
+    name.starts_with(SYSTEM_PREFIX)
+}
+
+#[test]
+fn the_system_prefix_is_reserved_for_teams() {
+    assert!(kiln_spec::validate::RESERVED_NAME_PREFIXES.contains(&SYSTEM_PREFIX));
+    assert!(is_system_name(DEFAULT_TEMPLATE));
+}
+
 /// A template, as `GET /templates/{t}` answers (the SDK's `TemplateInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateInfo {

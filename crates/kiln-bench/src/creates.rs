@@ -20,7 +20,17 @@ use crate::{bare, capture, say, Ctx, Failures, Plan};
 #[derive(Debug, Clone, Copy)]
 pub struct CreateSample {
     created: Duration,
-    first_exec: Duration,
+    pub first_exec: Duration,
+}
+
+impl CreateSample {
+    /// A sample from its two times since the create was sent.
+    pub fn new(created: Duration, first_exec: Duration) -> Self {
+        Self {
+            created,
+            first_exec,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +64,16 @@ pub struct CreateResults {
     sequential: Modes,
     concurrent: Modes,
     parallel: usize,
+}
+
+impl CreateResults {
+    /// Template create -> first exec, sequential p50: (engine, HTTP API).
+    pub fn sequential_first_exec_p50(&self) -> (f64, f64) {
+        (
+            self.sequential.engine.first_exec.p50_ms,
+            self.sequential.http.first_exec.p50_ms,
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]

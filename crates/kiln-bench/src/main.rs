@@ -13,7 +13,10 @@
 //! - template build overhead (total minus the user's steps), cold and with a warm image
 //!   cache, from the build logs;
 //! - pull + unpack against `skopeo copy` + `umoci unpack` of the same image;
-//! - host memory (PSS) per idle sandbox of the template (python3 -m http.server).
+//! - host memory (PSS) per idle sandbox of the template (python3 -m http.server);
+//! - snapshots of a running sandbox (the source's guest stopped for the capture, the
+//!   capture call, the background conversion) and fork create -> first exec, against
+//!   template create -> first exec.
 //!
 //! Run it through `scripts/bench.sh`, which builds it and sets up what it needs.
 
@@ -31,6 +34,7 @@ mod procs;
 mod pulls;
 mod report;
 mod setup;
+mod snapshots;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -85,6 +89,9 @@ struct Args {
     /// Idle sandboxes alive at once for the memory figure [default: 4; quick: 2].
     #[arg(long)]
     idle_sandboxes: Option<usize>,
+    /// Snapshots of a running sandbox, and forks through each path [default: 5; quick: 2].
+    #[arg(long)]
+    snapshots: Option<usize>,
     /// Where bench.json and bench.md go.
     #[arg(long, default_value = "target/kiln-bench")]
     out: PathBuf,
@@ -112,6 +119,7 @@ struct Plan {
     cold_runs: usize,
     pull_runs: usize,
     idle: usize,
+    snapshots: usize,
     restore_pool: usize,
 }
 
@@ -129,6 +137,7 @@ impl Plan {
             cold_runs: a.cold_runs.unwrap_or(if q { 1 } else { 3 }).max(1),
             pull_runs: a.pull_runs.unwrap_or(if q { 1 } else { 3 }).max(1),
             idle: a.idle_sandboxes.unwrap_or(if q { 2 } else { 4 }).max(1),
+            snapshots: a.snapshots.unwrap_or(if q { 2 } else { 5 }).max(1),
             restore_pool: a.restore_pool.unwrap_or(parallel),
         }
     }
@@ -359,6 +368,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "cold_runs": plan.cold_runs,
             "pull_runs": plan.pull_runs,
             "idle_sandboxes": plan.idle,
+            "snapshots": plan.snapshots,
             "restore_pool": plan.restore_pool,
             "quick": args.quick,
         },
@@ -472,6 +482,11 @@ async fn measure(
     creates::create_rows(&mut rows, &mut targets, plan, &creates, &cold_path);
     results.insert("create".into(), serde_json::to_value(&creates)?);
     results.insert("cold_path".into(), serde_json::to_value(&cold_path)?);
+
+    // ---- snapshots and forks, against the creates above ----------------------------
+    let snaps = snapshots::snapshot_bench(plan, &ctx, failures).await?;
+    snapshots::snapshot_rows(&mut rows, &snaps, &creates);
+    results.insert("snapshots".into(), serde_json::to_value(&snaps)?);
 
     // ---- exec round trip -----------------------------------------------------------
     let exec = exec::exec_bench(plan, &ctx).await?;

@@ -84,6 +84,8 @@ impl Server {
             // Exec loops send far more than the default 50 requests/s.
             .env("KILN_RATE_LIMIT_PER_SEC", "0")
             .env("KILN_RESTORE_POOL", restore_pool.to_string())
+            // No system template builds competing with the measurements.
+            .env("KILN_SYSTEM_TEMPLATES", "none")
             .env_remove("KILN_CONFIG")
             .env_remove("KILN_LISTEN")
             .env_remove("KILN_URL")

@@ -15,6 +15,8 @@ pub use error::BuildError;
 pub use guest::{Command, Exit, Guest, GuestError, OutputStream};
 pub use kiln_spec::RuntimeDefaults;
 pub use log::{LineSplitter, LogLine, LogSink, Stream};
-pub use pipeline::{run_build, BuildEnd, BuildEnv, BuildJob, BuildObserver, BuildOutput, Phase};
+pub use pipeline::{
+    agent_defaults, run_build, BuildEnd, BuildEnv, BuildJob, BuildObserver, BuildOutput, Phase,
+};
 pub use stepcache::{StepCache, StepCacheError};
 pub use steps::{StepRunner, Timing};

@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use kiln_oci::{ImageStore, Progress};
 use kiln_spec::{BuildErrorCode, BuildSpec, Resources};
 use kiln_vm::{
-    ExecRequest, Hypervisor, KernelAssets, Machine, NetConfig, Resolved, RootDisk, VmConfig,
+    ExecRequest, GuestTrust, Hypervisor, KernelAssets, Machine, NetConfig, Resolved, RootDisk,
+    VmConfig,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +63,9 @@ pub struct BuildEnv {
     pub egress: Option<Vec<String>>,
     /// The step cache (`None`: every build runs every step on a fresh disk).
     pub step_cache: Option<StepCache>,
+    /// Certificates the build VM (and so every sandbox of the template) trusts besides
+    /// the image's: kiln's egress CA and the operator's bundle.
+    pub trust: Option<GuestTrust>,
 }
 
 /// One build to run.
@@ -96,6 +100,8 @@ pub struct BuildOutput {
     pub size_bytes: u64,
     /// The bundle's files (names inside it) and their sizes.
     pub files: Vec<(String, u64)>,
+    /// The digest of the trust bundle installed in the guest ([`GuestTrust::digest`]).
+    pub trust: Option<String>,
 }
 
 /// How a build ended other than in success.
@@ -245,6 +251,22 @@ async fn build_inner(
     vm.sync_clock().await.map_err(vm_err)?;
 
     let mut defaults = defaults;
+    if let Some(trust) = &env.trust {
+        let vars = trust.install(vm.agent()).await.map_err(|e| {
+            BuildError::new(
+                BuildErrorCode::BuildFailed,
+                format!("installing the trusted certificates in the guest: {e}"),
+            )
+            .with_source(e)
+        })?;
+        // Defaults: the image's own settings win.
+        for (k, v) in vars {
+            if !defaults.env.iter().any(|(name, _)| *name == k) {
+                defaults.set_env(&k, &v);
+            }
+        }
+        observer.system("the guest trusts kiln's egress CA and the operator's certificates".into());
+    }
     let mut layers = layers;
     for (i, step) in steps.iter().enumerate() {
         let guest = VmGuest(vm.as_ref());
@@ -270,7 +292,7 @@ async fn build_inner(
     // The agent keeps the defaults in guest memory, so they are in the snapshot and every
     // sandbox's exec uses them without the host saying so again.
     vm.agent()
-        .set_defaults(to_agent(&defaults))
+        .set_defaults(agent_defaults(&defaults))
         .await
         .map_err(|e| {
             BuildError::new(
@@ -316,6 +338,7 @@ async fn build_inner(
         start_pid,
         size_bytes,
         files,
+        trust: env.trust.as_ref().map(|t| t.digest().to_owned()),
     })
 }
 
@@ -543,8 +566,8 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-/// The agent's form of the defaults.
-fn to_agent(d: &RuntimeDefaults) -> kiln_agent_proto::RuntimeDefaults {
+/// The agent's form of the defaults (what a build sets, and a fork resets to).
+pub fn agent_defaults(d: &RuntimeDefaults) -> kiln_agent_proto::RuntimeDefaults {
     kiln_agent_proto::RuntimeDefaults {
         env: d.env.iter().cloned().collect(),
         cwd: Some(d.workdir.clone()),

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use kiln_api::{
-    BuildInfo, BuildLogEvent, CreateSandbox, ExecRequest, NetworkConfig, PortAccess,
-    PreviewPortList, PreviewToken, PublishedPreviewPort, SandboxInfo, TemplateInfo,
-    TemplateRequest, TerminalSize,
+    AuditQuery, BuildInfo, BuildLogEvent, CreateSandbox, CreateSecret, ExecRequest, NetworkConfig,
+    PortAccess, PreviewPortList, PreviewToken, ProxyAuditEvent, PublishedPreviewPort, SandboxInfo,
+    SecretInfo, SnapshotInfo, TemplateInfo, TemplateRequest, TerminalSize,
 };
 use tokio::sync::mpsc;
 
@@ -89,8 +89,23 @@ pub(crate) trait Backend: Send + Sync {
     /// Deletes a template (refused while sandboxes use it).
     async fn delete_template(&self, t: &TemplateInfo) -> R<()>;
 
-    /// Starts a sandbox; returns its id once it runs.
+    /// Starts a sandbox (from a template, or a snapshot); returns its id once it runs.
     async fn create_sandbox(&self, req: CreateSandbox) -> R<String>;
+
+    /// Takes a snapshot of a sandbox; returns it once it is ready.
+    async fn snapshot_sandbox(&self, id: &str, name: Option<String>) -> R<SnapshotInfo>;
+
+    /// The team's snapshots (of one sandbox, when given), newest first.
+    async fn snapshots(&self, sandbox: Option<&str>) -> R<Vec<SnapshotInfo>>;
+
+    /// One snapshot.
+    async fn snapshot(&self, id: &str) -> R<SnapshotInfo>;
+
+    /// Renames a snapshot.
+    async fn rename_snapshot(&self, id: &str, name: &str) -> R<SnapshotInfo>;
+
+    /// Deletes a snapshot (sandboxes created from it are not affected).
+    async fn delete_snapshot(&self, id: &str) -> R<()>;
 
     /// The team's sandboxes.
     async fn sandboxes(&self) -> R<Vec<SandboxInfo>>;
@@ -144,6 +159,26 @@ pub(crate) trait Backend: Send + Sync {
         expires_in_seconds: Option<u64>,
         rotate: bool,
     ) -> R<PreviewToken>;
+    /// Stores a team secret.
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo>;
+
+    /// The team's secrets.
+    async fn secrets(&self) -> R<Vec<SecretInfo>>;
+
+    /// Replaces a secret's value.
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo>;
+
+    /// Deletes a secret (its bindings are revoked).
+    async fn delete_secret(&self, name: &str) -> R<()>;
+
+    /// Requests made with a secret, newest first.
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>>;
+
+    /// Binds a secret to a sandbox under `env_key`.
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()>;
+
+    /// Removes a sandbox's binding of `env_key`.
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()>;
 }
 
 /// The server of `KILN_URL` / `kiln login` when there is one, else the local state dir.

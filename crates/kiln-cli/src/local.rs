@@ -14,9 +14,10 @@ use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use futures::StreamExt as _;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildStatus, CreateSandbox, NetworkConfig, PortAccess,
-    PreviewPortList, PreviewToken, PublishedPreviewPort, SandboxFilter, SandboxInfo, SandboxStatus,
-    TemplateInfo, TemplateRequest, TerminalSize,
+    ApiErrorCode, AttachSecret, AuditQuery, BuildInfo, BuildStatus, CreateSandbox, CreateSecret,
+    NetworkConfig, PortAccess, PreviewPortList, PreviewToken, ProxyAuditEvent,
+    PublishedPreviewPort, RotateSecret, SandboxFilter, SandboxInfo, SandboxStatus, SecretInfo,
+    SnapshotInfo, SnapshotPage, TemplateInfo, TemplateRequest, TerminalSize, UpdateSnapshot,
 };
 use kiln_engine::{Engine, FileContent, SessionEvent, SessionOptions};
 use tokio::sync::mpsc;
@@ -206,6 +207,13 @@ impl Backend for Local {
     }
 
     async fn create_sandbox(&self, req: CreateSandbox) -> R<String> {
+        if req.timeout_seconds.is_some() || req.auto_delete_seconds.is_some() {
+            bail!(
+                "--timeout and --auto-delete need `kiln serve` (its timers pause and delete \
+                 sandboxes; the local state dir has no process to run them): use a server \
+                 (KILN_URL, `kiln login`)"
+            );
+        }
         let (sandbox, _token) = self.engine.create_sandbox_record(&self.team, &req).await?;
         crate::spawn_detached(
             &["sandbox", "keep", &sandbox.id],
@@ -214,6 +222,35 @@ impl Backend for Local {
         )?;
         self.wait_started(&sandbox.id).await?;
         Ok(sandbox.id)
+    }
+
+    async fn snapshot_sandbox(&self, id: &str, _name: Option<String>) -> R<SnapshotInfo> {
+        // The sandbox's VM belongs to its keeper process, which takes no requests.
+        self.engine.sandbox(&self.team, id).await?;
+        bail!(
+            "taking a snapshot needs `kiln serve`, which owns its sandboxes' VMs (a local \
+             sandbox's VM belongs to its keeper process): use a server (KILN_URL, `kiln login`)"
+        )
+    }
+
+    async fn snapshots(&self, sandbox: Option<&str>) -> R<Vec<SnapshotInfo>> {
+        Ok(self
+            .engine
+            .list_snapshots(&self.team, sandbox, &SnapshotPage::default())
+            .await?)
+    }
+
+    async fn snapshot(&self, id: &str) -> R<SnapshotInfo> {
+        Ok(self.engine.snapshot(&self.team, id).await?)
+    }
+
+    async fn rename_snapshot(&self, id: &str, name: &str) -> R<SnapshotInfo> {
+        let update = UpdateSnapshot { name: name.into() };
+        Ok(self.engine.rename_snapshot(&self.team, id, &update).await?)
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> R<()> {
+        Ok(self.engine.delete_snapshot(&self.team, id).await?)
     }
 
     async fn sandboxes(&self) -> R<Vec<SandboxInfo>> {
@@ -323,6 +360,41 @@ impl Backend for Local {
         let mode =
             std::os::unix::fs::PermissionsExt::mode(&file.metadata().await?.permissions()) & 0o7777;
         Ok(sandbox.write_file(path, file, Some(mode)).await?)
+    }
+
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo> {
+        Ok(self.engine.create_secret(&self.team, req).await?)
+    }
+
+    async fn secrets(&self) -> R<Vec<SecretInfo>> {
+        Ok(self.engine.list_secrets(&self.team).await?)
+    }
+
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo> {
+        let req = RotateSecret {
+            value: value.to_owned(),
+        };
+        Ok(self.engine.rotate_secret(&self.team, name, &req).await?)
+    }
+
+    async fn delete_secret(&self, name: &str) -> R<()> {
+        Ok(self.engine.delete_secret(&self.team, name).await?)
+    }
+
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>> {
+        Ok(self.engine.secret_audit(&self.team, name, q).await?)
+    }
+
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()> {
+        let req = AttachSecret {
+            env_key: env_key.to_owned(),
+            secret_name: secret.to_owned(),
+        };
+        Ok(self.engine.attach_secret(&self.team, id, &req).await?)
+    }
+
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()> {
+        Ok(self.engine.detach_secret(&self.team, id, env_key).await?)
     }
 
     async fn preview_ports(&self, _id: &str) -> R<PreviewPortList> {

@@ -12,7 +12,9 @@ mod local;
 mod print;
 mod remote;
 mod sandbox;
+mod secret;
 mod serve;
+mod snapshot;
 mod state;
 mod template;
 mod terminal;
@@ -45,12 +47,18 @@ enum Command {
     /// Build, list, inspect and delete templates.
     #[command(subcommand)]
     Template(template::Cmd),
-    /// Create, list, use and kill sandboxes.
+    /// Create, list, use, snapshot and kill sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::Cmd),
+    /// List, inspect, rename and delete snapshots of sandboxes.
+    #[command(subcommand)]
+    Snapshot(snapshot::Cmd),
+    /// Store team secrets that sandboxes use without holding them.
+    #[command(subcommand)]
+    Secret(secret::Cmd),
     /// Serve the HTTP API (Superserve's wire format) on this state dir.
     Serve(serve::ServeArgs),
-    /// Administration: API keys.
+    /// Administration: API keys, the secrets key.
     Admin(serve::AdminArgs),
     /// Save a server and API key: `kiln template` and `kiln sandbox` then go to it
     /// (`KILN_URL` / `KILN_API_KEY` do the same for one shell).
@@ -178,6 +186,8 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args, &state::state_dir()),
         Command::Template(args) => block_on(template::run(args)),
         Command::Sandbox(args) => block_on(sandbox::run(args)),
+        Command::Snapshot(args) => block_on(snapshot::run(args)),
+        Command::Secret(args) => block_on(secret::run(args)),
         Command::Serve(args) => block_on(serve::serve(args)),
         Command::Admin(args) => block_on(serve::admin(args)),
         Command::Login { url, api_key } => {

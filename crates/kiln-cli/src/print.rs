@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use kiln_api::{
     BuildErrorCode, BuildInfo, BuildLogEvent, BuildStatus, CodedMessage, LogStream,
-    PreviewPortList, PreviewToken, SandboxInfo, TemplateInfo,
+    PreviewPortList, PreviewToken, ProxyAuditEvent, SandboxInfo, SecretInfo, SnapshotInfo,
+    TemplateInfo,
 };
 use serde::Serialize;
 
@@ -114,6 +115,62 @@ pub(crate) fn preview_ports(list: &PreviewPortList, as_json: bool) -> anyhow::Re
     Ok(())
 }
 
+/// `secret ls`: never a value (the API has none to give).
+pub(crate) fn secrets(all: &[SecretInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&all);
+    }
+    println!(
+        "{:<24}  {:<8}  {:<10}  {:<32}  LAST USED",
+        "NAME", "AUTH", "PROVIDER", "UPDATED"
+    );
+    for s in all {
+        println!(
+            "{:<24}  {:<8}  {:<10}  {:<32}  {}",
+            s.name,
+            s.auth_type.as_str(),
+            or_dash(s.provider_shortcut.as_deref()),
+            kiln_api::time::format(&s.updated_at),
+            or_dash(s.last_used_at.as_ref().map(kiln_api::time::format)),
+        );
+        println!("{:<24}  hosts: {}", "", s.hosts.join(", "));
+    }
+    Ok(())
+}
+
+/// `secret audit`, newest first.
+pub(crate) fn audit(events: &[ProxyAuditEvent], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&events);
+    }
+    println!(
+        "{:<32}  {:<24}  {:<6}  {:<6}  {:>7}  REQUEST",
+        "TIME", "SANDBOX", "STATUS", "UP", "MS"
+    );
+    for e in events {
+        let sandbox = e
+            .sandbox_name
+            .clone()
+            .unwrap_or_else(|| e.sandbox_id.clone());
+        let status = match &e.error_code {
+            Some(code) => format!("{} {code}", e.status),
+            None => e.status.to_string(),
+        };
+        println!(
+            "{:<32}  {:<24}  {:<6}  {:<6}  {:>7}  {} {}{}",
+            kiln_api::time::format(&e.ts),
+            sandbox,
+            status,
+            or_dash(e.upstream_status),
+            or_dash(e.latency_ms),
+            e.method,
+            e.host,
+            e.path
+        );
+    }
+    Ok(())
+}
+
 /// `sandbox preview token`: the token, then the signed URL (a secret either way).
 pub(crate) fn preview_token(t: &PreviewToken, as_json: bool) -> anyhow::Result<()> {
     if as_json {
@@ -131,6 +188,52 @@ pub(crate) fn preview_token(t: &PreviewToken, as_json: bool) -> anyhow::Result<(
         "--> send it as `{}: <token>`, or open the second URL; version {}, valid {until}",
         t.header, t.token_version
     );
+    Ok(())
+}
+
+/// `snapshot ls`.
+pub(crate) fn snapshots(all: &[SnapshotInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&all);
+    }
+    println!(
+        "{:<36}  {:<8}  {:<36}  {:>10}  {:<20}  CREATED",
+        "ID", "STATUS", "SANDBOX", "SIZE", "NAME"
+    );
+    for s in all {
+        println!(
+            "{:<36}  {:<8}  {:<36}  {:>10}  {:<20}  {}",
+            s.id,
+            s.status.to_string(),
+            s.sandbox_id,
+            s.size_bytes,
+            or_dash(s.name.as_deref()),
+            kiln_api::time::format(&s.created_at)
+        );
+    }
+    Ok(())
+}
+
+/// `snapshot show`.
+pub(crate) fn snapshot(s: &SnapshotInfo, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(s);
+    }
+    println!("{} ({})  {}", or_dash(s.name.as_deref()), s.id, s.status);
+    println!("sandbox    {}", s.sandbox_id);
+    println!("template   {}", or_dash(s.template_id.as_deref()));
+    println!(
+        "shape      {} vCPU, {} MiB memory, {} MiB disk",
+        s.resources.vcpu_count, s.resources.memory_mib, s.resources.disk_mib
+    );
+    println!("size       {} bytes", s.size_bytes);
+    println!("created    {}", kiln_api::time::format(&s.created_at));
+    if let Some(t) = &s.ready_at {
+        println!("ready      {}", kiln_api::time::format(t));
+    }
+    if let Some(e) = &s.error_message {
+        println!("error      {e}");
+    }
     Ok(())
 }
 

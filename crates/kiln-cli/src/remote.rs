@@ -14,13 +14,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use async_trait::async_trait;
 use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, CreateSandbox, NetworkConfig, PortAccess,
-    PreviewPortList, PreviewToken, PublishedPreviewPort, SandboxInfo, TemplateInfo,
-    TemplateRequest, TerminalSize,
+    ApiErrorCode, AuditQuery, BuildInfo, BuildLogEvent, CreateSandbox, CreateSecret, NetworkConfig,
+    PortAccess, PreviewPortList, PreviewToken, ProxyAuditEvent, PublishedPreviewPort, SandboxInfo,
+    SecretInfo, SnapshotInfo, SnapshotPage, TemplateInfo, TemplateRequest, TerminalSize,
 };
 use kiln_sdk::{
-    Client, ListOptions, Previews, RunOptions, Sandbox, SandboxCreateOptions, Template,
-    TemplateCreateOptions,
+    Client, ListOptions, Previews, RunOptions, Sandbox, SandboxCreateOptions, Secret, Snapshot,
+    SnapshotOptions, Template, TemplateCreateOptions,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -211,16 +211,51 @@ impl Backend for Remote {
     }
 
     async fn create_sandbox(&self, req: CreateSandbox) -> R<String> {
-        let mut options =
-            SandboxCreateOptions::new(req.name, req.from_template.unwrap_or_default());
-        options.env_vars = req.env_vars;
-        options.metadata = req.metadata;
-        options.network = req.network;
-        options.preview_access = req.preview_access;
+        let options = SandboxCreateOptions {
+            name: req.name,
+            from_template: req.from_template.unwrap_or_default(),
+            from_snapshot: req.from_snapshot,
+            timeout_seconds: req.timeout_seconds,
+            auto_delete_seconds: req.auto_delete_seconds,
+            env_vars: req.env_vars,
+            metadata: req.metadata,
+            network: req.network,
+            secrets: req.secrets,
+            preview_access: req.preview_access,
+        };
         Ok(Sandbox::create(&self.client, options)
             .await?
             .id()
             .to_owned())
+    }
+
+    async fn snapshot_sandbox(&self, id: &str, name: Option<String>) -> R<SnapshotInfo> {
+        let options = SnapshotOptions {
+            name,
+            idempotency_key: None,
+        };
+        let mut s = Snapshot::take(&self.client, id, options).await?;
+        Ok(s.wait_until_ready().await?.clone())
+    }
+
+    async fn snapshots(&self, sandbox: Option<&str>) -> R<Vec<SnapshotInfo>> {
+        Ok(Snapshot::list(&self.client, sandbox, SnapshotPage::default()).await?)
+    }
+
+    async fn snapshot(&self, id: &str) -> R<SnapshotInfo> {
+        Ok(Snapshot::get(&self.client, id).await?.info().clone())
+    }
+
+    async fn rename_snapshot(&self, id: &str, name: &str) -> R<SnapshotInfo> {
+        let mut s = Snapshot::get(&self.client, id).await?;
+        Ok(s.rename(name).await?.clone())
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> R<()> {
+        // Unlike the SDK's idempotent delete, a command names one snapshot: not finding it
+        // is an error to show.
+        Snapshot::get(&self.client, id).await?;
+        Ok(Snapshot::delete_by_id(&self.client, id).await?)
     }
 
     async fn sandboxes(&self) -> R<Vec<SandboxInfo>> {
@@ -320,6 +355,37 @@ impl Backend for Remote {
         let s = Sandbox::connect(&self.client, id).await?;
         s.files().write(path, &data).await?;
         Ok(data.len() as u64)
+    }
+
+    async fn create_secret(&self, req: &CreateSecret) -> R<SecretInfo> {
+        Ok(Secret::create(&self.client, req).await?)
+    }
+
+    async fn secrets(&self) -> R<Vec<SecretInfo>> {
+        Ok(Secret::list(&self.client).await?)
+    }
+
+    async fn rotate_secret(&self, name: &str, value: &str) -> R<SecretInfo> {
+        Ok(Secret::rotate(&self.client, name, value).await?)
+    }
+
+    async fn delete_secret(&self, name: &str) -> R<()> {
+        // Unlike the SDK's idempotent delete, a missing secret is an error here, as on
+        // the local state dir.
+        Secret::get(&self.client, name).await?;
+        Ok(Secret::delete(&self.client, name).await?)
+    }
+
+    async fn secret_audit(&self, name: &str, q: &AuditQuery) -> R<Vec<ProxyAuditEvent>> {
+        Ok(Secret::audit(&self.client, name, q).await?)
+    }
+
+    async fn attach_secret(&self, id: &str, env_key: &str, secret: &str) -> R<()> {
+        Ok(Sandbox::attach_secret_by_id(&self.client, id, env_key, secret).await?)
+    }
+
+    async fn detach_secret(&self, id: &str, env_key: &str) -> R<()> {
+        Ok(Sandbox::detach_secret_by_id(&self.client, id, env_key).await?)
     }
 
     async fn preview_ports(&self, id: &str) -> R<PreviewPortList> {

@@ -13,10 +13,21 @@ use crate::print;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Cmd {
-    /// Start a sandbox from a template (name or id); prints the sandbox id.
+    /// Start a sandbox from a template (name or id) or a snapshot; prints the sandbox id.
     Create {
-        /// Template name or id.
-        template: String,
+        /// Template name or id (default: the system template `superserve/base`).
+        #[arg(conflicts_with = "from_snapshot")]
+        template: Option<String>,
+        /// Continue from this snapshot instead (its processes live, its files as they were).
+        #[arg(long, value_name = "SNAPSHOT_ID")]
+        from_snapshot: Option<String>,
+        /// Pause it after this many seconds of active time (a server's timer; each resume
+        /// starts a fresh window).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        /// Delete it after this many seconds continuously paused (0: as soon as it pauses).
+        #[arg(long, value_name = "SECONDS")]
+        auto_delete: Option<u64>,
         /// Environment variable over the template's defaults (repeatable).
         #[arg(long = "env", value_name = "K=V")]
         env: Vec<String>,
@@ -36,7 +47,14 @@ pub(crate) enum Cmd {
         /// Ports published for preview URLs need a token by default (else: public).
         #[arg(long)]
         private_previews: bool,
+        /// Bind a team secret: the variable holds a stand-in that the egress proxy swaps
+        /// for the secret on its hosts (repeatable).
+        #[arg(long = "secret", value_name = "ENV=NAME")]
+        secrets: Vec<String>,
     },
+    /// Bind or unbind team secrets.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// List live sandboxes.
     Ls {
         /// JSON output.
@@ -62,6 +80,14 @@ pub(crate) enum Cmd {
     Kill {
         /// Sandbox id.
         id: String,
+    },
+    /// Take a snapshot of a sandbox (it runs on); prints the snapshot id once it is ready.
+    Snapshot {
+        /// Sandbox id.
+        id: String,
+        /// A name for the snapshot.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Run a command in a sandbox, streaming its output; exits with its exit code.
     Exec {
@@ -237,6 +263,26 @@ async fn preview(
     }
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum SecretCmd {
+    /// Bind a team secret under a variable; processes started from now on see its
+    /// stand-in (a paused sandbox gets it on resume).
+    Attach {
+        /// Sandbox id.
+        id: String,
+        /// The variable and the secret.
+        #[arg(value_name = "ENV=NAME")]
+        binding: String,
+    },
+    /// Remove a binding: its stand-in is refused from the next request on.
+    Detach {
+        /// Sandbox id.
+        id: String,
+        /// The variable.
+        env: String,
+    },
+}
+
 pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
     if let Cmd::Keep { id } = &command {
         // The keeper that `create` starts: this machine only.
@@ -248,26 +294,53 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
     match command {
         Cmd::Create {
             template,
+            from_snapshot,
+            timeout,
+            auto_delete,
             env,
             metadata,
             name,
             allow_out,
             deny_out,
             private_previews,
+            secrets,
         } => {
-            // The API wants a name; the template's name and a random suffix stand in.
+            // The API wants a name; what it starts from and a random suffix stand in.
             let name = name.unwrap_or_else(|| {
                 let tail = uuid::Uuid::new_v4().simple().to_string();
-                format!("{template}-{}", &tail[..8])
+                let from = template
+                    .as_deref()
+                    .or(from_snapshot.as_deref().map(|_| "fork"))
+                    .unwrap_or("sandbox");
+                format!("{}-{}", from.replace('/', "-"), &tail[..8])
             });
             let req = CreateSandbox {
+                name,
+                from_template: template,
+                from_snapshot,
+                timeout_seconds: timeout,
+                auto_delete_seconds: auto_delete,
                 env_vars: pairs(&env)?,
                 metadata: pairs(&metadata)?,
                 network: network_rules(allow_out, deny_out)?,
+                secrets: pairs(&secrets)?,
                 preview_access: private_previews.then_some(PreviewAccess::Private),
-                ..CreateSandbox::new(name, template)
             };
+            req.validate()?;
             println!("{}", backend.create_sandbox(req).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Secret(SecretCmd::Attach { id, binding }) => {
+            let Some((env, secret)) = binding.split_once('=') else {
+                bail!("expected ENV=NAME, got {binding:?}");
+            };
+            backend.attach_secret(&id, env, secret).await?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Secret(SecretCmd::Detach { id, env }) => {
+            backend.detach_secret(&id, &env).await?;
+            println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ls { json } => {
@@ -288,6 +361,11 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Kill { id } => {
             backend.kill_sandbox(&id).await?;
             println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Snapshot { id, name } => {
+            let s = backend.snapshot_sandbox(&id, name).await?;
+            println!("{}", s.id);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Exec {

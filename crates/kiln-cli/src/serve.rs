@@ -29,6 +29,11 @@ struct ServerConfig {
     max_concurrent_builds: Option<u32>,
     /// Sandboxes a team may have that are neither failed nor deleted (`KILN_MAX_SANDBOXES`).
     max_sandboxes: Option<u32>,
+    /// Snapshots a team may keep, failed ones not counted (`KILN_MAX_SNAPSHOTS`).
+    max_snapshots: Option<u32>,
+    /// The system templates to build when the server starts: `all`, `none`, or a
+    /// comma-separated list (`base,python-3.11`) (`KILN_SYSTEM_TEMPLATES`).
+    system_templates: Option<String>,
     /// Requests per second per API key or sandbox token; 0 turns the limit off
     /// (`KILN_RATE_LIMIT_PER_SEC`).
     rate_limit_per_sec: Option<u32>,
@@ -78,6 +83,8 @@ impl ServerConfig {
         env("KILN_MAX_TEMPLATES", &mut cfg.max_templates)?;
         env("KILN_MAX_CONCURRENT_BUILDS", &mut cfg.max_concurrent_builds)?;
         env("KILN_MAX_SANDBOXES", &mut cfg.max_sandboxes)?;
+        env("KILN_MAX_SNAPSHOTS", &mut cfg.max_snapshots)?;
+        env("KILN_SYSTEM_TEMPLATES", &mut cfg.system_templates)?;
         env("KILN_RATE_LIMIT_PER_SEC", &mut cfg.rate_limit_per_sec)?;
         env("KILN_RATE_LIMIT_BURST", &mut cfg.rate_limit_burst)?;
         env("KILN_MAX_PARALLEL_BUILDS", &mut cfg.max_parallel_builds)?;
@@ -116,6 +123,7 @@ const DEFAULT_LIMITS: kiln_engine::Limits = kiln_engine::Limits {
     max_templates: 100,
     max_concurrent_builds: 4,
     max_live_sandboxes: 50,
+    max_snapshots: 100,
 };
 /// How long open connections get to finish once the server is asked to stop.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -155,6 +163,9 @@ enum AdminCmd {
         /// The key's id (from `list-api-keys`).
         id: String,
     },
+    /// Seal every team secret under a new secrets key and drop the old one (online: a
+    /// running server and its sandboxes keep working throughout).
+    RotateSecretsKey,
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -170,7 +181,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_live_sandboxes: conf
             .max_sandboxes
             .unwrap_or(DEFAULT_LIMITS.max_live_sandboxes),
+        max_snapshots: conf.max_snapshots.unwrap_or(DEFAULT_LIMITS.max_snapshots),
     };
+    let system = kiln_engine::SystemTemplate::selected(conf.system_templates.as_deref())
+        .map_err(anyhow::Error::msg)?;
     if let Some(n) = conf.max_parallel_builds {
         cfg.max_parallel_builds = n.max(1);
     }
@@ -194,11 +208,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for s in &recovered.sandboxes {
         tracing::warn!(sandbox = %s, "sandbox whose VM is gone marked failed");
     }
+    for s in &recovered.snapshots {
+        tracing::warn!(snapshot = %s, "snapshot whose capture was cut short marked failed");
+    }
     if recovered.run_dirs > 0 {
         tracing::warn!(
             count = recovered.run_dirs,
             "VM run dirs of dead processes removed"
         );
+    }
+    // Auto-pause and auto-delete, from the deadlines in the store (a restart keeps them).
+    tokio::spawn(engine.clone().run_timers());
+    // The system templates build in the background; a create that needs one waits for it.
+    for b in engine.queue_system_templates(&system).await? {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.run_build(&b.id, None).await {
+                tracing::error!(build = %b.id, error = %e.chain(), "system template build could not run");
+            }
+        });
     }
     let rate = conf.rate_limit_per_sec.unwrap_or(DEFAULT_RATE.0);
     let limiter = if rate == 0 {
@@ -287,6 +315,10 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
         AdminCmd::RevokeApiKey { team, id } => {
             engine.revoke_api_key(&team, &id).await?;
             println!("{id}");
+        }
+        AdminCmd::RotateSecretsKey => {
+            let n = engine.rotate_secrets_key().await?;
+            eprintln!("--> {n} secret(s) sealed under the new key; the old key is gone");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -14,8 +14,14 @@ pub(crate) enum Cmd {
     /// Build a template from a spec file (either JSON form); rebuilds it if the name exists.
     Build {
         /// The spec file, or `-` for standard input.
-        #[arg(short = 'f', long = "file")]
-        file: String,
+        #[arg(short = 'f', long = "file", required_unless_present = "system")]
+        file: Option<String>,
+        /// Build the system templates (`superserve/base`, `superserve/python-3.11`, or
+        /// those `KILN_SYSTEM_TEMPLATES` names) on this machine's state dir, ahead of the
+        /// server that would build them when it starts; their images are
+        /// `KILN_BASE_IMAGE` and `KILN_PYTHON_IMAGE`.
+        #[arg(long, conflicts_with_all = ["file", "name", "detach"])]
+        system: bool,
         /// Template name (overrides the spec's `name`).
         #[arg(long)]
         name: Option<String>,
@@ -71,6 +77,9 @@ pub(crate) enum Cmd {
 }
 
 pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
+    if let Cmd::Build { system: true, .. } = &command {
+        return build_system().await;
+    }
     if let Cmd::RunBuild { build_id } = &command {
         // The detached runner of `build --detach`: this machine only.
         let local = crate::local::Local::open().await?;
@@ -89,7 +98,11 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
             name,
             detach,
             no_cache,
-        } => build(backend, &file, name, detach, no_cache).await,
+            system: _,
+        } => {
+            let file = file.context("--file is required")?;
+            build(backend, &file, name, detach, no_cache).await
+        }
         Cmd::Ls { json } => {
             print::templates(&backend.templates().await?, json)?;
             Ok(ExitCode::SUCCESS)
@@ -134,6 +147,37 @@ pub async fn run(command: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::RunBuild { .. } => unreachable!("handled above"),
     }
+}
+
+/// `template build --system`: the system templates, built here (an operator's command on
+/// the server's host: teams cannot build them through the API).
+async fn build_system() -> anyhow::Result<ExitCode> {
+    if crate::remote::client()?.is_some() {
+        bail!(
+            "--system builds on this machine's state dir (the server's): run it on the \
+             server's host without KILN_URL / a saved login"
+        );
+    }
+    let local = crate::local::Local::open().await?;
+    let which = kiln_engine::SystemTemplate::selected(
+        std::env::var("KILN_SYSTEM_TEMPLATES").ok().as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let builds = local.engine.queue_system_templates(&which).await?;
+    if builds.is_empty() {
+        eprintln!("--> the system templates are built and up to date");
+    }
+    let mut code = ExitCode::SUCCESS;
+    for b in builds {
+        eprintln!("--> system template {}, build {}", b.template_id, b.id);
+        let mut on_log = |e: &kiln_api::BuildLogEvent| print::live_log_line(e);
+        let finished = local.run_build(&b, &mut on_log).await?;
+        let end = print::build_end(&finished.template_id, &finished);
+        if finished.status != BuildStatus::Ready {
+            code = end;
+        }
+    }
+    Ok(code)
 }
 
 async fn build(

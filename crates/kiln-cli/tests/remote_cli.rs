@@ -128,7 +128,64 @@ fn template_and_sandbox_commands_work_against_a_server() {
     assert!(remote(&["sandbox", "network", &id, "--clear"])
         .status
         .success());
+
+    // Snapshots: taken while the sandbox runs, forked, listed, renamed, deleted.
+    assert!(remote(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /srv/mark"
+    ])
+    .status
+    .success());
+    let out = remote(&["sandbox", "snapshot", &id, "--name", "first"]);
+    assert!(out.status.success());
+    let snap = last_line(&out.stdout);
+    let out = remote(&["sandbox", "exec", &id, "--", "cat", "/srv/mark"]);
+    assert_eq!(text(&out.stdout), "kept\n", "the source runs on");
+    let out = remote(&["snapshot", "ls", "--sandbox", &id, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&list[0]["id"], &list[0]["status"]),
+        (&snap.as_str().into(), &"ready".into())
+    );
+    assert!(remote(&["snapshot", "rename", &snap, "renamed"])
+        .status
+        .success());
+    let out = remote(&["snapshot", "show", &snap]);
+    assert!(
+        text(&out.stdout).starts_with("renamed ("),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(remote(&["sandbox", "kill", &id]).status.success());
+    let out = remote(&[
+        "sandbox",
+        "create",
+        "--from-snapshot",
+        &snap,
+        "--timeout",
+        "3600",
+    ]);
+    assert!(out.status.success());
+    let fork = last_line(&out.stdout);
+    let out = remote(&["sandbox", "exec", &fork, "--", "cat", "/srv/mark"]);
+    assert_eq!(text(&out.stdout), "kept\n", "the fork has the file");
+    let out = remote(&["sandbox", "ls", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["source_snapshot_id"], snap.as_str());
+    assert_eq!(list[0]["timeout_seconds"], 3600);
+    assert!(remote(&["sandbox", "kill", &fork]).status.success());
+    assert!(remote(&["snapshot", "rm", &snap]).status.success());
+    let out = remote(&["snapshot", "show", &snap]);
+    assert!(
+        text(&out.stderr).contains("not_found"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A failing rebuild of the same name, with a new spec: the last stderr line is the
     // code, the exit code 1, as in local mode; the template stays usable.

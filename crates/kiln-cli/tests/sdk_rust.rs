@@ -464,8 +464,9 @@ async fn flow(base_url: &str, key: &str, registry: &str) {
         .unwrap();
     assert_eq!(r.stdout, "written by the SDK\nbar\n", "{r:?}");
 
-    // -- a second handle: connect (activate) hands out a token that works. Its resume
-    // rotates the token: the first handle's next call gets 401, activates and goes on.
+    // -- a second handle: connect (activate) hands out a token that works. Resuming an
+    // active sandbox is a conflict; its pause and resume rotate the token: the first
+    // handle's next call gets 401, activates and goes on.
     let other = Sandbox::connect(&client, &id).await.unwrap();
     let r = other
         .commands()
@@ -474,6 +475,12 @@ async fn flow(base_url: &str, key: &str, registry: &str) {
         .unwrap();
     assert_eq!(r.stdout, "from the other handle\n");
     let before = sandbox.access_token();
+    let err = other.resume().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Conflict { .. }),
+        "resuming an active sandbox: {err:?}"
+    );
+    other.pause().await.unwrap();
     other.resume().await.unwrap();
     assert_ne!(other.access_token(), before, "resume rotates the token");
     let r = sandbox

@@ -186,6 +186,12 @@ impl Engine {
     /// [`DELETE_WAIT`] to stop their VMs, so nothing is published into a deleted template.
     pub async fn delete_template(&self, team_id: &str, template: &str) -> Result<TemplateInfo> {
         let t = self.store.template_by_id_or_name(team_id, template).await?;
+        if t.team_id != team_id {
+            return Err(EngineError::Conflict(format!(
+                "{:?} is a system template: teams cannot delete it",
+                t.name
+            )));
+        }
         let live = SandboxFilter::with_statuses(SandboxStatus::live());
         let in_use = self
             .store
@@ -449,6 +455,7 @@ impl Engine {
             runtime,
             template.resources(),
         );
+        manifest.trust = out.trust.clone();
         for (name, size) in &out.files {
             manifest
                 .list_file(&format!("bundle/{name}"), *size)

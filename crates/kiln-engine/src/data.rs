@@ -36,7 +36,8 @@ const MAX_ZIP_ENTRIES: usize = 100_000;
 /// How a download reaches its reader: a pipe of this many bytes, so a slow reader holds
 /// the guest back instead of the host's memory.
 const DOWNLOAD_PIPE: usize = 256 * 1024;
-const SIGKILL: i32 = 9;
+/// What a terminal whose window closes sends its processes.
+const SIGHUP: i32 = 1;
 
 /// The data plane of one running sandbox. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -478,9 +479,11 @@ impl SessionInput {
         });
     }
 
-    /// Kills the command's process group: its client is gone.
-    pub async fn kill(&self) {
-        self.signal(SIGKILL).await;
+    /// Hangs up the command's terminal (SIGHUP to its process group), as closing a terminal
+    /// window does: an interactive shell whose client is gone would otherwise wait for
+    /// input forever.
+    pub async fn hang_up(&self) {
+        self.signal(SIGHUP).await;
     }
 }
 

@@ -29,6 +29,18 @@ pub enum EngineError {
         /// Its status.
         status: String,
     },
+    /// The snapshot is not ready to start sandboxes from (still being made, or failed).
+    #[error("snapshot {id} is {status}, not ready")]
+    SnapshotNotReady {
+        /// The snapshot.
+        id: String,
+        /// Its status.
+        status: String,
+    },
+    /// The object's state does not allow the request (pausing a paused sandbox, resuming
+    /// a running one, capturing a failed one).
+    #[error("{0}")]
+    Conflict(String),
     /// The host is not provisioned for VMs (`kiln setup` has not run).
     #[error("kiln is not set up for VMs; run `kiln setup`")]
     Setup(#[source] kiln_vm::Error),
@@ -58,6 +70,10 @@ pub enum EngineError {
     /// Pausing a sandbox failed while taking its snapshot; the sandbox is lost.
     #[error("pausing the sandbox failed")]
     Snapshot(#[source] kiln_vm::Error),
+    /// Taking a snapshot of a sandbox failed; the sandbox runs on (or stays paused) and
+    /// the snapshot is `failed`.
+    #[error("capturing the sandbox failed")]
+    Capture(#[source] kiln_vm::Error),
     /// The access token is not the sandbox's (it rotates on resume).
     #[error("the access token is not this sandbox's (it rotates on resume)")]
     WrongToken,
@@ -79,6 +95,15 @@ pub enum EngineError {
     /// A body or a result is larger than allowed.
     #[error("{0}")]
     TooLarge(String),
+    /// The secrets key could not be used, or a sealed value did not open.
+    #[error("secrets key")]
+    Seal(#[from] kiln_net::seal::SealError),
+    /// kiln's egress CA could not be made or read.
+    #[error("egress CA")]
+    Ca(#[from] kiln_net::ca::CaError),
+    /// A setting of the operator's is unusable (named, with why).
+    #[error("{0}")]
+    Config(String),
     /// Host I/O.
     #[error("{what} {path}")]
     Io {
@@ -169,14 +194,16 @@ impl EngineError {
                     Limit::Templates => C::TooManyTemplates,
                     Limit::Builds => C::TooManyBuilds,
                     Limit::Sandboxes => C::TooManySandboxes,
+                    Limit::Snapshots => C::TooManySnapshots,
                 },
                 _ => C::Internal,
             },
-            Self::NotReady { .. } => C::NotReady,
+            Self::NotReady { .. } | Self::SnapshotNotReady { .. } => C::NotReady,
+            Self::Conflict(_) => C::Conflict,
             Self::NotRunning(_) | Self::OwnedByServer { .. } => C::NotRunning,
             // The SDKs resume the sandbox (POST /activate) and retry on this one.
             Self::Unavailable(_) => C::SandboxUnavailable,
-            Self::Snapshot(_) => C::SnapshotFailed,
+            Self::Snapshot(_) | Self::Capture(_) => C::SnapshotFailed,
             Self::CorruptArtifact(_) | Self::Restore(_) => C::RestoreFailed,
             Self::WrongToken => C::Unauthorized,
             Self::Guest { kind, .. } => match kind {
@@ -191,6 +218,9 @@ impl EngineError {
             | Self::Setup(_)
             | Self::Images(_)
             | Self::StepCache(_)
+            | Self::Seal(_)
+            | Self::Ca(_)
+            | Self::Config(_)
             | Self::Io { .. } => C::Internal,
         }
     }
@@ -201,6 +231,9 @@ impl EngineError {
     pub fn public_message(&self) -> String {
         match self {
             Self::Snapshot(_) => "pausing the sandbox failed; it could not be saved".into(),
+            Self::Capture(_) => "the snapshot could not be taken (it is failed); the sandbox \
+                                is as it was"
+                .into(),
             Self::CorruptArtifact(_) => "the template's snapshot failed its checksum check \
                                         (corrupt on disk): rebuild the template"
                 .into(),

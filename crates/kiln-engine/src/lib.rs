@@ -16,8 +16,16 @@ mod logs;
 mod pool;
 mod preview;
 mod sandboxes;
+mod secrets;
+#[cfg(test)]
+mod secrets_tests;
+#[cfg(test)]
+mod snapshot_tests;
+mod snapshots;
+mod system;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod timers;
 mod wire;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +57,8 @@ pub use live::{Paused, Recovered, SandboxUp};
 pub use pool::PoolStats;
 pub use preview::{InboundRequest, PreviewError, PreviewGrant, TOKEN_KEY_FILE};
 pub use sandboxes::{pid_alive, LiveSandbox, Owner, SandboxEndpoint, ENDPOINT_FILE};
+pub use snapshots::SnapshotTaken;
+pub use system::{SystemTemplate, SYSTEM_TEMPLATES};
 
 /// The team the CLI's embedded mode works as.
 pub const LOCAL_TEAM: &str = "local";
@@ -90,6 +100,18 @@ pub struct EngineConfig {
     /// Where preview URLs point (`KILN_PREVIEW_DOMAIN`; by default
     /// `http://{port}-{id}.preview.localhost:8080`).
     pub preview: kiln_api::PreviewSite,
+    /// The key team secrets are sealed with, made on first start (`KILN_SECRETS_KEY`,
+    /// default `<state>/keys/secrets.key`).
+    pub secrets_key: PathBuf,
+    /// Private destinations every VM may reach (`KILN_EGRESS_ALLOW_PRIVATE`: `host:port`
+    /// or `cidr:port`, comma-separated), checked when the engine opens.
+    pub egress_allow_private: String,
+    /// More roots the egress proxy verifies upstreams against when it opens a
+    /// connection up for a secret (`KILN_EGRESS_TRUST_CA`, a PEM bundle).
+    pub egress_trust_ca: Option<PathBuf>,
+    /// A PEM bundle every guest trusts besides kiln's egress CA (`KILN_GUEST_TRUST_CA`):
+    /// the CA of a network that intercepts TLS, a company's own.
+    pub guest_trust_ca: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -104,7 +126,17 @@ impl EngineConfig {
         }
         let state_dir = state_dir.into();
         let registry_config = Some(registry_config_path(&state_dir));
+        let path_var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         Self {
+            secrets_key: path_var("KILN_SECRETS_KEY")
+                .unwrap_or_else(|| Layout::new(&state_dir).keys_dir().join("secrets.key")),
+            egress_allow_private: std::env::var("KILN_EGRESS_ALLOW_PRIVATE").unwrap_or_default(),
+            egress_trust_ca: path_var("KILN_EGRESS_TRUST_CA"),
+            guest_trust_ca: path_var("KILN_GUEST_TRUST_CA"),
             state_dir,
             accel: Accel::from_env(),
             limits: Limits::UNLIMITED,
@@ -160,6 +192,12 @@ pub struct Engine {
     pool: pool::RestorePool,
     /// What preview tokens are signed with.
     preview_key: preview::TokenKey,
+    /// Wakes the auto-pause/auto-delete timer when a deadline may have changed.
+    timers: tokio::sync::Notify,
+    /// Bumped whenever a snapshot this process makes settles (ready or failed).
+    snapshots_settled: tokio::sync::watch::Sender<u64>,
+    /// What the egress proxy is run with, and the certificates guests trust.
+    egress: secrets::Egress,
 }
 
 impl Engine {
@@ -174,6 +212,7 @@ impl Engine {
         let slots = cfg.max_parallel_builds.max(1);
         let pool = pool::RestorePool::new(cfg.restore_pool, cfg.restore_pool_idle);
         let preview_key = preview::TokenKey::load_or_create(layout.root())?;
+        let egress = secrets::Egress::open(&cfg, &layout)?;
         Ok(Arc::new(Self {
             cfg,
             store,
@@ -185,6 +224,9 @@ impl Engine {
             running_builds: builds::RunningBuilds::default(),
             pool,
             preview_key,
+            timers: tokio::sync::Notify::new(),
+            snapshots_settled: tokio::sync::watch::Sender::new(0),
+            egress,
         }))
     }
 
@@ -251,27 +293,45 @@ impl Engine {
                     build_timeout: self.cfg.build_timeout,
                     egress: self.egress_command(None),
                     step_cache: Some(kiln_build::StepCache::new(self.layout.step_cache_dir())),
+                    trust: Some(self.egress.trust.clone()),
                 })
             })
             .await
     }
 
-    /// The command QEMU runs per outgoing guest connection: the proxy with the rules file
-    /// of a sandbox (read per connection, so updates apply at once) and its connection
-    /// log next to it; builds have no rules file (the public internet, nothing else).
+    /// The command QEMU runs per outgoing guest connection: the proxy with the private
+    /// destinations the operator opened and, for a sandbox, its rules file and secret
+    /// bindings (read per connection, so updates apply at once), its connection log next
+    /// to them, and what swapping secrets needs (the key, the CA, the audit); builds have
+    /// no rules and no secrets (the public internet, nothing else).
     ///
     /// With an empty `sandbox_dir` the files are named relative to the VM's run directory
     /// (QEMU's working directory): a pooled VM's, linked to the sandbox's files on claim.
     pub(crate) fn egress_command(&self, sandbox_dir: Option<&Path>) -> Option<Vec<String>> {
         let helper = self.cfg.egress_helper.as_ref()?;
         let mut argv = vec![helper.display().to_string(), "egress-proxy".to_owned()];
+        for dest in &self.egress.allow_private {
+            argv.extend(["--allow-private".to_owned(), dest.to_string()]);
+        }
         if let Some(dir) = sandbox_dir {
+            let path = |p: PathBuf| p.display().to_string();
             argv.extend([
                 "--rules".to_owned(),
-                dir.join(sandboxes::NETWORK_RULES).display().to_string(),
+                path(dir.join(sandboxes::NETWORK_RULES)),
                 "--log".to_owned(),
-                dir.join(sandboxes::NETWORK_LOG).display().to_string(),
+                path(dir.join(sandboxes::NETWORK_LOG)),
+                "--secrets".to_owned(),
+                path(dir.join(kiln_net::secrets::SECRETS_FILE)),
+                "--secrets-key".to_owned(),
+                path(self.cfg.secrets_key.clone()),
+                "--ca-dir".to_owned(),
+                path(self.layout.keys_dir()),
+                "--audit-dir".to_owned(),
+                path(self.layout.secret_audit_dir()),
             ]);
+            if let Some(ca) = &self.cfg.egress_trust_ca {
+                argv.extend(["--trust-ca".to_owned(), path(ca.clone())]);
+            }
         }
         Some(argv)
     }

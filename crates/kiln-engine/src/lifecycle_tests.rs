@@ -97,9 +97,9 @@ async fn pause_saves_and_stops_the_vm_and_resume_brings_it_back_with_a_new_token
         first_pid,
         t.dir.path().join("sandboxes").join(&id).join("paused-next")
     )));
-    // Pausing again is a no-op; the data plane says to resume.
-    let again = t.engine.pause_sandbox(&team, &id).await.unwrap();
-    assert!(again.snapshot_time.is_none());
+    // Pausing again is a conflict (Superserve's errors.mdx); the data plane says to resume.
+    let again = t.engine.pause_sandbox(&team, &id).await.unwrap_err();
+    assert_eq!(again.code(), kiln_api::ApiErrorCode::Conflict, "{again}");
     let unavailable = t
         .engine
         .sandbox_by_token(&id, &up.sandbox.access_token)

@@ -39,17 +39,19 @@ pub(crate) struct LiveSandboxes {
 }
 
 #[derive(Debug)]
-struct Running {
+pub(crate) struct Running {
     team_id: String,
-    agent: AgentClient,
+    /// The multiplexed agent connection every data-plane call shares.
+    pub(crate) agent: AgentClient,
     /// The current access token, so that `activate` on a running sandbox can hand it out
     /// without rotating it (which would cut off every other client of the sandbox).
     token: Mutex<String>,
-    vm: tokio::sync::Mutex<Option<Box<dyn Machine>>>,
+    /// The VM, taken out by a pause or a kill.
+    pub(crate) vm: tokio::sync::Mutex<Option<Box<dyn Machine>>>,
 }
 
 impl LiveSandboxes {
-    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
         ops.entry(id.to_owned()).or_default().clone()
     }
@@ -77,6 +79,10 @@ impl LiveSandboxes {
 
     fn take(&self, id: &str) -> Option<Arc<Running>> {
         self.lock().remove(id)
+    }
+
+    pub(crate) fn running(&self, id: &str) -> Option<Arc<Running>> {
+        self.lock().get(id).cloned()
     }
 
     pub(crate) fn agent(&self, id: &str) -> Option<AgentClient> {
@@ -166,31 +172,25 @@ impl Engine {
         }
     }
 
-    /// Snapshots a running sandbox and stops its VM. Pausing a paused sandbox is a no-op.
-    /// If the snapshot fails the VM is gone, so the sandbox is marked `failed`.
+    /// Snapshots a running sandbox and stops its VM. Pausing a paused sandbox is a
+    /// conflict (409, as Superserve's `errors.mdx` lists it); a pause in progress is
+    /// waited for first, so a second pause finds the sandbox paused. If the snapshot fails
+    /// the VM is gone, so the sandbox is marked `failed`.
     pub async fn pause_sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<Paused> {
         let _op = self.live.op_lock(sandbox_id).lock_owned().await;
-        match self.begin_pause(team_id, sandbox_id).await? {
-            Ok(vm) => self.snapshot_paused(team_id, sandbox_id, vm).await,
-            Err(sandbox) => Ok(Paused {
-                sandbox: self.sandbox_info(&sandbox),
-                snapshot_time: None,
-            }),
-        }
+        let vm = self.begin_pause(team_id, sandbox_id).await?;
+        self.snapshot_paused(team_id, sandbox_id, vm).await
     }
 
-    /// Starts a pause and returns once the sandbox is `pausing` (or already paused); the
-    /// snapshot continues in the background. Any resume or kill that follows waits for it.
+    /// Starts a pause and returns once the sandbox is `pausing`; the snapshot continues
+    /// in the background. Any resume or kill that follows waits for it.
     pub async fn pause_sandbox_detached(
         self: &Arc<Self>,
         team_id: &str,
         sandbox_id: &str,
     ) -> Result<SandboxInfo> {
         let op = self.live.op_lock(sandbox_id).lock_owned().await;
-        let vm = match self.begin_pause(team_id, sandbox_id).await? {
-            Ok(vm) => vm,
-            Err(paused) => return Ok(self.sandbox_info(&paused)),
-        };
+        let vm = self.begin_pause(team_id, sandbox_id).await?;
         let pausing = self.store.sandbox_by_id(team_id, sandbox_id).await;
         let engine = self.clone();
         let (team_id, sandbox_id) = (team_id.to_owned(), sandbox_id.to_owned());
@@ -203,16 +203,40 @@ impl Engine {
         Ok(self.sandbox_info(&pausing?))
     }
 
-    /// Under the sandbox's op lock: takes its VM out of service and marks it `pausing`.
-    /// `Err(sandbox)` inside means it is already paused.
-    async fn begin_pause(
+    /// The auto-pause timer's pause: under the op lock, and only if the sandbox is still
+    /// running here with its deadline passed at `now` (a resume, a pause or a new timeout
+    /// that came first wins). True when it paused the sandbox.
+    pub(crate) async fn auto_pause(
         &self,
         team_id: &str,
         sandbox_id: &str,
-    ) -> Result<std::result::Result<Box<dyn Machine>, Sandbox>> {
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        let _op = self.live.op_lock(sandbox_id).lock_owned().await;
+        let s = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        let due = s.status == SandboxStatus::Active && s.pause_at.is_some_and(|at| at <= now);
+        if !due || self.live.agent(sandbox_id).is_none() {
+            return Ok(false);
+        }
+        tracing::info!(sandbox = %sandbox_id, "auto-pause: the timeout passed");
+        let vm = self.begin_pause(team_id, sandbox_id).await?;
+        self.snapshot_paused(team_id, sandbox_id, vm).await?;
+        Ok(true)
+    }
+
+    /// Under the sandbox's op lock: takes its VM out of service and marks it `pausing`.
+    async fn begin_pause(&self, team_id: &str, sandbox_id: &str) -> Result<Box<dyn Machine>> {
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
-        if record.status == SandboxStatus::Paused {
-            return Ok(Err(record));
+        match record.status {
+            SandboxStatus::Paused => {
+                return Err(EngineError::Conflict(format!(
+                    "sandbox {sandbox_id} is already paused"
+                )))
+            }
+            SandboxStatus::Deleted => {
+                return Err(kiln_store::StoreError::not_found("sandbox", sandbox_id).into())
+            }
+            _ => {}
         }
         let Some(running) = self.live.take(sandbox_id) else {
             // Not ours to pause (another process runs it, or nothing does); its status is
@@ -220,16 +244,14 @@ impl Engine {
             return Err(EngineError::NotRunning(sandbox_id.to_owned()));
         };
         if let Err(e) = self
-            .store
-            .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Pausing)
+            .set_status(team_id, sandbox_id, SandboxStatus::Pausing)
             .await
         {
             self.live.lock().insert(sandbox_id.to_owned(), running);
-            return Err(e.into());
+            return Err(e);
         }
         let vm = running.vm.lock().await.take();
-        vm.map(Ok)
-            .ok_or_else(|| EngineError::NotRunning(sandbox_id.to_owned()))
+        vm.ok_or_else(|| EngineError::NotRunning(sandbox_id.to_owned()))
     }
 
     async fn snapshot_paused(
@@ -271,8 +293,7 @@ impl Engine {
                     "sandbox paused"
                 );
                 let sandbox = self
-                    .store
-                    .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Paused)
+                    .set_status(team_id, sandbox_id, SandboxStatus::Paused)
                     .await?;
                 Ok(Paused {
                     sandbox: self.sandbox_info(&sandbox),
@@ -311,12 +332,15 @@ impl Engine {
         let record = self.store.sandbox_by_id(team_id, sandbox_id).await?;
         let mut restore_time = None;
         let sandbox = match record.status {
+            // Resuming a running sandbox is a conflict (the SDK's `resume` answers it by
+            // looking at the status); activating it hands out its token.
+            SandboxStatus::Active if always_rotate => {
+                return Err(EngineError::Conflict(format!(
+                    "sandbox {sandbox_id} is not paused"
+                )))
+            }
             SandboxStatus::Active if self.live.agent(sandbox_id).is_some() => {
-                if let Some(token) = self
-                    .live
-                    .token(sandbox_id)
-                    .filter(|t| !always_rotate && !t.is_empty())
-                {
+                if let Some(token) = self.live.token(sandbox_id).filter(|t| !t.is_empty()) {
                     return Ok(SandboxUp {
                         sandbox: SandboxWithToken {
                             sandbox: self.sandbox_info(&record),
@@ -343,8 +367,7 @@ impl Engine {
             SandboxStatus::Active => return Err(EngineError::NotRunning(sandbox_id.to_owned())),
             _ => {
                 // Let the store name the refused transition.
-                self.store
-                    .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Resuming)
+                self.set_status(team_id, sandbox_id, SandboxStatus::Resuming)
                     .await?;
                 return Err(EngineError::NotRunning(sandbox_id.to_owned()));
             }
@@ -364,25 +387,24 @@ impl Engine {
         let dir = self.layout.sandbox_dir(&record.id)?;
         let bundle =
             paused_bundle(&dir).ok_or_else(|| EngineError::NotRunning(record.id.clone()))?;
-        self.store
-            .set_sandbox_status(team_id, &record.id, SandboxStatus::Resuming)
+        self.set_status(team_id, &record.id, SandboxStatus::Resuming)
             .await?;
-        let cfg = self.restore_config(&record.id, &dir);
+        let cfg = self.restore_config(record, &dir)?;
         match self.hypervisor().restore(&bundle, cfg).await {
             Ok(vm) => {
                 self.write_endpoint(&dir, vm.as_ref())?;
-                self.live.insert(team_id, &record.id, vm, "")?;
+                let agent = self.live.insert(team_id, &record.id, vm, "")?;
+                // Bindings attached or detached while it was paused.
+                self.apply_secret_env(record, &agent).await?;
                 tracing::info!("sandbox resumed");
                 Ok(self
-                    .store
-                    .set_sandbox_status(team_id, &record.id, SandboxStatus::Active)
+                    .set_status(team_id, &record.id, SandboxStatus::Active)
                     .await?)
             }
             Err(e) => {
                 // The snapshot is untouched: the sandbox stays paused and can be retried.
                 tracing::warn!(error = %kiln_vm::error_chain(&e), "resume failed");
-                self.store
-                    .set_sandbox_status(team_id, &record.id, SandboxStatus::Paused)
+                self.set_status(team_id, &record.id, SandboxStatus::Paused)
                     .await?;
                 Err(EngineError::restore(e))
             }
@@ -398,6 +420,31 @@ impl Engine {
         if record.status == SandboxStatus::Deleted {
             return Ok(self.sandbox_info(&record));
         }
+        self.kill_locked(team_id, sandbox_id).await
+    }
+
+    /// The auto-delete timer's kill: under the op lock, and only if the sandbox is still
+    /// paused with its deadline passed at `now` (a resume or a disarm that came first
+    /// wins). True when it deleted the sandbox.
+    pub(crate) async fn auto_delete(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        let lock = self.live.op_lock(sandbox_id);
+        let _op = lock.lock().await;
+        let s = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        if s.status != SandboxStatus::Paused || s.delete_at.is_none_or(|at| at > now) {
+            return Ok(false);
+        }
+        tracing::info!(sandbox = %sandbox_id, "auto-delete: paused for its whole window");
+        self.kill_locked(team_id, sandbox_id).await?;
+        Ok(true)
+    }
+
+    /// [`Engine::kill_sandbox`]'s work, under the op lock.
+    async fn kill_locked(&self, team_id: &str, sandbox_id: &str) -> Result<SandboxInfo> {
         match self.live.take(sandbox_id) {
             Some(running) => {
                 if let Some(vm) = running.vm.lock().await.take() {
@@ -436,9 +483,11 @@ impl Engine {
     }
 
     /// After a crash: builds that were running are marked failed and their staging files
-    /// removed; sandboxes whose owner process is gone are marked failed and their
-    /// directories removed; VM run directories (disk overlays, memory files) whose owner
-    /// is gone are removed. Paused sandboxes keep their snapshot and stay paused.
+    /// removed, and so are snapshots being captured; sandboxes whose owner process is gone
+    /// are marked failed and their directories removed; VM run directories (disk
+    /// overlays, memory files) whose owner is gone are removed. Paused sandboxes keep
+    /// their snapshot and stay paused (and their auto-delete deadlines, which the timer
+    /// picks up).
     pub async fn recover_after_restart(&self) -> Result<Recovered> {
         let mut out = Recovered {
             run_dirs: self.sweep_run_dirs().await,
@@ -453,6 +502,15 @@ impl Engine {
             }
             out.builds.push(b.id);
         }
+        // A capture cut short leaves its snapshot `failed` and nothing of it on disk (it
+        // is published only whole); its source, if it was running here, went with us.
+        for s in self.store.mark_interrupted_snapshots(alive).await? {
+            if let Ok(staging) = self.layout.snapshot_staging_dir(&s.id) {
+                remove_dir_quiet(&staging);
+            }
+            out.snapshots.push(s.id);
+        }
+        self.sweep_snapshot_dirs().await?;
         for s in self
             .store
             .sandboxes_with_status(&SandboxStatus::owned())
@@ -468,15 +526,13 @@ impl Engine {
             {
                 remove_dir_quiet(&dir.join(PAUSED));
                 if std::fs::rename(dir.join(PAUSED_NEXT), dir.join(PAUSED)).is_ok() {
-                    self.store
-                        .set_sandbox_status(&s.team_id, &s.id, SandboxStatus::Paused)
+                    self.set_status(&s.team_id, &s.id, SandboxStatus::Paused)
                         .await?;
                     continue;
                 }
             }
             if s.status == SandboxStatus::Resuming && paused_bundle(&dir).is_some() {
-                self.store
-                    .set_sandbox_status(&s.team_id, &s.id, SandboxStatus::Paused)
+                self.set_status(&s.team_id, &s.id, SandboxStatus::Paused)
                     .await?;
                 continue;
             }
@@ -495,11 +551,15 @@ pub struct Recovered {
     pub builds: Vec<String>,
     /// Sandboxes marked failed.
     pub sandboxes: Vec<String>,
+    /// Snapshots whose capture was cut short, marked failed.
+    pub snapshots: Vec<String>,
     /// VM run directories of dead processes removed.
     pub run_dirs: usize,
 }
 
-fn paused_bundle(dir: &Path) -> Option<PathBuf> {
+/// A paused sandbox's pause snapshot (the one being replaced, while a pause publishes its
+/// successor).
+pub(crate) fn paused_bundle(dir: &Path) -> Option<PathBuf> {
     [PAUSED, PAUSED_NEXT]
         .iter()
         .map(|n| dir.join(n))

@@ -476,19 +476,14 @@ impl Engine {
             kind: "request".into(),
             id: now.timestamp_micros(),
             ts: now,
-            host: None,
-            dst_ip: None,
             dst_port: Some(r.port),
             verdict,
-            match_rule: None,
-            error_code: None,
-            bytes_sent: 0,
-            bytes_recv: 0,
             direction: Some(INBOUND.to_owned()),
             method: Some(r.method.to_owned()),
             path: Some(r.path.to_owned()),
             status: Some(r.status),
             latency_ms: Some(u64::try_from(r.latency.as_millis()).unwrap_or(u64::MAX)),
+            ..NetworkEvent::default()
         };
         kiln_net::log::append(&dir.join(NETWORK_LOG), &event);
     }

@@ -1,4 +1,5 @@
-//! Sandboxes: a template's snapshot restored into a new VM, the start process live.
+//! Sandboxes: a template's snapshot (or a sandbox snapshot's, for a fork) restored into a
+//! new VM, the start process live.
 //!
 //! Whoever holds the [`LiveSandbox`] owns the VM (the server process, or the CLI's
 //! detached keeper process). It publishes an [`SandboxEndpoint`] file in the sandbox's
@@ -10,6 +11,7 @@ use std::time::Duration;
 use kiln_agent_proto::AgentClient;
 use kiln_api::{
     CreateSandbox, NetworkConfig, NetworkLogPage, NetworkLogQuery, SandboxFilter, SandboxInfo,
+    SnapshotStatus, DEFAULT_TEMPLATE,
 };
 use kiln_store::{NewSandbox, Sandbox, SandboxStatus};
 use kiln_vm::{Machine, PendingRestore, RestoreConfig};
@@ -29,6 +31,12 @@ pub const NETWORK_RULES: &str = "network.json";
 pub const NETWORK_LOG: &str = "network.log";
 /// Bound on reaching a sandbox's agent.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where a fork's VM finds the snapshot it was created from: the snapshot bundle's files,
+/// hard-linked, so that deleting the snapshot does not take them from under the fork.
+const ORIGIN: &str = "origin";
+/// How long a create waits for a system template that is still building (one that
+/// `kiln serve` queued at start): under the SDKs' 30 s inactivity timeout.
+const SYSTEM_TEMPLATE_WAIT: Duration = Duration::from_secs(25);
 
 /// How to reach a running sandbox, and who owns its VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,9 +75,10 @@ pub struct LiveSandbox {
     pub dir: PathBuf,
 }
 
-/// Finishes a pooled restore for the sandbox in `dir`: its egress rules and network
-/// log, named relative to the VM's run directory, become links to the sandbox's files
-/// before the guest runs, and its console log is linked into the sandbox's directory.
+/// Finishes a pooled restore for the sandbox in `dir`: its egress rules, secret bindings
+/// and network log, named relative to the VM's run directory, become links to the
+/// sandbox's files before the guest runs, and its console log is linked into the
+/// sandbox's directory.
 async fn claim(
     incoming: Box<dyn PendingRestore>,
     sandbox_id: &str,
@@ -78,7 +87,7 @@ async fn claim(
 ) -> Result<Box<dyn Machine>> {
     incoming.claimed_by(sandbox_id);
     let run = incoming.run_dir().to_owned();
-    for name in [NETWORK_RULES, NETWORK_LOG] {
+    for name in [NETWORK_RULES, NETWORK_LOG, kiln_net::secrets::SECRETS_FILE] {
         let link = run.join(name);
         std::os::unix::fs::symlink(dir.join(name), &link)
             .map_err(EngineError::io("linking", &link))?;
@@ -99,7 +108,8 @@ async fn claim(
 
 impl Engine {
     /// Records a new sandbox (`starting`) after the request's checks and the team's limit
-    /// check, with its egress rules; the access token is returned once, in plain text.
+    /// check, with its egress rules and secret bindings; the access token is returned
+    /// once, in plain text.
     /// Call [`Engine::start_sandbox`] to bring it up (or [`Engine::create_sandbox`] for
     /// both, in this process).
     pub async fn create_sandbox_record(
@@ -120,42 +130,106 @@ impl Engine {
         if let Some(rules) = &req.network {
             check_rules(rules)?;
         }
+        let seconds = |v: Option<u64>| v.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
         let new = NewSandbox {
-            template: req.from_template.clone().unwrap_or_default(),
+            template: match (&req.from_template, &req.from_snapshot) {
+                (Some(t), _) => t.clone(),
+                (None, Some(_)) => String::new(),
+                (None, None) => DEFAULT_TEMPLATE.to_owned(),
+            },
+            snapshot: req.from_snapshot.clone(),
             name: Some(req.name.clone()),
             metadata: req.metadata.clone(),
             env: req.env_vars.clone(),
+            timeout_seconds: seconds(req.timeout_seconds),
+            auto_delete_seconds: seconds(req.auto_delete_seconds),
+            secrets: self.new_bindings(team_id, &req.secrets).await?,
             preview_access: req.preview_access,
         };
         let (record, token) = self.insert_sandbox(team_id, &new).await?;
-        if req.network.is_some() {
-            if let Err(e) = self
-                .set_network_rules(team_id, &record.id, req.network.as_ref())
-                .await
-            {
+        // The files the egress proxy reads exist before the VM makes a connection.
+        let files = async {
+            if req.network.is_some() {
+                self.set_network_rules(team_id, &record.id, req.network.as_ref())
+                    .await?;
+            }
+            match &req.from_snapshot {
+                // A fork's memory holds its parent's stand-ins: it gets its own for them.
+                Some(snapshot) => {
+                    let parent = self.store.snapshot_by_id(team_id, snapshot).await?;
+                    self.copy_secret_bindings(team_id, &parent.sandbox_id, &record.id)
+                        .await
+                }
+                None => self.write_bindings(&record).await.map(|()| record.clone()),
+            }
+        };
+        match files.await {
+            Ok(record) => Ok((record, token)),
+            Err(e) => {
                 self.finish_sandbox(team_id, &record.id, SandboxStatus::Failed)
                     .await?;
-                return Err(e);
+                Err(e)
             }
         }
-        Ok((record, token))
     }
 
     async fn insert_sandbox(&self, team_id: &str, new: &NewSandbox) -> Result<(Sandbox, String)> {
-        let template = self
-            .store
-            .template_by_id_or_name(team_id, &new.template)
-            .await?;
-        if template.current_build_id.is_none() {
-            return Err(EngineError::NotReady {
-                name: template.name,
-                status: template.status.to_string(),
-            });
+        match &new.snapshot {
+            Some(id) => {
+                let snapshot = self.store.snapshot_by_id(team_id, id).await?;
+                if snapshot.status != SnapshotStatus::Ready {
+                    return Err(EngineError::SnapshotNotReady {
+                        id: snapshot.id,
+                        status: snapshot.status.to_string(),
+                    });
+                }
+            }
+            None => {
+                let template = self.template_to_start(team_id, &new.template).await?;
+                if template.current_build_id.is_none() {
+                    return Err(EngineError::NotReady {
+                        name: template.name,
+                        status: template.status.to_string(),
+                    });
+                }
+            }
         }
-        Ok(self
+        let (record, token) = self
             .store
             .create_sandbox(team_id, new, &self.cfg.limits)
-            .await?)
+            .await?;
+        self.timers.notify_one();
+        Ok((record, token))
+    }
+
+    /// The template a sandbox starts from. A system template still building (`kiln serve`
+    /// builds them when it starts) is waited for, up to [`SYSTEM_TEMPLATE_WAIT`].
+    async fn template_to_start(&self, team_id: &str, name: &str) -> Result<kiln_store::Template> {
+        let deadline = tokio::time::Instant::now() + SYSTEM_TEMPLATE_WAIT;
+        loop {
+            let t = match self.store.template_by_id_or_name(team_id, name).await {
+                Err(kiln_store::StoreError::NotFound { .. }) if name == DEFAULT_TEMPLATE => {
+                    return Err(EngineError::NotReady {
+                        name: name.to_owned(),
+                        status: "not built: `kiln serve` builds it when it starts, \
+                                 `kiln template build --system` ahead of time"
+                            .to_owned(),
+                    })
+                }
+                other => other?,
+            };
+            let building = t.current_build_id.is_none()
+                && matches!(
+                    t.status,
+                    kiln_api::TemplateStatus::Pending | kiln_api::TemplateStatus::Building
+                );
+            if !(building && t.team_id == kiln_store::SYSTEM_TEAM_ID)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(t);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Restores a `starting` sandbox from its template's snapshot, applies its env on top
@@ -168,8 +242,7 @@ impl Engine {
         match self.restore(&record).instrument(span).await {
             Ok((vm, dir)) => {
                 let record = self
-                    .store
-                    .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Active)
+                    .set_status(team_id, sandbox_id, SandboxStatus::Active)
                     .await?;
                 Ok(LiveSandbox {
                     info: self.sandbox_info(&record),
@@ -180,8 +253,7 @@ impl Engine {
             Err(e) => {
                 tracing::warn!(error = %e, "sandbox failed to start");
                 let _ = self
-                    .store
-                    .set_sandbox_status(team_id, sandbox_id, SandboxStatus::Failed)
+                    .set_status(team_id, sandbox_id, SandboxStatus::Failed)
                     .await;
                 self.remove_sandbox_dir(sandbox_id);
                 Err(e)
@@ -190,13 +262,16 @@ impl Engine {
     }
 
     async fn restore(&self, record: &Sandbox) -> Result<(Box<dyn Machine>, PathBuf)> {
+        let dir = self.layout.sandbox_dir(&record.id)?;
+        std::fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
+        if let Some(snapshot) = &record.source_snapshot_id {
+            return self.restore_fork(record, snapshot, dir).await;
+        }
         let artifact = self
             .layout
             .artifact_dir(&record.template_id, &record.build_id)?;
         let bundle = artifact.join("bundle");
-        let dir = self.layout.sandbox_dir(&record.id)?;
-        std::fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
-        let cfg = self.restore_config(&record.id, &dir);
+        let cfg = self.restore_config(record, &dir)?;
         let pooled = match self.pool.take(&record.template_id, &record.build_id) {
             Some(incoming) => match claim(incoming, &record.id, &dir, cfg.timeout).await {
                 Ok(vm) => Some(vm),
@@ -224,6 +299,7 @@ impl Engine {
                 self.vm_dir(),
             );
             pool_cfg.egress = self.egress_command(Some(Path::new("")));
+            pool_cfg.base_disk = Some(self.template_disk(&record.template_id, &record.build_id)?);
             self.pool.refill(
                 self.cfg.hypervisor.clone(),
                 &record.template_id,
@@ -232,18 +308,57 @@ impl Engine {
                 pool_cfg,
             );
         }
-        if !record.env.is_empty() {
-            let agent = vm.agent();
+        let agent = vm.agent();
+        // Trust defaults go under what the template and the sandbox set.
+        let trust_env = self.refresh_trust(&artifact, agent).await;
+        if !record.env.is_empty() || !trust_env.is_empty() {
             let mut defaults = agent.get_defaults().await.map_err(EngineError::Agent)?;
-            defaults
-                .env
-                .extend(record.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-            agent
-                .set_defaults(defaults)
-                .await
-                .map_err(EngineError::Agent)?;
+            for (k, v) in trust_env {
+                defaults.env.entry(k).or_insert(v);
+            }
+            set_env(agent, defaults, &record.env).await?;
         }
+        self.apply_secret_env(record, agent).await?;
         self.write_endpoint(&dir, vm.as_ref())?;
+        Ok((vm, dir))
+    }
+
+    /// A fork: the snapshot's bundle linked into the sandbox's directory (the links keep
+    /// it whole if the snapshot is deleted while the fork runs) and restored from there,
+    /// its processes live; the agent's env, working directory and user go back to the
+    /// template's, with the fork's own env and its own secret stand-ins on top (the source's env
+    /// stays the source's).
+    async fn restore_fork(
+        &self,
+        record: &Sandbox,
+        snapshot: &str,
+        dir: PathBuf,
+    ) -> Result<(Box<dyn Machine>, PathBuf)> {
+        let src = self.layout.snapshot_dir(snapshot)?;
+        if !src.is_dir() {
+            return Err(kiln_store::StoreError::not_found("snapshot", snapshot).into());
+        }
+        let origin = dir.join(ORIGIN);
+        remove_dir_quiet(&origin);
+        kiln_vm::snapshot::link_bundle(&src, &origin).map_err(EngineError::restore)?;
+        let cfg = self.restore_config(record, &dir)?;
+        let vm = self
+            .hypervisor()
+            .restore(&origin, cfg)
+            .await
+            .map_err(EngineError::restore)?;
+        let artifact = self
+            .layout
+            .artifact_dir(&record.template_id, &record.build_id)?;
+        let template = kiln_store::ArtifactManifest::read(&artifact)?;
+        let mut defaults = kiln_build::agent_defaults(&template.runtime);
+        for (k, v) in self.refresh_trust(&artifact, vm.agent()).await {
+            defaults.env.entry(k).or_insert(v);
+        }
+        set_env(vm.agent(), defaults, &record.env).await?;
+        self.apply_secret_env(record, vm.agent()).await?;
+        self.write_endpoint(&dir, vm.as_ref())?;
+        tracing::info!(snapshot, "restored a fork");
         Ok((vm, dir))
     }
 
@@ -259,15 +374,26 @@ impl Engine {
         self.pool.stats()
     }
 
-    /// How a sandbox's VM is restored: console log and egress rules in its directory.
-    pub(crate) fn restore_config(&self, sandbox_id: &str, dir: &Path) -> RestoreConfig {
-        let mut cfg = RestoreConfig::new(
-            format!("sbx-{}", sandbox_id.get(..8).unwrap_or(sandbox_id)),
-            self.vm_dir(),
-        );
+    /// How a sandbox's VM is restored: console log and egress rules in its directory, and
+    /// its template's disk as the base its captures (pauses, snapshots) are layers over.
+    pub(crate) fn restore_config(&self, record: &Sandbox, dir: &Path) -> Result<RestoreConfig> {
+        let id = &record.id;
+        let mut cfg =
+            RestoreConfig::new(format!("sbx-{}", id.get(..8).unwrap_or(id)), self.vm_dir());
         cfg.console_log = Some(dir.join("console.log"));
         cfg.egress = self.egress_command(Some(dir));
-        cfg
+        cfg.base_disk = Some(self.template_disk(&record.template_id, &record.build_id)?);
+        Ok(cfg)
+    }
+
+    /// The raw disk of a template build's bundle: the bottom of the disk chain of every
+    /// sandbox restored from it, its pauses, snapshots and forks.
+    fn template_disk(&self, template_id: &str, build_id: &str) -> Result<PathBuf> {
+        Ok(self
+            .layout
+            .artifact_dir(template_id, build_id)?
+            .join("bundle")
+            .join("disk.raw"))
     }
 
     /// Sets (or with `None`, clears) a sandbox's egress rules. They apply to its next
@@ -353,13 +479,36 @@ impl Engine {
             .collect())
     }
 
-    /// One of the team's sandboxes.
+    /// One of the team's sandboxes. A deleted one is not found, as the API's docs say
+    /// ("further API calls return 404"); its row stays for its snapshots' sake.
     pub async fn sandbox(&self, team_id: &str, sandbox_id: &str) -> Result<SandboxInfo> {
         let s = self.store.sandbox_by_id(team_id, sandbox_id).await?;
+        if s.status == SandboxStatus::Deleted {
+            return Err(kiln_store::StoreError::not_found("sandbox", sandbox_id).into());
+        }
         Ok(self.sandbox_info(&s))
     }
 
-    /// Changes a sandbox's metadata, egress rules and preview policy (`PATCH /sandboxes/{id}`).
+    /// Moves a sandbox to `to` (the store sets its timers' deadlines with it) and wakes
+    /// the timer to look at the deadlines again.
+    pub(crate) async fn set_status(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        to: SandboxStatus,
+    ) -> Result<Sandbox> {
+        let s = self
+            .store
+            .set_sandbox_status(team_id, sandbox_id, to)
+            .await?;
+        self.timers.notify_one();
+        Ok(s)
+    }
+
+    /// Changes a sandbox's metadata, egress rules, timers and preview policy
+    /// (`PATCH /sandboxes/{id}`).
+    /// Egress rules set on a paused sandbox apply from its resume (its VM makes no
+    /// connection before).
     pub async fn update_sandbox(
         &self,
         team_id: &str,
@@ -385,6 +534,19 @@ impl Engine {
         }
         if let Some(access) = update.preview_access {
             self.set_preview_access(team_id, sandbox_id, access).await?;
+        }
+        if update.timeout_seconds.is_some() || update.auto_delete_seconds.is_some() {
+            let seconds =
+                |v: Option<Option<u64>>| v.map(|v| v.map(|v| u32::try_from(v).unwrap_or(u32::MAX)));
+            self.store
+                .set_sandbox_timers(
+                    team_id,
+                    sandbox_id,
+                    seconds(update.timeout_seconds),
+                    seconds(update.auto_delete_seconds),
+                )
+                .await?;
+            self.timers.notify_one();
         }
         Ok(())
     }
@@ -477,8 +639,7 @@ impl Engine {
             let young = s.status == SandboxStatus::Starting
                 && (chrono_now_secs() - s.created_at.timestamp()) < 120;
             if !owner_alive && !young {
-                self.store
-                    .set_sandbox_status(team_id, &s.id, SandboxStatus::Failed)
+                self.set_status(team_id, &s.id, SandboxStatus::Failed)
                     .await?;
                 self.remove_sandbox_dir(&s.id);
                 reaped.push(s.id);
@@ -495,10 +656,7 @@ impl Engine {
         sandbox_id: &str,
         status: SandboxStatus,
     ) -> Result<SandboxInfo> {
-        let s = self
-            .store
-            .set_sandbox_status(team_id, sandbox_id, status)
-            .await?;
+        let s = self.set_status(team_id, sandbox_id, status).await?;
         self.remove_sandbox_dir(sandbox_id);
         Ok(self.sandbox_info(&s))
     }
@@ -538,6 +696,22 @@ impl Engine {
             remove_dir_quiet(&dir);
         }
     }
+}
+
+/// Sets the agent's defaults to `defaults` with `env` over their env.
+async fn set_env(
+    agent: &AgentClient,
+    mut defaults: kiln_agent_proto::RuntimeDefaults,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    defaults
+        .env
+        .extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    agent
+        .set_defaults(defaults)
+        .await
+        .map_err(EngineError::Agent)?;
+    Ok(())
 }
 
 /// Egress rules that the proxy can compile, or every problem with them.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use kiln_api::SandboxStatus;
-use kiln_store::{BuiltArtifact, Limits, NewSandbox};
+use kiln_store::{ArtifactManifest, BuiltArtifact, Limits, NewSandbox};
 use kiln_vm::fake::FakeHypervisor;
 
 use crate::error::Result;
@@ -63,32 +63,48 @@ impl TestEngine {
     }
 
     /// A template of team `team` whose build is `ready`, with an artifact the fake
-    /// hypervisor restores (a bundle with a manifest and nothing else), made without a
-    /// build. Returns the template's id.
+    /// hypervisor restores (a small bundle, [`kiln_vm::fake::write_bundle`], and the
+    /// artifact manifest with the template's runtime defaults: `TEMPLATE_VAR=template`,
+    /// working directory `/srv`), made without a build. Returns the template's id.
     pub async fn ready_template(&self, team: &str, name: &str) -> Result<String> {
         let team_id = self.team(team).await?;
-        let store = &self.engine.store;
-        let req = kiln_spec::TemplateRequest::parse_and_validate(&serde_json::json!({
-            "name": name, "build_spec": {"from": "127.0.0.1:9/kiln/none:1"}
+        self.ready_template_of(&team_id, name).await
+    }
+
+    /// A system template (`superserve/...`) whose build is ready, as
+    /// [`TestEngine::ready_template`] makes one. Returns its id.
+    pub async fn ready_system_template(&self, name: &str) -> Result<String> {
+        self.ready_template_of(kiln_store::SYSTEM_TEAM_ID, name)
+            .await
+    }
+
+    /// A system template whose first build is queued (`kiln serve` building it). Returns
+    /// the template's and the build's ids.
+    pub async fn queued_system_template(&self, name: &str) -> Result<(String, String)> {
+        self.queued_template_of(kiln_store::SYSTEM_TEAM_ID, name)
+            .await
+    }
+
+    async fn ready_template_of(&self, team_id: &str, name: &str) -> Result<String> {
+        let (t, b) = self.queued_template_of(team_id, name).await?;
+        self.finish_queued(&t, &b).await?;
+        Ok(t)
+    }
+
+    /// A template of `team_id` named `name` (no name checks: system names too) whose
+    /// first build is queued. Returns the template's and the build's ids.
+    async fn queued_template_of(&self, team_id: &str, name: &str) -> Result<(String, String)> {
+        let mut req = kiln_spec::TemplateRequest::parse_and_validate(&serde_json::json!({
+            "build_spec": {"from": "127.0.0.1:9/kiln/none:1"}
         }))
         .map_err(crate::EngineError::Invalid)?;
-        let (t, b) = store
-            .create_template_with_build(&team_id, &req, &Limits::UNLIMITED)
-            .await?;
-        store.start_build(&b.id).await?;
-        store.mark_snapshotting(&b.id).await?;
-        let bundle = self
+        req.name = Some(name.to_owned());
+        let (t, b) = self
             .engine
-            .layout
-            .artifact_dir(&t.id, &b.id)?
-            .join("bundle");
-        std::fs::create_dir_all(&bundle).map_err(crate::EngineError::io("creating", &bundle))?;
-        let manifest = bundle.join("manifest.json");
-        std::fs::write(&manifest, b"{}").map_err(crate::EngineError::io("writing", &manifest))?;
-        store
-            .finish_build(&b.id, Ok(BuiltArtifact { size_bytes: 1 }))
+            .store
+            .create_template_with_build(team_id, &req, &Limits::UNLIMITED)
             .await?;
-        Ok(t.id)
+        Ok((t.id, b.id))
     }
 
     /// The bundle sandboxes of template `template_id` restore from.
@@ -139,16 +155,38 @@ impl TestEngine {
     /// Returns the template's and the build's ids.
     pub async fn queued_build(&self, team: &str, name: &str) -> Result<(String, String)> {
         let team_id = self.team(team).await?;
-        let req = kiln_spec::TemplateRequest::parse_and_validate(&serde_json::json!({
-            "name": name, "build_spec": {"from": "127.0.0.1:9/kiln/none:1"}
-        }))
-        .map_err(crate::EngineError::Invalid)?;
-        let (t, b) = self
-            .engine
-            .store
-            .create_template_with_build(&team_id, &req, &Limits::UNLIMITED)
+        self.queued_template_of(&team_id, name).await
+    }
+
+    /// Marks a queued build `ready` with an artifact, as [`TestEngine::ready_template`]
+    /// makes one (a build "finishing" while something waits for it).
+    pub async fn finish_queued(&self, template_id: &str, build_id: &str) -> Result<()> {
+        let store = &self.engine.store;
+        store.start_build(build_id).await?;
+        store.mark_snapshotting(build_id).await?;
+        let artifact = self.engine.layout.artifact_dir(template_id, build_id)?;
+        std::fs::create_dir_all(&artifact)
+            .map_err(crate::EngineError::io("creating", &artifact))?;
+        kiln_vm::fake::write_bundle(&artifact.join("bundle"), kiln_vm::RamMode::File, "disk.raw")
+            .map_err(crate::EngineError::Setup)?;
+        let runtime = kiln_spec::RuntimeDefaults {
+            env: vec![("TEMPLATE_VAR".into(), "template".into())],
+            workdir: "/srv".into(),
+            user: "root".into(),
+        };
+        ArtifactManifest::new(
+            template_id,
+            build_id,
+            "sha256:0",
+            "sha256:0",
+            runtime,
+            Default::default(),
+        )
+        .write(&artifact)?;
+        store
+            .finish_build(build_id, Ok(BuiltArtifact { size_bytes: 1 }))
             .await?;
-        Ok((t.id, b.id))
+        Ok(())
     }
 
     /// Gives a sandbox the `legacy_public` preview policy (every listening port served),

@@ -14,16 +14,29 @@
 //! rules file is read per connection, so a PATCH applies to the next connection at once,
 //! and no long-lived listener needs an owner: the process lives as long as the connection
 //! and QEMU reaps it.
+//!
+//! A connection to a host one of the sandbox's secrets is bound to (its bindings file,
+//! [`crate::secrets`]) is opened up instead of spliced: TLS is terminated with a leaf of
+//! kiln's egress CA ([`crate::ca`]), which every guest trusts, and re-originated to the
+//! real host, verified against the system roots and the operator's bundle; each request
+//! in between has its stand-ins swapped ([`crate::intercept`]). Connections to any other
+//! host are never opened: a stand-in sent there goes out as it is.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use kiln_api::{NetworkEvent, NetworkVerdict};
 
-use crate::rules::{always_blocked, Decision, NetworkConfig, Policy};
+use crate::ca::{read_pem_certs, EgressCa};
+use crate::intercept::{parse_request, relay, Duplex, Recorder, Relay, Secrets};
+use crate::rules::{always_blocked, Decision, NetworkConfig, Policy, PrivateDest};
+use crate::seal::KeyRing;
+use crate::secrets::{Binding, SandboxSecrets};
 
 /// Longest request head accepted from the guest.
 const MAX_HEAD: usize = 16 * 1024;
@@ -36,16 +49,32 @@ pub struct ProxyConfig {
     /// The sandbox's rules (JSON [`NetworkConfig`]); missing means no rules (public
     /// internet only). A file that exists but cannot be read or parsed fails closed.
     pub rules: Option<PathBuf>,
-    /// Test-only: lets the proxy reach loopback, so a test can exercise the tunnel
-    /// against a listener of its own. Never set by kiln itself.
-    #[doc(hidden)]
-    pub allow_loopback_for_tests: bool,
+    /// Private destinations the operator lets every sandbox reach
+    /// (`KILN_EGRESS_ALLOW_PRIVATE`).
+    pub allow_private: Vec<PrivateDest>,
+    /// What swapping secrets needs; `None`: nothing is ever opened up.
+    pub secrets: Option<SecretsConfig>,
+}
+
+/// Where the proxy finds a sandbox's secrets and what it needs to put them in.
+#[derive(Debug, Clone, Default)]
+pub struct SecretsConfig {
+    /// The sandbox's bindings file ([`SandboxSecrets`]); missing means no bindings. A
+    /// file that exists but cannot be read fails closed.
+    pub bindings: PathBuf,
+    /// The secrets key file ([`KeyRing`]).
+    pub key: PathBuf,
+    /// The egress CA's directory ([`EgressCa`]).
+    pub ca_dir: PathBuf,
+    /// More roots to verify upstreams against, besides the system's
+    /// (`KILN_EGRESS_TRUST_CA`).
+    pub trust_ca: Option<PathBuf>,
 }
 
 /// What the proxy did with one connection (also its log line).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Tunnelled or forwarded to this address.
+    /// Tunnelled or forwarded to this address (opened up when secrets were bound to it).
     Connected {
         /// The request target as the guest gave it.
         target: String,
@@ -93,15 +122,7 @@ impl Outcome {
             dst_ip: None,
             dst_port: port,
             verdict: NetworkVerdict::Allowed,
-            match_rule: None,
-            error_code: None,
-            bytes_sent: 0,
-            bytes_recv: 0,
-            direction: None,
-            method: None,
-            path: None,
-            status: None,
-            latency_ms: None,
+            ..NetworkEvent::default()
         };
         match self {
             Self::Connected {
@@ -153,8 +174,9 @@ struct Request {
     head: Vec<u8>,
 }
 
-/// Serves one connection: `input`/`output` are the guest's side of it.
-pub fn serve<I, O>(input: I, mut output: O, cfg: &ProxyConfig) -> Outcome
+/// Serves one connection: `input`/`output` are the guest's side of it; the requests it
+/// puts secrets into go to `recorder`.
+pub fn serve<I, O>(input: I, mut output: O, cfg: &ProxyConfig, recorder: &dyn Recorder) -> Outcome
 where
     I: Read + Send + 'static,
     O: Write + Send + 'static,
@@ -169,6 +191,14 @@ where
         Ok(p) => p,
         Err(reason) => return refuse(&mut output, &target, 503, reason),
     };
+    let secrets = match &cfg.secrets {
+        Some(sc) => match SandboxSecrets::load(&sc.bindings) {
+            Ok(Some(b)) if b.intercepts(&req.host, req.port) => Some(FileSecrets(sc.clone())),
+            Ok(_) => None,
+            Err(e) => return refuse(&mut output, &target, 503, e.to_string()),
+        },
+        None => None,
+    };
     let addr = match choose_addr(&req, &policy, cfg) {
         Ok(a) => a,
         Err((status, reason)) => return refuse(&mut output, &target, status, reason),
@@ -177,6 +207,27 @@ where
         Ok(s) => s,
         Err(e) => return refuse(&mut output, &target, 502, format!("connect {addr}: {e}")),
     };
+    if let Some(secrets) = secrets {
+        return match open_up(reader, output, upstream, &req, &secrets, recorder) {
+            Ok((bytes_sent, bytes_recv)) => Outcome::Connected {
+                target,
+                addr,
+                bytes_sent,
+                bytes_recv,
+            },
+            Err(Refusal { reply, reason }) => {
+                let reason = format!("{addr}: {reason}");
+                match reply {
+                    Some(mut out) => refuse(&mut out, &target, 502, reason),
+                    None => Outcome::Refused {
+                        target,
+                        status: 502,
+                        reason,
+                    },
+                }
+            }
+        };
+    }
     let greeting: &[u8] = if req.tunnel {
         b"HTTP/1.1 200 Connection established\r\n\r\n"
     } else {
@@ -246,6 +297,189 @@ fn refuse(out: &mut impl Write, target: &str, status: u16, reason: String) -> Ou
         status,
         reason,
     }
+}
+
+/// The bindings file and the key, read afresh for every request.
+struct FileSecrets(SecretsConfig);
+
+impl Secrets for FileSecrets {
+    fn bindings(&self) -> Result<Option<SandboxSecrets>, String> {
+        SandboxSecrets::load(&self.0.bindings).map_err(|e| e.to_string())
+    }
+
+    fn open(&self, binding: &Binding) -> Result<String, String> {
+        let (Some(sealed), Some(id)) = (&binding.sealed, &binding.secret_id) else {
+            return Err(format!("the binding of {} is revoked", binding.env_key));
+        };
+        let ring = KeyRing::load(&self.0.key).map_err(|e| format!("secrets key: {e}"))?;
+        let value = ring
+            .open(sealed, id)
+            .map_err(|e| format!("the secret of {}: {e}", binding.env_key))?;
+        String::from_utf8(value)
+            .map_err(|_| format!("the secret of {} is not text", binding.env_key))
+    }
+}
+
+/// Why a connection that was to be opened up could not be: `reply` is the guest's side
+/// when it can still be told in plain HTTP (before the tunnel is established).
+struct Refusal<O> {
+    reply: Option<O>,
+    reason: String,
+}
+
+/// TLS settings for both sides, with ring (the provider the rest of the tree uses).
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Verifies upstreams against the system roots and the operator's bundle; speaks
+/// HTTP/1.1 only (the relay's protocol).
+fn client_config(trust_ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = trust_ca {
+        let extra = read_pem_certs(path).map_err(|e| format!("KILN_EGRESS_TRUST_CA: {e}"))?;
+        roots.add_parsable_certificates(extra);
+    }
+    if roots.is_empty() {
+        return Err("no root certificates to verify the upstream with".into());
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Serves the guest as `host` with a leaf of kiln's CA; HTTP/1.1 only.
+fn server_config(ca: &EgressCa, host: &str) -> Result<rustls::ServerConfig, String> {
+    let (chain, key) = ca.leaf(host).map_err(|e| format!("egress CA: {e}"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Relays a connection to a secret's host request by request: over TLS for a tunnel
+/// (the upstream's handshake first, so a host that fails verification is refused before
+/// the guest is told the tunnel is up), in plain HTTP for a forward. Returns the bytes
+/// from and to the guest.
+fn open_up<I, O>(
+    reader: BufReader<I>,
+    mut output: O,
+    upstream: TcpStream,
+    req: &Request,
+    secrets: &FileSecrets,
+    recorder: &dyn Recorder,
+) -> Result<(u64, u64), Refusal<O>>
+where
+    I: Read,
+    O: Write,
+{
+    let read = Arc::new(AtomicU64::new(0));
+    let written = Arc::new(AtomicU64::new(0));
+    let counts = |r: &Arc<AtomicU64>, w: &Arc<AtomicU64>| {
+        use std::sync::atomic::Ordering::Relaxed;
+        (r.load(Relaxed), w.load(Relaxed))
+    };
+    let ctx = Relay {
+        host: &req.host,
+        port: req.port,
+        secrets,
+        recorder,
+        one_request: !req.tunnel,
+    };
+    if !req.tunnel {
+        let first = match parse_request(&req.head) {
+            Ok(h) => h,
+            Err(e) => {
+                return Err(Refusal {
+                    reply: Some(output),
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let mut guest = BufReader::new(Duplex {
+            r: reader,
+            w: output,
+            read: read.clone(),
+            written: written.clone(),
+        });
+        let mut up = BufReader::new(upstream);
+        let _ = relay(&mut guest, &mut up, Some(first), &ctx);
+        return Ok(counts(&read, &written));
+    }
+    let refuse = |output, reason: String| Refusal {
+        reply: Some(output),
+        reason,
+    };
+    let sc = &secrets.0;
+    let client = match client_config(sc.trust_ca.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(output, e)),
+    };
+    let name = match rustls::pki_types::ServerName::try_from(req.host.clone()) {
+        Ok(n) => n,
+        Err(e) => return Err(refuse(output, format!("{}: {e}", req.host))),
+    };
+    let mut tcp = upstream;
+    let mut tls = match rustls::ClientConnection::new(Arc::new(client), name) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(output, e.to_string())),
+    };
+    while tls.is_handshaking() {
+        if let Err(e) = tls.complete_io(&mut tcp) {
+            return Err(refuse(output, format!("TLS with the upstream: {e}")));
+        }
+    }
+    let server = EgressCa::load(&sc.ca_dir)
+        .map_err(|e| format!("egress CA: {e}"))
+        .and_then(|ca| server_config(&ca, &req.host));
+    let server = match server {
+        Ok(s) => s,
+        Err(e) => return Err(refuse(output, e)),
+    };
+    if let Err(e) = output
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .and_then(|()| output.flush())
+    {
+        return Err(Refusal {
+            reply: None,
+            reason: format!("write: {e}"),
+        });
+    }
+    let mut duplex = Duplex {
+        r: reader,
+        w: output,
+        read: read.clone(),
+        written: written.clone(),
+    };
+    let mut guest_tls = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| Refusal {
+        reply: None,
+        reason: e.to_string(),
+    })?;
+    while guest_tls.is_handshaking() {
+        if let Err(e) = guest_tls.complete_io(&mut duplex) {
+            return Err(Refusal {
+                reply: None,
+                reason: format!("TLS with the guest (does it trust kiln's egress CA?): {e}"),
+            });
+        }
+    }
+    let mut guest = BufReader::new(rustls::StreamOwned::new(guest_tls, duplex));
+    let mut up = BufReader::new(rustls::StreamOwned::new(tls, tcp));
+    let _ = relay(&mut guest, &mut up, None, &ctx);
+    let guest = guest.get_mut();
+    guest.conn.send_close_notify();
+    let _ = guest.flush();
+    Ok(counts(&read, &written))
 }
 
 fn load_policy(cfg: &ProxyConfig) -> Result<Policy, String> {
@@ -387,8 +621,12 @@ fn choose_addr(
     let mut last = String::from("no address");
     for a in addrs {
         let ip = a.ip();
-        let verdict = if cfg.allow_loopback_for_tests && ip.is_loopback() {
-            Decision::Allow
+        let opened = cfg
+            .allow_private
+            .iter()
+            .any(|p| p.permits(domain, ip, req.port));
+        let verdict = if opened {
+            policy.decide_rules(domain, ip)
         } else if own.contains(&ip) && always_blocked(ip).is_none() {
             Decision::Deny(format!("{ip} is an address of the host, always blocked"))
         } else {
@@ -483,12 +721,28 @@ mod tests {
         assert!(parse(&huge).expect_err("huge").contains("over"));
     }
 
+    /// Records nothing.
+    struct Nowhere;
+
+    impl Recorder for Nowhere {
+        fn request(&self, _: &crate::RequestRecord) {}
+    }
+
     /// A guest's side of one proxied connection: bytes in, bytes out.
     fn run(request: &str, cfg: &ProxyConfig) -> (Outcome, String) {
+        run_recorded(request, cfg, Box::new(Nowhere))
+    }
+
+    /// [`run`], with the requests it records going to `recorder`.
+    fn run_recorded(
+        request: &str,
+        cfg: &ProxyConfig,
+        recorder: Box<dyn Recorder>,
+    ) -> (Outcome, String) {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
         let input = theirs.try_clone().expect("clone");
         let cfg = cfg.clone();
-        let t = std::thread::spawn(move || serve(input, theirs, &cfg));
+        let t = std::thread::spawn(move || serve(input, theirs, &cfg, recorder.as_ref()));
         let mut ours = ours;
         ours.write_all(request.as_bytes()).expect("send");
         ours.shutdown(std::net::Shutdown::Write)
@@ -498,6 +752,11 @@ mod tests {
         (t.join().expect("proxy thread"), reply)
     }
 
+    /// `127.0.0.1:port` opened the way an operator opens a private destination.
+    fn open_loopback(port: u16) -> Vec<PrivateDest> {
+        vec![PrivateDest::parse(&format!("127.0.0.1:{port}")).expect("dest")]
+    }
+
     #[test]
     fn the_host_loopback_is_refused_and_never_connected_to() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -505,10 +764,12 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         let dir = tempfile::tempdir().expect("tempdir");
         let rules = dir.path().join("rules.json");
-        // Even an explicit allow of loopback does not open it.
+        // Even an explicit allow of loopback does not open it, nor does the operator
+        // opening another port of it.
         std::fs::write(&rules, r#"{"allow_out":["127.0.0.0/8","localhost"]}"#).expect("rules");
         let cfg = ProxyConfig {
             rules: Some(rules),
+            allow_private: open_loopback(port.wrapping_add(1).max(1)),
             ..ProxyConfig::default()
         };
         for req in [
@@ -550,8 +811,8 @@ mod tests {
 
     #[test]
     fn tunnels_and_forwards_carry_bytes_both_ways() {
-        // The tunnel mechanics, against a loopback echo server (loopback is opened for
-        // this test only; it is the one destination tests may use).
+        // The tunnel mechanics, against a loopback echo server the operator's list opens
+        // (loopback is the one destination tests may use).
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let server = std::thread::spawn(move || {
@@ -564,7 +825,7 @@ mod tests {
             }
         });
         let cfg = ProxyConfig {
-            allow_loopback_for_tests: true,
+            allow_private: open_loopback(port),
             ..ProxyConfig::default()
         };
         let (outcome, reply) = run(
@@ -582,5 +843,275 @@ mod tests {
         );
         assert_eq!(reply, "echo:GET /x HTTP/1.1\r\nHost: h\r\n\r\nbody");
         server.join().expect("server");
+    }
+
+    /// Everything a sandbox with one bound secret has: the key, kiln's CA, a test CA the
+    /// upstreams' certificates come from, the bindings file.
+    struct Bound {
+        _dir: tempfile::TempDir,
+        ca: EgressCa,
+        upstream_ca: EgressCa,
+        ring: KeyRing,
+        cfg: ProxyConfig,
+        records: Arc<std::sync::Mutex<Vec<crate::RequestRecord>>>,
+    }
+
+    const STAND_IN: &str = "sk-proj-STANDIN0123456789";
+    const VALUE: &str = "sk-real-secret-value";
+
+    impl Bound {
+        fn new() -> Bound {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let key = dir.path().join("keys/secrets.key");
+            let ring = KeyRing::load_or_create(&key).expect("key");
+            let ca = EgressCa::load_or_create(&dir.path().join("keys")).expect("ca");
+            let upstream_ca =
+                EgressCa::load_or_create(&dir.path().join("upstream-ca")).expect("ca");
+            let cfg = ProxyConfig {
+                rules: None,
+                allow_private: Vec::new(),
+                secrets: Some(SecretsConfig {
+                    bindings: dir.path().join("secrets.json"),
+                    key,
+                    ca_dir: dir.path().join("keys"),
+                    trust_ca: Some(upstream_ca.cert_path()),
+                }),
+            };
+            Bound {
+                _dir: dir,
+                ca,
+                upstream_ca,
+                ring,
+                cfg,
+                records: Arc::default(),
+            }
+        }
+
+        /// Binds a secret for `hosts` under OPENAI_API_KEY, `revoked` or not, and opens
+        /// the loopback ports `allow` as an operator would.
+        fn bind(&mut self, hosts: &[String], allow: &[u16], revoked: bool) {
+            let file = SandboxSecrets {
+                sandbox_id: "sbx-1".into(),
+                bindings: vec![Binding {
+                    env_key: "OPENAI_API_KEY".into(),
+                    stand_in: STAND_IN.into(),
+                    secret_id: Some("sec-1".into()),
+                    hosts: hosts
+                        .iter()
+                        .map(|h| kiln_api::HostPattern::parse(h).expect("host"))
+                        .collect(),
+                    auth: kiln_api::SecretAuth::Rule(kiln_api::AuthRule::Bearer),
+                    sealed: (!revoked).then(|| self.ring.seal(VALUE.as_bytes(), "sec-1")),
+                }],
+            };
+            let path = &self.cfg.secrets.as_ref().expect("secrets").bindings;
+            std::fs::write(path, serde_json::to_vec(&file).expect("json")).expect("write");
+            self.cfg.allow_private = allow.iter().flat_map(|p| open_loopback(*p)).collect();
+        }
+
+        /// Starts the proxy on one connection; returns the guest's end.
+        fn connect(
+            &self,
+        ) -> (
+            std::os::unix::net::UnixStream,
+            std::thread::JoinHandle<Outcome>,
+        ) {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+            let input = theirs.try_clone().expect("clone");
+            let cfg = self.cfg.clone();
+            let records = Records(self.records.clone());
+            let t = std::thread::spawn(move || serve(input, theirs, &cfg, &records));
+            (ours, t)
+        }
+    }
+
+    struct Records(Arc<std::sync::Mutex<Vec<crate::RequestRecord>>>);
+
+    impl Recorder for Records {
+        fn request(&self, r: &crate::RequestRecord) {
+            self.0.lock().expect("records").push(r.clone());
+        }
+    }
+
+    /// Reads one HTTP response with a Content-Length body.
+    fn response(from: &mut impl BufRead) -> (String, String) {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            from.read_line(&mut line).expect("response line");
+            head.push_str(&line);
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().expect("length"))
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        from.read_exact(&mut body).expect("body");
+        (head, String::from_utf8(body).expect("utf-8"))
+    }
+
+    #[test]
+    fn over_tls_the_secrets_host_gets_the_value_and_revocation_applies_at_once() {
+        let mut bound = Bound::new();
+        let upstream = crate::testing::Upstream::start(Some(&bound.upstream_ca));
+        let port = upstream.port;
+        bound.bind(&[format!("127.0.0.1:{port}")], &[port], false);
+        let (mut guest, proxy) = bound.connect();
+        guest
+            .write_all(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes())
+            .expect("connect");
+        let mut reader = BufReader::new(guest.try_clone().expect("clone"));
+        let mut status = String::new();
+        reader.read_line(&mut status).expect("status");
+        assert_eq!(status, "HTTP/1.1 200 Connection established\r\n");
+        let mut blank = String::new();
+        reader.read_line(&mut blank).expect("blank");
+        // The guest trusts kiln's CA, as every guest does.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(read_pem_certs(&bound.ca.cert_path()).expect("ca"));
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let conn = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let duplex = Duplex {
+            r: reader,
+            w: guest,
+            read: Arc::default(),
+            written: Arc::default(),
+        };
+        let mut tls = BufReader::new(rustls::StreamOwned::new(conn, duplex));
+        let request = format!(
+            "GET /v1/models?key=x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {STAND_IN}\r\n\r\n"
+        );
+        tls.get_mut()
+            .write_all(request.as_bytes())
+            .expect("request");
+        let (head, body) = response(&mut tls);
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        let bearer = |v: &str| format!("Bearer {v}");
+        assert_eq!(
+            body,
+            crate::testing::answer("/v1/models?key=x", Some(&bearer(VALUE)))
+        );
+        assert!(upstream.seen()[0].contains(&format!("Authorization: {}", bearer(VALUE))));
+
+        // Detach: the file is rewritten; the next request on the same connection is
+        // refused by the proxy and never reaches the upstream.
+        bound.bind(&[format!("127.0.0.1:{port}")], &[port], true);
+        tls.get_mut()
+            .write_all(request.as_bytes())
+            .expect("request");
+        let (head, body) = response(&mut tls);
+        assert!(head.starts_with("HTTP/1.1 403 Forbidden"), "{head}");
+        assert!(body.contains("revoked"), "{body}");
+        drop(tls);
+        let outcome = proxy.join().expect("proxy");
+        assert!(matches!(outcome, Outcome::Connected { .. }), "{outcome}");
+        assert_eq!(upstream.seen().len(), 1, "{:?}", upstream.seen());
+        assert!(upstream.seen().iter().all(|h| !h.contains(STAND_IN)));
+
+        let records = bound.records.lock().expect("records").clone();
+        let rows: Vec<(u16, Option<&str>, &str)> = records
+            .iter()
+            .map(|r| (r.status, r.error_code.as_deref(), r.path.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (200, None, "/v1/models"),
+                (403, Some("secret_revoked"), "/v1/models")
+            ]
+        );
+        assert!(records
+            .iter()
+            .all(|r| r.secret_id.as_deref() == Some("sec-1") && r.sandbox_id == "sbx-1"));
+    }
+
+    #[test]
+    fn in_plain_http_the_value_goes_to_the_secrets_host_only() {
+        let mut bound = Bound::new();
+        let mine = crate::testing::Upstream::start(None);
+        let other = crate::testing::Upstream::start(None);
+        bound.bind(
+            &[format!("127.0.0.1:{}", mine.port)],
+            &[mine.port, other.port],
+            false,
+        );
+        let request = |port: u16| {
+            format!(
+                "GET http://127.0.0.1:{port}/p HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                 Authorization: Bearer {STAND_IN}\r\nProxy-Connection: keep-alive\r\n\r\n"
+            )
+        };
+        let recorded = || Box::new(Records(bound.records.clone()));
+        let (outcome, reply) = run_recorded(&request(mine.port), &bound.cfg, recorded());
+        assert!(matches!(outcome, Outcome::Connected { .. }), "{outcome}");
+        let bearer = |v: &str| format!("Bearer {v}");
+        assert!(
+            reply.ends_with(&crate::testing::answer("/p", Some(&bearer(VALUE)))),
+            "{reply}"
+        );
+        // One request per connection: the next may be for another host.
+        assert!(reply.contains("Connection: close"), "{reply}");
+        let seen = mine.seen();
+        assert!(seen[0].starts_with("GET /p HTTP/1.1"), "{seen:?}");
+        assert!(!seen[0].contains("Proxy-Connection"), "{seen:?}");
+
+        // Another host, even one the operator opened, gets the stand-in as it was.
+        let (_, reply) = run_recorded(&request(other.port), &bound.cfg, recorded());
+        assert!(
+            reply.ends_with(&crate::testing::answer("/p", Some(&bearer(STAND_IN)))),
+            "{reply}"
+        );
+        assert!(other.seen().iter().all(|h| !h.contains(VALUE)));
+        // The swapped request is recorded, the other is not.
+        let records = bound.records.lock().expect("records").clone();
+        let ports: Vec<(u16, u16)> = records.iter().map(|r| (r.port, r.status)).collect();
+        assert_eq!(ports, [(mine.port, 200)]);
+    }
+
+    #[test]
+    fn an_upstream_that_fails_verification_is_refused_before_the_tunnel() {
+        let mut bound = Bound::new();
+        // Its certificate comes from a CA the proxy does not trust.
+        let untrusted = tempfile::tempdir().expect("tempdir");
+        let rogue = EgressCa::load_or_create(untrusted.path()).expect("ca");
+        let upstream = crate::testing::Upstream::start(Some(&rogue));
+        let port = upstream.port;
+        bound.bind(&[format!("127.0.0.1:{port}")], &[port], false);
+        let (outcome, reply) = run(
+            &format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n"),
+            &bound.cfg,
+        );
+        assert!(reply.starts_with("HTTP/1.1 502 "), "{reply}");
+        assert!(reply.contains("TLS with the upstream"), "{reply}");
+        assert!(
+            matches!(outcome, Outcome::Refused { status: 502, .. }),
+            "{outcome}"
+        );
+        assert!(upstream.seen().is_empty());
+    }
+
+    #[test]
+    fn a_broken_bindings_file_fails_closed() {
+        let bound = Bound::new();
+        let path = &bound.cfg.secrets.as_ref().expect("secrets").bindings;
+        std::fs::write(path, "{broken").expect("write");
+        let (outcome, reply) = run("CONNECT 1.1.1.1:443 HTTP/1.1\r\n\r\n", &bound.cfg);
+        assert!(
+            matches!(outcome, Outcome::Refused { status: 503, .. }),
+            "{outcome}"
+        );
+        assert!(reply.starts_with("HTTP/1.1 503 "), "{reply}");
     }
 }

@@ -156,6 +156,12 @@ impl Policy {
         if let Some(why) = always_blocked(ip) {
             return Decision::Deny(format!("{ip} is {why}, always blocked"));
         }
+        self.decide_rules(domain, ip)
+    }
+
+    /// The sandbox's own rules alone, for a destination the operator has taken out of the
+    /// always-blocked ranges ([`PrivateDest`]).
+    pub fn decide_rules(&self, domain: Option<&str>, ip: IpAddr) -> Decision {
         let ip = canonical(ip);
         let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
         let allowed = self.allow.iter().any(|a| match a {
@@ -169,6 +175,91 @@ impl Policy {
         match self.deny.iter().find(|n| n.contains(&ip)) {
             Some(n) => Decision::Deny(format!("{ip} is in deny_out {n}")),
             None => Decision::Allow,
+        }
+    }
+}
+
+/// A private destination the operator lets sandboxes reach (`KILN_EGRESS_ALLOW_PRIVATE`):
+/// `host:port` (the name as the guest asks for it) or `cidr:port` / `address:port` (any
+/// name resolving there, or the address itself). It lifts the wall around private
+/// networks and the host for that port only; the sandbox's own rules still apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateDest {
+    target: PrivateTarget,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PrivateTarget {
+    Net(IpNet),
+    /// Lowercase, matched exactly.
+    Host(String),
+}
+
+impl PrivateDest {
+    /// Parses one entry: `host:port`, `a.b.c.d[/n]:port` or `[v6[/n]]:port`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let s = raw.trim();
+        let bad =
+            || format!("{raw:?} is not host:port or cidr:port (IPv6 in brackets: [fd00::/8]:443)");
+        let (target, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (t, after) = rest.split_once(']').ok_or_else(bad)?;
+            (t, after.strip_prefix(':').ok_or_else(bad)?)
+        } else {
+            s.rsplit_once(':').ok_or_else(bad)?
+        };
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(bad)?;
+        let target = match parse_net(target) {
+            Some(n) => PrivateTarget::Net(n),
+            None => {
+                let name = target.trim_end_matches('.').to_ascii_lowercase();
+                if !valid_domain(&name) {
+                    return Err(bad());
+                }
+                PrivateTarget::Host(name)
+            }
+        };
+        Ok(Self { target, port })
+    }
+
+    /// A comma- or space-separated list, as the environment variable holds it.
+    pub fn parse_list(raw: &str) -> Result<Vec<Self>, String> {
+        raw.split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|s| !s.is_empty())
+            .map(Self::parse)
+            .collect()
+    }
+
+    /// Whether a connection to `ip:port`, asked for as `domain`, is this destination.
+    pub fn permits(&self, domain: Option<&str>, ip: IpAddr, port: u16) -> bool {
+        port == self.port
+            && match &self.target {
+                PrivateTarget::Net(n) => n.contains(&canonical(ip)),
+                PrivateTarget::Host(h) => {
+                    domain.is_some_and(|d| d.trim_end_matches('.').eq_ignore_ascii_case(h))
+                }
+            }
+    }
+}
+
+impl std::str::FromStr for PrivateDest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+impl std::fmt::Display for PrivateDest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.target {
+            PrivateTarget::Host(h) => write!(f, "{h}:{}", self.port),
+            PrivateTarget::Net(IpNet::V6(n)) => write!(f, "[{n}]:{}", self.port),
+            PrivateTarget::Net(n) => write!(f, "{n}:{}", self.port),
         }
     }
 }
@@ -374,6 +465,53 @@ mod tests {
         assert!(shown[1].starts_with("network.allow_out[2]: "), "{shown:?}");
         assert!(shown[2].contains("deny_out[0]") && shown[2].contains("CIDRs only"));
         assert!(shown[3].starts_with("network.deny_out[1]: "), "{shown:?}");
+    }
+
+    #[test]
+    fn operator_private_destinations_match_name_or_address_and_port() {
+        let list = PrivateDest::parse_list(
+            "mirror.internal:443, 10.1.0.0/16:8080 127.0.0.1:5000 [fd00::/8]:443",
+        )
+        .unwrap();
+        let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "mirror.internal:443",
+                "10.1.0.0/16:8080",
+                "127.0.0.1/32:5000",
+                "[fd00::/8]:443"
+            ]
+        );
+        let any = |d: Option<&str>, a: &str, port| list.iter().any(|p| p.permits(d, ip(a), port));
+        assert!(any(Some("Mirror.Internal."), "10.9.9.9", 443));
+        assert!(!any(Some("mirror.internal"), "10.9.9.9", 80));
+        assert!(!any(Some("other.internal"), "10.9.9.9", 443));
+        assert!(any(None, "10.1.2.3", 8080));
+        assert!(any(Some("whatever.example"), "10.1.2.3", 8080));
+        assert!(!any(None, "10.2.0.1", 8080));
+        assert!(any(None, "::ffff:127.0.0.1", 5000));
+        assert!(!any(None, "127.0.0.1", 5001));
+        assert!(any(None, "fd12::1", 443));
+        for bad in [
+            "mirror.internal",
+            "10.0.0.0/8",
+            "host:0",
+            "a b:80",
+            "[fd00::]",
+        ] {
+            assert!(PrivateDest::parse(bad).is_err(), "{bad:?}");
+        }
+        // The wall is lifted, the sandbox's rules still apply.
+        let p = rules(&[], &["10.0.0.0/8"]);
+        assert!(matches!(
+            p.decide_rules(None, ip("10.1.2.3")),
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            Policy::default().decide_rules(None, ip("10.1.2.3")),
+            Decision::Allow
+        );
     }
 
     #[test]

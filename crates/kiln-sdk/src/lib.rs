@@ -7,10 +7,13 @@
 //!   `SUPERSERVE_API_KEY`).
 //! - [`Template`]: create (a base image, [`Step`]s, a start and a ready command), wait
 //!   for the build with its logs, rebuild, list, delete.
-//! - [`Sandbox`]: create from a template, connect, list, pause, resume, kill; its
-//!   [`Commands`] (run to completion, stream, or [`spawn`](Commands::spawn) an
-//!   interactive [`CommandSession`]), [`Files`] and [`Previews`] (preview URLs of its
-//!   web ports, with their access tokens).
+//! - [`Sandbox`]: create from a template or a [`Snapshot`], connect, list, pause, resume,
+//!   snapshot, set its auto-pause/auto-delete timers, kill; its [`Commands`] (run to
+//!   completion, stream, or [`spawn`](Commands::spawn) an interactive [`CommandSession`]),
+//!   [`Files`] and [`Previews`] (preview URLs of its web ports, with their access tokens).
+//! - [`Snapshot`]: get, list, rename, delete, wait until ready.
+//! - [`Secret`]: team secrets a sandbox uses through stand-ins, never holding them
+//!   ([`Sandbox::attach_secret`], [`SandboxCreateOptions::secrets`]).
 //! - [`Error`]: typed, with the server's stable codes ([`Error::code`]).
 //!
 //! Only idempotent requests (GET, DELETE) are retried, on 429/502/503/504 and connection
@@ -51,7 +54,9 @@ mod error;
 mod files;
 mod previews;
 mod sandbox;
+mod secret;
 mod session;
+mod snapshot;
 mod sse;
 mod template;
 
@@ -64,14 +69,18 @@ pub use error::{Error, Result};
 pub use files::{Files, MAX_DOWNLOAD_BYTES};
 pub use previews::Previews;
 pub use sandbox::{ListOptions, Sandbox, SandboxCreateOptions};
+pub use secret::Secret;
 pub use session::{CommandSession, Output, EXEC_SUBPROTOCOL};
+pub use snapshot::{Snapshot, SnapshotOptions, SNAPSHOT_POLL_INTERVAL};
 pub use template::{LogCallback, Template, TemplateCreateOptions, BUILD_POLL_INTERVAL};
 
 /// The wire types, shared with the server (crate `kiln-api`): what the API answers.
 pub use kiln_api::{
-    ApiErrorCode, BuildInfo, BuildLogEvent, BuildStatus, LogStream, NetworkConfig, PortAccess,
-    PreviewAccess, PreviewPortList, PreviewToken, PublishedPreviewPort, SandboxInfo, SandboxStatus,
-    Step, TemplateInfo, TemplateStatus, TerminalSize,
+    ApiErrorCode, AuditQuery, AuthType, BuildInfo, BuildLogEvent, BuildStatus, CreateSecret,
+    LogStream, NetworkConfig, PortAccess, PreviewAccess, PreviewPortList, PreviewToken,
+    ProviderShortcut, ProxyAuditEvent, PublishedPreviewPort, SandboxInfo, SandboxSecretBinding,
+    SandboxStatus, SecretInfo, SecretSandboxBinding, SnapshotInfo, SnapshotPage, SnapshotResources,
+    SnapshotStatus, Step, TemplateInfo, TemplateStatus, TerminalSize,
 };
 
 /// The `reqwest` version the SDK uses, for [`ClientBuilder::http_client`] and

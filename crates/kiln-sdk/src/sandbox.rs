@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kiln_api::{
     ApiErrorCode, CreateSandbox, NetworkConfig, PreviewAccess, SandboxFilter, SandboxInfo,
-    SandboxStatus, SandboxWithToken,
+    SandboxStatus, SandboxWithToken, SnapshotInfo, SnapshotPage,
 };
 use reqwest::Method;
 
@@ -16,20 +16,31 @@ use crate::commands::Commands;
 use crate::error::{Error, Result};
 use crate::files::Files;
 use crate::previews::Previews;
+use crate::snapshot::{Snapshot, SnapshotOptions};
 
 /// What [`Sandbox::create`] sends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SandboxCreateOptions {
     /// Display name (1-255 bytes).
     pub name: String,
-    /// Template id or name; it must have a ready build.
+    /// Template id or name; it must have a ready build. Empty (with no `from_snapshot`):
+    /// the system template `superserve/base`.
     pub from_template: String,
+    /// A ready snapshot's id to continue from instead of a template (its processes live).
+    pub from_snapshot: Option<String>,
+    /// Auto-pause after this many seconds of active time.
+    pub timeout_seconds: Option<u64>,
+    /// Auto-delete after this many seconds continuously paused (0: at once).
+    pub auto_delete_seconds: Option<u64>,
     /// Environment of every process, over the template's defaults.
     pub env_vars: BTreeMap<String, String>,
     /// Tags, filterable in [`Sandbox::list`].
     pub metadata: BTreeMap<String, String>,
     /// Egress rules from the start (none: the public internet).
     pub network: Option<NetworkConfig>,
+    /// Team secrets to bind: environment variable -> secret name (the variable holds a
+    /// stand-in; see [`crate::Secret`]).
+    pub secrets: BTreeMap<String, String>,
     /// Its preview policy, [`PreviewAccess::Public`] or [`PreviewAccess::Private`]
     /// (none: public).
     pub preview_access: Option<PreviewAccess>,
@@ -41,6 +52,15 @@ impl SandboxCreateOptions {
         Self {
             name: name.into(),
             from_template: from_template.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Options for a sandbox that continues from snapshot `snapshot_id` (a fork).
+    pub fn from_snapshot(name: impl Into<String>, snapshot_id: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            from_snapshot: Some(snapshot_id.into()),
             ..Self::default()
         }
     }
@@ -76,11 +96,16 @@ impl SandboxCreateOptions {
     /// The request body.
     fn request(&self) -> CreateSandbox {
         CreateSandbox {
+            name: self.name.clone(),
+            from_template: Some(self.from_template.clone()).filter(|t| !t.is_empty()),
+            from_snapshot: self.from_snapshot.clone(),
+            timeout_seconds: self.timeout_seconds,
+            auto_delete_seconds: self.auto_delete_seconds,
             metadata: self.metadata.clone(),
             env_vars: self.env_vars.clone(),
             network: self.network.clone(),
+            secrets: self.secrets.clone(),
             preview_access: self.preview_access,
-            ..CreateSandbox::new(&self.name, &self.from_template)
         }
     }
 }
@@ -155,7 +180,8 @@ impl Sandbox {
         })
     }
 
-    /// Creates a sandbox from a template and returns once it runs (`POST /sandboxes`).
+    /// Creates a sandbox from a template (or a snapshot) and returns once it runs (`POST
+    /// /sandboxes`).
     pub async fn create(client: &Client, options: SandboxCreateOptions) -> Result<Self> {
         let req = client
             .api(Method::POST, &["sandboxes"])
@@ -278,11 +304,90 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Sets its timers (`PATCH /sandboxes/{id}`): `Some(Some(n))` sets one, `Some(None)`
+    /// turns it off, `None` leaves it. A running sandbox's auto-pause window, and a
+    /// paused one's auto-delete countdown, start over from now.
+    pub async fn set_timers(
+        &self,
+        timeout_seconds: Option<Option<u64>>,
+        auto_delete_seconds: Option<Option<u64>>,
+    ) -> Result<()> {
+        let update = kiln_api::UpdateSandbox {
+            timeout_seconds,
+            auto_delete_seconds,
+            ..kiln_api::UpdateSandbox::default()
+        };
+        let req = self
+            .client
+            .api(Method::PATCH, &["sandboxes", &self.id])
+            .json(&update);
+        self.client.empty(req).await?;
+        self.get_info().await?;
+        Ok(())
+    }
+
+    /// Takes a snapshot of it (memory and disk; a running sandbox runs on) and waits
+    /// until the snapshot is ready, which new sandboxes can then continue from.
+    pub async fn snapshot(&self, options: SnapshotOptions) -> Result<Snapshot> {
+        let mut s = Snapshot::take(&self.client, &self.id, options).await?;
+        s.wait_until_ready().await?;
+        Ok(s)
+    }
+
+    /// Its snapshots, newest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Snapshot::list(&self.client, Some(&self.id), SnapshotPage::default()).await
+    }
+
     /// Replaces its egress rules (`None` clears them); they apply to its next connection.
     pub async fn set_network(&self, network: Option<NetworkConfig>) -> Result<()> {
         Self::set_network_by_id(&self.client, &self.id, network.as_ref()).await?;
         self.lock().info.network = network;
         Ok(())
+    }
+
+    /// Binds a team secret under an environment variable: processes started from now on
+    /// see a stand-in, which kiln's egress proxy swaps for the secret on its hosts (a
+    /// paused sandbox gets it on resume).
+    pub async fn attach_secret(&self, env_key: &str, secret_name: &str) -> Result<()> {
+        Self::attach_secret_by_id(&self.client, &self.id, env_key, secret_name).await
+    }
+
+    /// [`Sandbox::attach_secret`] by id, without connecting to the sandbox (a paused one
+    /// stays paused).
+    pub async fn attach_secret_by_id(
+        client: &Client,
+        sandbox_id: &str,
+        env_key: &str,
+        secret_name: &str,
+    ) -> Result<()> {
+        let body = kiln_api::AttachSecret {
+            env_key: env_key.to_owned(),
+            secret_name: secret_name.to_owned(),
+        };
+        let req = client
+            .api(Method::POST, &["sandboxes", sandbox_id, "secrets"])
+            .json(&body);
+        client.empty(req).await
+    }
+
+    /// Removes the binding of `env_key`: its stand-in is refused from the next request,
+    /// and new processes no longer see the variable.
+    pub async fn detach_secret(&self, env_key: &str) -> Result<()> {
+        Self::detach_secret_by_id(&self.client, &self.id, env_key).await
+    }
+
+    /// [`Sandbox::detach_secret`] by id, without connecting to the sandbox.
+    pub async fn detach_secret_by_id(
+        client: &Client,
+        sandbox_id: &str,
+        env_key: &str,
+    ) -> Result<()> {
+        let req = client.api(
+            Method::DELETE,
+            &["sandboxes", sandbox_id, "secrets", env_key],
+        );
+        client.empty(req).await
     }
 
     /// Pauses it and returns once the pause has landed (the server holds the request;
@@ -331,7 +436,8 @@ impl Sandbox {
     }
 
     /// Resumes it (`POST /sandboxes/{id}/resume`). The access token rotates; this handle
-    /// (and its clones) use the new one.
+    /// (and its clones) use the new one. Resuming an active sandbox is
+    /// [`Error::Conflict`]; [`Sandbox::connect`] hands out the current token instead.
     pub async fn resume(&self) -> Result<()> {
         let with = activate(&self.client, &self.id, "resume").await?;
         self.adopt(with);

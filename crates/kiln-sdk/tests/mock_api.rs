@@ -41,6 +41,8 @@ struct Mock {
     queries: BTreeMap<String, String>,
     /// Build polls so far.
     build_polls: usize,
+    /// Snapshot polls so far (the snapshot is ready from the second).
+    snapshot_polls: usize,
     files: BTreeMap<String, Vec<u8>>,
 }
 
@@ -66,6 +68,15 @@ fn sandbox_json(token: Option<&str>, status: &str) -> serde_json::Value {
         v["access_token"] = t.into();
     }
     v
+}
+
+fn snapshot_json(status: &str, name: &str) -> serde_json::Value {
+    json!({
+        "id": "s1", "sandbox_id": SANDBOX_ID, "template_id": TEMPLATE_ID, "kind": "mem+fs",
+        "status": status, "name": name, "size_bytes": 0,
+        "resources": {"vcpu_count": 1, "memory_mib": 256, "disk_mib": 1024},
+        "created_at": "2025-01-01T00:00:00Z", "ready_at": null,
+    })
 }
 
 fn template_json(status: &str) -> serde_json::Value {
@@ -130,8 +141,102 @@ impl Mock {
     }
 }
 
+fn secret_json() -> serde_json::Value {
+    json!({
+        "id": "5ec2e700-0000-4000-8000-000000000003", "name": "openai-prod",
+        "auth_type": "bearer", "auth_config": {}, "provider_shortcut": "openai",
+        "hosts": ["api.openai.com"], "created_at": "2025-01-01T00:00:00Z",
+        "updated_at": "2025-01-01T00:00:00Z", "last_used_at": null,
+    })
+}
+
+/// `/secrets`, `/providers` and a sandbox's `/secrets`: each request's body or query is
+/// recorded under `METHOD path`.
+fn secret_routes() -> Router<Shared> {
+    use axum::extract::{OriginalUri, RawQuery};
+    use axum::http::Method;
+    async fn record(
+        State(s): State<Shared>,
+        method: Method,
+        OriginalUri(uri): OriginalUri,
+        RawQuery(q): RawQuery,
+        body: axum::body::Bytes,
+    ) -> Response {
+        let key = format!("{method} {}", uri.path());
+        let mut m = s.lock().unwrap();
+        if let Ok(v) = serde_json::from_slice(&body) {
+            m.bodies.insert(key.clone(), v);
+        }
+        m.queries.insert(key.clone(), q.unwrap_or_default());
+        match key.as_str() {
+            "GET /secrets" => Json(json!([secret_json()])).into_response(),
+            "POST /secrets" => (StatusCode::CREATED, Json(secret_json())).into_response(),
+            "GET /secrets/openai-prod" | "PATCH /secrets/openai-prod" => {
+                Json(secret_json()).into_response()
+            }
+            "DELETE /secrets/gone" => error(StatusCode::NOT_FOUND, "not_found"),
+            "GET /secrets/openai-prod/audit" => Json(json!([{
+                "id": 7, "ts": "2025-01-01T00:00:00Z", "sandbox_id": SANDBOX_ID,
+                "sandbox_name": "sb", "secret_id": "s", "method": "POST",
+                "host": "api.openai.com", "path": "/v1/chat/completions", "status": 200,
+                "upstream_status": 200, "latency_ms": 120, "error_code": null,
+            }]))
+            .into_response(),
+            "GET /secrets/openai-prod/sandboxes" => Json(json!([{
+                "sandbox_id": SANDBOX_ID, "sandbox_name": "sb",
+                "env_key": "OPENAI_API_KEY", "status": "active",
+            }]))
+            .into_response(),
+            "GET /providers" => Json(json!([{
+                "name": "openai", "display": "OpenAI", "auth_type": "bearer",
+                "auth_config": {}, "hosts": ["api.openai.com"], "token_shape": "sk-proj-...",
+            }]))
+            .into_response(),
+            _ => StatusCode::NO_CONTENT.into_response(),
+        }
+    }
+    Router::new()
+        .route("/secrets", get(record).post(record))
+        .route("/secrets/{name}", get(record).patch(record).delete(record))
+        .route("/secrets/{name}/audit", get(record))
+        .route("/secrets/{name}/sandboxes", get(record))
+        .route("/providers", get(record))
+        .route("/sandboxes/{id}/secrets", post(record))
+        .route(
+            "/sandboxes/{id}/secrets/{env}",
+            axum::routing::delete(record),
+        )
+}
+
 fn app(state: Shared) -> Router {
     Router::new()
+        .merge(secret_routes())
+        .route(
+            "/sandboxes/{id}/snapshot",
+            post(
+                |State(s): State<Shared>, Json(body): Json<serde_json::Value>| async move {
+                    s.lock().unwrap().bodies.insert("/snapshot".into(), body);
+                    (StatusCode::ACCEPTED, Json(snapshot_json("creating", "n")))
+                },
+            ),
+        )
+        .route(
+            "/sandboxes/{id}/snapshots",
+            get(|| async { Json(json!([snapshot_json("ready", "n")])) }),
+        )
+        .route(
+            "/snapshots/{id}",
+            get(|State(s): State<Shared>| async move {
+                let mut m = s.lock().unwrap();
+                m.snapshot_polls += 1;
+                let status = if m.snapshot_polls > 1 { "ready" } else { "creating" };
+                Json(snapshot_json(status, "n"))
+            })
+            .patch(|Json(body): Json<serde_json::Value>| async move {
+                Json(snapshot_json("ready", body["name"].as_str().unwrap()))
+            })
+            .delete(|| async { error(StatusCode::NOT_FOUND, "not_found") }),
+        )
         .route(
             "/templates",
             post(
@@ -740,6 +845,50 @@ fn futures_are_send(c: Client, mut t: Template, sb: Sandbox, s: kiln_sdk::Comman
 }
 
 #[tokio::test]
+async fn a_snapshot_is_waited_for_renamed_forked_and_deleted() {
+    let (c, state) = start().await;
+    let sb = sandbox(&c).await;
+    let mut snap = sb
+        .snapshot(kiln_sdk::SnapshotOptions {
+            name: Some("n".into()),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(snap.info().status, kiln_sdk::SnapshotStatus::Ready);
+    {
+        let m = state.lock().unwrap();
+        let body = &m.bodies["/snapshot"];
+        assert_eq!(
+            (&body["kind"], &body["name"]),
+            (&json!("mem+fs"), &json!("n"))
+        );
+        // Always keyed, so that a retried request cannot take a second snapshot.
+        assert!(body["idempotency_key"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()));
+        assert_eq!(m.snapshot_polls, 2, "polled until ready");
+    }
+    assert_eq!(
+        snap.rename("other").await.unwrap().name.as_deref(),
+        Some("other")
+    );
+    assert_eq!(sb.snapshots().await.unwrap()[0].id, "s1");
+    // Deleting one already gone is fine.
+    snap.delete().await.unwrap();
+    let fork = SandboxCreateOptions {
+        timeout_seconds: Some(60),
+        ..SandboxCreateOptions::from_snapshot("fork", snap.id())
+    };
+    Sandbox::create(&c, fork).await.unwrap();
+    let body = state.lock().unwrap().bodies["/sandboxes"].clone();
+    assert_eq!(
+        body,
+        json!({"name": "fork", "from_snapshot": "s1", "timeout_seconds": 60})
+    );
+}
+
+#[tokio::test]
 async fn secrets_stay_out_of_debug_output() {
     let (c, _state) = start().await;
     let sb = sandbox(&c).await;
@@ -747,4 +896,70 @@ async fn secrets_stay_out_of_debug_output() {
     assert!(!text.contains("tok1"), "{text}");
     assert!(!text.contains("\"key\""), "{text}");
     assert!(text.contains(SANDBOX_ID), "{text}");
+}
+
+#[tokio::test]
+async fn secrets_calls_send_the_wire_shapes() {
+    use kiln_sdk::{AuditQuery, CreateSecret, Secret};
+    let (c, state) = start().await;
+    let created = Secret::create(
+        &c,
+        &CreateSecret {
+            name: "openai-prod".into(),
+            value: "sk-real".into(),
+            provider: Some("openai".into()),
+            ..CreateSecret::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.hosts, ["api.openai.com"]);
+    assert_eq!(
+        state.lock().unwrap().bodies["POST /secrets"],
+        json!({"name": "openai-prod", "value": "sk-real", "provider": "openai"})
+    );
+    assert_eq!(Secret::list(&c).await.unwrap().len(), 1);
+    Secret::get(&c, "openai-prod").await.unwrap();
+    Secret::rotate(&c, "openai-prod", "sk-new").await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies["PATCH /secrets/openai-prod"],
+        json!({"value": "sk-new"})
+    );
+    let q = AuditQuery::from_query(&[("status".into(), "4xx".into())]).unwrap();
+    let audit = Secret::audit(&c, "openai-prod", &q).await.unwrap();
+    assert_eq!((audit[0].status, audit[0].latency_ms), (200, Some(120)));
+    assert_eq!(
+        state.lock().unwrap().queries["GET /secrets/openai-prod/audit"],
+        "limit=100&status=4xx"
+    );
+    let bound = Secret::sandboxes(&c, "openai-prod").await.unwrap();
+    assert_eq!(bound[0].env_key, "OPENAI_API_KEY");
+    assert_eq!(
+        Secret::providers(&c).await.unwrap()[0].token_shape,
+        "sk-proj-..."
+    );
+    Secret::delete(&c, "openai-prod").await.unwrap();
+    // Deleting what is gone is fine, as in the official SDKs.
+    Secret::delete(&c, "gone").await.unwrap();
+
+    let mut options = SandboxCreateOptions::new("sb", "org/web");
+    options
+        .secrets
+        .insert("OPENAI_API_KEY".into(), "openai-prod".into());
+    let sb = Sandbox::create(&c, options).await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies["/sandboxes"]["secrets"],
+        json!({"OPENAI_API_KEY": "openai-prod"})
+    );
+    sb.attach_secret("SECOND", "openai-prod").await.unwrap();
+    assert_eq!(
+        state.lock().unwrap().bodies[&format!("POST /sandboxes/{SANDBOX_ID}/secrets")],
+        json!({"env_key": "SECOND", "secret_name": "openai-prod"})
+    );
+    sb.detach_secret("SECOND").await.unwrap();
+    assert!(state
+        .lock()
+        .unwrap()
+        .queries
+        .contains_key(&format!("DELETE /sandboxes/{SANDBOX_ID}/secrets/SECOND")));
 }

@@ -3,11 +3,11 @@
 //! engine call, a typed result becomes a response, and errors are mapped in one place
 //! ([`error`]).
 //!
-//! The control plane (`/templates`, `/sandboxes`) is authorised by a team's `X-API-Key`;
-//! the data plane (`/exec`, `/files`) by a sandbox's access token ([`data`]). The server
-//! process owns the VMs of the sandboxes it starts. Requests for a preview host
-//! (`{port}-{sandbox}.{domain}`) never reach the API: [`proxy`] serves them from the
-//! sandbox.
+//! The control plane (`/templates`, `/sandboxes`, `/snapshots`, `/secrets`) is authorised
+//! by a team's `X-API-Key`; the data plane (`/exec`, `/files`) by a sandbox's access token
+//! ([`data`]). The server process owns the VMs of the sandboxes it starts. Requests for a
+//! preview host (`{port}-{sandbox}.{domain}`) never reach the API: [`proxy`] serves them
+//! from the sandbox.
 
 pub mod console;
 mod data;
@@ -18,6 +18,7 @@ mod previews;
 pub mod proxy;
 pub mod ratelimit;
 mod sandboxes;
+mod secrets;
 mod templates;
 mod ws;
 
@@ -79,6 +80,22 @@ pub const ROUTES: &[(&str, &str)] = &[
         "POST",
         "/sandboxes/{sandbox}/preview-ports/{port}/token/rotate",
     ),
+    ("POST", "/sandboxes/{sandbox}/snapshot"),
+    ("GET", "/sandboxes/{sandbox}/snapshots"),
+    ("GET", "/snapshots"),
+    ("GET", "/snapshots/{snapshot}"),
+    ("PATCH", "/snapshots/{snapshot}"),
+    ("DELETE", "/snapshots/{snapshot}"),
+    ("POST", "/sandboxes/{sandbox}/secrets"),
+    ("DELETE", "/sandboxes/{sandbox}/secrets/{env}"),
+    ("GET", "/secrets"),
+    ("POST", "/secrets"),
+    ("GET", "/secrets/{name}"),
+    ("PATCH", "/secrets/{name}"),
+    ("DELETE", "/secrets/{name}"),
+    ("GET", "/secrets/{name}/audit"),
+    ("GET", "/secrets/{name}/sandboxes"),
+    ("GET", "/providers"),
     ("POST", "/exec"),
     ("POST", "/exec/stream"),
     ("GET", "/exec/connect"),
@@ -179,6 +196,33 @@ pub fn router(state: AppState) -> Router {
             "/sandboxes/{sandbox}/preview-ports/{port}/token/rotate",
             post(previews::rotate),
         )
+        .route("/sandboxes/{sandbox}/snapshot", post(sandboxes::snapshot))
+        .route(
+            "/sandboxes/{sandbox}/snapshots",
+            get(sandboxes::snapshots_of),
+        )
+        .route("/snapshots", get(sandboxes::list_snapshots))
+        .route(
+            "/snapshots/{snapshot}",
+            get(sandboxes::get_snapshot)
+                .patch(sandboxes::rename_snapshot)
+                .delete(sandboxes::delete_snapshot),
+        )
+        .route("/sandboxes/{sandbox}/secrets", post(secrets::attach))
+        .route(
+            "/sandboxes/{sandbox}/secrets/{env}",
+            axum::routing::delete(secrets::detach),
+        )
+        .route("/secrets", get(secrets::list).post(secrets::create))
+        .route(
+            "/secrets/{name}",
+            get(secrets::get)
+                .patch(secrets::rotate)
+                .delete(secrets::delete),
+        )
+        .route("/secrets/{name}/audit", get(secrets::audit))
+        .route("/secrets/{name}/sandboxes", get(secrets::sandboxes))
+        .route("/providers", get(secrets::providers))
         .route("/exec", post(data::exec))
         .route("/exec/stream", post(data::exec_stream))
         .route("/exec/connect", get(ws::exec_connect))
@@ -193,12 +237,46 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
+    // Before routing (a layer of an outer router whose one service is the API).
     Router::new()
         .fallback_service(observe::layers(app, metrics))
+        .layer(axum::middleware::map_request(system_template_paths))
+        // Outermost: a preview host's request never reaches the API.
         .layer(axum::middleware::from_fn_with_state(
             proxy_state,
             proxy::intercept,
         ))
+}
+
+/// The official SDKs put a template's name in the path as it is (`Template.connect(
+/// "superserve/base")` asks for `GET /templates/superserve/base`), so a path naming a
+/// system template that way is routed as if its slash were escaped. Only the system
+/// templates' own names are: no team template can take them.
+async fn system_template_paths(mut req: axum::extract::Request) -> axum::extract::Request {
+    let Some(rest) = req.uri().path().strip_prefix("/templates/") else {
+        return req;
+    };
+    let named = kiln_engine::SYSTEM_TEMPLATES.iter().find(|t| {
+        rest.strip_prefix(t.name)
+            .is_some_and(|after| after.is_empty() || after.starts_with('/'))
+    });
+    let Some(t) = named else {
+        return req;
+    };
+    let escaped = t.name.replace('/', "%2F");
+    let mut path = format!("/templates/{escaped}{}", &rest[t.name.len()..]);
+    if let Some(q) = req.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = path.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
 }
 
 /// The team of the request's `X-API-Key`.

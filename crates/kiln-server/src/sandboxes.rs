@@ -1,11 +1,15 @@
-//! `/sandboxes`: create, list, inspect, update, pause, resume and kill sandboxes, and
-//! read their network logs. Each handler is one engine call.
+//! `/sandboxes`: create, list, inspect, update, pause, resume and kill sandboxes, read
+//! their network logs, and take and manage their snapshots (`/snapshots`). Each handler is
+//! one engine call.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kiln_api::{CreateSandbox, NetworkLogQuery, SandboxFilter, SandboxStatus, UpdateSandbox};
+use kiln_api::{
+    CreateSandbox, CreateSnapshot, NetworkLogQuery, SandboxFilter, SandboxStatus, SnapshotPage,
+    SnapshotStatus, UpdateSandbox, UpdateSnapshot,
+};
 use kiln_engine::SandboxUp;
 
 use crate::{parse_body, query_pairs, ApiError, AppState, Auth};
@@ -123,4 +127,98 @@ pub(crate) async fn network_log(
 ) -> Result<impl IntoResponse, ApiError> {
     let q = NetworkLogQuery::from_query(&query_pairs(query.as_deref()))?;
     Ok(Json(state.engine.network_log(&team.id, &id, &q).await?))
+}
+
+/// How long `POST /sandboxes/{id}/snapshot` waits for the snapshot to be ready after the
+/// capture before it answers `202 creating` (under the SDKs' 30 s inactivity timeout).
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `POST /sandboxes/{id}/snapshot`: 201 with the snapshot once it is ready, 202 while it
+/// is still `creating` (made forkable in the background), 200 for a repeated
+/// idempotency key.
+pub(crate) async fn snapshot(
+    State(state): State<AppState>,
+    Auth(team): Auth,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: CreateSnapshot = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateSnapshot::default()
+    } else {
+        parse_body(&body, "snapshot request")?
+    };
+    let taken = state.engine.create_snapshot(&team.id, &id, &req).await?;
+    if !taken.created {
+        return Ok((StatusCode::OK, Json(taken.snapshot)).into_response());
+    }
+    let s = state
+        .engine
+        .wait_snapshot(&team.id, &taken.snapshot.id, SNAPSHOT_WAIT)
+        .await?;
+    let status = if s.status == SnapshotStatus::Creating {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(s)).into_response())
+}
+
+/// `GET /sandboxes/{id}/snapshots`: the sandbox's snapshots, newest first (also once
+/// it is deleted), `limit` / `offset`.
+pub(crate) async fn snapshots_of(
+    State(state): State<AppState>,
+    Auth(team): Auth,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let page = SnapshotPage::from_query(&query_pairs(query.as_deref()))?;
+    Ok(Json(
+        state
+            .engine
+            .list_snapshots(&team.id, Some(&id), &page)
+            .await?,
+    ))
+}
+
+/// `GET /snapshots`: the team's snapshots, newest first, `limit` / `offset`.
+pub(crate) async fn list_snapshots(
+    State(state): State<AppState>,
+    Auth(team): Auth,
+    RawQuery(query): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let page = SnapshotPage::from_query(&query_pairs(query.as_deref()))?;
+    Ok(Json(
+        state.engine.list_snapshots(&team.id, None, &page).await?,
+    ))
+}
+
+pub(crate) async fn get_snapshot(
+    State(state): State<AppState>,
+    Auth(team): Auth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(state.engine.snapshot(&team.id, &id).await?))
+}
+
+/// `PATCH /snapshots/{id}`: renames it; answers the renamed snapshot.
+pub(crate) async fn rename_snapshot(
+    State(state): State<AppState>,
+    Auth(team): Auth,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: UpdateSnapshot = parse_body(&body, "snapshot update")?;
+    Ok(Json(
+        state.engine.rename_snapshot(&team.id, &id, &req).await?,
+    ))
+}
+
+/// `DELETE /snapshots/{id}`: 204; sandboxes created from it are not affected.
+pub(crate) async fn delete_snapshot(
+    State(state): State<AppState>,
+    Auth(team): Auth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    state.engine.delete_snapshot(&team.id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -8,6 +8,13 @@
 //! `{"finished":true,"exit_code":n}` from the server before it closes. The access token
 //! rides in the `token.<value>` subprotocol, which is never echoed back.
 //!
+//! A client that goes away does not take the command with it (Superserve's
+//! `commands_sessions.mdx`: "the process keeps running inside the sandbox"): its output is
+//! read and dropped, and its stdin kept open, until it exits. The SDKs' `close()` sends a
+//! signal first when it means to stop the command. A terminal session is hung up
+//! (SIGHUP, as a closed terminal window does), so an idle shell does not wait
+//! for its gone client forever.
+//!
 //! kiln's extension, which the official SDKs never use: a start frame with
 //! `"pty": {"cols", "rows"}` runs the command on a terminal of its own (its bytes on the
 //! stdout channel, stdin through the terminal), and `{"type":"resize","cols","rows"}`
@@ -101,11 +108,13 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
             return Err(refuse(&mut ws, 1011, "could not start the command", why).await);
         }
     };
+    let pty = req.pty.is_some();
     let mut input = session.input().expect("a new session has its input");
     let (mut tx, mut rx) = ws.split();
 
-    // Client to process: stdin bytes, stdin close, signals. Ends when the client goes.
-    let input_task = tokio::spawn(async move {
+    // Client to process: stdin bytes, stdin close, signals. Ends when the client goes, and
+    // hands the input half back.
+    let mut input_task = tokio::spawn(async move {
         while let Some(Ok(msg)) = rx.next().await {
             match msg {
                 Message::Binary(b) => {
@@ -129,13 +138,19 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
                 _ => {}
             }
         }
-        // The client left: the process does not outlive its session.
-        input.kill().await;
+        input
     });
 
     // Process to client.
     let result = loop {
-        let (ch, data) = match session.next_event().await {
+        let event = tokio::select! {
+            event = session.next_event() => event,
+            input = &mut input_task => {
+                run_on(session, input.ok(), pty).await;
+                break Err("client went away; the command runs on".to_owned());
+            }
+        };
+        let (ch, data) = match event {
             Ok(SessionEvent::Stdout(b)) => (channel::STDOUT, b),
             Ok(SessionEvent::Stderr(b)) => (channel::STDERR, b),
             Ok(SessionEvent::Exit { exit_code, error }) => {
@@ -159,11 +174,36 @@ async fn session(mut ws: WebSocket, sandbox: SandboxHandle) -> Result<(), String
             }
         };
         if tx.send(Message::Binary(framed(ch, &data))).await.is_err() {
-            break Err("client went away".to_owned());
+            // The connection is gone, so the input side ends too.
+            let input = tokio::time::timeout(START_TIMEOUT, &mut input_task).await;
+            run_on(session, input.ok().and_then(Result::ok), pty).await;
+            break Err("client went away; the command runs on".to_owned());
         }
     };
     input_task.abort();
     result
+}
+
+/// A command whose client went away, left to run to its end: its output is read (and
+/// dropped, so that it never blocks on a full pipe) and its stdin held open until it
+/// exits or the sandbox's agent goes. A terminal session is hung up first.
+async fn run_on(
+    mut session: kiln_engine::Session,
+    input: Option<kiln_engine::SessionInput>,
+    pty: bool,
+) {
+    if let (true, Some(input)) = (pty, &input) {
+        input.hang_up().await;
+    }
+    tokio::spawn(async move {
+        let _stdin = input;
+        while let Ok(event) = session.next_event().await {
+            if let SessionEvent::Exit { exit_code, .. } = event {
+                tracing::debug!(exit_code, "a command whose client went away ended");
+                break;
+            }
+        }
+    });
 }
 
 fn framed(channel: u8, data: &[u8]) -> bytes::Bytes {

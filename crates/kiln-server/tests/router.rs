@@ -487,10 +487,22 @@ async fn sandboxes_list_filter_get_patch_and_refusals() {
 
     // Creation refusals, each with its code; nothing is created.
     for (body, status, code) in [
+        // No template: the system template, which this server has not built.
+        (json!({"name": "x"}), StatusCode::CONFLICT, "not_ready"),
         (
-            json!({"name": "x"}),
+            json!({"name": "x", "from_template": "web", "from_snapshot": "s"}),
             StatusCode::BAD_REQUEST,
             "invalid_request",
+        ),
+        (
+            json!({"name": "x", "from_template": "web", "timeout_seconds": 0}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"name": "x", "from_snapshot": "nope"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
         ),
         (
             json!({"name": "x", "from_template": "web", "bogus": 1}),
@@ -498,9 +510,9 @@ async fn sandboxes_list_filter_get_patch_and_refusals() {
             "invalid_request",
         ),
         (
-            json!({"name": "x", "from_template": "web", "timeout_seconds": 60}),
+            json!({"name": "x", "from_template": "web", "preview_access": "legacy_public"}),
             StatusCode::BAD_REQUEST,
-            "unsupported",
+            "invalid_request",
         ),
         (
             json!({"name": "x", "from_template": "nope"}),
@@ -1107,6 +1119,450 @@ async fn a_running_sandbox_answers_commands_until_paused_and_after_resume() {
     assert!(a.t.hypervisor.alive().is_empty(), "no VM left");
 }
 
+impl Api {
+    async fn post_json(&self, key: &str, uri: &str, body: Value) -> (StatusCode, Value) {
+        self.call("POST", uri, Some(key), Some(body.to_string().into_bytes()))
+            .await
+    }
+
+    /// A sandbox of `template` created through the API (on the fake hypervisor); its id.
+    async fn running(&self, key: &str, template: &str) -> String {
+        let (s, v) = self
+            .post_json(
+                key,
+                "/sandboxes",
+                json!({"name": "s", "from_template": template}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+}
+
+/// Every RFC 3339 time in `v` (at any depth) has at most six fractional digits: Python
+/// 3.9 and 3.10's `fromisoformat`, which the official SDK parses times with, refuses more.
+fn assert_micros(v: &Value, at: &str) {
+    match v {
+        Value::String(s) if kiln_api::time::parse(s).is_ok() => {
+            let frac = s.split_once('.').map_or(0, |(_, f)| {
+                f.chars().take_while(char::is_ascii_digit).count()
+            });
+            assert!(frac <= 6, "{at}: {s} has {frac} fractional digits");
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| assert_micros(x, &format!("{at}[{i}]"))),
+        Value::Object(map) => map
+            .iter()
+            .for_each(|(k, x)| assert_micros(x, &format!("{at}.{k}"))),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn snapshots_forks_and_their_refusals_through_the_api() {
+    let limits = Limits {
+        max_snapshots: 2,
+        ..Limits::UNLIMITED
+    };
+    let a = api(limits).await;
+    let key = a.key("acme").await;
+    let other = a.key("evil").await;
+    a.ready_template("acme", "web").await;
+    let src = a.running(&key, "web").await;
+
+    // What the SDK sends; 201 with the snapshot once it is ready.
+    let body = json!({"kind": "mem+fs", "name": "before", "idempotency_key": "k1"});
+    let (s, snap) = a
+        .post_json(&key, &format!("/sandboxes/{src}/snapshot"), body.clone())
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{snap}");
+    assert_eq!(
+        (
+            &snap["status"],
+            &snap["sandbox_id"],
+            &snap["kind"],
+            &snap["name"]
+        ),
+        (
+            &json!("ready"),
+            &json!(src),
+            &json!("mem+fs"),
+            &json!("before")
+        )
+    );
+    for field in ["template_id", "created_at", "ready_at", "size_bytes"] {
+        assert!(!snap[field].is_null(), "{field} missing in {snap}");
+    }
+    assert_eq!(snap["resources"]["memory_mib"], 1024);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    // The same key: 200 with the first snapshot.
+    let (s, again) = a
+        .post_json(&key, &format!("/sandboxes/{src}/snapshot"), body)
+        .await;
+    assert_eq!((s, &again["id"]), (StatusCode::OK, &snap["id"]));
+    // An empty body is a default snapshot; the limit (2) then refuses a third.
+    let (s, second) = a
+        .call(
+            "POST",
+            &format!("/sandboxes/{src}/snapshot"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{second}");
+    let (s, v) = a
+        .post_json(&key, &format!("/sandboxes/{src}/snapshot"), json!({}))
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_snapshots")
+    );
+
+    // Listings, newest first, paged; the team's only.
+    let (s, list) = a
+        .call(
+            "GET",
+            &format!("/sandboxes/{src}/snapshots"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list[0]["id"], second["id"]);
+    assert_eq!(list[1]["id"], snap["id"]);
+    let (_, page) = a
+        .call("GET", "/snapshots?limit=1&offset=1", Some(&key), None)
+        .await;
+    assert_eq!(page.as_array().unwrap().len(), 1);
+    assert_eq!(page[0]["id"], snap["id"]);
+    let (_, none) = a.call("GET", "/snapshots", Some(&other), None).await;
+    assert_eq!(none, json!([]));
+    for (method, uri) in [
+        ("GET", format!("/snapshots/{id}")),
+        ("DELETE", format!("/snapshots/{id}")),
+        ("GET", format!("/sandboxes/{src}/snapshots")),
+        ("POST", format!("/sandboxes/{src}/snapshot")),
+        ("GET", "/snapshots/no-such-snapshot".to_owned()),
+    ] {
+        let (s, v) = a.call(method, &uri, Some(&other), None).await;
+        assert_eq!(
+            (s, error_code(&v)),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{method} {uri}"
+        );
+    }
+    let (s, v) = a
+        .call("GET", "/snapshots?status=ready", Some(&key), None)
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+
+    // Rename answers the renamed snapshot.
+    let (s, renamed) = a
+        .call(
+            "PATCH",
+            &format!("/snapshots/{id}"),
+            Some(&key),
+            Some(json!({"name": "renamed"}).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!((s, &renamed["name"]), (StatusCode::OK, &json!("renamed")));
+    let (s, v) = a
+        .call(
+            "PATCH",
+            &format!("/snapshots/{id}"),
+            Some(&key),
+            Some(json!({"name": ""}).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+
+    // A fork: where it came from is in its info; another team cannot fork it.
+    let (s, fork) = a
+        .post_json(
+            &key,
+            "/sandboxes",
+            json!({"name": "fork", "from_snapshot": id}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{fork}");
+    assert_eq!(fork["source_snapshot_id"], json!(id));
+    assert_eq!(fork["status"], "active");
+    let (s, v) = a
+        .post_json(
+            &other,
+            "/sandboxes",
+            json!({"name": "f", "from_snapshot": id}),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+
+    // The source killed: GET is 404, a snapshot of it too; its snapshots are still listed.
+    let (s, _) = a
+        .call("DELETE", &format!("/sandboxes/{src}"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = a
+        .call("GET", &format!("/sandboxes/{src}"), Some(&key), None)
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let (s, v) = a
+        .post_json(&key, &format!("/sandboxes/{src}/snapshot"), json!({}))
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let (s, list) = a
+        .call(
+            "GET",
+            &format!("/sandboxes/{src}/snapshots"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!((s, list.as_array().unwrap().len()), (StatusCode::OK, 2));
+    // The template is kept while snapshots lie over it.
+    let (s, v) = a.call("DELETE", "/templates/web", Some(&key), None).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::CONFLICT, "conflict"),
+        "{v}"
+    );
+
+    // Delete: 204, then gone (and deleting again is a 404 the SDK treats as done).
+    let (s, _) = a
+        .call("DELETE", &format!("/snapshots/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = a
+        .call("GET", &format!("/snapshots/{id}"), Some(&key), None)
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let (s, _) = a
+        .call("DELETE", &format!("/snapshots/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn pause_resume_conflicts_timers_and_network_while_paused() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    a.ready_template("acme", "web").await;
+    let (s, created) = a
+        .post_json(
+            &key,
+            "/sandboxes",
+            json!({"name": "t", "from_template": "web", "timeout_seconds": 3600, "auto_delete_seconds": 60}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(
+        (
+            &created["timeout_seconds"],
+            &created["auto_delete_seconds"],
+            &created["auto_delete_at"]
+        ),
+        (&json!(3600), &json!(60), &Value::Null)
+    );
+    let id = created["id"].as_str().unwrap().to_owned();
+    let uri = format!("/sandboxes/{id}");
+    let (s, v) = a
+        .call("POST", &format!("{uri}/resume"), Some(&key), None)
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::CONFLICT, "conflict"),
+        "resume of a running one"
+    );
+    let (s, _) = a
+        .call("POST", &format!("{uri}/pause"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = a
+        .call("POST", &format!("{uri}/pause"), Some(&key), None)
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::CONFLICT, "conflict"),
+        "pause of a paused one"
+    );
+    let (_, paused) = a.call("GET", &uri, Some(&key), None).await;
+    assert!(paused["auto_delete_at"].is_string(), "{paused}");
+
+    // PATCH on the paused sandbox: egress rules (in force from the resume) and timers.
+    let rules = json!({"allow_out": [], "deny_out": ["0.0.0.0/0"]});
+    let (s, v) = a
+        .call(
+            "PATCH",
+            &uri,
+            Some(&key),
+            Some(
+                json!({"network": rules, "auto_delete_seconds": null, "timeout_seconds": 5})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (_, got) = a.call("GET", &uri, Some(&key), None).await;
+    assert_eq!(got["network"], rules);
+    assert_eq!(
+        (
+            &got["timeout_seconds"],
+            &got["auto_delete_seconds"],
+            &got["auto_delete_at"]
+        ),
+        (&json!(5), &Value::Null, &Value::Null)
+    );
+    let (s, _) = a
+        .call("POST", &format!("{uri}/resume"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, got) = a.call("GET", &uri, Some(&key), None).await;
+    assert_eq!(got["network"], rules);
+    for bad in [
+        json!({"timeout_seconds": 0}),
+        json!({"auto_delete_seconds": 2_592_001}),
+    ] {
+        let (s, v) = a
+            .call(
+                "PATCH",
+                &uri,
+                Some(&key),
+                Some(bad.to_string().into_bytes()),
+            )
+            .await;
+        assert_eq!(
+            (s, error_code(&v)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn system_templates_are_listed_for_every_team_and_theirs_alone() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    a.t.ready_system_template("superserve/base").await.unwrap();
+    let (_, list) = a.call("GET", "/templates", Some(&key), None).await;
+    assert_eq!(list[0]["name"], "superserve/base");
+    // The official SDKs put the name in the path unescaped.
+    for uri in ["/templates/superserve/base", "/templates/superserve%2Fbase"] {
+        let (s, t) = a.call("GET", uri, Some(&key), None).await;
+        assert_eq!((s, &t["id"]), (StatusCode::OK, &list[0]["id"]), "{uri}");
+    }
+    let (s, builds) = a
+        .call(
+            "GET",
+            "/templates/superserve/base/builds?limit=5",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{builds}");
+    let (s, v) = a
+        .call("DELETE", "/templates/superserve%2Fbase", Some(&key), None)
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::CONFLICT, "conflict"),
+        "{v}"
+    );
+    let (s, v) = a.create(&key, "superserve/mine").await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request"),
+        "{v}"
+    );
+    // A sandbox without a template starts from it.
+    let (s, created) = a
+        .post_json(&key, "/sandboxes", json!({"name": "quickstart"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["template_id"], list[0]["id"]);
+}
+
+#[tokio::test]
+async fn every_time_the_api_writes_has_at_most_six_fractional_digits() {
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    a.ready_template("acme", "web").await;
+    let (_, queued) = a.create(&key, "queued").await;
+    let id = a.running(&key, "web").await;
+    let (s, snap) = a
+        .post_json(&key, &format!("/sandboxes/{id}/snapshot"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{snap}");
+    let (s, _) = a
+        .call(
+            "PATCH",
+            &format!("/sandboxes/{id}"),
+            Some(&key),
+            Some(json!({"auto_delete_seconds": 600}).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    a.call("POST", &format!("/sandboxes/{id}/pause"), Some(&key), None)
+        .await;
+    // A network log line with nine digits, as any writer could leave one.
+    let dir = a.engine.layout().sandbox_dir(&id).unwrap();
+    std::fs::write(
+        dir.join("network.log"),
+        format!(
+            "{}\n",
+            json!({"id": 1, "kind": "connection", "ts": "2026-11-29T10:00:01.123456789Z", "verdict": "allowed"})
+        ),
+    )
+    .unwrap();
+    let tid = queued["id"].as_str().unwrap();
+    let bid = queued["build_id"].as_str().unwrap();
+    a.engine
+        .cancel_build(&a.t.team("acme").await.unwrap(), bid)
+        .await
+        .unwrap();
+    for uri in [
+        "/templates".to_owned(),
+        format!("/templates/{tid}"),
+        format!("/templates/{tid}/builds"),
+        format!("/templates/{tid}/builds/{bid}"),
+        format!("/templates/{tid}/builds/{bid}/logs"),
+        "/sandboxes".to_owned(),
+        format!("/sandboxes/{id}"),
+        format!("/sandboxes/{id}/snapshots"),
+        format!("/sandboxes/{id}/network"),
+        "/snapshots".to_owned(),
+        format!("/snapshots/{}", snap["id"].as_str().unwrap()),
+    ] {
+        let (s, v) = a.call("GET", &uri, Some(&key), None).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {v}");
+        let events = match &v {
+            Value::String(_) => Value::Array(sse_events(&v)),
+            other => other.clone(),
+        };
+        assert_micros(&events, &uri);
+    }
+    let (_, up) = a
+        .call("POST", &format!("/sandboxes/{id}/resume"), Some(&key), None)
+        .await;
+    assert_micros(&up, "resume");
+    let (_, net) = a
+        .call(
+            "GET",
+            &format!("/sandboxes/{id}/network?before=2026-11-29T10:00:02Z"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(net["data"][0]["ts"], "2026-11-29T10:00:01.123456+00:00");
+}
+
 /// kiln's terminal sessions: a start frame with `pty` runs the command on a terminal, a
 /// browser names the sandbox and its token in subprotocols (it cannot set headers), and
 /// the other exec routes refuse a terminal.
@@ -1270,4 +1726,213 @@ async fn the_console_and_spec_validation() {
         (v["valid"].as_bool(), v["problems"].as_array().map(Vec::len)),
         (Some(true), Some(0))
     );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn team_secrets_bind_to_sandboxes_and_their_values_never_come_back() {
+    // Every log line, as in `secrets_stay_out_of_logs_errors_and_metrics`.
+    let sink = Captured::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let a = api(Limits::UNLIMITED).await;
+    let key = a.key("acme").await;
+    let evil = a.key("evil").await;
+    a.ready_template("acme", "web").await;
+    let value = "sk-live-ROUTER-TEST-VALUE-000111222333";
+    let body = |v: Value| Some(v.to_string().into_bytes());
+
+    let (s, providers) = a.call("GET", "/providers", Some(&key), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<&str> = providers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["openai", "anthropic", "github"]);
+
+    let (s, created) = a
+        .call(
+            "POST",
+            "/secrets",
+            Some(&key),
+            body(json!({"name": "anthropic-prod", "value": value, "provider": "anthropic"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["auth_type"], "api-key");
+    assert_eq!(created["auth_config"], json!({"header": "x-api-key"}));
+    assert_eq!(created["hosts"], json!(["api.anthropic.com"]));
+    assert_eq!(created["provider_shortcut"], "anthropic");
+    let (s, custom) = a
+        .call(
+            "POST",
+            "/secrets",
+            Some(&key),
+            body(json!({"name": "internal", "value": value,
+                        "auth": {"type": "basic", "username": "svc"}, "hosts": ["*.corp.example"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{custom}");
+    for (bad, code) in [
+        (
+            json!({"name": "anthropic-prod", "value": "x", "provider": "openai"}),
+            "conflict",
+        ),
+        (
+            json!({"name": "n", "value": "x", "provider": "nope"}),
+            "invalid_request",
+        ),
+        (json!({"name": "n", "value": "x"}), "invalid_request"),
+        (
+            json!({"name": "n", "value": "x", "auth": {"type": "bearer"}, "hosts": ["a b"]}),
+            "invalid_request",
+        ),
+        (
+            json!({"name": "n", "value": "x", "provider": "openai", "extra": 1}),
+            "invalid_request",
+        ),
+    ] {
+        let (s, v) = a
+            .call("POST", "/secrets", Some(&key), body(bad.clone()))
+            .await;
+        assert_eq!(error_code(&v), code, "{bad} -> {s} {v}");
+    }
+    let (_, list) = a.call("GET", "/secrets", Some(&key), None).await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let (s, _) = a
+        .call("GET", "/secrets/anthropic-prod", Some(&evil), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another team's secret");
+    let (_, theirs) = a.call("GET", "/secrets", Some(&evil), None).await;
+    assert_eq!(theirs, json!([]));
+
+    // A sandbox with the secret bound at create, another bound later.
+    let (s, up) = a
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&key),
+            body(json!({"name": "box", "from_template": "web",
+                        "secrets": {"ANTHROPIC_API_KEY": "anthropic-prod"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{up}");
+    let id = up["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        up["secrets"],
+        json!([{"env_key": "ANTHROPIC_API_KEY", "secret_name": "anthropic-prod"}])
+    );
+    let (s, v) = a
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&key),
+            body(json!({"name": "x", "from_template": "web", "secrets": {"K": "missing"}})),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let attach = |env: &str, secret: &str| body(json!({"env_key": env, "secret_name": secret}));
+    let uri = format!("/sandboxes/{id}/secrets");
+    let (s, _) = a
+        .call("POST", &uri, Some(&key), attach("CORP", "internal"))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = a
+        .call("POST", &uri, Some(&key), attach("CORP", "internal"))
+        .await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "conflict"));
+    let (s, v) = a
+        .call("POST", &uri, Some(&key), attach("1BAD", "internal"))
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, _) = a
+        .call("POST", &uri, Some(&evil), attach("X", "internal"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another team's sandbox");
+    let (_, bound) = a
+        .call("GET", "/secrets/internal/sandboxes", Some(&key), None)
+        .await;
+    assert_eq!(
+        bound,
+        json!([{"sandbox_id": id, "sandbox_name": "box", "env_key": "CORP", "status": "active"}])
+    );
+    let (s, _) = a
+        .call("DELETE", &format!("{uri}/CORP"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = a
+        .call("DELETE", &format!("{uri}/CORP"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Rotate, audit (empty: no request went out), delete: the binding is revoked.
+    let (s, rotated) = a
+        .call(
+            "PATCH",
+            "/secrets/anthropic-prod",
+            Some(&key),
+            body(json!({"value": format!("{value}-2")})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{rotated}");
+    let (s, audit) = a
+        .call(
+            "GET",
+            "/secrets/anthropic-prod/audit?limit=5&status=4xx",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!((s, audit), (StatusCode::OK, json!([])));
+    let (s, v) = a
+        .call(
+            "GET",
+            "/secrets/anthropic-prod/audit?status=teapot",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, _) = a
+        .call("DELETE", "/secrets/anthropic-prod", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = a
+        .call("DELETE", "/secrets/anthropic-prod", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, info) = a
+        .call("GET", &format!("/sandboxes/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(
+        info["secrets"],
+        json!([{"env_key": "ANTHROPIC_API_KEY", "secret_name": "anthropic-prod", "revoked": true}])
+    );
+
+    // No answer, log line or metric carries the value.
+    let (_, _, metrics) = a.call_with("GET", "/metrics", &[], None).await;
+    let logs = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    for text in [
+        logs,
+        metrics.to_string(),
+        created.to_string(),
+        custom.to_string(),
+        rotated.to_string(),
+        info.to_string(),
+    ] {
+        assert!(!text.contains("sk-live-ROUTER"), "the value is out: {text}");
+    }
 }

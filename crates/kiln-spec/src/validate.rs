@@ -22,8 +22,9 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_USER_LEN: usize = 31;
 /// Longest template name.
 pub const MAX_NAME_LEN: usize = 128;
-/// Template names with this prefix belong to the platform, not to teams.
-pub const RESERVED_NAME_PREFIX: &str = "kiln/";
+/// Template names with these prefixes belong to the platform, not to teams: `kiln/`, and
+/// `superserve/` of the system templates every team sees (`superserve/base`, ...).
+pub const RESERVED_NAME_PREFIXES: &[&str] = &["kiln/", "superserve/"];
 
 /// One thing wrong with a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,10 +216,13 @@ fn check_template_name(name: &str, path: &str, p: &mut Problems) {
             path,
             format!("{name:?} must match ^[a-z0-9]([a-z0-9._/-]*[a-z0-9])?$"),
         );
-    } else if name.starts_with(RESERVED_NAME_PREFIX) {
+    } else if let Some(prefix) = RESERVED_NAME_PREFIXES
+        .iter()
+        .find(|p| name.starts_with(**p))
+    {
         p.push(
             path,
-            format!("names starting with {RESERVED_NAME_PREFIX:?} are reserved"),
+            format!("names starting with {prefix:?} are reserved for system templates"),
         );
     }
 }

@@ -180,6 +180,7 @@ fn names() {
         "A",
         "a b",
         "kiln/base",
+        "superserve/base",
         &"a".repeat(129),
         "a/",
     ] {

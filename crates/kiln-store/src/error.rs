@@ -11,6 +11,8 @@ pub enum Limit {
     Builds,
     /// Sandboxes a team may have live.
     Sandboxes,
+    /// Snapshots a team may keep.
+    Snapshots,
 }
 
 impl std::fmt::Display for Limit {
@@ -19,6 +21,7 @@ impl std::fmt::Display for Limit {
             Limit::Templates => "templates",
             Limit::Builds => "builds queued or running",
             Limit::Sandboxes => "live sandboxes",
+            Limit::Snapshots => "snapshots",
         })
     }
 }

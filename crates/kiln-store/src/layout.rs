@@ -6,7 +6,10 @@
 //! <root>/images/sha256/<hex>/                  unpacked, vetted rootfs (owned by kiln-oci)
 //! <root>/templates/<template_id>/<build_id>/   disk, memory snapshot, manifest.json
 //! <root>/sandboxes/<sandbox_id>/               overlay, sockets, logs, network rules
+//! <root>/snapshots/<snapshot_id>/              a sandbox snapshot's bundle
 //! <root>/cache/steps/<key>/                    build step layers (owned by kiln-build)
+//! <root>/keys/                                 secrets key (0600), egress CA and its leaves
+//! <root>/secrets/audit/<secret_id>.log         requests made with each secret
 //! ```
 //!
 //! Nothing half-written is ever visible under its final name: files go through
@@ -53,6 +56,8 @@ impl Layout {
             self.root.join("images/sha256"),
             self.templates_dir(),
             self.sandboxes_dir(),
+            self.snapshots_dir(),
+            self.secret_audit_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
         }
@@ -67,6 +72,17 @@ impl Layout {
     /// The metadata database file.
     pub fn db_path(&self) -> PathBuf {
         self.root.join("kiln.db")
+    }
+
+    /// kiln's keys: the secrets key (unless `KILN_SECRETS_KEY` puts it elsewhere), the
+    /// egress CA and its cached leaf certificates; mode 0700.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+
+    /// One audit log per team secret (`<secret id>.log`), written by the egress proxy.
+    pub fn secret_audit_dir(&self) -> PathBuf {
+        self.root.join("secrets/audit")
     }
 
     /// The blob cache root.
@@ -131,6 +147,24 @@ impl Layout {
     /// One sandbox's runtime directory.
     pub fn sandbox_dir(&self, sandbox_id: &str) -> Result<PathBuf, ArtifactError> {
         Ok(self.sandboxes_dir().join(component(sandbox_id)?))
+    }
+
+    /// The snapshots root.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// A snapshot's published bundle.
+    pub fn snapshot_dir(&self, snapshot_id: &str) -> Result<PathBuf, ArtifactError> {
+        Ok(self.snapshots_dir().join(component(snapshot_id)?))
+    }
+
+    /// Where a snapshot is captured and made forkable before it is published under
+    /// [`Layout::snapshot_dir`] (dot-named, like a build's staging directory).
+    pub fn snapshot_staging_dir(&self, snapshot_id: &str) -> Result<PathBuf, ArtifactError> {
+        Ok(self
+            .snapshots_dir()
+            .join(format!(".{}.partial", component(snapshot_id)?)))
     }
 }
 

@@ -19,9 +19,10 @@ pub use layout::{fsync_dir, publish_dir, write_atomic, Layout};
 pub use logs::{LogFollower, LogSignal};
 pub use manifest::{ArtifactFile, ArtifactManifest, MANIFEST_FILE};
 pub use model::{
-    ApiKey, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream, NewLogLine, NewSandbox,
-    PortAccess, PreviewAccess, PreviewPort, Rebuild, Sandbox, SandboxAccess, SandboxFilter,
-    SandboxStatus, Team, Template, TemplateStatus,
+    ApiKey, BindingState, Build, BuildStatus, BuiltArtifact, Limits, LogLine, LogStream,
+    NewBinding, NewLogLine, NewSandbox, NewSecret, NewSnapshot, PortAccess, PreviewAccess,
+    PreviewPort, Rebuild, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus, Secret,
+    SecretBinding, Snapshot, SnapshotStatus, Team, Template, TemplateStatus, SYSTEM_TEAM_ID,
 };
 pub use stats::{DurationHistogram, StoreStats, BUILD_DURATION_BUCKETS_SECS};
-pub use store::{hash_secret, Store};
+pub use store::{hash_secret, now, Store};

@@ -55,6 +55,10 @@ pub struct ArtifactManifest {
     pub resources: Resources,
     /// Every file of the artifact except the manifest itself.
     pub files: Vec<ArtifactFile>,
+    /// The digest of the certificates the guest was made to trust (kiln's egress CA and
+    /// the operator's bundle); a restore installs the current ones when they differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<String>,
     /// When the artifact was finished.
     pub created_at: DateTime<Utc>,
 }
@@ -81,6 +85,7 @@ impl ArtifactManifest {
             runtime,
             resources,
             files: Vec::new(),
+            trust: None,
             created_at: crate::store::now(),
         }
     }

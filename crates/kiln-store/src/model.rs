@@ -5,16 +5,22 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use kiln_api::{HostPattern, SecretAuth};
 use kiln_spec::{BuildSpec, Resources};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
 
 /// Statuses are the wire's enums (one definition, in `kiln-api`), kept in TEXT columns as
 /// their wire strings.
 pub use kiln_api::{
-    BuildStatus, LogStream, PortAccess, PreviewAccess, SandboxFilter, SandboxStatus, TemplateStatus,
+    BuildStatus, LogStream, PortAccess, PreviewAccess, SandboxFilter, SandboxStatus,
+    SnapshotStatus, TemplateStatus,
 };
+
+/// The id of the team that owns the system templates (`superserve/...`), which every
+/// team sees (migration 0004 creates it).
+pub const SYSTEM_TEAM_ID: &str = "system";
 
 /// A tenant. Teams are walls: nothing of one team is visible to another.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -187,6 +193,20 @@ pub struct Sandbox {
     pub created_at: DateTime<Utc>,
     /// Last status or field change.
     pub updated_at: DateTime<Utc>,
+    /// The snapshot it was created from.
+    pub source_snapshot_id: Option<String>,
+    /// Auto-pause after this much active time.
+    pub timeout_seconds: Option<u32>,
+    /// Auto-delete after this long paused.
+    pub auto_delete_seconds: Option<u32>,
+    /// When it is paused, if it is still active then (set while active with a timeout).
+    pub pause_at: Option<DateTime<Utc>>,
+    /// When it is deleted, if it is still paused then (set while paused with an
+    /// auto-delete window).
+    pub delete_at: Option<DateTime<Utc>>,
+    /// Its secret bindings, detached and revoked ones included.
+    #[sqlx(json)]
+    pub secrets: Vec<SecretBinding>,
     /// Which ports preview URLs serve.
     pub preview_access: PreviewAccess,
 }
@@ -210,6 +230,147 @@ pub struct PreviewPort {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A snapshot row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Snapshot {
+    /// UUID.
+    pub id: String,
+    /// Owning team.
+    pub team_id: String,
+    /// The sandbox it was taken from (maybe deleted since).
+    pub sandbox_id: String,
+    /// That sandbox's template: the snapshot's disk is a layer over its build's.
+    pub template_id: String,
+    /// The template build whose artifact the snapshot's disk lies over.
+    pub build_id: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// `mem+fs`.
+    pub kind: String,
+    /// Where it is.
+    pub status: SnapshotStatus,
+    /// `"<code>: <detail>"` when failed.
+    pub error_message: Option<String>,
+    /// Bytes of its bundle on disk (0 until ready).
+    pub size_bytes: u64,
+    /// vCPUs of sandboxes created from it.
+    pub vcpu_count: u32,
+    /// Memory (MiB) of sandboxes created from it.
+    pub memory_mib: u32,
+    /// Disk (MiB) of sandboxes created from it.
+    pub disk_mib: u32,
+    /// The create request's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// The process capturing it while `creating`.
+    pub runner_pid: Option<i64>,
+    /// When it was asked for.
+    pub created_at: DateTime<Utc>,
+    /// When it became ready.
+    pub ready_at: Option<DateTime<Utc>>,
+}
+
+/// What a caller asks for when taking a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewSnapshot {
+    /// Display name.
+    pub name: Option<String>,
+    /// Answer an earlier snapshot of the same sandbox made with this key.
+    pub idempotency_key: Option<String>,
+}
+
+impl Sandbox {
+    /// The bindings that hold a live stand-in.
+    pub fn bound_secrets(&self) -> impl Iterator<Item = &SecretBinding> {
+        self.secrets
+            .iter()
+            .filter(|b| b.state == BindingState::Bound)
+    }
+}
+
+/// A team secret: never its value in clear.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Secret {
+    /// UUID.
+    pub id: String,
+    /// Owning team.
+    pub team_id: String,
+    /// Unique within the team.
+    pub name: String,
+    /// Where in a request the value goes.
+    #[sqlx(json)]
+    pub auth: SecretAuth,
+    /// Where the value may go.
+    #[sqlx(json)]
+    pub hosts: Vec<HostPattern>,
+    /// The catalog shortcut it was created from.
+    pub provider: Option<String>,
+    /// The value, sealed for this secret's id.
+    pub sealed: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// When the value last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a caller asks for when creating a secret (the value comes sealed, through a
+/// function of the new secret's id: the seal is bound to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSecret {
+    /// Unique within the team.
+    pub name: String,
+    /// The auth shape.
+    pub auth: SecretAuth,
+    /// The hosts.
+    pub hosts: Vec<HostPattern>,
+    /// The catalog shortcut.
+    pub provider: Option<String>,
+}
+
+/// Where a binding is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindingState {
+    /// The stand-in resolves to the secret's value.
+    Bound,
+    /// The secret was deleted: listed on the sandbox as revoked; the stand-in is refused.
+    Revoked,
+    /// Detached: no longer listed; the stand-in is refused.
+    Detached,
+}
+
+/// A secret bound to a sandbox under an environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretBinding {
+    /// The variable holding the stand-in.
+    pub env_key: String,
+    /// The secret; none once it is deleted.
+    pub secret_id: Option<String>,
+    /// The secret's name when it was bound.
+    pub secret_name: String,
+    /// The catalog shortcut of the secret (the stand-in's shape).
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The random token the sandbox holds.
+    pub stand_in: String,
+    /// Where the binding is.
+    pub state: BindingState,
+    /// The secret's auth shape (kept: a revoked stand-in is refused on its hosts).
+    pub auth: SecretAuth,
+    /// The secret's hosts.
+    pub hosts: Vec<HostPattern>,
+}
+
+/// A binding asked for: the variable, the secret's name, and the stand-in made for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBinding {
+    /// The variable.
+    pub env_key: String,
+    /// The team secret.
+    pub secret_name: String,
+    /// The stand-in.
+    pub stand_in: String,
+}
+
 /// Whether an access token opens a sandbox's data plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxAccess {
@@ -224,14 +385,23 @@ pub enum SandboxAccess {
 /// What a caller asks for when creating a sandbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewSandbox {
-    /// Template id or name, within the team.
+    /// Template id or name, within the team (or a system template).
     pub template: String,
+    /// A ready snapshot of the team to continue from instead (its template and shape
+    /// come with it; `template` is ignored).
+    pub snapshot: Option<String>,
+    /// Auto-pause after this much active time.
+    pub timeout_seconds: Option<u32>,
+    /// Auto-delete after this long paused.
+    pub auto_delete_seconds: Option<u32>,
     /// Display name; defaults to the sandbox id.
     pub name: Option<String>,
     /// User metadata.
     pub metadata: BTreeMap<String, String>,
     /// Environment overrides.
     pub env: BTreeMap<String, String>,
+    /// Secrets to bind.
+    pub secrets: Vec<NewBinding>,
     /// Its preview policy; none: [`PreviewAccess::DEFAULT`].
     pub preview_access: Option<PreviewAccess>,
 }
@@ -245,6 +415,8 @@ pub struct Limits {
     pub max_concurrent_builds: u32,
     /// Sandboxes a team may have that are neither failed nor deleted.
     pub max_live_sandboxes: u32,
+    /// Snapshots a team may keep (creating or ready).
+    pub max_snapshots: u32,
 }
 
 impl Limits {
@@ -253,6 +425,7 @@ impl Limits {
         max_templates: u32::MAX,
         max_concurrent_builds: u32::MAX,
         max_live_sandboxes: u32::MAX,
+        max_snapshots: u32::MAX,
     };
 }
 

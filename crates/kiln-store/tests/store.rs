@@ -515,7 +515,7 @@ async fn sandbox_lifecycle_listing_and_template_deletion() {
         name: Some(name.into()),
         metadata: BTreeMap::from([("env".to_string(), env.to_string())]),
         env: BTreeMap::from([("FOO".to_string(), "bar".to_string())]),
-        preview_access: None,
+        ..NewSandbox::default()
     };
     assert!(matches!(
         store
@@ -877,4 +877,327 @@ async fn image_digests_in_use_are_those_of_existing_templates() {
     // Deleting the template frees its image for `kiln image prune`.
     store.delete_template(&team.id, "web").await.unwrap();
     assert!(store.image_digests_in_use().await.unwrap().is_empty());
+}
+
+/// A sandbox of `template` moved to `active`.
+async fn active_sandbox(store: &Store, team: &Team, template: &str, new: NewSandbox) -> Sandbox {
+    let new = NewSandbox {
+        template: template.into(),
+        ..new
+    };
+    let (s, _) = store
+        .create_sandbox(&team.id, &new, &Limits::UNLIMITED)
+        .await
+        .unwrap();
+    store
+        .set_sandbox_status(&team.id, &s.id, SandboxStatus::Active)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn snapshots_are_limited_idempotent_scoped_and_pin_their_template() {
+    let (store, acme) = store_with_team().await;
+    let other = team(&store, "other").await;
+    let (tid, bid) = ready_template(&store, &acme, "web").await;
+    let source = active_sandbox(&store, &acme, &tid, NewSandbox::default()).await;
+    let limits = Limits {
+        max_snapshots: 2,
+        ..Limits::UNLIMITED
+    };
+    let keyed = NewSnapshot {
+        name: Some("first".into()),
+        idempotency_key: Some("k1".into()),
+    };
+    let (first, created) = store
+        .create_snapshot(&source, &keyed, 42, &limits)
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(first.status, SnapshotStatus::Creating);
+    assert_eq!(
+        (first.template_id.as_str(), first.build_id.as_str()),
+        (tid.as_str(), bid.as_str())
+    );
+    assert_eq!(
+        (first.vcpu_count, first.memory_mib, first.disk_mib),
+        (2, 512, 4096)
+    );
+    // The same key again: the first snapshot, nothing new.
+    let (again, created) = store
+        .create_snapshot(&source, &keyed, 42, &limits)
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(again.id, first.id);
+    let (second, _) = store
+        .create_snapshot(&source, &NewSnapshot::default(), 42, &limits)
+        .await
+        .unwrap();
+    let err = store
+        .create_snapshot(&source, &NewSnapshot::default(), 42, &limits)
+        .await
+        .unwrap_err();
+    assert_eq!(err.limit_reached(), Some(Limit::Snapshots));
+    // A failed snapshot holds nothing and frees its place.
+    let why = CodedMessage::new(BuildErrorCode::SnapshotFailed, "disk full");
+    let failed = store.finish_snapshot(&second.id, Err(&why)).await.unwrap();
+    assert_eq!(failed.status, SnapshotStatus::Failed);
+    assert_eq!(
+        failed.error_message.as_deref(),
+        Some("snapshot_failed: disk full")
+    );
+    store
+        .create_snapshot(&source, &NewSnapshot::default(), 42, &limits)
+        .await
+        .unwrap();
+    // Ready once, then it stays.
+    let ready = store.finish_snapshot(&first.id, Ok(1234)).await.unwrap();
+    assert_eq!(
+        (ready.status, ready.size_bytes),
+        (SnapshotStatus::Ready, 1234)
+    );
+    assert!(ready.ready_at.is_some());
+    assert!(is_invalid_transition(
+        store.finish_snapshot(&first.id, Ok(1)).await
+    ));
+
+    // Newest first, per sandbox or all, paged; another team sees none of them.
+    let all = store.list_snapshots(&acme.id, None, None, 0).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all.last().unwrap().id, first.id);
+    let page = store
+        .list_snapshots(&acme.id, Some(&source.id), Some(1), 2)
+        .await
+        .unwrap();
+    assert_eq!(page.iter().map(|s| &s.id).collect::<Vec<_>>(), [&first.id]);
+    assert!(store
+        .list_snapshots(&other.id, None, None, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(is_not_found(
+        store.snapshot_by_id(&other.id, &first.id).await
+    ));
+    assert!(is_not_found(
+        store.rename_snapshot(&other.id, &first.id, "x").await
+    ));
+    let renamed = store
+        .rename_snapshot(&acme.id, &first.id, "renamed")
+        .await
+        .unwrap();
+    assert_eq!(renamed.name.as_deref(), Some("renamed"));
+
+    // A fork takes the snapshot's template, build and shape; only a ready one starts.
+    let creating = all
+        .iter()
+        .find(|s| s.status == SnapshotStatus::Creating)
+        .unwrap();
+    for (snapshot, ok) in [(&creating.id, false), (&first.id, true)] {
+        let new = NewSandbox {
+            template: "ignored".into(),
+            snapshot: Some(snapshot.clone()),
+            ..NewSandbox::default()
+        };
+        let r = store
+            .create_sandbox(&acme.id, &new, &Limits::UNLIMITED)
+            .await;
+        assert_eq!(r.is_ok(), ok, "{r:?}");
+        if let Ok((fork, _)) = r {
+            assert_eq!(fork.source_snapshot_id.as_deref(), Some(first.id.as_str()));
+            assert_eq!(
+                (fork.template_id, fork.build_id),
+                (tid.clone(), bid.clone())
+            );
+        }
+    }
+    let new = NewSandbox {
+        snapshot: Some(first.id.clone()),
+        ..NewSandbox::default()
+    };
+    assert!(is_not_found(
+        store
+            .create_sandbox(&other.id, &new, &Limits::UNLIMITED)
+            .await
+    ));
+
+    // The template is pinned while snapshots keep layers over its builds.
+    for s in store
+        .list_sandboxes(&acme.id, &SandboxFilter::default())
+        .await
+        .unwrap()
+    {
+        store
+            .set_sandbox_status(&acme.id, &s.id, SandboxStatus::Deleted)
+            .await
+            .unwrap();
+    }
+    let err = store.delete_template(&acme.id, &tid).await.unwrap_err();
+    assert!(err.to_string().contains("snapshots"), "{err}");
+    for s in store.list_snapshots(&acme.id, None, None, 0).await.unwrap() {
+        if s.status != SnapshotStatus::Failed {
+            store.delete_snapshot(&acme.id, &s.id).await.unwrap();
+        }
+    }
+    assert!(is_not_found(
+        store.delete_snapshot(&acme.id, &first.id).await
+    ));
+    // Failed snapshots hold nothing: they go with the template.
+    store.delete_template(&acme.id, &tid).await.unwrap();
+    assert!(store
+        .list_snapshots(&acme.id, None, None, 0)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn interrupted_snapshots_fail_unless_their_runner_lives() {
+    let (store, acme) = store_with_team().await;
+    let (tid, _) = ready_template(&store, &acme, "web").await;
+    let source = active_sandbox(&store, &acme, &tid, NewSandbox::default()).await;
+    let (dead, _) = store
+        .create_snapshot(&source, &NewSnapshot::default(), 1, &Limits::UNLIMITED)
+        .await
+        .unwrap();
+    let (alive, _) = store
+        .create_snapshot(&source, &NewSnapshot::default(), 2, &Limits::UNLIMITED)
+        .await
+        .unwrap();
+    let failed = store
+        .mark_interrupted_snapshots(|pid| pid == 2)
+        .await
+        .unwrap();
+    assert_eq!(failed.iter().map(|s| &s.id).collect::<Vec<_>>(), [&dead.id]);
+    assert_eq!(
+        failed[0].error_message.as_deref(),
+        Some("snapshot_failed: interrupted by server restart")
+    );
+    let kept = store.snapshot_by_id(&acme.id, &alive.id).await.unwrap();
+    assert_eq!(kept.status, SnapshotStatus::Creating);
+}
+
+#[tokio::test]
+async fn timers_set_deadlines_with_the_status() {
+    let (store, acme) = store_with_team().await;
+    let (tid, _) = ready_template(&store, &acme, "web").await;
+    let timed = NewSandbox {
+        timeout_seconds: Some(60),
+        auto_delete_seconds: Some(0),
+        ..NewSandbox::default()
+    };
+    let s = active_sandbox(&store, &acme, &tid, timed).await;
+    let since = s.updated_at;
+    assert_eq!(s.pause_at, Some(since + chrono::TimeDelta::seconds(60)));
+    assert_eq!(s.delete_at, None);
+    let armed = store.sandboxes_with_deadlines().await.unwrap();
+    assert_eq!(armed.iter().map(|x| &x.id).collect::<Vec<_>>(), [&s.id]);
+
+    // Paused: the pause deadline goes, the delete countdown starts (0: at once).
+    for st in [SandboxStatus::Pausing, SandboxStatus::Paused] {
+        store.set_sandbox_status(&acme.id, &s.id, st).await.unwrap();
+    }
+    let p = store.sandbox_by_id(&acme.id, &s.id).await.unwrap();
+    assert_eq!((p.pause_at, p.delete_at), (None, Some(p.updated_at)));
+    // Re-armed while paused: the countdown starts over; cleared: none.
+    let p = store
+        .set_sandbox_timers(&acme.id, &s.id, None, Some(Some(30)))
+        .await
+        .unwrap();
+    assert_eq!(p.auto_delete_seconds, Some(30));
+    assert_eq!(
+        p.delete_at,
+        Some(p.updated_at + chrono::TimeDelta::seconds(30))
+    );
+    // A timeout set while paused waits for the resume.
+    let p = store
+        .set_sandbox_timers(&acme.id, &s.id, Some(Some(5)), Some(None))
+        .await
+        .unwrap();
+    assert_eq!(
+        (p.timeout_seconds, p.pause_at, p.delete_at),
+        (Some(5), None, None)
+    );
+    assert!(store.sandboxes_with_deadlines().await.unwrap().is_empty());
+    // Resumed: a fresh window of the new timeout.
+    for st in [SandboxStatus::Resuming, SandboxStatus::Active] {
+        store.set_sandbox_status(&acme.id, &s.id, st).await.unwrap();
+    }
+    let a = store.sandbox_by_id(&acme.id, &s.id).await.unwrap();
+    assert_eq!(
+        a.pause_at,
+        Some(a.updated_at + chrono::TimeDelta::seconds(5))
+    );
+    // Cleared while active: no deadline; killed: none either.
+    let a = store
+        .set_sandbox_timers(&acme.id, &s.id, Some(None), None)
+        .await
+        .unwrap();
+    assert_eq!(a.pause_at, None);
+    let a = store
+        .set_sandbox_timers(&acme.id, &s.id, Some(Some(9)), None)
+        .await
+        .unwrap();
+    assert!(a.pause_at.is_some());
+    let d = store
+        .set_sandbox_status(&acme.id, &s.id, SandboxStatus::Deleted)
+        .await
+        .unwrap();
+    assert_eq!((d.pause_at, d.delete_at), (None, None));
+}
+
+#[tokio::test]
+async fn system_templates_are_seen_by_every_team_and_changed_by_none() {
+    let (store, acme) = store_with_team().await;
+    let system = store.team_by_id(SYSTEM_TEAM_ID).await.unwrap();
+    let (sys_tid, sys_bid) = ready_template(&store, &system, "superserve/base").await;
+    let (own, _) = ready_template(&store, &acme, "mine").await;
+    let seen: Vec<String> = store
+        .list_templates(&acme.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(seen, ["superserve/base", "mine"]);
+    let t = store
+        .template_by_id_or_name(&acme.id, "superserve/base")
+        .await
+        .unwrap();
+    assert_eq!(t.id, sys_tid);
+    store.build_by_id(&acme.id, &sys_bid).await.unwrap();
+    // A team's sandbox of it is the team's.
+    let s = active_sandbox(&store, &acme, "superserve/base", NewSandbox::default()).await;
+    assert_eq!(
+        (s.team_id.as_str(), s.template_id.as_str()),
+        (acme.id.as_str(), sys_tid.as_str())
+    );
+    // Nobody but the system team rebuilds, cancels or deletes it.
+    let err = store
+        .start_rebuild(&acme.id, "superserve/base", None, &Limits::UNLIMITED)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert!(matches!(
+        store.delete_template(&acme.id, &sys_tid).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.cancel_build(&acme.id, &sys_bid).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // System templates do not count against a team's template limit.
+    let one = Limits {
+        max_templates: 2,
+        ..Limits::UNLIMITED
+    };
+    store
+        .create_template_with_build(&acme.id, &request("second", "v1"), &one)
+        .await
+        .unwrap();
+    store
+        .start_rebuild(SYSTEM_TEAM_ID, &sys_tid, None, &Limits::UNLIMITED)
+        .await
+        .unwrap();
+    drop(own);
 }

@@ -150,6 +150,35 @@ pub fn set_backing(image: &Path, backing: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The backing file a qcow2 image names (`None` for a raw image or a qcow2 without one).
+/// Reads only the header (`qemu-img info -U`: the image may be in use by a running VM).
+pub fn backing_file(image: &Path) -> Result<Option<std::path::PathBuf>> {
+    let out = Tool::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .run()?;
+    let info: serde_json::Value = serde_json::from_slice(&out)
+        .map_err(|e| Error::Config(format!("qemu-img info {}: {e}", image.display())))?;
+    Ok(info
+        .get("full-backing-filename")
+        .or_else(|| info.get("backing-filename"))
+        .and_then(|v| v.as_str())
+        .map(std::path::PathBuf::from))
+}
+
+/// Makes the qcow2 `image` lie over `backing` while reading as it did
+/// (`qemu-img rebase`, safe mode): whatever its current backing chain holds that differs
+/// from `backing` is written into it. The current chain must still be there.
+pub fn rebase(image: &Path, backing: &Path) -> Result<()> {
+    let format = image_format(backing)?;
+    Tool::new("qemu-img")
+        .args(["rebase", "-q", "-f", "qcow2", "-F", format, "-b"])
+        .arg(backing)
+        .arg(image)
+        .run()?;
+    Ok(())
+}
+
 /// Flattens any image (e.g. an overlay and its base) into a standalone raw image.
 pub fn flatten_to_raw(src: &Path, dest: &Path) -> Result<()> {
     Tool::new("qemu-img")

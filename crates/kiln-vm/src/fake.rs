@@ -5,10 +5,10 @@
 //! Machines are real enough for the code around them: each has a run directory made with
 //! [`RunDir`] (so sweeps and leak checks see it), a console log, and a
 //! [`kiln_agent_proto::fake::FakeAgent`] on its agent socket, so an
-//! [`AgentClient`] talks to it over the real protocol. Nothing runs in them. A snapshot
-//! writes a bundle directory with a `manifest.json` naming the machine it came from, and
-//! restoring a bundle that has no manifest fails like a corrupt one would. Tests can make
-//! restores fail and machines die.
+//! [`AgentClient`] talks to it over the real protocol. Nothing runs in them. A snapshot or
+//! a checkpoint writes a bundle of small files with a real manifest ([`write_bundle`]),
+//! and restoring a bundle that has no manifest fails like a corrupt one would. Tests can
+//! make restores, checkpoints and conversions fail and machines die.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use kiln_agent_proto::{AgentClient, ExecHandle, ExecOutput, ExecRequest, Runtime
 use crate::error::{Error, Result};
 use crate::hypervisor::{Hypervisor, Machine, PendingRestore};
 use crate::rundir::RunDir;
-use crate::snapshot::{Manifest, RamMode, RestoreConfig, SnapshotInfo};
+use crate::snapshot::{CheckpointInfo, FileEntry, Manifest, RamMode, RestoreConfig, SnapshotInfo};
 use crate::vm::{Shape, VmConfig};
 
 /// What the fake was asked to do, in order.
@@ -39,6 +39,10 @@ pub enum Call {
     Snapshot(u32, PathBuf),
     /// This pid was stopped by `kill`.
     Kill(u32),
+    /// This pid was checkpointed into this bundle (and ran on).
+    Checkpoint(u32, PathBuf),
+    /// This stream bundle was made forkable into that bundle.
+    MakeForkable(PathBuf, PathBuf),
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +54,10 @@ struct Shared {
     dead: Mutex<BTreeMap<u32, String>>,
     /// Machines alive now (handles not yet dropped).
     alive: Mutex<HashSet<u32>>,
+    /// Why checkpoints fail, while they do.
+    failing_checkpoints: Mutex<Option<String>>,
+    /// Why conversions to forkable bundles fail, while they do.
+    failing_forkable: Mutex<Option<String>>,
     next_pid: AtomicU32,
 }
 
@@ -90,6 +98,26 @@ impl FakeHypervisor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(canonical(bundle));
+    }
+
+    /// Checkpoints fail with `reason` from now on (`None`: they work again), after
+    /// leaving a partial file behind, the way a full disk fails a capture.
+    pub fn fail_checkpoints(&self, reason: Option<&str>) {
+        *self
+            .shared
+            .failing_checkpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = reason.map(str::to_owned);
+    }
+
+    /// Conversions to forkable bundles fail with `reason` from now on (`None`: they work
+    /// again).
+    pub fn fail_make_forkable(&self, reason: Option<&str>) {
+        *self
+            .shared
+            .failing_forkable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = reason.map(str::to_owned);
     }
 
     /// The machine with this pid dies: its process "exits" with `status`.
@@ -174,6 +202,81 @@ impl Hypervisor for FakeHypervisor {
         self.shared
             .record(Call::Prepare(bundle.clone(), machine.pid));
         Ok(Box::new(FakePending { machine, bundle }))
+    }
+
+    async fn make_forkable(
+        &self,
+        stream: &Path,
+        bundle: &Path,
+        _run_parent: &Path,
+    ) -> Result<SnapshotInfo> {
+        let m = crate::snapshot::read_manifest(stream)?;
+        if m.ram != RamMode::Stream {
+            return Err(Error::Config("fake: not a stream bundle".into()));
+        }
+        self.shared
+            .record(Call::MakeForkable(stream.to_owned(), bundle.to_owned()));
+        let failing = self
+            .shared
+            .failing_forkable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(reason) = failing {
+            return Err(Error::Snapshot(format!("fake: {reason}")));
+        }
+        let manifest = write_bundle(bundle, RamMode::File, m.disk_file())?;
+        Ok(snapshot_info(bundle, manifest))
+    }
+}
+
+/// Writes a small but complete bundle at `bundle` (which must not exist): `state`, the
+/// disk (`disk.raw` or `disk.qcow2`), the boot files, `memory` in file mode, and a
+/// manifest with their real digests, so that everything that reads bundles (manifests,
+/// links, verification) works on it. For the fake and for tests that seed templates.
+pub fn write_bundle(bundle: &Path, ram: RamMode, disk: &str) -> Result<Manifest> {
+    std::fs::create_dir(bundle).map_err(Error::io("create", bundle))?;
+    let mut names = vec!["state", disk, "vmlinuz", "initramfs.cpio"];
+    if ram == RamMode::File {
+        names.push("memory");
+    }
+    let mut files = BTreeMap::new();
+    for name in names {
+        let path = bundle.join(name);
+        let content = format!("fake {name}\n");
+        std::fs::write(&path, &content).map_err(Error::io("write", &path))?;
+        files.insert(
+            name.to_owned(),
+            FileEntry {
+                digest: crate::digest::chunked_sha256(&path)?,
+                size: content.len() as u64,
+            },
+        );
+    }
+    let manifest = Manifest {
+        version: crate::snapshot::MANIFEST_VERSION,
+        created_unix: 0,
+        shape: Shape::sample(crate::Resolved::Tcg, false),
+        kernel_version: "fake".into(),
+        ram,
+        files,
+    };
+    let json = serde_json::to_vec(&manifest).map_err(|e| Error::Snapshot(e.to_string()))?;
+    let path = bundle.join("manifest.json");
+    std::fs::write(&path, json).map_err(Error::io("write", &path))?;
+    Ok(manifest)
+}
+
+fn snapshot_info(bundle: &Path, manifest: Manifest) -> SnapshotInfo {
+    SnapshotInfo {
+        bundle: bundle.to_owned(),
+        manifest,
+        save_time: Duration::ZERO,
+        files_time: Duration::ZERO,
+        digest_time: Duration::ZERO,
+        sync_time: Duration::ZERO,
+        total_time: Duration::ZERO,
+        allocated: 0,
     }
 }
 
@@ -325,25 +428,30 @@ impl Machine for FakeMachine {
         }
         self.shared
             .record(Call::Snapshot(self.pid, bundle.to_owned()));
-        std::fs::create_dir(bundle).map_err(Error::io("create", bundle))?;
-        let manifest = Manifest {
-            version: crate::snapshot::MANIFEST_VERSION,
-            created_unix: 0,
-            shape: Shape::sample(crate::Resolved::Tcg, false),
-            kernel_version: "fake".into(),
-            ram: RamMode::Stream,
-            files: BTreeMap::new(),
-        };
-        let json = serde_json::to_vec(&manifest).map_err(|e| Error::Snapshot(e.to_string()))?;
-        let path = bundle.join("manifest.json");
-        std::fs::write(&path, json).map_err(Error::io("write", &path))?;
-        Ok(SnapshotInfo {
+        let manifest = write_bundle(bundle, RamMode::Stream, "disk.raw")?;
+        Ok(snapshot_info(bundle, manifest))
+    }
+
+    async fn checkpoint(&mut self, bundle: &Path) -> Result<CheckpointInfo> {
+        if let Some(status) = self.dead() {
+            return Err(Error::Snapshot(format!("fake: the VM exited ({status})")));
+        }
+        self.shared
+            .record(Call::Checkpoint(self.pid, bundle.to_owned()));
+        let failing = self
+            .shared
+            .failing_checkpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(reason) = failing {
+            return Err(Error::Snapshot(format!("fake: {reason}")));
+        }
+        let manifest = write_bundle(bundle, RamMode::Stream, "disk.qcow2")?;
+        Ok(CheckpointInfo {
             bundle: bundle.to_owned(),
             manifest,
-            save_time: Duration::ZERO,
-            files_time: Duration::ZERO,
-            digest_time: Duration::ZERO,
-            sync_time: Duration::ZERO,
+            frozen_time: Duration::ZERO,
             total_time: Duration::ZERO,
             allocated: 0,
         })
@@ -363,8 +471,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hv = FakeHypervisor::new();
         let src = dir.path().join("src");
-        std::fs::create_dir(&src).unwrap();
-        std::fs::write(src.join("manifest.json"), "{}").unwrap();
+        write_bundle(&src, RamMode::File, "disk.raw").unwrap();
         let cfg = RestoreConfig::new("t", dir.path().join("vms"));
         let m = hv.restore(&src, cfg.clone()).await.unwrap();
         assert!(m.agent().is_connected());
@@ -394,5 +501,40 @@ mod tests {
             .unwrap()
             .next()
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn checkpoints_run_on_and_their_bundles_become_forkable() {
+        let dir = tempfile::tempdir().unwrap();
+        let hv = FakeHypervisor::new();
+        let src = dir.path().join("src");
+        write_bundle(&src, RamMode::File, "disk.raw").unwrap();
+        let cfg = RestoreConfig::new("t", dir.path().join("vms"));
+        let mut m = hv.restore(&src, cfg).await.unwrap();
+        let stream = dir.path().join("stream");
+        let info = m.checkpoint(&stream).await.unwrap();
+        assert_eq!(info.manifest.ram, RamMode::Stream);
+        assert_eq!(
+            hv.alive(),
+            [m.pid()],
+            "a checkpoint leaves the machine running"
+        );
+        hv.fail_checkpoints(Some("disk full"));
+        let err = m.checkpoint(&dir.path().join("again")).await.unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        hv.fail_checkpoints(None);
+        let forkable = dir.path().join("forkable");
+        let f = hv
+            .make_forkable(&stream, &forkable, dir.path())
+            .await
+            .unwrap();
+        assert_eq!(f.manifest.ram, RamMode::File);
+        assert_eq!(f.manifest.disk_file(), "disk.qcow2");
+        let linked = dir.path().join("linked");
+        crate::snapshot::link_bundle(&forkable, &linked).unwrap();
+        crate::snapshot::verify_bundle(&linked).await.unwrap();
+        assert!(
+            matches!(hv.calls().last(), Some(Call::MakeForkable(s, b)) if *s == stream && *b == forkable)
+        );
     }
 }

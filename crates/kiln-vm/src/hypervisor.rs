@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use kiln_agent_proto::{AgentClient, ExecHandle, ExecOutput, ExecRequest};
 
 use crate::error::Result;
-use crate::snapshot::{Incoming, RestoreConfig, SnapshotInfo};
+use crate::snapshot::{CheckpointInfo, Incoming, RestoreConfig, SnapshotInfo};
 use crate::vm::{Vm, VmConfig};
 
 /// Starts virtual machines.
@@ -62,6 +62,17 @@ pub trait Hypervisor: Send + Sync + Debug {
             .max(Duration::from_secs(1));
         pending.finish(left).await
     }
+
+    /// Turns a bundle whose RAM is in its migration stream ([`Machine::checkpoint`]'s)
+    /// into one at `bundle` whose RAM is a memory file that restores map copy-on-write,
+    /// the way they map a template's; the guest is never run. A VM process is started for
+    /// it under `run_parent`. See [`crate::snapshot::make_forkable`].
+    async fn make_forkable(
+        &self,
+        stream: &Path,
+        bundle: &Path,
+        run_parent: &Path,
+    ) -> Result<SnapshotInfo>;
 
     /// Removes the run directories under `parent` whose owner process died (see
     /// [`crate::sweep_stale_run_dirs`]); returns them.
@@ -129,6 +140,13 @@ pub trait Machine: Send + Sync + Debug {
     /// Captures the VM into a snapshot bundle at `bundle`; the VM is consumed.
     async fn snapshot(self: Box<Self>, bundle: &Path) -> Result<SnapshotInfo>;
 
+    /// Captures the running VM into a bundle at `bundle` and lets it run on: the guest is
+    /// stopped only for the capture. The bundle's disk lies over the restore's
+    /// [`RestoreConfig::base_disk`] (its template's disk). On failure the VM runs on as it
+    /// was. The guest clock lags by the frozen time afterwards: set it through the agent.
+    /// See [`Vm::checkpoint`].
+    async fn checkpoint(&mut self, bundle: &Path) -> Result<CheckpointInfo>;
+
     /// Stops the VM at once and removes its run directory.
     async fn kill(self: Box<Self>);
 }
@@ -154,6 +172,15 @@ impl Hypervisor for Qemu {
         config: &RestoreConfig,
     ) -> Result<Box<dyn PendingRestore>> {
         Ok(Box::new(Vm::prepare_restore(bundle, config).await?))
+    }
+
+    async fn make_forkable(
+        &self,
+        stream: &Path,
+        bundle: &Path,
+        run_parent: &Path,
+    ) -> Result<SnapshotInfo> {
+        crate::snapshot::make_forkable(stream, bundle, run_parent).await
     }
 }
 
@@ -224,6 +251,10 @@ impl Machine for Vm {
 
     async fn snapshot(self: Box<Self>, bundle: &Path) -> Result<SnapshotInfo> {
         Vm::snapshot(*self, bundle).await
+    }
+
+    async fn checkpoint(&mut self, bundle: &Path) -> Result<CheckpointInfo> {
+        Vm::checkpoint(self, bundle).await
     }
 
     async fn kill(self: Box<Self>) {

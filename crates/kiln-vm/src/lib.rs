@@ -7,6 +7,7 @@
 //! - [`Vm`]: boot, exec through the agent, snapshot into a bundle, restore, kill.
 //! - [`QemuArgs`]: the QEMU command line every [`Vm`] runs (and the benchmark's floor).
 //! - [`qmp`]: the small QMP client underneath.
+//! - [`trust`]: the certificates every guest trusts besides its own.
 //!
 //! The build pipeline's path: [`provision::locate`] (or [`provision::setup`]) ->
 //! [`accel::choose`] -> [`Vm::boot`] with [`RootDisk::Ext4`] -> [`Vm::exec_collect`] ...
@@ -27,6 +28,7 @@ pub mod qmp;
 mod rundir;
 pub mod snapshot;
 pub mod tool;
+pub mod trust;
 mod vm;
 
 pub use accel::{Accel, AccelChoice, Resolved};
@@ -37,7 +39,8 @@ pub use kiln_agent_proto::{
 };
 pub use provision::{KernelAssets, StateDir};
 pub use rundir::{sweep_stale_run_dirs, RunDir};
-pub use snapshot::{Incoming, Manifest, RamMode, RestoreConfig, SnapshotInfo};
+pub use snapshot::{CheckpointInfo, Incoming, Manifest, RamMode, RestoreConfig, SnapshotInfo};
+pub use trust::GuestTrust;
 pub use vm::{
     error_chain, Console, DiskFormat, Drive, NetConfig, PortForward, QemuArgs, RamFile, RootDisk,
     Shape, Vm, VmConfig, AGENT_PORT, READY_MARKER,

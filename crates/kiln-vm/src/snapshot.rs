@@ -7,6 +7,8 @@
 //! state           QEMU migration stream (device state; RAM too in `stream` mode)
 //! memory          guest RAM image (`file` mode)
 //! disk.raw        the frozen root disk: the read-only base of every restore's overlay
+//! disk.qcow2      (instead, for a restored VM's capture) its disk as one layer over its
+//!                 template's disk.raw, which the layer names by absolute path
 //! vmlinuz, initramfs.cpio   the exact boot files (the firmware/option-ROM layout must match)
 //! ```
 //!
@@ -19,7 +21,10 @@
 //!
 //! A VM that was itself restored runs on a private mapping, which `x-ignore-shared` does
 //! not skip, so its snapshot streams RAM into `state` (`stream` mode); restoring such a
-//! bundle loads RAM from the stream into a fresh per-VM memory file.
+//! bundle loads RAM from the stream into a fresh per-VM memory file. Its disk is kept as
+//! one qcow2 layer over the bottom of its chain, the template's `disk.raw` (`disk.qcow2`:
+//! see [`layer_over`]), so a pause costs what the sandbox wrote, not its whole disk, and
+//! the disk chains of resumed sandboxes stay one layer deep.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +37,7 @@ use tracing::Instrument as _;
 use crate::digest::chunked_sha256;
 use crate::error::{Error, Result};
 use crate::provision::{file_sha256, write_atomic, KernelAssets};
+use crate::qmp::Qmp;
 use crate::tool::Tool;
 use crate::vm::{error_chain, kill_pid, PortForward, Shape, Vm};
 
@@ -91,6 +97,18 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
 }
 
+impl Manifest {
+    /// The bundle's disk image: `disk.raw` (a template's, or a pause's flattened disk) or
+    /// `disk.qcow2` (a checkpoint's layer over its template's `disk.raw`).
+    pub fn disk_file(&self) -> &'static str {
+        if self.files.contains_key("disk.qcow2") {
+            "disk.qcow2"
+        } else {
+            "disk.raw"
+        }
+    }
+}
+
 /// What a snapshot produced.
 #[derive(Debug, Clone)]
 pub struct SnapshotInfo {
@@ -128,6 +146,12 @@ pub struct RestoreConfig {
     pub console_log: Option<PathBuf>,
     /// Bound for the whole restore to agent-connected.
     pub timeout: Duration,
+    /// The template disk the bundle's disk lies over (the template bundle's own
+    /// `disk.raw`, or the one a sandbox snapshot's or pause's `disk.qcow2` layer names):
+    /// captures of the VM ([`Vm::snapshot`], [`Vm::checkpoint`]) keep its disk as one
+    /// layer over it. `None`: a capture flattens the disk into a `disk.raw` of its own, and
+    /// a checkpoint is refused.
+    pub base_disk: Option<PathBuf>,
 }
 
 impl RestoreConfig {
@@ -140,6 +164,7 @@ impl RestoreConfig {
             egress: None,
             console_log: None,
             timeout: Duration::from_secs(30),
+            base_disk: None,
         }
     }
 }
@@ -171,7 +196,7 @@ pub fn read_manifest(bundle: &Path) -> Result<Manifest> {
             )));
         }
     }
-    for need in ["state", "disk.raw", "vmlinuz", "initramfs.cpio"] {
+    for need in ["state", m.disk_file(), "vmlinuz", "initramfs.cpio"] {
         if !m.files.contains_key(need) {
             return Err(bad(format!("missing {need}")));
         }
@@ -315,26 +340,268 @@ fn snap_err(e: impl std::error::Error + 'static) -> Error {
     Error::Snapshot(error_chain(&e))
 }
 
+/// Migrates a stopped VM's state to the file `state` (`x-ignore-shared`: RAM that lives in
+/// a shared memory file is left out) and waits for the end of it.
+async fn migrate_to(qmp: &mut Qmp, state: &Path, ignore_shared: bool) -> Result<()> {
+    qmp.migrate_set_capabilities(&[("x-ignore-shared", ignore_shared)])
+        .await
+        .map_err(snap_err)?;
+    let uri = format!("exec:cat > {}", shell_quote(state));
+    qmp.migrate(&uri).await.map_err(snap_err)?;
+    qmp.wait_migration(MIGRATION_TIMEOUT)
+        .await
+        .map_err(snap_err)?;
+    Ok(())
+}
+
+/// Bound on saving a VM's state (RAM included, in stream mode).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The name a bundle gives a disk image of this format.
+fn disk_name_of(image: &Path) -> Result<&'static str> {
+    Ok(match crate::disk::image_format(image)? {
+        "qcow2" => "disk.qcow2",
+        _ => "disk.raw",
+    })
+}
+
+/// Writes to `dest` a qcow2 layer over `base` that reads as the (frozen, read-only)
+/// layer `frozen` and its backing chain do. When `frozen` already lies over `base`, that is
+/// a link to it; otherwise a copy rebased onto `base` (`qemu-img rebase` writes into it
+/// whatever of the chain in between differs from `base`).
+fn layer_over(frozen: &Path, base: &Path, dest: &Path) -> Result<()> {
+    let base = std::fs::canonicalize(base).map_err(Error::io("resolve", base))?;
+    let backing = crate::disk::backing_file(frozen)?;
+    let direct = backing
+        .as_deref()
+        .and_then(|b| std::fs::canonicalize(b).ok())
+        .is_some_and(|b| b == base);
+    if direct {
+        link_or_copy(frozen, dest)
+    } else {
+        copy_sparse(frozen, dest)?;
+        crate::disk::rebase(dest, &base).map_err(|e| Error::Snapshot(error_chain(&e)))
+    }
+}
+
+/// Turns a bundle whose RAM is in its migration stream (a [`Vm::checkpoint`]) into one
+/// at `bundle` whose RAM is a memory file, which restores map copy-on-write (`share=off`)
+/// like a template's: many forks share its pages instead of each loading the stream
+/// into memory of its own.
+///
+/// How: a QEMU started for the stream bundle (`-incoming defer`, RAM in a shared file in
+/// its run dir under `run_parent`) loads the stream, its guest never run, and saves itself
+/// again with `x-ignore-shared`, so that the file holds the whole RAM and the new `state`
+/// only the devices. The disk image is linked, not copied: the guest wrote nothing.
+pub async fn make_forkable(
+    stream: &Path,
+    bundle: &Path,
+    run_parent: &Path,
+) -> Result<SnapshotInfo> {
+    let m = read_manifest(stream)?;
+    if m.ram != RamMode::Stream {
+        return Err(Error::Config(format!(
+            "{} already keeps its RAM in a file",
+            stream.display()
+        )));
+    }
+    let mut cfg = RestoreConfig::new("forkable", run_parent);
+    cfg.timeout = MIGRATION_TIMEOUT;
+    let incoming = Vm::prepare_restore(stream, &cfg).await?;
+    let stream = incoming.bundle().to_owned();
+    let vm = incoming.load(MIGRATION_TIMEOUT).await?;
+    let disk = m.disk_file();
+    let known = m
+        .files
+        .iter()
+        .filter(|(n, _)| [disk, "vmlinuz", "initramfs.cpio"].contains(&n.as_str()))
+        .map(|(n, e)| (n.clone(), e.clone()))
+        .collect();
+    vm.capture(bundle, BundleDisk::Linked(stream.join(disk)), known)
+        .await
+}
+
+/// Hard-links every file of the bundle `src` into a new directory `dst` (copying where
+/// a link cannot be made): the files of a published bundle are never written, so the
+/// links are as good as copies and cost nothing, and they keep the data when `src` is
+/// removed. Files this process verified stay verified.
+pub fn link_bundle(src: &Path, dst: &Path) -> Result<Manifest> {
+    let m = read_manifest(src)?;
+    std::fs::create_dir(dst).map_err(Error::io("create", dst))?;
+    for (name, entry) in &m.files {
+        let from = src.join(name);
+        let verified = crate::digest::is_verified(&from, &entry.digest).unwrap_or(false);
+        link_or_copy(&from, &dst.join(name))?;
+        if verified {
+            // A link changes the inode's ctime: it was verified, and is the same file.
+            crate::digest::mark_verified(&dst.join(name), &entry.digest);
+        }
+    }
+    link_or_copy(&src.join("manifest.json"), &dst.join("manifest.json"))?;
+    Ok(m)
+}
+
+/// A bundle being written: a temp directory next to where it is published, removed unless
+/// [`Staged::publish`] renames it into place, so that a half-written bundle is never seen
+/// under its name.
+struct Staged {
+    tmp: tempfile::TempDir,
+    parent: PathBuf,
+}
+
+/// What [`Staged::publish`] measured.
+struct Published {
+    manifest: Manifest,
+    digest_time: Duration,
+    sync_time: Duration,
+    allocated: u64,
+}
+
+impl Staged {
+    fn new(bundle: &Path) -> Result<Self> {
+        if bundle.exists() {
+            return Err(Error::Snapshot(format!(
+                "{} already exists",
+                bundle.display()
+            )));
+        }
+        let parent = bundle.parent().unwrap_or(Path::new(".")).to_owned();
+        let tmp = tempfile::Builder::new()
+            .prefix(".snapshot-")
+            .tempdir_in(&parent)
+            .map_err(|e| Error::Snapshot(format!("temp dir in {}: {e}", parent.display())))?;
+        Ok(Self { tmp, parent })
+    }
+
+    fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Hashes the files named (those not in `known`, whose digests are already known),
+    /// writes the manifest, flushes everything and renames the directory to `bundle`.
+    async fn publish(
+        self,
+        bundle: &Path,
+        names: &[&str],
+        known: &BTreeMap<String, FileEntry>,
+        head: ManifestHead,
+    ) -> Result<Published> {
+        let dir = self.path().to_owned();
+        let t_hash = Instant::now();
+        let mut files = hash_files(
+            &dir,
+            names
+                .iter()
+                .filter(|n| !known.contains_key(**n))
+                .map(|n| (*n).to_owned())
+                .collect(),
+            MANIFEST_VERSION,
+        )
+        .await?;
+        for n in names {
+            if let Some(entry) = known.get(*n) {
+                files.insert((*n).to_owned(), entry.clone());
+            }
+        }
+        let digest_time = t_hash.elapsed();
+        remember_verified(&dir, &files);
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            created_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            shape: head.shape,
+            kernel_version: head.kernel_version,
+            ram: head.ram,
+            files,
+        };
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Snapshot(e.to_string()))?;
+        write_atomic(&dir.join("manifest.json"), &json)?;
+        let t_sync = Instant::now();
+        for name in manifest.files.keys() {
+            if let Ok(f) = std::fs::File::open(dir.join(name)) {
+                let _ = f.sync_all();
+            }
+        }
+        fsync_dir(&dir);
+        let sync_time = t_sync.elapsed();
+        let allocated = manifest
+            .files
+            .keys()
+            .map(|n| allocated_bytes(&dir.join(n)))
+            .sum();
+        let tmp_path = self.tmp.keep();
+        if let Err(e) = std::fs::rename(&tmp_path, bundle) {
+            let _ = std::fs::remove_dir_all(&tmp_path);
+            return Err(Error::Snapshot(format!(
+                "publish {}: {e}",
+                bundle.display()
+            )));
+        }
+        fsync_dir(&self.parent);
+        Ok(Published {
+            manifest,
+            digest_time,
+            sync_time,
+            allocated,
+        })
+    }
+}
+
+/// The manifest fields that are not about files.
+struct ManifestHead {
+    shape: Shape,
+    kernel_version: String,
+    ram: RamMode,
+}
+
+/// Where a captured bundle's disk comes from.
+enum BundleDisk {
+    /// The VM's own disk: moved in when the VM owns a raw image, else flattened.
+    Own,
+    /// This image, unchanged by the VM (which never ran its guest): linked in.
+    Linked(PathBuf),
+}
+
+/// What [`Vm::checkpoint`] produced.
+#[derive(Debug, Clone)]
+pub struct CheckpointInfo {
+    /// The bundle: RAM in its migration stream, the disk a layer over the base disk.
+    pub bundle: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// How long the guest was stopped, `stop` to `cont`: what the sandbox's processes
+    /// noticed of the capture.
+    pub frozen_time: Duration,
+    /// The whole capture, the disk layer and digests included.
+    pub total_time: Duration,
+    /// Bytes the bundle's files take on disk.
+    pub allocated: u64,
+}
+
 impl Vm {
     /// Captures this VM into a bundle at `bundle` (must not exist; its parent must). The
     /// VM is consumed: it is paused, its device state saved, QEMU quits, and its memory file
     /// and disk become the bundle's. Errors carry code `snapshot_failed`.
-    pub async fn snapshot(mut self, bundle: &Path) -> Result<SnapshotInfo> {
+    pub async fn snapshot(self, bundle: &Path) -> Result<SnapshotInfo> {
+        self.capture(bundle, BundleDisk::Own, BTreeMap::new()).await
+    }
+
+    /// [`Vm::snapshot`], with the disk taken as `disk` says and the digests of `known`
+    /// files not computed again.
+    async fn capture(
+        self,
+        bundle: &Path,
+        disk: BundleDisk,
+        known: BTreeMap<String, FileEntry>,
+    ) -> Result<SnapshotInfo> {
         let span = self.span.clone();
         async move {
             let started = Instant::now();
-            if bundle.exists() {
-                return Err(Error::Snapshot(format!(
-                    "{} already exists",
-                    bundle.display()
-                )));
-            }
-            let parent = bundle.parent().unwrap_or(Path::new("."));
-            let tmp = tempfile::Builder::new()
-                .prefix(".snapshot-")
-                .tempdir_in(parent)
-                .map_err(|e| Error::Snapshot(format!("temp dir in {}: {e}", parent.display())))?;
-            let state = tmp.path().join("state");
+            let staged = Staged::new(bundle)?;
+            let state = staged.path().join("state");
             let ram = if self.ram_shared_file().is_some() {
                 RamMode::File
             } else {
@@ -345,14 +612,7 @@ impl Vm {
                 let mut qmp = self.qmp.lock().await;
                 qmp.stop().await.map_err(snap_err)?;
                 let t0 = Instant::now();
-                qmp.migrate_set_capabilities(&[("x-ignore-shared", ram == RamMode::File)])
-                    .await
-                    .map_err(snap_err)?;
-                let uri = format!("exec:cat > {}", shell_quote(&state));
-                qmp.migrate(&uri).await.map_err(snap_err)?;
-                qmp.wait_migration(Duration::from_secs(300))
-                    .await
-                    .map_err(snap_err)?;
+                migrate_to(&mut qmp, &state, ram == RamMode::File).await?;
                 save_time = t0.elapsed();
                 tracing::info!(
                     ms = save_time.as_millis() as u64,
@@ -374,90 +634,74 @@ impl Vm {
             }
             let t_files = Instant::now();
             if let Some(mem) = self.ram_shared_file() {
-                move_file(mem, &tmp.path().join("memory"))?;
+                move_file(mem, &staged.path().join("memory"))?;
             }
-            let (disk, owned, overlay) = self.disk_source();
-            let dest = tmp.path().join("disk.raw");
-            if owned {
-                move_file(disk, &dest)?;
-            } else if overlay {
-                crate::disk::flatten_to_raw(disk, &dest)
-                    .map_err(|e| Error::Snapshot(error_chain(&e)))?;
-            } else {
-                copy_sparse(disk, &dest)?;
-            }
-            link_or_copy(&self.kernel.vmlinuz, &tmp.path().join("vmlinuz"))?;
-            link_or_copy(&self.kernel.initramfs, &tmp.path().join("initramfs.cpio"))?;
-            let mut names = vec!["state", "disk.raw", "vmlinuz", "initramfs.cpio"];
+            let disk_name = match disk {
+                BundleDisk::Own => {
+                    let (disk, owned, overlay) = self.disk_source();
+                    match (&self.root_disk, overlay) {
+                        // A restored VM: one layer over its template's disk (what a pause
+                        // then a resume, or a fork, restores on), not a flattened copy.
+                        (Some(root), true) => {
+                            layer_over(disk, root, &staged.path().join("disk.qcow2"))?;
+                            "disk.qcow2"
+                        }
+                        _ => {
+                            let dest = staged.path().join("disk.raw");
+                            if owned {
+                                move_file(disk, &dest)?;
+                            } else if overlay {
+                                crate::disk::flatten_to_raw(disk, &dest)
+                                    .map_err(|e| Error::Snapshot(error_chain(&e)))?;
+                            } else {
+                                copy_sparse(disk, &dest)?;
+                            }
+                            "disk.raw"
+                        }
+                    }
+                }
+                BundleDisk::Linked(image) => {
+                    let name = disk_name_of(&image)?;
+                    link_or_copy(&image, &staged.path().join(name))?;
+                    name
+                }
+            };
+            link_or_copy(&self.kernel.vmlinuz, &staged.path().join("vmlinuz"))?;
+            link_or_copy(
+                &self.kernel.initramfs,
+                &staged.path().join("initramfs.cpio"),
+            )?;
+            let mut names = vec!["state", disk_name, "vmlinuz", "initramfs.cpio"];
             if ram == RamMode::File {
                 names.push("memory");
             }
             let files_time = t_files.elapsed();
-            let t_hash = Instant::now();
-            let files = hash_files(
-                tmp.path(),
-                names.into_iter().map(String::from).collect(),
-                MANIFEST_VERSION,
-            )
-            .await?;
-            let digest_time = t_hash.elapsed();
-            remember_verified(tmp.path(), &files);
-            let manifest = Manifest {
-                version: MANIFEST_VERSION,
-                created_unix: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
+            let head = ManifestHead {
                 shape: self.shape.clone(),
                 kernel_version: self.kernel.version.clone(),
                 ram,
-                files,
             };
-            let json =
-                serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Snapshot(e.to_string()))?;
-            write_atomic(&tmp.path().join("manifest.json"), &json)?;
-            let t_sync = Instant::now();
-            for name in manifest.files.keys() {
-                if let Ok(f) = std::fs::File::open(tmp.path().join(name)) {
-                    let _ = f.sync_all();
-                }
-            }
-            fsync_dir(tmp.path());
-            let sync_time = t_sync.elapsed();
-            let allocated = manifest
-                .files
-                .keys()
-                .map(|n| allocated_bytes(&tmp.path().join(n)))
-                .sum();
-            let tmp_path = tmp.keep();
-            if let Err(e) = std::fs::rename(&tmp_path, bundle) {
-                let _ = std::fs::remove_dir_all(&tmp_path);
-                return Err(Error::Snapshot(format!(
-                    "publish {}: {e}",
-                    bundle.display()
-                )));
-            }
-            fsync_dir(parent);
-            self.cleanup_after_snapshot();
+            let p = staged.publish(bundle, &names, &known, head).await?;
             let total_time = started.elapsed();
             tracing::info!(
                 ms = total_time.as_millis() as u64,
                 files_ms = files_time.as_millis() as u64,
-                digest_ms = digest_time.as_millis() as u64,
-                sync_ms = sync_time.as_millis() as u64,
-                allocated,
+                digest_ms = p.digest_time.as_millis() as u64,
+                sync_ms = p.sync_time.as_millis() as u64,
+                allocated = p.allocated,
                 bundle = %bundle.display(),
                 "snapshot written"
             );
+            // Drop does the rest (kill is a no-op once exited; run dir removed).
             Ok(SnapshotInfo {
                 bundle: bundle.to_owned(),
-                manifest,
+                manifest: p.manifest,
                 save_time,
                 files_time,
-                digest_time,
-                sync_time,
+                digest_time: p.digest_time,
+                sync_time: p.sync_time,
                 total_time,
-                allocated,
+                allocated: p.allocated,
             })
         }
         .instrument(span)
@@ -468,8 +712,116 @@ impl Vm {
         })
     }
 
-    fn cleanup_after_snapshot(&mut self) {
-        // Drop does the rest (kill is a no-op once exited; run dir removed).
+    /// Captures this running VM into a bundle at `bundle` (must not exist; its parent
+    /// must) and lets it run on: the guest is stopped only while its disk is frozen and
+    /// its RAM and device state are streamed to the bundle's `state`, then continued. The
+    /// VM must have been restored with a [`RestoreConfig::base_disk`].
+    ///
+    /// The bundle's RAM is in the stream ([`RamMode::Stream`]: a VM restored from a
+    /// bundle maps its RAM privately, so there is no file of it to keep); see
+    /// [`make_forkable`] for a bundle that forks map copy-on-write. Its disk is the
+    /// layer frozen at the capture (`blockdev-snapshot-sync`; the VM writes to a new layer
+    /// from then on), made to lie directly over the base disk: a VM restored from the
+    /// template has it as is, and the layers of earlier captures or of a pause are folded
+    /// in (`qemu-img rebase`), so the bundle depends on nothing but the base disk.
+    ///
+    /// On any failure the guest is continued all the same and the VM is as it was (its
+    /// disk may have gained a layer). The guest clock is behind by the frozen time
+    /// afterwards: the caller sets it through the agent connection it holds.
+    pub async fn checkpoint(&mut self, bundle: &Path) -> Result<CheckpointInfo> {
+        let span = self.span.clone();
+        self.checkpoint_inner(bundle)
+            .instrument(span)
+            .await
+            .map_err(|e| match e {
+                Error::Snapshot(_) | Error::SnapshotFiles(_) => e,
+                other => Error::SnapshotFiles(Box::new(other)),
+            })
+    }
+
+    async fn checkpoint_inner(&mut self, bundle: &Path) -> Result<CheckpointInfo> {
+        let started = Instant::now();
+        let (Some(base_disk), (top, _, true)) = (self.root_disk.clone(), self.disk_source()) else {
+            return Err(Error::Config(
+                "a checkpoint needs a VM restored with a base disk".into(),
+            ));
+        };
+        let top = top.to_owned();
+        let staged = Staged::new(bundle)?;
+        let state = staged.path().join("state");
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let new_top = self.run_dir().join(format!("disk-{stamp:x}.qcow2"));
+        let (froze, saved, frozen_time) = {
+            let mut qmp = self.qmp.lock().await;
+            qmp.stop().await.map_err(snap_err)?;
+            let t0 = Instant::now();
+            let froze = qmp
+                .execute(
+                    "blockdev-snapshot-sync",
+                    Some(serde_json::json!({
+                        "device": "root",
+                        "snapshot-file": new_top.display().to_string(),
+                        "format": "qcow2",
+                        "mode": "absolute-paths",
+                    })),
+                )
+                .await
+                .map_err(snap_err);
+            let saved = match &froze {
+                Ok(_) => migrate_to(&mut qmp, &state, false).await,
+                Err(_) => Ok(()),
+            };
+            // Whatever happened, the guest runs on (`cont` after a completed migration
+            // also takes the disks back from the migration's end).
+            let resumed = qmp.cont().await.map_err(snap_err);
+            let frozen_time = t0.elapsed();
+            resumed?;
+            (froze, saved, frozen_time)
+        };
+        froze?;
+        self.set_overlay_top(new_top);
+        saved?;
+        tracing::info!(
+            frozen_ms = frozen_time.as_millis() as u64,
+            "checkpoint saved"
+        );
+        let dest = staged.path().join("disk.qcow2");
+        let t_layer = Instant::now();
+        layer_over(&top, &base_disk, &dest)?;
+        let layer_time = t_layer.elapsed();
+        link_or_copy(&self.kernel.vmlinuz, &staged.path().join("vmlinuz"))?;
+        link_or_copy(
+            &self.kernel.initramfs,
+            &staged.path().join("initramfs.cpio"),
+        )?;
+        let head = ManifestHead {
+            shape: self.shape.clone(),
+            kernel_version: self.kernel.version.clone(),
+            ram: RamMode::Stream,
+        };
+        let names = ["state", "disk.qcow2", "vmlinuz", "initramfs.cpio"];
+        let p = staged
+            .publish(bundle, &names, &BTreeMap::new(), head)
+            .await?;
+        let total_time = started.elapsed();
+        tracing::info!(
+            ms = total_time.as_millis() as u64,
+            frozen_ms = frozen_time.as_millis() as u64,
+            layer_ms = layer_time.as_millis() as u64,
+            digest_ms = p.digest_time.as_millis() as u64,
+            allocated = p.allocated,
+            bundle = %bundle.display(),
+            "checkpoint written"
+        );
+        Ok(CheckpointInfo {
+            bundle: bundle.to_owned(),
+            manifest: p.manifest,
+            frozen_time,
+            total_time,
+            allocated: p.allocated,
+        })
     }
 
     /// Starts a new VM from a bundle on a fresh copy-on-write overlay of its disk, waits for
@@ -517,7 +869,8 @@ impl Vm {
             kernel,
             &cfg.run_parent,
             memory.as_deref(),
-            &bundle.join("disk.raw"),
+            &bundle.join(m.disk_file()),
+            cfg.base_disk.clone(),
             crate::NetConfig {
                 forwards: cfg.forwards.clone(),
                 egress: cfg.egress.clone(),
@@ -569,40 +922,10 @@ impl Incoming {
     /// clock, all within `timeout`. The bundle is checked again first (a cheap `stat`
     /// unless it changed since it was last hashed): it may have sat in a pool a while.
     pub async fn finish(self, timeout: Duration) -> Result<Vm> {
-        let Self {
-            mut vm,
-            bundle,
-            manifest: m,
-        } = self;
-        ensure_verified(&bundle, &m).await?;
         let started = Instant::now();
+        let mut vm = self.load_inner(timeout, true).await?;
         let span = vm.span.clone();
         async {
-            let res = tokio::time::timeout(timeout, async {
-                let mut qmp = vm.qmp.lock().await;
-                qmp.migrate_set_capabilities(&[("x-ignore-shared", m.ram == RamMode::File)])
-                    .await?;
-                let uri = format!("exec:cat {}", shell_quote(&bundle.join("state")));
-                qmp.migrate_incoming(&uri).await?;
-                qmp.wait_migration(timeout).await?;
-                // The source was paused when saved, and QEMU keeps that run state.
-                if qmp.query_status().await?.status != "running" {
-                    qmp.cont().await?;
-                }
-                Ok::<_, crate::qmp::QmpError>(())
-            })
-            .await;
-            let fail = |reason: String| {
-                Error::Restore(format!("{reason}; console tail:\n{}", vm.console_tail()))
-            };
-            match res {
-                Err(_) => return Err(fail("timed out loading the snapshot".into())),
-                Ok(Err(e)) => {
-                    let why = vm.exit_status().unwrap_or_else(|| error_chain(&e));
-                    return Err(fail(why));
-                }
-                Ok(Ok(())) => {}
-            }
             let loaded = started.elapsed();
             let remaining = timeout
                 .saturating_sub(started.elapsed())
@@ -617,11 +940,53 @@ impl Incoming {
                 ready_ms = started.elapsed().as_millis() as u64,
                 "vm restored"
             );
-            Ok(())
+            Ok::<_, Error>(())
         }
         .instrument(span)
         .await?;
         Ok(vm)
+    }
+
+    /// Loads the snapshot and leaves the guest stopped, never run (for
+    /// [`make_forkable`]): no agent, no clock.
+    async fn load(self, timeout: Duration) -> Result<Vm> {
+        self.load_inner(timeout, false).await
+    }
+
+    async fn load_inner(self, timeout: Duration, run: bool) -> Result<Vm> {
+        let Self {
+            vm,
+            bundle,
+            manifest: m,
+        } = self;
+        ensure_verified(&bundle, &m).await?;
+        let span = vm.span.clone();
+        let res = tokio::time::timeout(timeout, async {
+            let mut qmp = vm.qmp.lock().await;
+            qmp.migrate_set_capabilities(&[("x-ignore-shared", m.ram == RamMode::File)])
+                .await?;
+            let uri = format!("exec:cat {}", shell_quote(&bundle.join("state")));
+            qmp.migrate_incoming(&uri).await?;
+            qmp.wait_migration(timeout).await?;
+            // The source was paused when saved, and QEMU keeps that run state.
+            if run && qmp.query_status().await?.status != "running" {
+                qmp.cont().await?;
+            }
+            Ok::<_, crate::qmp::QmpError>(())
+        })
+        .instrument(span)
+        .await;
+        let fail = |reason: String| {
+            Error::Restore(format!("{reason}; console tail:\n{}", vm.console_tail()))
+        };
+        match res {
+            Err(_) => Err(fail("timed out loading the snapshot".into())),
+            Ok(Err(e)) => {
+                let why = vm.exit_status().unwrap_or_else(|| error_chain(&e));
+                Err(fail(why))
+            }
+            Ok(Ok(())) => Ok(vm),
+        }
     }
 }
 

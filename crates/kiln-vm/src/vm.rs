@@ -240,6 +240,11 @@ pub struct Vm {
     pub(crate) shape: Shape,
     pub(crate) kernel: KernelAssets,
     pub(crate) forwards: Vec<PortForward>,
+    /// The template disk a restored VM's disk chain starts from
+    /// ([`crate::RestoreConfig::base_disk`]): its captures keep the disk as one layer over
+    /// it instead of flattening it. `None` for a booted VM (a build's bundle must stand
+    /// alone) and for restores not given one.
+    pub(crate) root_disk: Option<PathBuf>,
 }
 
 /// QEMU's command line for one VM: the one place it is written down.
@@ -652,6 +657,7 @@ impl Vm {
             shape,
             kernel: config.kernel.clone(),
             forwards,
+            root_disk: None,
         };
         let deadline = started + timeout;
         match vm.wait_ready(deadline).await {
@@ -878,6 +884,11 @@ impl Vm {
         }
     }
 
+    /// After the disk was frozen onto `top` (a new qcow2 layer QEMU now writes to).
+    pub(crate) fn set_overlay_top(&mut self, top: PathBuf) {
+        self.disk = Disk::Overlay(top);
+    }
+
     pub(crate) fn disk_source(&self) -> (&Path, bool, bool) {
         // (path, owned-by-us raw, is overlay)
         match &self.disk {
@@ -910,7 +921,7 @@ impl Vm {
             .await
             .execute("blockdev-snapshot-sync", Some(args))
             .await?;
-        self.disk = Disk::Overlay(new_top.to_owned());
+        self.set_overlay_top(new_top.to_owned());
         Ok(old)
     }
 
@@ -923,6 +934,7 @@ impl Vm {
         run_parent: &Path,
         memory: Option<&Path>,
         base_disk: &Path,
+        root_disk: Option<PathBuf>,
         net: NetConfig,
         console_log: Option<PathBuf>,
     ) -> Result<Self> {
@@ -968,6 +980,7 @@ impl Vm {
             shape,
             kernel,
             forwards: net.forwards,
+            root_disk,
         })
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::req;
-use kiln_vm::{Error, RestoreConfig, Vm};
+use kiln_vm::{Error, Hypervisor as _, RestoreConfig, Vm};
 
 async fn read_counter(vm: &Vm) -> u64 {
     let out = vm
@@ -329,5 +329,192 @@ async fn a_qemu_killed_mid_snapshot_is_snapshot_failed_and_leaves_nothing() {
         .collect();
     assert!(temps.is_empty(), "temp bundles left: {temps:?}");
     std::fs::remove_dir_all(&first).unwrap();
+    env.assert_no_leaks().await;
+}
+
+/// A sandbox's snapshot: the VM is captured and runs on (the guest stopped only for the
+/// capture), the capture becomes a bundle that forks map copy-on-write, forks continue
+/// the processes with the files as they were and are independent of each other; later
+/// captures (of the source, of a fork) fold their disk layers over the template's disk;
+/// a capture onto a full filesystem fails and the VM runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
+    let env = common::env("ckpt").await;
+    let full = Tmpfs::mount("2m");
+    let chain = |e: kiln_vm::Error| kiln_vm::error_chain(&e);
+    // The template, and a sandbox of it with a live counter and a file.
+    let template = env.run_parent.join("template");
+    Vm::boot(env.config("ckpt"))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)))
+        .snapshot(&template)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    let base = template.join("disk.raw");
+    // Restores that know their template's disk: their captures are layers over it.
+    let cfg = |name: &str| RestoreConfig {
+        base_disk: Some(base.clone()),
+        ..RestoreConfig::new(name, &env.run_parent)
+    };
+    let mut src = Vm::restore(&template, cfg("ckpt-src"))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    let mut bg = req("i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done");
+    bg.background = Some(Default::default());
+    let pid = src.guard(src.agent().spawn_background(bg)).await.unwrap();
+    src.exec_collect(req("echo before > /root/file && sync"))
+        .await
+        .unwrap();
+    let before = counter_passes(&src, 3).await;
+
+    // Onto a full filesystem: fails, and the VM runs on.
+    let err = src
+        .checkpoint(&full.0.path().join("snap"))
+        .await
+        .expect_err("a checkpoint into 2 MiB must fail");
+    assert_eq!(
+        err.code(),
+        kiln_spec::BuildErrorCode::SnapshotFailed,
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read_dir(full.0.path()).unwrap().count(), 0);
+    src.sync_clock().await.unwrap();
+    let c = counter_passes(&src, before).await;
+
+    let stream = env.run_parent.join("stream");
+    let info = src
+        .checkpoint(&stream)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    eprintln!(
+        "checkpoint: frozen {:?}, total {:?}, state {} B, disk layer {} B",
+        info.frozen_time,
+        info.total_time,
+        info.manifest.files["state"].size,
+        info.manifest.files["disk.qcow2"].size
+    );
+    assert_eq!(info.manifest.ram, kiln_vm::RamMode::Stream);
+    assert_eq!(info.manifest.disk_file(), "disk.qcow2");
+    src.sync_clock().await.unwrap();
+    // The source runs on, on a new disk layer: what it writes now is not in the capture.
+    let c = counter_passes(&src, c).await;
+    src.exec_collect(req("echo after > /root/file && sync"))
+        .await
+        .unwrap();
+
+    let t = Instant::now();
+    let forkable = env.run_parent.join("forkable");
+    let f = kiln_vm::Qemu
+        .make_forkable(&stream, &forkable, &env.run_parent)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    eprintln!(
+        "made forkable in {:?}: state {} B, memory {} B",
+        t.elapsed(),
+        f.manifest.files["state"].size,
+        f.manifest.files["memory"].size
+    );
+    assert_eq!(f.manifest.ram, kiln_vm::RamMode::File);
+    kiln_vm::snapshot::verify_bundle(&forkable).await.unwrap();
+
+    // Two forks (and, to compare, one restored from the stream capture itself).
+    let t = Instant::now();
+    let (a, b) = tokio::join!(
+        Vm::restore(&forkable, cfg("ckpt-a")),
+        Vm::restore(&forkable, cfg("ckpt-b")),
+    );
+    eprintln!("two forks (memory file): {:?}", t.elapsed());
+    let t = Instant::now();
+    let s = Vm::restore(&stream, RestoreConfig::new("ckpt-s", &env.run_parent))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    eprintln!("one fork (stream): {:?}", t.elapsed());
+    s.shutdown().await;
+    let a = a.unwrap_or_else(|e| panic!("{}", chain(e)));
+    let mut b = b.unwrap_or_else(|e| panic!("{}", chain(e)));
+    for vm in [&a, &b] {
+        assert!(
+            vm.guard(vm.agent().pid_alive(pid)).await.unwrap(),
+            "counter pid {pid} gone"
+        );
+        let n = read_counter(vm).await;
+        assert!(n >= c.min(before), "counter went back: {n}");
+        counter_passes(vm, n).await;
+        let out = vm.exec_collect(req("cat /root/file")).await.unwrap();
+        assert_eq!(out.stdout, b"before\n", "the fork's file is the capture's");
+    }
+    a.exec_collect(req("echo only-a > /root/marker && sync"))
+        .await
+        .unwrap();
+    let out = b
+        .exec_collect(req("test -e /root/marker; echo $?"))
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+
+    // A second capture of the source, and one of a fork: their layers lie over the
+    // template's disk directly, with what the layers in between held folded in.
+    let stream2 = env.run_parent.join("stream2");
+    src.checkpoint(&stream2)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    let stream3 = env.run_parent.join("stream3");
+    b.checkpoint(&stream3)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    for layer in [&stream2, &stream3] {
+        let backing = kiln_vm::disk::backing_file(&layer.join("disk.qcow2")).unwrap();
+        assert_eq!(
+            backing.map(|b| std::fs::canonicalize(b).unwrap()),
+            Some(std::fs::canonicalize(&base).unwrap())
+        );
+    }
+    a.shutdown().await;
+    src.shutdown().await;
+    // A pause (the fork consumed) keeps its disk as one layer over the template's; a
+    // resume of it captured again lies over the template's disk too, with both layers'
+    // writes.
+    b.exec_collect(req("echo paused-once > /root/file && sync"))
+        .await
+        .unwrap();
+    let paused = env.run_parent.join("paused");
+    let p = b
+        .snapshot(&paused)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    assert_eq!(p.manifest.disk_file(), "disk.qcow2");
+    let mut r = Vm::restore(&paused, cfg("ckpt-p"))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    let stream4 = env.run_parent.join("stream4");
+    r.checkpoint(&stream4)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(e)));
+    r.shutdown().await;
+    for layer in [&paused, &stream4] {
+        let backing = kiln_vm::disk::backing_file(&layer.join("disk.qcow2")).unwrap();
+        assert_eq!(
+            backing.map(|b| std::fs::canonicalize(b).unwrap()),
+            Some(std::fs::canonicalize(&base).unwrap())
+        );
+    }
+    for (bundle, want) in [
+        (&stream2, "after\n"),
+        (&stream3, "before\n"),
+        (&stream4, "paused-once\n"),
+    ] {
+        let vm = Vm::restore(bundle, RestoreConfig::new("ckpt-r", &env.run_parent))
+            .await
+            .unwrap_or_else(|e| panic!("{}", chain(e)));
+        assert!(vm.guard(vm.agent().pid_alive(pid)).await.unwrap());
+        let out = vm.exec_collect(req("cat /root/file")).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+        vm.shutdown().await;
+    }
+    for dir in [
+        &template, &stream, &stream2, &stream3, &stream4, &paused, &forkable,
+    ] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
     env.assert_no_leaks().await;
 }

@@ -11,8 +11,15 @@ Environment:
   KILN_TEST_IMAGE_PYTHON   base image reference (python3 + curl + sudo) in the test registry
   KILN_MAX_TEMPLATES       the server's template limit; the scenario owns 2 templates when
                            it checks the limit, so it must be 2
-  KILN_MAX_SANDBOXES       the server's sandbox limit; the scenario's one sandbox must reach
-                           it, so it must be 1
+  KILN_MAX_SANDBOXES       the server's sandbox limit; the scenario's two forks must reach it,
+                           so it must be 2
+  KILN_MAX_SNAPSHOTS       the server's snapshot limit; the scenario keeps one snapshot when
+                           it checks the limit, so it must be 1
+  KILN_SDK_UPSTREAM        http://127.0.0.1:PORT: an upstream the server lets sandboxes
+                           reach (KILN_EGRESS_ALLOW_PRIVATE), answering every request with
+                           `path=<path> authorization-sha256=<hex>`, for team secrets
+  The server builds the system template superserve/base (KILN_SYSTEM_TEMPLATES=base) from
+  the test registry's minbase image, for the create without a template.
   KILN_SDK_RUN_ID          optional suffix that keeps names unique (default: the pid)
   KILN_BROWSER_PYTHON      the python of scripts/browser-venv.sh (Playwright), which opens a
                            preview's signed URL in headless Chromium (preview_browser.py)
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import io
 import os
@@ -64,8 +72,13 @@ API_KEY = require_env("SUPERSERVE_API_KEY")
 IMAGE = require_env("KILN_TEST_IMAGE_PYTHON")
 BROWSER_PYTHON = require_env("KILN_BROWSER_PYTHON")
 MAX_TEMPLATES = int(os.environ.get("KILN_MAX_TEMPLATES", "2"))
-MAX_SANDBOXES = int(os.environ.get("KILN_MAX_SANDBOXES", "1"))
+MAX_SANDBOXES = int(os.environ.get("KILN_MAX_SANDBOXES", "2"))
+MAX_SNAPSHOTS = int(os.environ.get("KILN_MAX_SNAPSHOTS", "1"))
 RUN_ID = os.environ.get("KILN_SDK_RUN_ID") or str(os.getpid())
+UPSTREAM = require_env("KILN_SDK_UPSTREAM").rstrip("/")
+# Never sent into a sandbox: only the server (and the upstream, through the egress proxy)
+# gets it.
+SECRET_VALUE = f"sk-live-sdk-{RUN_ID}-{os.urandom(8).hex()}"
 SANDBOX_ID_HEADER = "X-Superserve-Sandbox-Id"
 
 _base = urlsplit(BASE_URL)
@@ -132,11 +145,16 @@ from superserve import (  # noqa: E402
     NetworkConfig,
     NotFoundError,
     PreviewAccess,
+    Provider,
     RateLimitError,
     RunStep,
     Sandbox,
     SandboxError,
     SandboxStatus,
+    Snapshot,
+    SnapshotStatus,
+    Secret,
+    SecretAuthType,
     Template,
     TemplateBuildStatus,
     TemplateStatus,
@@ -207,6 +225,17 @@ def raw_get(path: str) -> str:
 
 def name(kind: str) -> str:
     return f"sdk-{kind}-{RUN_ID}"
+
+
+def upstream_answer(path: str, value: str) -> str:
+    """What the upstream answers a request to `path` that carried `Bearer <value>`."""
+    digest = hashlib.sha256(f"Bearer {value}".encode()).hexdigest()
+    return f"path={path} authorization-sha256={digest}\n"
+
+
+# The upstream is on the host's loopback: the guest's own addresses must not bypass the
+# proxy for it.
+VIA_PROXY = {"no_proxy": "", "NO_PROXY": ""}
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,6 +368,37 @@ def scenario() -> None:
             cleanup.insert(0, ("kill stray sandbox", stray.kill))
             fail("a sandbox was created from a template whose build failed")
 
+    # -- team secrets: the sandbox gets a stand-in, the upstream the value
+    upstream_host = urlsplit(UPSTREAM).netloc
+    with step("Provider.list / Secret.create / list / get"):
+        providers = {p.name: p for p in Provider.list()}
+        check({"openai", "anthropic", "github"} <= set(providers), f"providers: {list(providers)}")
+        check_eq(providers["anthropic"].hosts, ["api.anthropic.com"], "anthropic's hosts")
+        check(providers["openai"].token_shape.startswith("sk-"), f"{providers['openai']!r}")
+        secret = Secret.create(
+            name=name("upstream"), value=SECRET_VALUE, auth={"type": "bearer"}, hosts=[upstream_host]
+        )
+        cleanup.append(("delete secret", secret.delete))
+        check_eq(secret.auth_type, SecretAuthType.BEARER, "auth_type")
+        check_eq(secret.hosts, [upstream_host], "hosts")
+        shortcut = Secret.create(name=name("anthropic"), value="sk-ant-unused", provider="anthropic")
+        check_eq(
+            (shortcut.provider_shortcut, shortcut.auth_type, shortcut.auth_config),
+            ("anthropic", SecretAuthType.API_KEY, {"header": "x-api-key"}),
+            "a provider shortcut's shape",
+        )
+        Secret.delete_by_name(shortcut.name)
+        Secret.delete_by_name(shortcut.name)  # idempotent
+        check(secret.name in [s.name for s in Secret.list()], "Secret.list")
+        check_eq(Secret.get(secret.name).id, secret.id, "Secret.get")
+        check(SECRET_VALUE not in repr(secret.get_info()), "the value came back")
+        try:
+            Secret.create(name=secret.name, value="x", provider="openai")
+        except ConflictError:
+            pass
+        else:
+            fail("a second secret of the same name was accepted")
+
     # -- a sandbox from the template
     metadata = {"suite": "sdk-e2e", "run": RUN_ID}
     with step("Sandbox.create"):
@@ -347,27 +407,20 @@ def scenario() -> None:
             from_template=web,
             env_vars={"KILN_SDK_VAR": "from-env-vars", "GREETING": "overridden"},
             metadata=metadata,
+            secrets={"UPSTREAM_TOKEN": secret.name},
         )
         cleanup.insert(0, ("kill sandbox", sandbox.kill))
         check_eq(sandbox.name, name("box"), "sandbox name")
         check_eq(sandbox.status, SandboxStatus.ACTIVE, "status returned by Sandbox.create")
         check_eq(sandbox.metadata, metadata, "metadata returned by Sandbox.create")
+        check_eq(
+            [(b.env_key, b.secret_name) for b in sandbox.secrets or []],
+            [("UPSTREAM_TOKEN", secret.name)],
+            "secrets returned by Sandbox.create",
+        )
         info = sandbox.get_info()
         check_eq(info.memory_mib, 384, "sandbox memory_mib (the template's)")
         check_eq(info.vcpu_count, 1, "sandbox vcpu_count (the template's)")
-
-    with step(f"RateLimitError past the team's {MAX_SANDBOXES} sandbox"):
-        check_eq(MAX_SANDBOXES, 1, "KILN_MAX_SANDBOXES (the scenario runs 1 sandbox here)")
-        try:
-            extra_box = Sandbox.create(name=name("one-too-many"), from_template=web)
-        except RateLimitError as e:
-            check_eq(e.code, "too_many_sandboxes", "RateLimitError.code")
-        else:
-            cleanup.insert(0, ("kill sandbox one-too-many", extra_box.kill))
-            fail(
-                "a second sandbox was accepted: the server does not enforce "
-                f"KILN_MAX_SANDBOXES={MAX_SANDBOXES}"
-            )
 
     with step("commands.run: env, user, workdir"):
         r = sandbox.commands.run("echo $KILN_SDK_VAR; echo $GREETING; id -un; pwd")
@@ -383,6 +436,68 @@ def scenario() -> None:
         check_eq(r.stdout, "/tmp\nper-command\n", "cwd and env of one command")
         r = sandbox.commands.run("sudo -n true && stat -c %U /srv/app")
         check_eq((r.stdout, r.exit_code), ("app\n", 0), "sudo for the template's user; workdir owner")
+
+    def call_upstream(path: str, token: str = "$UPSTREAM_TOKEN") -> str:
+        r = sandbox.commands.run(
+            f'curl -sS -H "Authorization: Bearer {token}" {UPSTREAM}{path}', env=VIA_PROXY
+        )
+        check_eq(r.exit_code, 0, f"curl {path} ({r.stderr!r})")
+        return r.stdout
+
+    with step("secrets: a stand-in in the sandbox, the real value at the upstream"):
+        stand_in = sandbox.commands.run("printenv UPSTREAM_TOKEN").stdout.strip()
+        check(stand_in.startswith("kiln_sk_"), f"stand-in {stand_in!r}")
+        check(stand_in != SECRET_VALUE, "the sandbox holds the value")
+        check_eq(call_upstream("/sdk"), upstream_answer("/sdk", SECRET_VALUE), "what the upstream got")
+        requests = [e for e in sandbox.get_network_log().events if e.kind == "request"]
+        check(bool(requests), "no request row in the network log")
+        check_eq(
+            (requests[0].secret_id, requests[0].method, requests[0].path, requests[0].status),
+            (secret.id, "GET", "/sdk", 200),
+            "the request row",
+        )
+        audit = secret.get_audit(limit=10)
+        check_eq(
+            [(e.sandbox_id, e.sandbox_name, e.path, e.status) for e in audit],
+            [(sandbox.id, sandbox.name, "/sdk", 200)],
+            "Secret.get_audit",
+        )
+        check_eq(
+            [(b.sandbox_id, b.env_key, b.status) for b in secret.get_sandboxes()],
+            [(sandbox.id, "UPSTREAM_TOKEN", SandboxStatus.ACTIVE)],
+            "Secret.get_sandboxes",
+        )
+        check(secret.get_info().last_used_at is not None, "last_used_at after a request")
+
+    with step("secrets: rotate, detach (refused at once), attach, delete"):
+        rotated = SECRET_VALUE + "-rotated"
+        secret = secret.rotate(rotated)
+        check_eq(call_upstream("/rotated"), upstream_answer("/rotated", rotated), "after rotate")
+        sandbox.detach_secret("UPSTREAM_TOKEN")
+        r = sandbox.commands.run(
+            f"curl -s -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {stand_in}' {UPSTREAM}/after",
+            env=VIA_PROXY,
+        )
+        check_eq(r.stdout, "403", "a detached stand-in")
+        check_eq(sandbox.commands.run("printenv UPSTREAM_TOKEN || echo unset").stdout.strip(), "unset", "env after detach")
+        check_eq(sandbox.get_info().secrets, None, "bindings after detach")
+        sandbox.attach_secret("UPSTREAM_TOKEN", secret.name)
+        again = sandbox.commands.run("printenv UPSTREAM_TOKEN").stdout.strip()
+        check(again.startswith("kiln_sk_") and again != stand_in, f"a new stand-in: {again!r}")
+        check_eq(call_upstream("/again"), upstream_answer("/again", rotated), "after attach")
+        secret.delete()
+        cleanup[:] = [c for c in cleanup if c[0] != "delete secret"]
+        info = sandbox.get_info()
+        check_eq(
+            [(b.env_key, b.revoked) for b in info.secrets or []],
+            [("UPSTREAM_TOKEN", True)],
+            "bindings once the secret is deleted",
+        )
+        r = sandbox.commands.run(
+            f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $UPSTREAM_TOKEN\" {UPSTREAM}/deleted",
+            env=VIA_PROXY,
+        )
+        check_eq(r.stdout, "403", "a stand-in of a deleted secret")
 
     with step("commands.run exit code"):
         r = sandbox.commands.run("exit 3")
@@ -527,16 +642,135 @@ def scenario() -> None:
         else:
             fail("a template was deleted while a sandbox made from it runs")
 
-    with step("sandbox.kill"):
+    with step("a spawned counter runs on after its client disconnects"):
+        asyncio.run(spawn_and_leave(sandbox.id, COUNTER))
+        first = counter(sandbox)
+        poll("the counter advances", 60, lambda: counter(sandbox) > first)
+
+    with step("sandbox.snapshot: memory and disk, the source runs on"):
+        sandbox.files.write("/tmp/snap.txt", "at-snapshot")
+        before_snapshot = counter(sandbox)
+        snap = sandbox.snapshot(name=name("snap"))
+        at_snapshot = counter(sandbox)
+        check_eq(snap.status, SnapshotStatus.READY, "status after snapshot()")
+        check_eq(snap.sandbox_id, sandbox.id, "snapshot.sandbox_id")
+        check_eq(snap.template_id, web.id, "snapshot.template_id")
+        check_eq(snap.kind, "mem+fs", "snapshot.kind")
+        check(snap.size_bytes > 0, f"size_bytes {snap.size_bytes}")
+        check_eq(snap.resources.memory_mib, 384, "snapshot.resources.memory_mib")
+        check(snap.ready_at is not None, "ready_at unset on a ready snapshot")
+        poll("the source's counter advances", 60, lambda: counter(sandbox) > at_snapshot)
+        sandbox.files.write("/tmp/snap.txt", "after-snapshot")
+        check_eq([s.id for s in sandbox.snapshots()], [snap.id], "sandbox.snapshots()")
+        check_eq(Snapshot.get(snap.id).name, name("snap"), "Snapshot.get(id).name")
+        cleanup.append(("delete snapshot", snap.delete))
+
+    with step("sandbox.kill; GET of the killed sandbox is 404"):
         sandbox_id = sandbox.id
         sandbox.kill()
         cleanup[:] = [c for c in cleanup if c[0] != "kill sandbox"]
         check_eq(Sandbox.list(metadata={"run": RUN_ID}), [], "Sandbox.list after kill")
         r = httpx.get(f"{BASE_URL}/sandboxes/{sandbox_id}", headers={"X-API-Key": API_KEY}, timeout=10)
-        check(
-            r.status_code == 404 or (r.status_code == 200 and r.json().get("status") == "deleted"),
-            f"GET a killed sandbox -> {r.status_code} {r.text[:200]}",
+        check_eq(r.status_code, 404, f"GET a killed sandbox ({r.text[:200]})")
+        check_eq([s.id for s in Snapshot.list(sandbox_id)], [snap.id], "a killed sandbox's snapshots")
+
+    forks: list[Sandbox] = []
+    with step("fork twice: the counter runs on in each, the file is the snapshot's"):
+        forks.append(Sandbox.create(name=name("fork-a"), from_snapshot=snap))
+        cleanup.insert(0, ("kill fork a", forks[0].kill))
+        forks.append(Sandbox.create(name=name("fork-b"), from_snapshot=snap.id))
+        cleanup.insert(0, ("kill fork b", forks[1].kill))
+        for f in forks:
+            info = f.get_info()
+            check_eq(info.source_snapshot_id, snap.id, "source_snapshot_id")
+            check_eq(info.status, SandboxStatus.ACTIVE, "a fork's status")
+            n = counter(f)
+            check(n >= before_snapshot, f"a fork's counter went back: {n} < {before_snapshot}")
+            poll("a fork's counter advances", 60, lambda f=f, n=n: counter(f) > n)
+            check_eq(f.files.read_text("/tmp/snap.txt"), "at-snapshot", "a fork's file")
+            r = f.commands.run("curl -fsS http://127.0.0.1:8000/index.html")
+            check_eq(r.stdout.strip(), "hello from app", "the start process in a fork")
+
+    with step("the forks are independent"):
+        forks[0].files.write("/tmp/snap.txt", "changed in a")
+        check_eq(forks[1].files.read_text("/tmp/snap.txt"), "at-snapshot", "fork b's file")
+        check_eq(forks[0].files.read_text("/tmp/snap.txt"), "changed in a", "fork a's file")
+
+    with step(f"RateLimitError past the team's {MAX_SANDBOXES} sandboxes"):
+        check_eq(MAX_SANDBOXES, 2, "KILN_MAX_SANDBOXES (the scenario runs 2 forks here)")
+        try:
+            extra_box = Sandbox.create(name=name("one-too-many"), from_snapshot=snap)
+        except RateLimitError as e:
+            check_eq(e.code, "too_many_sandboxes", "RateLimitError.code")
+        else:
+            cleanup.insert(0, ("kill sandbox one-too-many", extra_box.kill))
+            fail(
+                "a third sandbox was accepted: the server does not enforce "
+                f"KILN_MAX_SANDBOXES={MAX_SANDBOXES}"
+            )
+
+    with step(f"RateLimitError past the team's {MAX_SNAPSHOTS} snapshot"):
+        check_eq(MAX_SNAPSHOTS, 1, "KILN_MAX_SNAPSHOTS (the scenario keeps 1 snapshot here)")
+        try:
+            extra_snap = forks[0].snapshot(name=name("one-too-many"))
+        except RateLimitError as e:
+            check_eq(e.code, "too_many_snapshots", "RateLimitError.code")
+            check_eq(e.status_code, 429, "RateLimitError.status_code")
+        else:
+            cleanup.insert(0, ("delete snapshot one-too-many", extra_snap.delete))
+            fail(
+                "a second snapshot was accepted: the server does not enforce "
+                f"KILN_MAX_SNAPSHOTS={MAX_SNAPSHOTS}"
+            )
+
+    with step("Snapshot rename and delete; the forks run on"):
+        renamed = snap.rename(name("renamed"))
+        check_eq(renamed.name, name("renamed"), "renamed snapshot's name")
+        snap.delete()
+        cleanup[:] = [c for c in cleanup if c[0] != "delete snapshot"]
+        try:
+            Snapshot.get(snap.id)
+        except NotFoundError:
+            pass
+        else:
+            fail("Snapshot.get of a deleted snapshot succeeded")
+        Snapshot.delete_by_id(snap.id)  # idempotent
+        check(counter(forks[0]) > 0, "fork a after its snapshot was deleted")
+
+    with step("auto-pause, then auto-delete, with second-scale values"):
+        fork_b = forks[1]
+        fork_b.update(timeout_seconds=2, auto_delete_seconds=4)
+        info = fork_b.get_info()
+        check_eq((info.timeout_seconds, info.auto_delete_seconds), (2, 4), "timers after update")
+        paused = poll(
+            "auto-paused",
+            60,
+            lambda: (i := fork_b.get_info()).status == SandboxStatus.PAUSED and i,
+            interval=0.25,
         )
+        check(paused.auto_delete_at is not None, f"auto_delete_at unset while paused: {paused!r}")
+
+        def gone() -> bool:
+            try:
+                fork_b.get_info()
+            except NotFoundError:
+                return True
+            return False
+
+        poll("auto-deleted", 60, gone, interval=0.25)
+        cleanup[:] = [c for c in cleanup if c[0] != "kill fork b"]
+
+    with step("Sandbox.create without a template: the system template superserve/base"):
+        base = Template.connect("superserve/base")
+        check_eq(base.status, TemplateStatus.READY, "superserve/base status")
+        quick = Sandbox.create(name=name("quickstart"))
+        cleanup.insert(0, ("kill quickstart", quick.kill))
+        r = httpx.get(f"{BASE_URL}/sandboxes/{quick.id}", headers={"X-API-Key": API_KEY}, timeout=10)
+        check_eq(r.json().get("template_id"), base.id, "the quickstart sandbox's template")
+        check_eq(quick.commands.run("echo quick").stdout, "quick\n", "a command in it")
+        quick.kill()
+        forks[0].kill()
+        cleanup[:] = [c for c in cleanup if c[0] not in ("kill quickstart", "kill fork a")]
 
     with step("Template.delete"):
         web.delete()
@@ -613,6 +847,27 @@ def preview_part(sandbox: Sandbox) -> None:
     check_eq(sandbox.get_info().preview_access, PreviewAccess.PRIVATE, "preview_access after update")
     check_eq(sandbox.publish_preview_port(8000).access, "private", "a new port under the private policy")
     sandbox.unpublish_preview_port(8000)
+
+
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done"
+
+
+def counter(sb: Sandbox) -> int:
+    r = sb.commands.run("cat /tmp/counter 2>/dev/null || echo 0")
+    return int(r.stdout.strip() or "0")
+
+
+async def spawn_and_leave(sandbox_id: str, command: str) -> None:
+    """Spawns `command`, then drops the WebSocket without a kill (what a lost connection
+    does): Superserve's docs say the process keeps running inside the sandbox."""
+    sb = await AsyncSandbox.connect(sandbox_id)
+    try:
+        session = await sb.commands.spawn(command)
+        await asyncio.sleep(0.5)
+        session._reader.cancel()
+        await session._ws.close()
+    finally:
+        await sb._close_http_client()
 
 
 async def spawn_part(sandbox_id: str) -> None:

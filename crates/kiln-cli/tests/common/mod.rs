@@ -27,7 +27,11 @@ pub const SERVER_ENV_CLEARED: &[&str] = &[
     "KILN_MAX_TEMPLATES",
     "KILN_MAX_CONCURRENT_BUILDS",
     "KILN_MAX_SANDBOXES",
+    "KILN_MAX_SNAPSHOTS",
     "KILN_MAX_PARALLEL_BUILDS",
+    "KILN_SYSTEM_TEMPLATES",
+    "KILN_BASE_IMAGE",
+    "KILN_PYTHON_IMAGE",
     "KILN_RATE_LIMIT_PER_SEC",
     "KILN_RATE_LIMIT_BURST",
 ];
@@ -163,13 +167,15 @@ pub struct Server {
 
 impl Server {
     /// Starts `kiln serve` on a port of its choosing, with `env` set, and waits until it
-    /// listens.
+    /// listens. It builds no system template unless `env` sets `KILN_SYSTEM_TEMPLATES`
+    /// (a build is a minute of TCG that most tests do not need).
     pub fn start(state: &Path, env: &[(&str, &str)]) -> Server {
         let mut cmd = kiln(state, &["serve", "--listen", "127.0.0.1:0"]);
         cmd.env(
             "KILN_LOG",
             std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        )
+        .env("KILN_SYSTEM_TEMPLATES", "none");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -380,26 +386,42 @@ const SDK_SCENARIO_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The team's template limit on the server: an SDK scenario owns two templates when it asks
 /// for a third and expects `too_many_templates`.
 const SDK_MAX_TEMPLATES: &str = "2";
-/// The team's sandbox limit: an SDK scenario runs one sandbox and expects a second to be
-/// refused with `too_many_sandboxes`.
-const SDK_MAX_SANDBOXES: &str = "1";
+/// The team's sandbox limit: an SDK scenario runs two sandboxes (two forks, in Python) and
+/// expects a third to be refused with `too_many_sandboxes`.
+const SDK_MAX_SANDBOXES: &str = "2";
+/// The team's snapshot limit: the Python scenario keeps one snapshot when it asks for a
+/// second and expects `too_many_snapshots`.
+const SDK_MAX_SNAPSHOTS: &str = "1";
 
 /// Runs an official SDK's scenario against `kiln serve` on a fresh state dir (`prefix`)
 /// and asserts that it passed, that the server lived through it, and that no VM outlived
 /// the server. `scenario` is the command but for what every scenario reads from its
-/// environment (API key, server URL, test image, the team's limits); `provisioned_by` is
-/// the script that installs its SDK.
+/// environment (API key, server URL, test image, the team's limits, and
+/// `KILN_SDK_UPSTREAM`: an HTTP upstream sandboxes may reach, which answers with the
+/// sha256 of the `Authorization` it got, see `kiln_net::testing`); `provisioned_by` is the
+/// script that installs its SDK.
 pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &str) {
     let registry = registry(&assets());
     let dir = state_dir(prefix);
     let state = dir.path();
     let key = api_key(state, "sdk");
+    // The system template `superserve/base`, for the create without a template, from the
+    // test registry's minbase (it builds while the scenario's own templates do).
+    let base_image = format!("{registry}/kiln/minbase:latest");
+    // An upstream on the host's loopback, opened to sandboxes by the operator's list, for
+    // the scenarios' team secrets.
+    let upstream = kiln_net::testing::Upstream::start(None);
+    let upstream_addr = format!("127.0.0.1:{}", upstream.port);
     let mut server = Server::start(
         state,
         &[
             ("KILN_READY_TIMEOUT_SECS", "300"),
             ("KILN_MAX_TEMPLATES", SDK_MAX_TEMPLATES),
             ("KILN_MAX_SANDBOXES", SDK_MAX_SANDBOXES),
+            ("KILN_MAX_SNAPSHOTS", SDK_MAX_SNAPSHOTS),
+            ("KILN_SYSTEM_TEMPLATES", "base"),
+            ("KILN_BASE_IMAGE", &base_image),
+            ("KILN_EGRESS_ALLOW_PRIVATE", &upstream_addr),
         ],
     );
     let base_url = server.url.clone();
@@ -415,6 +437,8 @@ pub fn run_sdk_scenario(prefix: &str, mut scenario: Command, provisioned_by: &st
         )
         .env("KILN_MAX_TEMPLATES", SDK_MAX_TEMPLATES)
         .env("KILN_MAX_SANDBOXES", SDK_MAX_SANDBOXES)
+        .env("KILN_MAX_SNAPSHOTS", SDK_MAX_SNAPSHOTS)
+        .env("KILN_SDK_UPSTREAM", format!("http://{upstream_addr}"))
         // Loopback only: no proxy may stand between the SDK and the server.
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")

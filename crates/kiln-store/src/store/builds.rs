@@ -34,11 +34,12 @@ pub(super) fn unfinished_builds() -> &'static str {
 }
 
 impl Store {
-    /// A build of the team.
+    /// A build the team sees: of its own templates, or of a system template.
     pub async fn build_by_id(&self, team_id: &str, build_id: &str) -> Result<Build> {
-        sqlx::query_as::<_, Build>("SELECT * FROM builds WHERE id = ? AND team_id = ?")
+        sqlx::query_as::<_, Build>("SELECT * FROM builds WHERE id = ? AND team_id IN (?, ?)")
             .bind(build_id)
             .bind(team_id)
+            .bind(crate::model::SYSTEM_TEAM_ID)
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| StoreError::not_found("build", build_id))
@@ -142,9 +143,15 @@ impl Store {
         Ok(b)
     }
 
-    /// Cancels a build of the team. A build already terminal is returned unchanged.
+    /// Cancels a build of the team (a system template's build is only the system team's
+    /// to cancel). A build already terminal is returned unchanged.
     pub async fn cancel_build(&self, team_id: &str, build_id: &str) -> Result<Build> {
         let b = self.build_by_id(team_id, build_id).await?;
+        if b.team_id != team_id {
+            return Err(StoreError::Conflict(
+                "a system template's build: teams cannot cancel it".into(),
+            ));
+        }
         if b.status.is_terminal() {
             return Ok(b);
         }

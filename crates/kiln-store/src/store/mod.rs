@@ -17,13 +17,17 @@
 //! - [`builds`]: the build state machine, the build limit, restart recovery, the build cache's
 //!   candidates;
 //! - [`build_logs`]: a build's log lines and their followers;
-//! - [`sandboxes`]: sandboxes, their limit, state machine and access tokens;
-//! - [`previews`]: a sandbox's preview policy and published ports.
+//! - [`sandboxes`]: sandboxes, their limit, state machine, timers and access tokens;
+//! - [`previews`]: a sandbox's preview policy and published ports;
+//! - [`secrets`]: team secrets (sealed values) and their bindings to sandboxes;
+//! - [`snapshots`]: snapshots of sandboxes, their limit, idempotency keys and status.
 
 mod build_logs;
 mod builds;
 mod previews;
 mod sandboxes;
+mod secrets;
+mod snapshots;
 mod teams;
 mod templates;
 
@@ -51,8 +55,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// How long a writer waits for the write lock before giving up with "database is locked".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The current time, truncated to microseconds so that a value read back compares equal.
-pub(crate) fn now() -> DateTime<Utc> {
+/// The current time, truncated to microseconds so that a value read back compares equal:
+/// what the store stamps rows and sets deadlines with.
+pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 

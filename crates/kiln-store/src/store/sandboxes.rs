@@ -1,22 +1,29 @@
-//! Sandboxes: creation from a template's live artifact, lookup and listing, status,
-//! metadata and access tokens.
+//! Sandboxes: creation from a template's live artifact or a snapshot, lookup and listing,
+//! status, timers, metadata and access tokens.
 //!
-//! Invariants: a sandbox starts only from a template with a ready build; live sandboxes
-//! count against `max_live_sandboxes` in the write transaction that inserts; status moves
-//! only as [`SandboxStatus::can_move_to`] allows; a deleted sandbox keeps its row but no
-//! longer opens; access tokens are stored as sha256 only and compared in constant time.
-//! Team walls: every request-facing lookup is scoped to the team.
+//! Invariants: a sandbox starts only from a template with a ready build or a ready
+//! snapshot of its team; live sandboxes count against `max_live_sandboxes` in the write
+//! transaction that inserts; status moves only as [`SandboxStatus::can_move_to`] allows,
+//! and the move sets the timers' deadlines in the same write (`pause_at` while active
+//! with a timeout, `delete_at` while paused with an auto-delete window, neither
+//! otherwise); a deleted sandbox keeps its row but no longer opens; access tokens are
+//! stored as sha256 only and compared in constant time. Team walls: every
+//! request-facing lookup is scoped to the team.
 
 use std::collections::BTreeMap;
 
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::snapshots::snapshot_in;
 use super::templates::template_by_id_or_name_in;
 use super::{check_limit, hash_secret, new_id, new_secret, now, Result, Store};
 use crate::error::Limit;
 use crate::error::StoreError;
 use crate::model::{
     Limits, NewSandbox, PreviewAccess, Sandbox, SandboxAccess, SandboxFilter, SandboxStatus,
+    SnapshotStatus,
 };
 
 /// The statuses [`SandboxStatus::is_live`] holds for, as an SQL list: those that count
@@ -28,11 +35,14 @@ pub(super) fn live_sandboxes() -> &'static str {
 }
 
 impl Store {
-    /// Records a new sandbox (`starting`) from the template's live artifact.
+    /// Records a new sandbox (`starting`) from the template's live artifact, or from a
+    /// ready snapshot of the team (whose template, build and shape it takes), with its
+    /// secret bindings (an unknown secret name is `NotFound`).
     ///
-    /// Refuses with `Conflict` when the template has no ready build and with
-    /// `LimitReached(too_many_sandboxes)` at the team's live-sandbox limit, counted under the
-    /// write lock. Returns the row and the plaintext access token (only its hash is kept).
+    /// Refuses with `Conflict` when the template has no ready build or the snapshot is not
+    /// ready, and with `LimitReached(too_many_sandboxes)` at the team's live-sandbox limit,
+    /// counted under the write lock. Returns the row and the plaintext access token (only
+    /// its hash is kept).
     pub async fn create_sandbox(
         &self,
         team_id: &str,
@@ -40,12 +50,27 @@ impl Store {
         limits: &Limits,
     ) -> Result<(Sandbox, String)> {
         let mut tx = self.write_tx().await?;
-        let t = template_by_id_or_name_in(&mut tx, team_id, &new.template).await?;
-        let Some(build_id) = t.current_build_id.clone() else {
-            return Err(StoreError::Conflict(format!(
-                "template {:?} has no ready build",
-                t.name
-            )));
+        let (template_id, build_id, vcpu, memory_mib) = match &new.snapshot {
+            Some(snapshot) => {
+                let s = snapshot_in(&mut tx, team_id, snapshot).await?;
+                if s.status != SnapshotStatus::Ready {
+                    return Err(StoreError::Conflict(format!(
+                        "snapshot {} is {}, not ready",
+                        s.id, s.status
+                    )));
+                }
+                (s.template_id, s.build_id, s.vcpu_count, s.memory_mib)
+            }
+            None => {
+                let t = template_by_id_or_name_in(&mut tx, team_id, &new.template).await?;
+                let Some(build_id) = t.current_build_id.clone() else {
+                    return Err(StoreError::Conflict(format!(
+                        "template {:?} has no ready build",
+                        t.name
+                    )));
+                };
+                (t.id, build_id, t.vcpu, t.memory_mib)
+            }
         };
         let live: i64 = sqlx::query_scalar(&format!(
             "SELECT COUNT(*) FROM sandboxes WHERE team_id = ? AND status IN {live}",
@@ -55,33 +80,42 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         check_limit(live, limits.max_live_sandboxes, Limit::Sandboxes)?;
+        let mut bindings = Vec::new();
+        for b in &new.secrets {
+            bindings.push(super::secrets::resolve(&mut tx, team_id, b).await?);
+        }
         let id = new_id();
         let token = format!("kiln_sbx_{}", new_secret());
         let at = now();
         sqlx::query(
             "INSERT INTO sandboxes (id, team_id, template_id, build_id, name, status, vcpu_count,
-                                    memory_mib, metadata, env, access_token_hash, created_at,
-                                    updated_at, preview_access)
-             VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?, ?, ?)",
+                                    memory_mib, metadata, env, secrets, access_token_hash,
+                                    created_at, updated_at, source_snapshot_id, timeout_seconds,
+                                    auto_delete_seconds, preview_access)
+             VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(team_id)
-        .bind(&t.id)
+        .bind(&template_id)
         .bind(&build_id)
         .bind(new.name.clone().unwrap_or_else(|| id.clone()))
-        .bind(t.vcpu)
-        .bind(t.memory_mib)
+        .bind(vcpu)
+        .bind(memory_mib)
         .bind(sqlx::types::Json(&new.metadata))
         .bind(sqlx::types::Json(&new.env))
+        .bind(sqlx::types::Json(&bindings))
         .bind(hash_secret(&token))
         .bind(at)
         .bind(at)
+        .bind(&new.snapshot)
+        .bind(new.timeout_seconds)
+        .bind(new.auto_delete_seconds)
         .bind(new.preview_access.unwrap_or(PreviewAccess::DEFAULT))
         .execute(&mut *tx)
         .await?;
         let sandbox = sandbox_in(&mut tx, team_id, &id).await?;
         tx.commit().await?;
-        tracing::info!(sandbox_id = %id, template_id = %t.id, "created sandbox");
+        tracing::info!(sandbox_id = %id, %template_id, snapshot = ?new.snapshot, "created sandbox");
         Ok((sandbox, token))
     }
 
@@ -127,8 +161,10 @@ impl Store {
         Ok(q.build_query_as::<Sandbox>().fetch_all(&self.pool).await?)
     }
 
-    /// Moves a sandbox of the team to `to`, if [`SandboxStatus::can_move_to`] allows.
-    /// Moving to the current status is a no-op.
+    /// Moves a sandbox of the team to `to`, if [`SandboxStatus::can_move_to`] allows, and
+    /// sets its timers' deadlines for the new status: `active` starts a fresh auto-pause
+    /// window, `paused` a fresh auto-delete countdown, anything else clears both. Moving to
+    /// the current status is a no-op.
     pub async fn set_sandbox_status(
         &self,
         team_id: &str,
@@ -148,16 +184,82 @@ impl Store {
                 to: to.to_string(),
             });
         }
-        sqlx::query("UPDATE sandboxes SET status = ?, updated_at = ? WHERE id = ?")
-            .bind(to)
-            .bind(now())
-            .bind(sandbox_id)
-            .execute(&mut *tx)
-            .await?;
+        let at = now();
+        let pause_at = (to == SandboxStatus::Active)
+            .then(|| after(at, s.timeout_seconds))
+            .flatten();
+        let delete_at = (to == SandboxStatus::Paused)
+            .then(|| after(at, s.auto_delete_seconds))
+            .flatten();
+        sqlx::query(
+            "UPDATE sandboxes SET status = ?, updated_at = ?, pause_at = ?, delete_at = ?
+             WHERE id = ?",
+        )
+        .bind(to)
+        .bind(at)
+        .bind(pause_at)
+        .bind(delete_at)
+        .bind(sandbox_id)
+        .execute(&mut *tx)
+        .await?;
         let s = sandbox_in(&mut tx, team_id, sandbox_id).await?;
         tx.commit().await?;
         tracing::debug!(sandbox_id, status = %to, "sandbox status changed");
         Ok(s)
+    }
+
+    /// Sets (`Some(Some(_))`) or clears (`Some(None)`) a sandbox's auto-pause timeout and
+    /// auto-delete window; `None` leaves one as it is. A timer changed on a sandbox in the
+    /// status it applies to restarts from now: an active sandbox's window, a paused one's
+    /// countdown.
+    pub async fn set_sandbox_timers(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        timeout_seconds: Option<Option<u32>>,
+        auto_delete_seconds: Option<Option<u32>>,
+    ) -> Result<Sandbox> {
+        let mut tx = self.write_tx().await?;
+        let s = sandbox_in(&mut tx, team_id, sandbox_id).await?;
+        let at = now();
+        let timeout = timeout_seconds.unwrap_or(s.timeout_seconds);
+        let auto_delete = auto_delete_seconds.unwrap_or(s.auto_delete_seconds);
+        let pause_at = match (timeout_seconds, s.status) {
+            (Some(t), SandboxStatus::Active) => after(at, t),
+            _ => s.pause_at,
+        };
+        let delete_at = match (auto_delete_seconds, s.status) {
+            (Some(d), SandboxStatus::Paused) => after(at, d),
+            _ => s.delete_at,
+        };
+        sqlx::query(
+            "UPDATE sandboxes SET timeout_seconds = ?, auto_delete_seconds = ?, pause_at = ?,
+                                  delete_at = ?, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(timeout)
+        .bind(auto_delete)
+        .bind(pause_at)
+        .bind(delete_at)
+        .bind(at)
+        .bind(sandbox_id)
+        .execute(&mut *tx)
+        .await?;
+        let s = sandbox_in(&mut tx, team_id, sandbox_id).await?;
+        tx.commit().await?;
+        Ok(s)
+    }
+
+    /// Every sandbox with a deadline armed (of every team): active ones with `pause_at`,
+    /// paused ones with `delete_at`. The engine's timer wakes for the earliest.
+    pub async fn sandboxes_with_deadlines(&self) -> Result<Vec<Sandbox>> {
+        Ok(sqlx::query_as::<_, Sandbox>(
+            "SELECT * FROM sandboxes
+             WHERE (status = 'active' AND pause_at IS NOT NULL)
+                OR (status = 'paused' AND delete_at IS NOT NULL)",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Replaces a sandbox's metadata.
@@ -246,6 +348,11 @@ impl Store {
         q.push(") ORDER BY created_at, rowid");
         Ok(q.build_query_as::<Sandbox>().fetch_all(&self.pool).await?)
     }
+}
+
+/// `at` plus `seconds`, if there are seconds.
+fn after(at: DateTime<Utc>, seconds: Option<u32>) -> Option<DateTime<Utc>> {
+    seconds.map(|s| at + TimeDelta::seconds(i64::from(s)))
 }
 
 /// Equality whose time does not depend on where the inputs differ.

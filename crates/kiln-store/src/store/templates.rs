@@ -4,8 +4,10 @@
 //! Invariants: a template name is unique within its team; `max_templates` and
 //! `max_concurrent_builds` are counted and applied in one write transaction, and a refusal
 //! writes nothing; a rebuild of a spec already in flight joins that build instead of
-//! queueing another; a template with live sandboxes cannot be deleted. Team walls: every
-//! lookup is scoped to the team, so another team's template is simply not found.
+//! queueing another; a template with live sandboxes, or with snapshots (whose disks lie
+//! over its builds' disks), cannot be deleted. Team walls: every lookup is scoped to the
+//! team, so another team's template is simply not found; the system team's templates
+//! ([`SYSTEM_TEAM_ID`]) are seen by every team and changed by none but the system team.
 
 use kiln_spec::{spec_hash, CodedMessage, Form, TemplateRequest};
 use sqlx::SqliteConnection;
@@ -16,7 +18,10 @@ use super::teams::ensure_team;
 use super::{check_limit, new_id, now, to_i64, Result, Store};
 use crate::error::Limit;
 use crate::error::StoreError;
-use crate::model::{Build, BuildStatus, BuiltArtifact, Limits, Rebuild, Template, TemplateStatus};
+use crate::model::{
+    Build, BuildStatus, BuiltArtifact, Limits, Rebuild, SnapshotStatus, Template, TemplateStatus,
+    SYSTEM_TEAM_ID,
+};
 
 impl Store {
     /// Creates a template and its first build in one transaction.
@@ -107,6 +112,7 @@ impl Store {
     ) -> Result<Rebuild> {
         let mut tx = self.write_tx().await?;
         let t = template_by_id_or_name_in(&mut tx, team_id, template).await?;
+        owned_by(&t, team_id)?;
         let hash = match replace {
             Some(r) => r.spec_hash(),
             None => spec_hash(&t.spec()?, &t.resources()),
@@ -165,20 +171,23 @@ impl Store {
         template_by_id_or_name_in(&mut conn, team_id, template).await
     }
 
-    /// The team's templates, oldest first.
+    /// The templates the team sees, oldest first: the system templates and its own.
     pub async fn list_templates(&self, team_id: &str) -> Result<Vec<Template>> {
         Ok(sqlx::query_as::<_, Template>(
-            "SELECT * FROM templates WHERE team_id = ? ORDER BY created_at, rowid",
+            "SELECT * FROM templates WHERE team_id IN (?, ?) ORDER BY created_at, rowid",
         )
         .bind(team_id)
+        .bind(SYSTEM_TEAM_ID)
         .fetch_all(&self.pool)
         .await?)
     }
 
-    /// Deletes a template with its builds, logs and dead sandboxes.
+    /// Deletes a template with its builds, logs, dead sandboxes and failed snapshots.
     ///
-    /// Refuses with `Conflict` while any of its sandboxes is live. Returns the template and
-    /// its builds so the caller can remove their artifacts and stop builds still running.
+    /// Refuses with `Conflict` while any of its sandboxes is live or any snapshot keeps a
+    /// disk layer over one of its builds (deleting those first frees it). Returns the
+    /// template and its builds so the caller can remove their artifacts and stop builds
+    /// still running.
     pub async fn delete_template(
         &self,
         team_id: &str,
@@ -186,6 +195,7 @@ impl Store {
     ) -> Result<(Template, Vec<Build>)> {
         let mut tx = self.write_tx().await?;
         let t = template_by_id_or_name_in(&mut tx, team_id, template).await?;
+        owned_by(&t, team_id)?;
         let live: i64 = sqlx::query_scalar(&format!(
             "SELECT COUNT(*) FROM sandboxes WHERE template_id = ? AND status IN {live}",
             live = live_sandboxes()
@@ -198,7 +208,24 @@ impl Store {
                 "template has {live} live sandboxes"
             )));
         }
+        let snapshots: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM snapshots WHERE template_id = ? AND status IN {kept}",
+            kept = super::sql_list(&SnapshotStatus::kept())
+        ))
+        .bind(&t.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if snapshots > 0 {
+            return Err(StoreError::Conflict(format!(
+                "template has {snapshots} snapshots (their disks lie over its builds'); \
+                 delete them first"
+            )));
+        }
         let builds = builds_of(&mut tx, &t.id).await?;
+        sqlx::query("DELETE FROM snapshots WHERE template_id = ?")
+            .bind(&t.id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM sandboxes WHERE template_id = ?")
             .bind(&t.id)
             .execute(&mut *tx)
@@ -225,19 +252,35 @@ async fn template_in(conn: &mut SqliteConnection, team_id: &str, id: &str) -> Re
         .ok_or_else(|| StoreError::not_found("template", id))
 }
 
+/// Refuses a change to a template the team does not own (a system template, which every
+/// team sees).
+fn owned_by(t: &Template, team_id: &str) -> Result<()> {
+    if t.team_id != team_id {
+        return Err(StoreError::Conflict(format!(
+            "{:?} is a system template: teams cannot rebuild or delete it",
+            t.name
+        )));
+    }
+    Ok(())
+}
+
+/// A template the team sees (its own, or a system template), by id or else by name. A
+/// team's own template wins over a system template's name (which teams cannot take anyway).
 pub(super) async fn template_by_id_or_name_in(
     conn: &mut SqliteConnection,
     team_id: &str,
     key: &str,
 ) -> Result<Template> {
     sqlx::query_as::<_, Template>(
-        "SELECT * FROM templates WHERE team_id = ? AND (id = ? OR name = ?)
-         ORDER BY (id = ?) DESC LIMIT 1",
+        "SELECT * FROM templates WHERE team_id IN (?, ?) AND (id = ? OR name = ?)
+         ORDER BY (id = ?) DESC, (team_id = ?) DESC LIMIT 1",
     )
     .bind(team_id)
+    .bind(SYSTEM_TEAM_ID)
     .bind(key)
     .bind(key)
     .bind(key)
+    .bind(team_id)
     .fetch_optional(&mut *conn)
     .await?
     .ok_or_else(|| StoreError::not_found("template", key))

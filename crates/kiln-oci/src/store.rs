@@ -946,3 +946,58 @@ impl ImageStore {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_sweeps_the_leftovers_of_dead_writers_of_every_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        let dead = {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let pid = child.id();
+            child.wait().unwrap();
+            pid
+        };
+        let me = std::process::id();
+        let image = state.join("images/sha256").join("ab".repeat(32));
+        std::fs::create_dir_all(&image).unwrap();
+        std::fs::create_dir_all(state.join("blobs/sha256")).unwrap();
+        let blob_tmp = |pid: u32| {
+            state.join(format!(
+                "blobs/sha256/.tmp-{}-{pid}-Xy12Z9",
+                "cd".repeat(32)
+            ))
+        };
+        let files = [
+            (blob_tmp(dead), false),
+            (blob_tmp(me), true),
+            (state.join(format!("blobs/sha256/.tmp-w-{dead}-3")), false),
+            (image.join(format!(".tmp-w-{dead}-4")), false),
+            (image.join(format!(".tmp-w-{me}-5")), true),
+            // An older kiln's name, without a pid: only once stale.
+            (state.join("blobs/sha256/.tmp-old-name"), true),
+        ];
+        for (path, _) in &files {
+            std::fs::write(path, b"x").unwrap();
+        }
+        let stale = state.join("blobs/sha256/.tmp-ancient");
+        std::fs::File::create(&stale)
+            .unwrap()
+            .set_modified(SystemTime::now() - STALE_TMP * 2)
+            .unwrap();
+        let rootfs = image.join(format!(".tmp-rootfs-{dead}-1"));
+        std::fs::create_dir_all(rootfs.join("usr/bin")).unwrap();
+        std::fs::write(rootfs.join("usr/bin/sh"), b"x").unwrap();
+
+        ImageStore::open(state, RegistryConfig::default()).unwrap();
+        for (path, kept) in &files {
+            assert_eq!(path.exists(), *kept, "{}", path.display());
+        }
+        assert!(!stale.exists());
+        assert!(!rootfs.exists());
+        assert!(image.is_dir(), "the image dir itself is not a temp");
+    }
+}

@@ -80,21 +80,13 @@ impl Registries {
     /// (the operator chose them, tenants cannot).
     pub(crate) fn new(config: RegistryConfig) -> Self {
         let mut policy = config.private.clone();
-        for settings in config.registries.values() {
-            for m in &settings.mirrors {
-                if let Ok(url) = Url::parse(
-                    if m.contains("://") {
-                        m.clone()
-                    } else {
-                        format!("https://{m}")
-                    }
-                    .as_str(),
-                ) {
-                    if let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default())
-                    {
-                        policy.allow(&format!("{host}:{port}"));
-                    }
-                }
+        for registry in config.registries.keys() {
+            for m in config.endpoints(registry).iter().filter(|e| e.mirror) {
+                // `host:port` as written, or `host` on its scheme's port: `allow` ignores
+                // whichever of the two is not `host:port`.
+                let default_port = if m.plain_http { 80 } else { 443 };
+                policy.allow(&m.host);
+                policy.allow(&format!("{}:{default_port}", m.host));
             }
         }
         Self {
@@ -500,6 +492,21 @@ fn status_ok(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configured_mirrors_pass_the_wall_and_nothing_else_does() {
+        let mut config: RegistryConfig = serde_json::from_str(
+            r#"{"registries":{"docker.io":{"mirrors":["http://127.0.0.1:5000","mirror.lan"]}}}"#,
+        )
+        .unwrap();
+        config.private = PrivateRegistries::only("").unwrap();
+        let r = Registries::new(config);
+        let lo = |port| [SocketAddr::from(([127, 0, 0, 1], port))];
+        assert!(r.policy.filter("127.0.0.1", 5000, &lo(5000)).is_ok());
+        assert!(r.policy.filter("mirror.lan", 443, &lo(443)).is_ok());
+        assert!(r.policy.filter("127.0.0.1", 5001, &lo(5001)).is_err());
+        assert!(r.policy.filter("mirror.lan", 80, &lo(80)).is_err());
+    }
 
     #[test]
     fn bearer_challenges_parse() {

@@ -276,7 +276,6 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Temp names are `.tmp-<what>-<pid>-<unique>` (`<what>` without `-`): the pid says whether
 /// the process writing it is still alive, so leftovers of a killed one can be told apart
 /// from a neighbour's work in flight (the CLI and the server share the state directory).
-
 fn tmp_name(prefix: &str) -> String {
     format!(
         ".tmp-{prefix}-{}-{}",

@@ -365,7 +365,7 @@ async fn redirects_are_followed_only_to_allowed_addresses() {
 
 #[tokio::test]
 async fn a_redirect_loop_ends_after_a_few_hops() {
-    let reg = Hostile::start(|path| Reply::redirect(path)).await;
+    let reg = Hostile::start(Reply::redirect).await;
     let (_d, s) = server_store(&[&reg.host()]);
     let err = s
         .resolve(&format!("{}/evil/loop:1", reg.host()))

@@ -173,6 +173,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let conf = ServerConfig::load(&kiln_engine::registry_config_path(&state_dir))?;
     let mut cfg = crate::engine_config(state_dir);
     cfg.owner = kiln_engine::Owner::Server;
+    // Tenants choose `from`: registries on private addresses only when the operator says.
+    cfg.private_registries = kiln_oci::PrivateRegistries::from_env()?;
     cfg.limits = kiln_engine::Limits {
         max_templates: conf.max_templates.unwrap_or(DEFAULT_LIMITS.max_templates),
         max_concurrent_builds: conf

@@ -80,6 +80,9 @@ pub struct EngineConfig {
     pub max_parallel_builds: usize,
     /// kiln's registry config file (see [`registry_config_path`]).
     pub registry_config: Option<PathBuf>,
+    /// Which private registry addresses builds may pull from: any for the local CLI (the
+    /// default), `KILN_PRIVATE_REGISTRIES` only for a server, whose tenants choose `from`.
+    pub private_registries: kiln_oci::PrivateRegistries,
     /// What kind of process this is, as recorded in the endpoints of the sandboxes it runs.
     pub owner: sandboxes::Owner,
     /// The `kiln` binary, run by QEMU as `kiln egress-proxy` for every connection a VM
@@ -144,6 +147,7 @@ impl EngineConfig {
             build_timeout: env_secs("KILN_BUILD_TIMEOUT_SECS").unwrap_or(Duration::from_secs(3600)),
             max_parallel_builds: 2,
             registry_config,
+            private_registries: kiln_oci::PrivateRegistries::Any,
             owner: sandboxes::Owner::Keeper,
             egress_helper: None,
             restore_pool: 0,
@@ -206,8 +210,9 @@ impl Engine {
         let layout = Layout::new(&cfg.state_dir);
         layout.ensure()?;
         let store = Store::open(layout.db_path()).await?;
-        let registries =
+        let mut registries =
             RegistryConfig::load(cfg.registry_config.as_deref()).map_err(EngineError::Images)?;
+        registries.private = cfg.private_registries.clone();
         let images = ImageStore::open(layout.root(), registries).map_err(EngineError::Images)?;
         let slots = cfg.max_parallel_builds.max(1);
         let pool = pool::RestorePool::new(cfg.restore_pool, cfg.restore_pool_idle);

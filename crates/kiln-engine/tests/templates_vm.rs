@@ -202,7 +202,7 @@ async fn each_failure_has_its_code() {
             small("127.0.0.1:9/kiln/none:latest".into(), json!({})),
         )
         .await;
-    assert_eq!(m.code, BuildErrorCode::ImagePullFailed, "{m}");
+    assert_eq!(m.code, BuildErrorCode::RegistryUnreachable, "{m}");
     let m = e
         .failure(
             "missing",

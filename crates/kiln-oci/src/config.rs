@@ -24,6 +24,7 @@ use kiln_spec::ImageRef;
 use serde::Deserialize;
 
 use crate::error::{OciError, Result};
+use crate::policy::PrivateRegistries;
 
 /// The environment variable listing mirrors: `docker.io=http://127.0.0.1:5000,ghcr.io=https://m`.
 pub const MIRRORS_ENV: &str = "KILN_REGISTRY_MIRRORS";
@@ -58,6 +59,10 @@ pub struct RegistryConfig {
     /// Credentials from Docker's config, consulted after `registries`.
     #[serde(skip)]
     pub docker_auths: BTreeMap<String, (String, String)>,
+    /// Which non-public addresses registries may be reached at (mirrors always may):
+    /// any for the local CLI (the default), an allowlist for a server.
+    #[serde(skip)]
+    pub private: PrivateRegistries,
 }
 
 /// Credentials to present to one host.

@@ -39,6 +39,34 @@ pub enum OciError {
         #[source]
         source: Option<BoxError>,
     },
+    /// The registry could not be reached: refused by kiln's address wall (a private address
+    /// `kiln serve` was not told to allow), by the peer, by DNS, by a timeout, a redirect
+    /// loop. The message is the same whatever the cause, so that a tenant cannot use builds
+    /// to learn which internal ports answer; the cause is the source, logged by the server.
+    #[error(
+        "cannot pull {reference}: registry {registry} cannot be reached (check the name, that \
+         the registry is up and reachable from the kiln host; a kiln server reaches registries \
+         on private addresses only when its operator allows them)"
+    )]
+    Unreachable {
+        /// The reference being fetched.
+        reference: String,
+        /// The endpoint (`host[:port]`) that could not be reached.
+        registry: String,
+        /// What happened, for the server's log only.
+        #[source]
+        source: BoxError,
+    },
+    /// A manifest, index, image config or token answer is larger than kiln reads.
+    #[error("invalid image {reference}: the {what} is larger than {limit_mib} MiB")]
+    TooLargeDocument {
+        /// The reference being fetched.
+        reference: String,
+        /// `manifest`, `image config`, ...
+        what: String,
+        /// The cap, in MiB.
+        limit_mib: u64,
+    },
     /// The registry sent something that is not a valid image (bad JSON, digest mismatch).
     #[error("invalid image {reference}: {detail}")]
     Invalid {
@@ -94,9 +122,11 @@ impl OciError {
         match self {
             Self::BadReference { .. } => BuildErrorCode::BadReference,
             Self::UnsupportedPlatform { .. } => BuildErrorCode::UnsupportedPlatform,
-            Self::Pull { .. } | Self::Invalid { .. } | Self::NotPulled(_) => {
-                BuildErrorCode::ImagePullFailed
-            }
+            Self::Unreachable { .. } => BuildErrorCode::RegistryUnreachable,
+            Self::Pull { .. }
+            | Self::Invalid { .. }
+            | Self::TooLargeDocument { .. }
+            | Self::NotPulled(_) => BuildErrorCode::ImagePullFailed,
             Self::UnsafeEntry { .. } | Self::Refused(_) => BuildErrorCode::ImageUnsafe,
             Self::TooLarge { .. } | Self::ContentTooLarge { .. } => BuildErrorCode::ImageTooLarge,
             Self::Io { .. } => BuildErrorCode::BuildFailed,

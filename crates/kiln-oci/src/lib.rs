@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod policy;
 mod registry;
 pub mod store;
 pub mod unpack;
@@ -14,6 +15,8 @@ pub mod vet;
 
 pub use config::{RegistryConfig, RegistrySettings};
 pub use error::{OciError, Result};
+pub use policy::{PrivateRegistries, PRIVATE_REGISTRIES_ENV};
+pub use registry::{MAX_DOCUMENT, MAX_REDIRECTS};
 pub use store::{
     Descriptor, Image, ImageStore, Platform, Prepared, Progress, ProgressFn, PruneReport,
     PullReport, RuntimeConfig, Unpacked,

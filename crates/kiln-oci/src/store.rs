@@ -29,7 +29,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::config::{Endpoint, RegistryConfig};
 use crate::error::{OciError, Result};
-use crate::registry::{oci_ref, pull_error, Registries};
+use crate::registry::{broke_off, Registries, MAX_DOCUMENT};
 use crate::unpack::{self, UnpackStats};
 use crate::vet::{self, VetReport};
 
@@ -273,12 +273,50 @@ fn ioe(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Temp names are `.tmp-<what>-<pid>-<unique>` (`<what>` without `-`): the pid says whether
+/// the process writing it is still alive, so leftovers of a killed one can be told apart
+/// from a neighbour's work in flight (the CLI and the server share the state directory).
 fn tmp_name(prefix: &str) -> String {
     format!(
         ".tmp-{prefix}-{}-{}",
         std::process::id(),
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Whether `name` (in a store directory) is a temp file or tree left behind: its writer is
+/// dead, or it has not changed for [`STALE_TMP`] (a name without a pid, a reused pid).
+fn leftover(name: &str, path: &Path, now: SystemTime) -> bool {
+    if !name.starts_with(".tmp-") {
+        return false;
+    }
+    let writer_dead = name
+        .split('-')
+        .nth(2)
+        .and_then(|pid| pid.parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH));
+    writer_dead || is_stale(path, now)
+}
+
+fn is_stale(path: &Path, now: SystemTime) -> bool {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TMP)
+}
+
+/// Removes a temp file or tree.
+fn remove_temp(path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        unpack::remove_tree(path)
+    } else {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(OciError::io(format!("remove {}", path.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Writes `bytes` to `path` atomically: temp name, fsync, rename, fsync of the directory.
@@ -311,10 +349,44 @@ impl ImageStore {
         let images = state_dir.join("images");
         std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700))
             .map_err(ioe(format!("chmod {}", images.display())))?;
-        Ok(Self {
+        let store = Self {
             state: state_dir.to_path_buf(),
             registries: Registries::new(config),
-        })
+        };
+        let swept = store.sweep_temps()?;
+        if swept > 0 {
+            tracing::info!(
+                count = swept,
+                "temp files of interrupted pulls and unpacks removed"
+            );
+        }
+        Ok(store)
+    }
+
+    /// Removes what interrupted writers left: half-downloaded blobs, half-written records
+    /// and half-unpacked rootfs trees (see [`leftover`]). Returns how many went.
+    pub fn sweep_temps(&self) -> Result<usize> {
+        let now = SystemTime::now();
+        let images = self.state.join("images/sha256");
+        let mut dirs = vec![self.state.join("blobs/sha256"), images.clone()];
+        dirs.extend(
+            std::fs::read_dir(&images)
+                .map_err(ioe(format!("list {}", images.display())))?
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+        let mut removed = 0;
+        for dir in dirs {
+            for ent in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = ent.path();
+                if leftover(&ent.file_name().to_string_lossy(), &path, now) {
+                    remove_temp(&path)?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// The path of a blob in the cache.
@@ -493,16 +565,17 @@ impl ImageStore {
         if let Ok(bytes) = std::fs::read(self.blob_path(&d.digest)?) {
             return Ok(bytes);
         }
-        let client = self.registries.client(ep);
-        let reference = oci_ref(ep, repo, &d.digest);
-        client
-            .store_auth_if_needed(reference.resolve_registry(), &self.registries.auth(ep))
-            .await;
-        let mut out = Vec::new();
-        client
-            .pull_blob(&reference, &desc_for_client(d), &mut out)
-            .await
-            .map_err(|e| pull_error(shown, ep, e))?;
+        if d.size > MAX_DOCUMENT {
+            return Err(OciError::TooLargeDocument {
+                reference: shown.to_owned(),
+                what: "image config".into(),
+                limit_mib: MAX_DOCUMENT >> 20,
+            });
+        }
+        let out = self
+            .registries
+            .small_blob(ep, repo, &d.digest, shown)
+            .await?;
         if sha256_digest(&out) != d.digest {
             return Err(OciError::Invalid {
                 reference: shown.to_owned(),
@@ -646,21 +719,30 @@ impl ImageStore {
     ) -> Result<()> {
         let final_path = self.blob_path(&d.digest)?;
         let dir = final_path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let client = self.registries.client(ep);
-        let reference = oci_ref(ep, repo, &d.digest);
-        client
-            .store_auth_if_needed(reference.resolve_registry(), &self.registries.auth(ep))
-            .await;
-        let mut stream = client
-            .pull_blob_stream(&reference, &desc_for_client(d))
-            .await
-            .map_err(|e| pull_error(shown, ep, e))?;
+        let mut resp = self
+            .registries
+            .blob(ep, repo, &d.digest, shown, false)
+            .await?;
+        let too_long = || OciError::Invalid {
+            reference: shown.to_owned(),
+            detail: format!(
+                "blob {} from {} is longer than the {} bytes its manifest declares",
+                d.digest, ep.host, d.size
+            ),
+        };
+        if resp.content_length().is_some_and(|n| n > d.size) {
+            return Err(too_long());
+        }
         // The download goes to a temp file that is removed on drop: on an error, and also
         // when this future is dropped mid-way (another blob of the image failed and the
         // pull gave up on the rest, or the caller was cancelled). Created synchronously so
         // that no creation is still in flight when it is dropped.
         let (file, tmp) = tempfile::Builder::new()
-            .prefix(&format!(".tmp-{}-", hex_of(&d.digest)?))
+            .prefix(&format!(
+                ".tmp-{}-{}-",
+                hex_of(&d.digest)?,
+                std::process::id()
+            ))
             // What `File::create` would give: cached blobs are not secrets.
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .tempfile_in(&dir)
@@ -669,12 +751,15 @@ impl ImageStore {
         let mut file = tokio::fs::File::from_std(file);
         let mut hasher = Sha256::new();
         let mut total = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| OciError::Pull {
-                reference: shown.to_owned(),
-                detail: format!("download of {} from {} broke off", d.digest, ep.host),
-                source: Some(Box::new(e)),
-            })?;
+        // Never past the declared size: a registry streaming on would fill the disk.
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| broke_off(&format!("blob {}", d.digest), shown, ep, e))?
+        {
+            if total + chunk.len() as u64 > d.size {
+                return Err(too_long());
+            }
             hasher.update(&chunk);
             total += chunk.len() as u64;
             file.write_all(&chunk)
@@ -806,18 +891,14 @@ impl ImageStore {
     }
 
     /// Removes every image not reachable from `keep` (digests or manifest digests) and
-    /// every blob no kept image uses, plus temp leftovers older than an hour.
+    /// every blob no kept image uses, plus temp leftovers ([`ImageStore::sweep_temps`]).
     pub fn prune(&self, keep: &[&str]) -> Result<PruneReport> {
         let keep: HashSet<&str> = keep.iter().copied().collect();
         let mut report = PruneReport::default();
         let mut live: HashSet<String> = HashSet::new();
         let images_dir = self.state.join("images/sha256");
+        self.sweep_temps()?;
         let now = SystemTime::now();
-        let stale = |p: &Path| {
-            std::fs::symlink_metadata(p)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TMP)
-        };
         for ent in std::fs::read_dir(&images_dir)
             .map_err(ioe(format!("list {}", images_dir.display())))?
             .flatten()
@@ -825,9 +906,6 @@ impl ImageStore {
             let path = ent.path();
             let name = ent.file_name().to_string_lossy().into_owned();
             if name.starts_with(".tmp-") {
-                if stale(&path) {
-                    unpack::remove_tree(&path)?;
-                }
                 continue;
             }
             let record = std::fs::read(path.join("image.json"))
@@ -837,18 +915,12 @@ impl ImageStore {
                 keep.contains(i.digest.as_str()) || keep.contains(i.manifest_digest.as_str())
             });
             // A record-less dir may be an unpack in flight: only stale ones go.
-            if kept || (record.is_none() && !stale(&path)) {
+            if kept || (record.is_none() && !is_stale(&path, now)) {
                 if let Some(i) = record {
                     live.insert(i.digest.clone());
                     live.insert(i.manifest_digest.clone());
                     live.insert(i.config_digest.clone());
                     live.extend(i.layers.iter().map(|l| l.digest.clone()));
-                }
-                for sub in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                    if sub.file_name().to_string_lossy().starts_with(".tmp-") && stale(&sub.path())
-                    {
-                        unpack::remove_tree(&sub.path())?;
-                    }
                 }
                 continue;
             }
@@ -861,30 +933,70 @@ impl ImageStore {
             .flatten()
         {
             let name = ent.file_name().to_string_lossy().into_owned();
-            let remove = if name.starts_with(".tmp-") {
-                stale(&ent.path())
-            } else {
-                !live.contains(&format!("sha256:{name}"))
-            };
-            if remove {
+            // Temp files in flight are a writer's; leftovers went in the sweep above.
+            if !name.starts_with(".tmp-") && !live.contains(&format!("sha256:{name}")) {
                 let size = ent.metadata().map(|m| m.len()).unwrap_or(0);
                 std::fs::remove_file(ent.path())
                     .map_err(ioe(format!("remove {}", ent.path().display())))?;
-                if !name.starts_with(".tmp-") {
-                    report.blobs_removed += 1;
-                    report.blob_bytes_freed += size;
-                }
+                report.blobs_removed += 1;
+                report.blob_bytes_freed += size;
             }
         }
         Ok(report)
     }
 }
 
-fn desc_for_client(d: &Descriptor) -> oci_client::manifest::OciDescriptor {
-    oci_client::manifest::OciDescriptor {
-        media_type: d.media_type.clone(),
-        digest: d.digest.clone(),
-        size: i64::try_from(d.size).unwrap_or(i64::MAX),
-        ..Default::default()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_sweeps_the_leftovers_of_dead_writers_of_every_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        let dead = {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let pid = child.id();
+            child.wait().unwrap();
+            pid
+        };
+        let me = std::process::id();
+        let image = state.join("images/sha256").join("ab".repeat(32));
+        std::fs::create_dir_all(&image).unwrap();
+        std::fs::create_dir_all(state.join("blobs/sha256")).unwrap();
+        let blob_tmp = |pid: u32| {
+            state.join(format!(
+                "blobs/sha256/.tmp-{}-{pid}-Xy12Z9",
+                "cd".repeat(32)
+            ))
+        };
+        let files = [
+            (blob_tmp(dead), false),
+            (blob_tmp(me), true),
+            (state.join(format!("blobs/sha256/.tmp-w-{dead}-3")), false),
+            (image.join(format!(".tmp-w-{dead}-4")), false),
+            (image.join(format!(".tmp-w-{me}-5")), true),
+            // An older kiln's name, without a pid: only once stale.
+            (state.join("blobs/sha256/.tmp-old-name"), true),
+        ];
+        for (path, _) in &files {
+            std::fs::write(path, b"x").unwrap();
+        }
+        let stale = state.join("blobs/sha256/.tmp-ancient");
+        std::fs::File::create(&stale)
+            .unwrap()
+            .set_modified(SystemTime::now() - STALE_TMP * 2)
+            .unwrap();
+        let rootfs = image.join(format!(".tmp-rootfs-{dead}-1"));
+        std::fs::create_dir_all(rootfs.join("usr/bin")).unwrap();
+        std::fs::write(rootfs.join("usr/bin/sh"), b"x").unwrap();
+
+        ImageStore::open(state, RegistryConfig::default()).unwrap();
+        for (path, kept) in &files {
+            assert_eq!(path.exists(), *kept, "{}", path.display());
+        }
+        assert!(!stale.exists());
+        assert!(!rootfs.exists());
+        assert!(image.is_dir(), "the image dir itself is not a temp");
     }
 }

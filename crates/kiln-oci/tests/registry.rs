@@ -264,8 +264,8 @@ async fn errors_have_codes_and_actionable_details() {
         .resolve("127.0.0.1:1/kiln/minbase")
         .await
         .expect_err("unreachable");
-    assert_eq!(code(&err), BuildErrorCode::ImagePullFailed);
-    assert!(err.detail().contains("unreachable"), "{}", err.detail());
+    assert_eq!(code(&err), BuildErrorCode::RegistryUnreachable);
+    assert!(err.to_string().contains("cannot be reached"), "{err}");
 }
 
 #[tokio::test]

@@ -81,8 +81,11 @@ string_enum! {
         BadReference => "bad_reference",
         /// The image has no `linux/amd64` variant.
         UnsupportedPlatform => "unsupported_platform",
-        /// The image could not be resolved or fetched (registry unreachable, missing, denied).
+        /// The image could not be resolved or fetched (missing, denied, invalid).
         ImagePullFailed => "image_pull_failed",
+        /// The registry could not be reached, whatever the cause (refused, DNS, timeout, a
+        /// private address the server does not allow): one code so builds are no port scanner.
+        RegistryUnreachable => "registry_unreachable",
         /// The image was refused: an escaping layer entry, an Alpine or shell-less base.
         ImageUnsafe => "image_unsafe",
         /// The flattened image does not fit in the requested `diskMib`.
@@ -178,6 +181,7 @@ mod tests {
                 "bad_reference",
                 "unsupported_platform",
                 "image_pull_failed",
+                "registry_unreachable",
                 "image_unsafe",
                 "image_too_large",
                 "step_failed",

@@ -34,6 +34,7 @@ pub const SERVER_ENV_CLEARED: &[&str] = &[
     "KILN_PYTHON_IMAGE",
     "KILN_RATE_LIMIT_PER_SEC",
     "KILN_RATE_LIMIT_BURST",
+    "KILN_PRIVATE_REGISTRIES",
 ];
 
 /// `kiln ARGS` on the state dir `state`, with [`SERVER_ENV_CLEARED`] cleared.
@@ -75,6 +76,21 @@ pub fn registry(assets: &Path) -> String {
         )
     });
     reg
+}
+
+/// The test registries' `host:port`s, comma-separated, from `registry.env` (empty when
+/// there is none: a test that needs them fails in [`registry`] with the remedy).
+pub fn test_registries(assets: &Path) -> String {
+    let text = std::fs::read_to_string(assets.join("registry.env")).unwrap_or_default();
+    let regs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("KILN_TEST_REGISTRY=")
+                .or_else(|| l.strip_prefix("KILN_TEST_AUTH_REGISTRY="))
+        })
+        .map(|v| v.trim_matches('"'))
+        .collect();
+    regs.join(",")
 }
 
 pub fn repo_root() -> PathBuf {
@@ -175,7 +191,9 @@ impl Server {
             "KILN_LOG",
             std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
         )
-        .env("KILN_SYSTEM_TEMPLATES", "none");
+        .env("KILN_SYSTEM_TEMPLATES", "none")
+        // The test registries are on loopback, which a server refuses unless told.
+        .env("KILN_PRIVATE_REGISTRIES", test_registries(&assets()));
         for (k, v) in env {
             cmd.env(k, v);
         }

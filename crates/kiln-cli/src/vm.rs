@@ -242,9 +242,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         network: (!args.no_network).then(|| NetConfig {
             forwards: Vec::new(),
-            egress: std::env::current_exe()
-                .ok()
-                .map(|exe| vec![exe.display().to_string(), "egress-proxy".to_owned()]),
+            egress: std::env::current_exe().ok().map(|exe| kiln_vm::Egress {
+                command: vec![exe.display().to_string(), "egress-proxy".to_owned()],
+                limits: kiln_net::Limits::default(),
+                files: Some(kiln_net::FileSet::default()),
+            }),
         }),
         accel: accel.accel,
         run_parent: scratch.path().to_owned(),

@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 use crate::accel::Resolved;
 use crate::error::{Error, Result};
 use crate::jail::{
-    self, Cgroup, Jail, JailMode, Jailed, Lease, Limits, MountPlan, NetNs, ProcessSpec,
+    self, Cgroup, Jail, Jailed, Lease, Level, Limits, MountPlan, NetNs, ProcessSpec,
 };
 use crate::vm::{Exit, NetConfig, Shape};
 
@@ -91,8 +91,8 @@ pub(crate) async fn launch(
     net: Option<&NetConfig>,
     span: &tracing::Span,
 ) -> Result<Processes> {
-    jail.check()?;
-    let jailed = jail.mode() == JailMode::On;
+    let level = jail.level();
+    let jailed = level == Level::Full;
     let lease = if jailed {
         Some(Arc::new(jail.lease()?))
     } else {
@@ -108,16 +108,27 @@ pub(crate) async fn launch(
         ));
     }
     // QEMU's own network namespace: needed for egress (see `jail::netns`), and given to
-    // every jailed QEMU without forwards, which then reaches no host socket at all.
-    let (netns, listener) = if egress.is_some() || (jailed && !forwards) {
-        let (ns, l) = NetNs::create(egress.map(|_| PROXY_PORT))?;
+    // every jailed QEMU without forwards, which then reaches no host socket at all (one
+    // without egress is restricted anyway: when kiln is not root and the kernel refuses
+    // it a namespace, it goes without).
+    let (netns, listener) = if egress.is_some() {
+        let (ns, l) = NetNs::create(Some(PROXY_PORT))?;
         (Some(ns), l)
+    } else if level != Level::Off && !forwards {
+        match NetNs::create(None) {
+            Ok((ns, _)) => (Some(ns), None),
+            Err(e) if !jailed => {
+                tracing::debug!(parent: span, error = %e, "no network namespace of its own");
+                (None, None)
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         (None, None)
     };
     let proxy = match (egress, listener) {
         (Some(e), Some(listener)) => Some(
-            start_proxy(jail, lease.clone(), dir, e, listener, span)
+            start_proxy(jail, level, lease.clone(), dir, e, listener, span)
                 .await
                 .map_err(Error::Jail)?,
         ),
@@ -173,6 +184,8 @@ pub(crate) async fn launch(
         stderr: dir.join("qemu.stderr"),
         inherit,
         netns: netns.as_ref().map(|n| n.as_fd().as_raw_fd()),
+        userns: netns.as_ref().and_then(NetNs::user_fd),
+        no_new_privs: level != Level::Off,
         jailed: jailed_spec,
     };
     tracing::debug!(parent: span, args = ?argv, jailed, "spawning qemu");
@@ -228,8 +241,10 @@ fn dup(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd> {
 
 /// Starts `egress`'s proxy on `listener` (made in the VM's namespace), with the owner's
 /// end of its broker served by a task of this process.
+#[allow(clippy::too_many_arguments)]
 async fn start_proxy(
     jail: &Jail,
+    level: Level,
     lease: Option<Arc<Lease>>,
     dir: &Path,
     egress: &Egress,
@@ -328,6 +343,8 @@ async fn start_proxy(
         stderr: stderr.clone(),
         inherit,
         netns: None,
+        userns: None,
+        no_new_privs: level != Level::Off,
         jailed,
     };
     let child = jail::spawn(spec, jail)?;

@@ -31,9 +31,14 @@
 //! proxy's files. See `docs/security.md`.
 //!
 //! [`JailMode::Off`] (`KILN_JAIL=off`) runs the processes as the caller with none of this:
-//! for development on a host that cannot jail, and to measure what jailing costs. It is
-//! logged at every start and shown by `kiln doctor`; kiln never falls back to it by
-//! itself: a host that cannot jail fails the VM's start with the reason.
+//! for development on a host that cannot jail, and to measure what jailing costs.
+//!
+//! kiln not running as root (a developer running the CLI as themselves) cannot give a
+//! process another uid, a mount namespace or a cgroup. It then jails as far as an
+//! unprivileged process can ([`Level::Unprivileged`], said once in a log line): QEMU keeps
+//! its seccomp policy, `PR_SET_NO_NEW_PRIVS`, its own session and no core dumps, and its
+//! network namespace (made inside a user namespace, see [`netns`]), so the guest still
+//! reaches nothing but its proxy.
 
 pub mod cgroup;
 pub mod ids;
@@ -59,16 +64,21 @@ pub enum JailMode {
     Off,
 }
 
+/// How far this process can jail a VM's processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Everything the module describes (kiln is root).
+    Full,
+    /// kiln is not root: no uid, mount namespace or cgroup of their own; seccomp, no new
+    /// privileges, rlimits and the network namespace (in a user namespace) still apply.
+    Unprivileged,
+    /// Not jailed ([`JailMode::Off`]).
+    Off,
+}
+
 /// Why a process could not be jailed (or started).
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    /// Jailing needs root (kiln runs as root in production); `KILN_JAIL=off` is the
-    /// explicit way out.
-    #[error(
-        "jailing VM processes needs root (running as uid {0}); run kiln as root, or set \
-         KILN_JAIL=off to run VMs unjailed (unsafe: development only)"
-    )]
-    NotRoot(u32),
     /// Every id pair of the range is leased.
     #[error("no free id pair in KILN_JAIL_IDS {0} (every one is leased to a running VM)")]
     NoSlot(IdRange),
@@ -260,16 +270,27 @@ impl Jail {
         })
     }
 
-    /// Checks that jailing can work here (root), before anything is prepared.
-    pub fn check(&self) -> Result<(), JailError> {
+    /// How far VM processes are jailed here: fully as root; as far as an unprivileged
+    /// process can otherwise (logged once per process, with what is left out).
+    pub fn level(&self) -> Level {
+        static WARNED: std::sync::Once = std::sync::Once::new();
         if self.0.mode == JailMode::Off {
-            return Ok(());
+            return Level::Off;
         }
         let uid = nix::unistd::geteuid().as_raw();
-        if uid != 0 {
-            return Err(JailError::NotRoot(uid));
+        if uid == 0 {
+            return Level::Full;
         }
-        Ok(())
+        WARNED.call_once(|| {
+            tracing::warn!(
+                uid,
+                "kiln is not root: VM processes run as uid {uid}, without a uid, mount \
+                 namespace or cgroup of their own; they keep QEMU's seccomp policy, \
+                 PR_SET_NO_NEW_PRIVS, rlimits and a network namespace of their own (run kiln \
+                 as root for the whole jail, see docs/security.md)"
+            );
+        });
+        Level::Unprivileged
     }
 
     /// Leases an id pair for a VM.

@@ -34,6 +34,11 @@ pub struct ProcessSpec {
     pub inherit: Vec<OwnedFd>,
     /// The network namespace it joins (QEMU's own), jailed or not.
     pub netns: Option<RawFd>,
+    /// The user namespace it joins first (the network namespace's owner when kiln is not
+    /// root).
+    pub userns: Option<RawFd>,
+    /// `PR_SET_NO_NEW_PRIVS` (always when [`ProcessSpec::jailed`]).
+    pub no_new_privs: bool,
     /// How it is jailed; `None`: it runs as kiln does.
     pub jailed: Option<Jailed>,
 }
@@ -60,6 +65,8 @@ pub struct Jailed {
 /// Everything the child needs, as plain syscall arguments.
 struct Prepared {
     netns: Option<RawFd>,
+    userns: Option<RawFd>,
+    no_new_privs: bool,
     inherit: Vec<RawFd>,
     workdir: CString,
     jail: Option<PreparedJail>,
@@ -120,6 +127,14 @@ impl Prepared {
                 b"limit threads",
             )?;
         }
+        if let Some(ns) = self.userns {
+            // SAFETY: as for the network namespace below.
+            let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(ns) };
+            checked(
+                nix::sched::setns(ns, CloneFlags::CLONE_NEWUSER),
+                b"join the VM's user namespace",
+            )?;
+        }
         if let Some(ns) = self.netns {
             // SAFETY: the namespace descriptor outlives the spawn (the parent holds it).
             let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(ns) };
@@ -160,6 +175,8 @@ impl Prepared {
                 nix::unistd::setresuid(uid, uid, uid),
                 b"drop to the jail's user",
             )?;
+        }
+        if self.no_new_privs || self.jail.is_some() {
             checked(
                 nix::sys::prctl::set_no_new_privs(),
                 b"set PR_SET_NO_NEW_PRIVS",
@@ -216,11 +233,18 @@ pub fn spawn(spec: ProcessSpec, jail: &Jail) -> Result<tokio::process::Child, Ja
     };
     let prepared = Prepared {
         netns: spec.netns,
+        userns: spec.userns,
+        no_new_privs: spec.no_new_privs,
         inherit: inherit.iter().map(|f| f.as_raw_fd()).collect(),
         workdir: cstring(spec.workdir.as_os_str(), "a NUL byte in")?,
         jail: jail_setup,
     };
     let mut cmd = tokio::process::Command::new(&spec.program);
+    // argv[0] is the program's name, as when run from PATH: what `ps` and the tools that
+    // find kiln's QEMUs by command line (`qemu-system-x86_64 ...`) see.
+    if let Some(name) = spec.program.file_name() {
+        cmd.arg0(name);
+    }
     cmd.args(&spec.args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))

@@ -446,8 +446,12 @@ impl Cgroup {
                 std::fs::write(&path, value).map_err(JailError::io("writing", &path))?;
             }
             let procs = dir.join("cgroup.procs");
+            // `create`: a no-op on a cgroup (the kernel made it), and what lets a plain
+            // directory stand for the hierarchy in tests.
             let f = File::options()
                 .write(true)
+                .create(true)
+                .truncate(false)
                 .open(&procs)
                 .map_err(JailError::io("opening", &procs))?;
             cg.procs.push(f);
@@ -585,6 +589,68 @@ mod tests {
             ]
         );
         assert_eq!(Limits::for_proxy(256).pids, 288);
+    }
+
+    /// kiln's parent is made level by level under a v2 root, each level handing the
+    /// controllers down; a VM's cgroup gets its limits and the file it joins through.
+    #[test]
+    fn a_vm_cgroup_is_made_under_the_parent_with_its_limits_written() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::write(r.join("cgroup.controllers"), "cpuset cpu io memory pids").unwrap();
+        enable_v2(r, "kiln.slice/vms").unwrap();
+        let control = |p: &Path| std::fs::read_to_string(p.join("cgroup.subtree_control")).unwrap();
+        assert_eq!(control(r), "+cpu +memory +pids +io");
+        assert_eq!(control(&r.join("kiln.slice")), "+cpu +memory +pids +io");
+        assert_eq!(control(&r.join("kiln.slice/vms")), "+cpu +memory +pids +io");
+
+        let support = CgroupSupport::V2 {
+            root: r.to_owned(),
+            parent: "kiln.slice/vms".into(),
+        };
+        let limits = Limits::for_vmm(1, 512, true, Some(((8, 0), IoMax::default())));
+        let cg = Cgroup::create(&support, "1879048193", &limits).unwrap();
+        let dir = r.join("kiln.slice/vms/1879048193");
+        assert_eq!(cg.dirs(), [dir.clone()]);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("cpu.max"), "150000 100000");
+        assert_eq!(
+            read("memory.max"),
+            ((512u64 << 20) + (256 << 20) + (1 << 30)).to_string()
+        );
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), "129");
+        assert!(read("io.max").starts_with("8:0 rbps="));
+        assert_eq!(cg.procs_fds().len(), 1);
+
+        // A root lacking a controller is no v2 for kiln: it says which.
+        let bare = tempfile::tempdir().unwrap();
+        std::fs::write(bare.path().join("cgroup.controllers"), "cpu memory").unwrap();
+        let why = enable_v2(bare.path(), "kiln").unwrap_err();
+        assert!(why.contains("pids, io"), "{why}");
+
+        // v1: one cgroup per hierarchy, each with its own controller's files only.
+        let v1 = CgroupSupport::V1 {
+            mounts: vec![("cpu", r.join("cpu")), ("pids", r.join("pids"))],
+            parent: "kiln".into(),
+        };
+        for m in ["cpu/kiln", "pids/kiln"] {
+            std::fs::create_dir_all(r.join(m)).unwrap();
+        }
+        let cg = Cgroup::create(&v1, "7", &limits).unwrap();
+        assert_eq!(cg.dirs().len(), 2);
+        assert_eq!(
+            std::fs::read_to_string(r.join("cpu/kiln/7/cpu.cfs_quota_us")).unwrap(),
+            "150000"
+        );
+        assert!(!r.join("cpu/kiln/7/pids.max").exists());
+        assert_eq!(
+            std::fs::read_to_string(r.join("pids/kiln/7/pids.max")).unwrap(),
+            "129"
+        );
+        // No hierarchy: nothing to make, nothing to join.
+        let none = Cgroup::create(&CgroupSupport::None("none".into()), "8", &limits).unwrap();
+        assert!(none.dirs().is_empty() && none.procs_fds().is_empty());
     }
 
     #[test]

@@ -314,3 +314,41 @@ fn spawn_on_spawner_thread(
     // The job is a fork+exec: microseconds to a few ms, fine to wait for synchronously.
     rrx.recv().map_err(|_| gone())?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a process keeps when kiln cannot jail it fully (not root): no new privileges,
+    /// no core dumps, a session of its own, and only the environment and descriptors given.
+    #[tokio::test]
+    async fn an_unjailed_process_still_gets_no_new_privileges_and_its_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let passed = std::fs::File::open("/dev/null").unwrap();
+        let spec = ProcessSpec {
+            program: PathBuf::from("/bin/sh"),
+            args: vec![
+                "-c".into(),
+                "grep -E '^NoNewPrivs' /proc/self/status >&2; ulimit -c >&2; \
+                 [ -e /proc/self/fd/3 ] && echo fd3 >&2; echo \"env=$KEPT$HOME\" >&2"
+                    .into(),
+            ],
+            env: vec![("KEPT".into(), "yes".into())],
+            workdir: dir.path().to_owned(),
+            stderr: dir.path().join("out"),
+            inherit: vec![passed.into()],
+            netns: None,
+            userns: None,
+            no_new_privs: true,
+            jailed: None,
+        };
+        let status = spawn(spec, &Jail::off()).unwrap().wait().await.unwrap();
+        assert!(status.success());
+        assert!(
+            std::env::var_os("HOME").is_some(),
+            "the test's own HOME is not passed on"
+        );
+        let out = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        assert_eq!(out, "NoNewPrivs:\t1\n0\nfd3\nenv=yes\n");
+    }
+}

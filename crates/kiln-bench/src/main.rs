@@ -7,6 +7,7 @@
 //! - the floor: the same snapshot restored by bare QEMU (`-incoming`), interleaved with
 //!   the kiln samples so that both see the same host load;
 //! - the ceiling: the cold path (boot from the template's disk, startCmd, readyCmd);
+//! - what the jailer costs a restore (jailed vs `KILN_JAIL=off`, interleaved);
 //! - exec round trip (`true`) through the HTTP API and directly through the agent;
 //! - template build overhead (total minus the user's steps), cold and with a warm image
 //!   cache, from the build logs;
@@ -22,6 +23,7 @@ mod capture;
 mod cold_path;
 mod creates;
 mod exec;
+mod jail;
 mod mem;
 mod memory;
 mod procs;
@@ -469,6 +471,11 @@ async fn measure(
     creates::create_rows(&mut rows, &mut targets, plan, &creates, &cold_path);
     results.insert("create".into(), serde_json::to_value(&creates)?);
     results.insert("cold_path".into(), serde_json::to_value(&cold_path)?);
+
+    // ---- the jailer's cost on restore -------------------------------------------------
+    let jail = jail::jail_bench(plan, &ctx, failures).await?;
+    jail::jail_rows(&mut rows, &jail);
+    results.insert("jail".into(), serde_json::to_value(&jail)?);
 
     // ---- exec round trip -----------------------------------------------------------
     let exec = exec::exec_bench(plan, &ctx).await?;

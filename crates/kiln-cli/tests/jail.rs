@@ -93,6 +93,11 @@ fn assert_jailed(server: u32) -> (usize, usize) {
     (qemus, proxies)
 }
 
+/// `cmd` run by bash (the agent runs commands with `/bin/sh`, which has no `/dev/tcp`).
+fn bash(cmd: &str) -> String {
+    format!("bash -c '{}'", cmd.replace('\'', "'\\''"))
+}
+
 /// An upstream on the host's loopback that greets whoever connects (the operator opens it
 /// to sandboxes with `KILN_EGRESS_ALLOW_PRIVATE`).
 fn greeter() -> u16 {
@@ -152,7 +157,12 @@ fn vm_processes_are_jailed_and_a_proxy_flood_stays_inside_its_sandbox() {
         v["id"].as_str().unwrap().to_owned()
     };
     let exec = |id: &str, cmd: &str, secs: u64| -> String {
-        let v = common::exec(&url, &key, id, &json!({"command": cmd, "timeout_s": secs}));
+        let v = common::exec(
+            &url,
+            &key,
+            id,
+            &json!({"command": bash(cmd), "timeout_s": secs}),
+        );
         format!(
             "{}{}",
             v["stdout"].as_str().unwrap(),
@@ -196,7 +206,12 @@ fn vm_processes_are_jailed_and_a_proxy_flood_stays_inside_its_sandbox() {
             let cmd = "ulimit -n 4096; n=0; for i in $(seq 1500); do \
                        exec {fd}<>/dev/tcp/10.0.2.100/3128 2>/dev/null && n=$((n+1)); done; \
                        echo \"opened $n\"; sleep 15";
-            common::exec(&url, &key, &a, &json!({"command": cmd, "timeout_s": 300}))
+            common::exec(
+                &url,
+                &key,
+                &a,
+                &json!({"command": bash(cmd), "timeout_s": 300}),
+            )
         })
     };
     let mut most = before;

@@ -611,7 +611,7 @@ mod tests {
         let limits = Limits::for_vmm(1, 512, true, Some(((8, 0), IoMax::default())));
         let cg = Cgroup::create(&support, "1879048193", &limits).unwrap();
         let dir = r.join("kiln.slice/vms/1879048193");
-        assert_eq!(cg.dirs(), [dir.clone()]);
+        assert_eq!(cg.dirs(), std::slice::from_ref(&dir));
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         assert_eq!(read("cpu.max"), "150000 100000");
         assert_eq!(

@@ -134,6 +134,23 @@ pub fn doctor(_args: DoctorArgs) -> anyhow::Result<ExitCode> {
         "accelerator: {:?} ({})",
         report.accel.accel, report.accel.reason
     );
+    match kiln_vm::Jail::from_env() {
+        Ok(jail) => {
+            let level = match jail.level() {
+                kiln_vm::jail::Level::Full => "full (own uid, namespaces, cgroup, seccomp)",
+                kiln_vm::jail::Level::Unprivileged => {
+                    "partial: kiln is not root (seccomp, no new privileges, network namespace)"
+                }
+                kiln_vm::jail::Level::Off => "off (KILN_JAIL=off): VM processes are not jailed",
+            };
+            let cgroups = match jail.level() {
+                kiln_vm::jail::Level::Full => jail.cgroups().describe(),
+                _ => "no cgroups".to_owned(),
+            };
+            println!("jail: {level}; {cgroups}");
+        }
+        Err(e) => println!("jail: {}", kiln_vm::error_chain(&e)),
+    }
     Ok(if report.ok() {
         ExitCode::SUCCESS
     } else {

@@ -1,7 +1,7 @@
 //! Resource limits for a jailed process: a cgroup of its own, under kiln's parent.
 //!
 //! cgroup v2 where the host has it (the unified hierarchy with the controllers kiln uses:
-//! `cpu`, `memory`, `pids`, `io`); else the v1 hierarchies of those controllers (`cpu`,
+//! `cpu`, `memory`, `pids`, and `io` where the host has it); else the v1 hierarchies of those controllers (`cpu`,
 //! `memory`, `pids`, `blkio`), as older hosts and some VMs (CI's among them) only have
 //! those. A host with neither runs VM processes without a cgroup: logged once, shown by
 //! `kiln doctor`, and the rlimits the jail sets still bound descriptors and threads.
@@ -20,13 +20,23 @@ use super::JailError;
 
 /// The controllers kiln limits, by their v2 names.
 const CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "io"];
+/// Those it cannot do without: `io` is used where the host has it (some have no block
+/// device a cgroup can throttle, e.g. a VM on virtiofs).
+const REQUIRED: [&str; 3] = ["cpu", "memory", "pids"];
+
+/// The controllers a `cgroup.controllers` or `cgroup.subtree_control` text names.
+fn named(text: &str) -> Vec<&str> {
+    text.split_whitespace()
+        .map(|c| c.trim_start_matches('+'))
+        .collect()
+}
 /// The CFS period the cpu quota is a share of.
 const CPU_PERIOD_US: u64 = 100_000;
 
 /// What the host offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupSupport {
-    /// The unified hierarchy, mounted here, with every controller kiln uses.
+    /// The unified hierarchy, mounted here, with the controllers kiln needs (`io` where there).
     V2 {
         /// The mount point.
         root: PathBuf,
@@ -73,7 +83,7 @@ impl CgroupSupport {
         }
     }
 
-    /// The hierarchies a mount table offers: v2 when its root has every controller kiln
+    /// The hierarchies a mount table offers: v2 when its root has the controllers kiln needs
     /// uses bound to it (`controllers` reads a v2 root's `cgroup.controllers`), else the
     /// v1 ones.
     pub fn from_mountinfo(
@@ -116,7 +126,7 @@ impl CgroupSupport {
         if let Some(root) = v2 {
             let controllers = controllers(&root);
             let have: Vec<&str> = controllers.split_whitespace().collect();
-            if v1.is_empty() || CONTROLLERS.iter().all(|c| have.contains(c)) {
+            if v1.is_empty() || REQUIRED.iter().all(|c| have.contains(c)) {
                 return Self::V2 { root, parent };
             }
         }
@@ -169,10 +179,11 @@ fn unescape(s: &str) -> String {
 fn enable_v2(root: &Path, parent: &str) -> Result<(), String> {
     let available = std::fs::read_to_string(root.join("cgroup.controllers"))
         .map_err(|e| format!("{}: {e}", root.join("cgroup.controllers").display()))?;
-    let missing: Vec<&str> = CONTROLLERS
+    let available = named(&available);
+    let missing: Vec<&str> = REQUIRED
         .iter()
         .copied()
-        .filter(|c| !available.split_whitespace().any(|a| a == *c))
+        .filter(|c| !available.contains(c))
         .collect();
     if !missing.is_empty() {
         return Err(format!(
@@ -181,39 +192,37 @@ fn enable_v2(root: &Path, parent: &str) -> Result<(), String> {
             missing.join(", ")
         ));
     }
-    let want: String = CONTROLLERS
+    let wanted: Vec<&str> = CONTROLLERS
+        .iter()
+        .copied()
+        .filter(|c| available.contains(c))
+        .collect();
+    let want: String = wanted
         .iter()
         .map(|c| format!("+{c}"))
         .collect::<Vec<_>>()
         .join(" ");
-    let mut level = root.to_owned();
-    for part in parent.split('/') {
+    let hand_down = |level: &Path| -> Result<(), String> {
         let control = level.join("cgroup.subtree_control");
         let enabled = std::fs::read_to_string(&control).unwrap_or_default();
-        if !CONTROLLERS
-            .iter()
-            .all(|c| enabled.split_whitespace().any(|e| e == *c))
-        {
-            std::fs::write(&control, &want).map_err(|e| {
-                format!(
-                    "{}: {e} (a cgroup with processes cannot delegate controllers: run kiln \
-                     with a delegated cgroup and KILN_CGROUP_PARENT pointing into it)",
-                    control.display()
-                )
-            })?;
+        if wanted.iter().all(|c| named(&enabled).contains(c)) {
+            return Ok(());
         }
+        std::fs::write(&control, &want).map_err(|e| {
+            format!(
+                "{}: {e} (a cgroup with processes cannot delegate controllers: run kiln \
+                 with a delegated cgroup and KILN_CGROUP_PARENT pointing into it)",
+                control.display()
+            )
+        })
+    };
+    let mut level = root.to_owned();
+    for part in parent.split('/') {
+        hand_down(&level)?;
         level = level.join(part);
         std::fs::create_dir_all(&level).map_err(|e| format!("{}: {e}", level.display()))?;
     }
-    let control = level.join("cgroup.subtree_control");
-    let enabled = std::fs::read_to_string(&control).unwrap_or_default();
-    if !CONTROLLERS
-        .iter()
-        .all(|c| enabled.split_whitespace().any(|e| e == *c))
-    {
-        std::fs::write(&control, &want).map_err(|e| format!("{}: {e}", control.display()))?;
-    }
-    Ok(())
+    hand_down(&level)
 }
 
 /// The `io.max` limits of one VM, applied to the device its run directory is on.
@@ -432,7 +441,13 @@ impl Cgroup {
             dirs: Vec::new(),
             procs: Vec::new(),
         };
-        let files = limits.files(v2);
+        let mut files = limits.files(v2);
+        if let CgroupSupport::V2 { root, parent } = support {
+            // Only what kiln's parent hands down (`io` may be missing on this host).
+            let control = root.join(parent).join("cgroup.subtree_control");
+            let enabled = std::fs::read_to_string(&control).unwrap_or_default();
+            files.retain(|(c, _, _)| named(&enabled).contains(c));
+        }
         for (controller, dir) in places {
             // A leftover is empty (its processes died with their owner): rmdir takes it.
             let _ = std::fs::remove_dir(&dir);
@@ -623,11 +638,22 @@ mod tests {
         assert!(read("io.max").starts_with("8:0 rbps="));
         assert_eq!(cg.procs_fds().len(), 1);
 
-        // A root lacking a controller is no v2 for kiln: it says which.
+        // A root lacking a controller kiln needs is no v2 for kiln: it says which.
         let bare = tempfile::tempdir().unwrap();
-        std::fs::write(bare.path().join("cgroup.controllers"), "cpu memory").unwrap();
+        std::fs::write(bare.path().join("cgroup.controllers"), "cpu memory io").unwrap();
         let why = enable_v2(bare.path(), "kiln").unwrap_err();
-        assert!(why.contains("pids, io"), "{why}");
+        assert!(why.contains("lacks the pids controller"), "{why}");
+        // One without `io` limits the rest, and no `io.max` is written.
+        std::fs::write(bare.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        enable_v2(bare.path(), "kiln").unwrap();
+        assert_eq!(control(&bare.path().join("kiln")), "+cpu +memory +pids");
+        let no_io = CgroupSupport::V2 {
+            root: bare.path().to_owned(),
+            parent: "kiln".into(),
+        };
+        Cgroup::create(&no_io, "9", &limits).unwrap();
+        assert!(bare.path().join("kiln/9/pids.max").exists());
+        assert!(!bare.path().join("kiln/9/io.max").exists());
 
         // v1: one cgroup per hierarchy, each with its own controller's files only.
         let v1 = CgroupSupport::V1 {

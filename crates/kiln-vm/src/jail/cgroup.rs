@@ -83,8 +83,8 @@ impl CgroupSupport {
         }
     }
 
-    /// The hierarchies a mount table offers: v2 when its root has the controllers kiln needs
-    /// uses bound to it (`controllers` reads a v2 root's `cgroup.controllers`), else the
+    /// The hierarchies a mount table offers: v2 when its root has the controllers kiln
+    /// needs bound to it (`controllers` reads a v2 root's `cgroup.controllers`), else the
     /// v1 ones.
     pub fn from_mountinfo(
         mountinfo: &str,

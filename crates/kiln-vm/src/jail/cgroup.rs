@@ -138,6 +138,29 @@ impl CgroupSupport {
         Self::V1 { mounts: v1, parent }
     }
 
+    /// Removes the cgroups under kiln's parent named by a uid `stale` says no live VM
+    /// holds: those of processes that outlived their owner's clean-up (a server stopped
+    /// with VMs running). A cgroup that still has processes is never removed (`rmdir`
+    /// refuses it).
+    pub fn sweep(&self, stale: impl Fn(u32) -> bool) {
+        let parents: Vec<PathBuf> = match self {
+            Self::V2 { root, parent } => vec![root.join(parent)],
+            Self::V1 { mounts, parent } => mounts.iter().map(|(_, m)| m.join(parent)).collect(),
+            Self::None(_) => Vec::new(),
+        };
+        for parent in parents {
+            let Ok(entries) = std::fs::read_dir(&parent) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let uid = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
+                if uid.is_some_and(&stale) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+    }
+
     /// A one-line account for `kiln doctor`.
     pub fn describe(&self) -> String {
         match self {
@@ -677,6 +700,25 @@ mod tests {
         // No hierarchy: nothing to make, nothing to join.
         let none = Cgroup::create(&CgroupSupport::None("none".into()), "8", &limits).unwrap();
         assert!(none.dirs().is_empty() && none.procs_fds().is_empty());
+    }
+
+    #[test]
+    fn stale_cgroups_are_swept_and_others_kept() {
+        let root = tempfile::tempdir().unwrap();
+        for d in ["kiln/5", "kiln/6", "kiln/other"] {
+            std::fs::create_dir_all(root.path().join(d)).unwrap();
+        }
+        let support = CgroupSupport::V2 {
+            root: root.path().to_owned(),
+            parent: "kiln".into(),
+        };
+        support.sweep(|uid| uid != 6);
+        assert!(!root.path().join("kiln/5").exists());
+        assert!(root.path().join("kiln/6").exists(), "a live VM's");
+        assert!(
+            root.path().join("kiln/other").exists(),
+            "not kiln's to remove"
+        );
     }
 
     #[test]

@@ -138,6 +138,27 @@ impl Lease {
     }
 }
 
+impl IdRange {
+    /// The slot a uid of this range belongs to (`None`: not one of its uids).
+    pub fn slot_of(&self, uid: u32) -> Option<u32> {
+        let n = uid.checked_sub(self.first + 1)? / 2;
+        (n < self.slots()).then_some(n)
+    }
+}
+
+/// Whether slot `n`'s lease in `dir` is free (no live holder). Takes and drops the lock,
+/// so a lease racing with the check moves on to the next slot.
+pub fn is_free(dir: &Path, n: u32) -> bool {
+    let Ok(lock) = File::options()
+        .read(true)
+        .open(dir.join(format!("{n}.lock")))
+    else {
+        return true;
+    };
+    // SAFETY: flock on a descriptor `lock` owns.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 /// Where the next search for a free slot starts in this process: slots are tried in turn
 /// rather than from 0 each time, so a slot just freed is not at once reused.
 static CURSOR: AtomicU32 = AtomicU32::new(0);

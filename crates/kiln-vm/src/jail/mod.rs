@@ -260,6 +260,9 @@ impl Jail {
     pub fn cgroups(&self) -> &CgroupSupport {
         self.0.cgroups.get_or_init(|| {
             let support = CgroupSupport::detect(&self.0.cgroup_parent);
+            // What a stopped owner's VMs left (their uid's slot is no longer leased).
+            let (ids, slots) = (self.0.ids, self.0.dir.join("slots"));
+            support.sweep(|uid| ids.slot_of(uid).is_some_and(|n| ids::is_free(&slots, n)));
             if let CgroupSupport::None(why) = &support {
                 tracing::warn!(
                     reason = %why,

@@ -7,6 +7,7 @@
 //! - the floor: the same snapshot restored by bare QEMU (`-incoming`), interleaved with
 //!   the kiln samples so that both see the same host load;
 //! - the ceiling: the cold path (boot from the template's disk, startCmd, readyCmd);
+//! - what the jailer costs a restore (jailed vs `KILN_JAIL=off`, interleaved);
 //! - exec round trip (`true`) through the HTTP API and directly through the agent;
 //! - preview URLs: time to first byte and a 100 MiB download through the preview proxy,
 //!   against the same requests made from inside the sandbox;
@@ -27,6 +28,7 @@ mod capture;
 mod cold_path;
 mod creates;
 mod exec;
+mod jail;
 mod mem;
 mod memory;
 mod previews;
@@ -487,6 +489,11 @@ async fn measure(
     let snaps = snapshots::snapshot_bench(plan, &ctx, failures).await?;
     snapshots::snapshot_rows(&mut rows, &snaps, &creates);
     results.insert("snapshots".into(), serde_json::to_value(&snaps)?);
+
+    // ---- the jailer's cost on restore -------------------------------------------------
+    let jail = jail::jail_bench(plan, &ctx, failures).await?;
+    jail::jail_rows(&mut rows, &jail);
+    results.insert("jail".into(), serde_json::to_value(&jail)?);
 
     // ---- exec round trip -----------------------------------------------------------
     let exec = exec::exec_bench(plan, &ctx).await?;

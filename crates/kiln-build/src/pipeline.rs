@@ -59,8 +59,8 @@ pub struct BuildEnv {
     pub timing: Timing,
     /// Bound on the whole build.
     pub build_timeout: Duration,
-    /// The egress proxy command for build VMs (`kiln_vm::NetConfig::egress`).
-    pub egress: Option<Vec<String>>,
+    /// The egress proxy of build VMs (`kiln_vm::NetConfig::egress`).
+    pub egress: Option<kiln_vm::Egress>,
     /// The step cache (`None`: every build runs every step on a fresh disk).
     pub step_cache: Option<StepCache>,
     /// Certificates the build VM (and so every sandbox of the template) trusts besides

@@ -1,117 +1,75 @@
-//! `kiln egress-proxy`: what QEMU runs for every connection a VM makes to the outside,
-//! with the connection on stdin and stdout (see `kiln_net::proxy`). Not for people.
+//! `kiln egress-proxy`: one VM's egress proxy (see `kiln_net::proxy`), started by the
+//! VM's owner in a jail (`kiln_vm::jail`) with two sockets inherited: the listener QEMU's
+//! user network connects the guest's proxy address to (made in the VM's network
+//! namespace), and its owner's end of the broker that serves the sandbox's files. Lives as
+//! long as the VM. Not for people.
 
-use std::path::PathBuf;
+use std::os::fd::{FromRawFd as _, OwnedFd, RawFd};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
 
 /// Arguments of the hidden `egress-proxy` command.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The sandbox's rules file (JSON `{allow_out, deny_out}`); missing: no rules.
+    /// The inherited listening socket.
     #[arg(long)]
-    rules: Option<PathBuf>,
-    /// Append one line per connection (and per request a secret went into) here.
+    listen_fd: RawFd,
+    /// The inherited socket to the owner, which serves the sandbox's files.
     #[arg(long)]
-    log: Option<PathBuf>,
+    broker_fd: RawFd,
     /// A private destination the operator opened (`host:port`, `cidr:port`); repeated.
     #[arg(long = "allow-private")]
     allow_private: Vec<kiln_net::PrivateDest>,
-    /// The sandbox's secret bindings file; missing: no bindings.
-    #[arg(long, requires_all = ["secrets_key", "ca_dir"])]
-    secrets: Option<PathBuf>,
-    /// The secrets key file the bindings' values are sealed with.
-    #[arg(long)]
-    secrets_key: Option<PathBuf>,
-    /// The egress CA's directory.
-    #[arg(long)]
-    ca_dir: Option<PathBuf>,
-    /// More roots to verify upstreams against (`KILN_EGRESS_TRUST_CA`).
-    #[arg(long)]
-    trust_ca: Option<PathBuf>,
-    /// Append each secret's audit events to `<dir>/<secret id>.log`.
-    #[arg(long)]
-    audit_dir: Option<PathBuf>,
+    /// Connections served at once; more are answered 503.
+    #[arg(long, default_value_t = kiln_net::Limits::default().max_connections)]
+    max_connections: usize,
+    /// Seconds a connection has to send its request head.
+    #[arg(long, default_value_t = kiln_net::Limits::default().header_timeout.as_secs())]
+    header_timeout_secs: u64,
+    /// Seconds a connection may move no byte either way.
+    #[arg(long, default_value_t = kiln_net::Limits::default().idle_timeout.as_secs())]
+    idle_timeout_secs: u64,
 }
 
-/// Ids order the logs (the SDKs page with them); one process per connection, so the
-/// time in microseconds is as good a sequence as any.
-fn stamp() -> (i64, chrono::DateTime<chrono::Utc>) {
-    let now = chrono::Utc::now();
-    (now.timestamp_micros(), now)
-}
-
-/// Requests that carried a secret: a `request` row of the sandbox's network log and an
-/// event of the secret's audit.
-struct Files {
-    log: Option<PathBuf>,
-    audit_dir: Option<PathBuf>,
-}
-
-impl kiln_net::Recorder for Files {
-    fn request(&self, record: &kiln_net::RequestRecord) {
-        let (id, ts) = stamp();
-        if let Some(log) = &self.log {
-            kiln_net::log::append(log, &record.network_event(id, ts));
-        }
-        // Secret ids are kiln's UUIDs; anything else is not a file name.
-        let secret = record
-            .secret_id
-            .as_deref()
-            .filter(|s| s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
-        if let (Some(dir), Some(secret)) = (&self.audit_dir, secret) {
-            kiln_net::log::append(
-                &dir.join(format!("{secret}.log")),
-                &record.audit_event(id, ts),
-            );
-        }
+/// Takes an inherited descriptor, checking that it is open.
+fn inherited(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        anyhow::bail!("{what}: descriptor {fd} is not open");
     }
+    // SAFETY: the descriptor is open, was handed to this process for this use, and
+    // nothing else in it owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub fn run(args: Args) -> ExitCode {
-    // libslirp hands the connection over as stdin, stdout *and* stderr: anything written
-    // to stderr would reach the guest inside its byte stream. Point it at /dev/null.
-    // A guest that hangs up is a normal end, not a reason to die before the log line.
-    // SAFETY: setting a signal disposition before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: dup2 onto fd 2 of this single-threaded process; `null` stays open
-        // until after the call.
-        unsafe { libc::dup2(null.as_raw_fd(), 2) };
-    }
-    let secrets = match (args.secrets, args.secrets_key, args.ca_dir) {
-        (Some(bindings), Some(key), Some(ca_dir)) => Some(kiln_net::SecretsConfig {
-            bindings,
-            key,
-            ca_dir,
-            trust_ca: args.trust_ca,
-        }),
-        _ => None,
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let listener = std::net::TcpListener::from(inherited(args.listen_fd, "--listen-fd")?);
+    let broker = std::os::unix::net::UnixStream::from(inherited(args.broker_fd, "--broker-fd")?);
+    listener
+        .set_nonblocking(true)
+        .context("the listening socket")?;
+    let limits = kiln_net::Limits {
+        max_connections: args.max_connections.max(1),
+        header_timeout: Duration::from_secs(args.header_timeout_secs),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
     };
-    let cfg = kiln_net::ProxyConfig {
-        rules: args.rules,
-        allow_private: args.allow_private,
-        secrets,
-    };
-    let files = Files {
-        log: args.log.clone(),
-        audit_dir: args.audit_dir,
-    };
-    let outcome = kiln_net::serve_stdio(&cfg, &files);
-    if let Some(path) = args.log {
-        let (id, now) = stamp();
-        let record = match &outcome {
-            Ok(o) => o.log_record(id, now),
-            Err(e) => kiln_net::Outcome::Refused {
-                target: "-".into(),
-                status: 502,
-                reason: format!("proxy error: {e}"),
-            }
-            .log_record(id, now),
-        };
-        kiln_net::log::append(&path, &record);
-    }
-    ExitCode::SUCCESS
+    let files = Arc::new(kiln_net::broker::BrokerClient::new(broker));
+    let proxy = Arc::new(kiln_net::Proxy::new(args.allow_private, files, limits));
+    // Opened-up connections hold a blocking thread each (the relay is synchronous), DNS
+    // and the owner's answers take one briefly: the cap bounds them all.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(limits.max_connections + 16)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        proxy.run(listener).await
+    })
+    .context("serving")?;
+    Ok(ExitCode::SUCCESS)
 }

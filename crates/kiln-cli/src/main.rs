@@ -77,7 +77,7 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Run by QEMU for each connection a VM makes to the outside.
+    /// A VM's egress proxy, started jailed by the VM's owner.
     #[command(hide = true)]
     EgressProxy(egress::Args),
 }
@@ -174,10 +174,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    // The egress proxy logs nowhere: its stdio is a guest's connection.
-    if !matches!(cli.command, Command::EgressProxy(_)) {
-        init_logs(matches!(cli.command, Command::Serve(_)));
-    }
+    init_logs(matches!(cli.command, Command::Serve(_)));
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Setup(args) => vm::setup(args),
@@ -209,7 +206,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::EgressProxy(args) => Ok(egress::run(args)),
+        Command::EgressProxy(args) => egress::run(args),
     };
     match result {
         Ok(code) => code,

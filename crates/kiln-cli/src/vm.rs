@@ -134,6 +134,23 @@ pub fn doctor(_args: DoctorArgs) -> anyhow::Result<ExitCode> {
         "accelerator: {:?} ({})",
         report.accel.accel, report.accel.reason
     );
+    match kiln_vm::Jail::from_env() {
+        Ok(jail) => {
+            let level = match jail.level() {
+                kiln_vm::jail::Level::Full => "full (own uid, namespaces, cgroup, seccomp)",
+                kiln_vm::jail::Level::Unprivileged => {
+                    "partial: kiln is not root (seccomp, no new privileges, network namespace)"
+                }
+                kiln_vm::jail::Level::Off => "off (KILN_JAIL=off): VM processes are not jailed",
+            };
+            let cgroups = match jail.level() {
+                kiln_vm::jail::Level::Full => jail.cgroups().describe(),
+                _ => "no cgroups".to_owned(),
+            };
+            println!("jail: {level}; {cgroups}");
+        }
+        Err(e) => println!("jail: {}", kiln_vm::error_chain(&e)),
+    }
     Ok(if report.ok() {
         ExitCode::SUCCESS
     } else {
@@ -242,9 +259,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         network: (!args.no_network).then(|| NetConfig {
             forwards: Vec::new(),
-            egress: std::env::current_exe()
-                .ok()
-                .map(|exe| vec![exe.display().to_string(), "egress-proxy".to_owned()]),
+            egress: std::env::current_exe().ok().map(|exe| kiln_vm::Egress {
+                command: vec![exe.display().to_string(), "egress-proxy".to_owned()],
+                limits: kiln_net::Limits::default(),
+                files: Some(kiln_net::FileSet::default()),
+            }),
         }),
         accel: accel.accel,
         run_parent: scratch.path().to_owned(),

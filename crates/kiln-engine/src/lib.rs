@@ -152,7 +152,7 @@ impl EngineConfig {
             egress_helper: None,
             restore_pool: 0,
             restore_pool_idle: Duration::from_secs(600),
-            hypervisor: Arc::new(kiln_vm::Qemu),
+            hypervisor: Arc::new(kiln_vm::Qemu::default()),
             agent: Default::default(),
             preview: kiln_api::PreviewSite::for_domain(
                 kiln_api::preview::DEFAULT_PREVIEW_DOMAIN,
@@ -296,7 +296,7 @@ impl Engine {
                     vm_dir: self.vm_dir(),
                     timing: self.cfg.timing,
                     build_timeout: self.cfg.build_timeout,
-                    egress: self.egress_command(None),
+                    egress: self.egress(Some(kiln_net::FileSet::default())),
                     step_cache: Some(kiln_build::StepCache::new(self.layout.step_cache_dir())),
                     trust: Some(self.egress.trust.clone()),
                 })
@@ -304,41 +304,36 @@ impl Engine {
             .await
     }
 
-    /// The command QEMU runs per outgoing guest connection: the proxy with the private
-    /// destinations the operator opened and, for a sandbox, its rules file and secret
-    /// bindings (read per connection, so updates apply at once), its connection log next
-    /// to them, and what swapping secrets needs (the key, the CA, the audit); builds have
-    /// no rules and no secrets (the public internet, nothing else).
-    ///
-    /// With an empty `sandbox_dir` the files are named relative to the VM's run directory
-    /// (QEMU's working directory): a pooled VM's, linked to the sandbox's files on claim.
-    pub(crate) fn egress_command(&self, sandbox_dir: Option<&Path>) -> Option<Vec<String>> {
+    /// A VM's egress proxy: the proxy with the private destinations the operator opened,
+    /// serving `files` (read per connection, so updates apply at once). A sandbox's are
+    /// [`Engine::egress_files`]; a build's are none (the public internet, nothing else); a
+    /// pooled VM's (`None`) are assigned when a sandbox claims it.
+    pub(crate) fn egress(&self, files: Option<kiln_net::FileSet>) -> Option<kiln_vm::Egress> {
         let helper = self.cfg.egress_helper.as_ref()?;
-        let mut argv = vec![helper.display().to_string(), "egress-proxy".to_owned()];
+        let mut command = vec![helper.display().to_string(), "egress-proxy".to_owned()];
         for dest in &self.egress.allow_private {
-            argv.extend(["--allow-private".to_owned(), dest.to_string()]);
+            command.extend(["--allow-private".to_owned(), dest.to_string()]);
         }
-        if let Some(dir) = sandbox_dir {
-            let path = |p: PathBuf| p.display().to_string();
-            argv.extend([
-                "--rules".to_owned(),
-                path(dir.join(sandboxes::NETWORK_RULES)),
-                "--log".to_owned(),
-                path(dir.join(sandboxes::NETWORK_LOG)),
-                "--secrets".to_owned(),
-                path(dir.join(kiln_net::secrets::SECRETS_FILE)),
-                "--secrets-key".to_owned(),
-                path(self.cfg.secrets_key.clone()),
-                "--ca-dir".to_owned(),
-                path(self.layout.keys_dir()),
-                "--audit-dir".to_owned(),
-                path(self.layout.secret_audit_dir()),
-            ]);
-            if let Some(ca) = &self.cfg.egress_trust_ca {
-                argv.extend(["--trust-ca".to_owned(), path(ca.clone())]);
-            }
+        Some(kiln_vm::Egress {
+            command,
+            limits: kiln_net::Limits::default(),
+            files,
+        })
+    }
+
+    /// What the egress proxy of the sandbox in `dir` reads and logs to: its rules file and
+    /// secret bindings, its connection log next to them, and what swapping secrets needs
+    /// (the key, the CA, the audit).
+    pub(crate) fn egress_files(&self, dir: &Path) -> kiln_net::FileSet {
+        kiln_net::FileSet {
+            rules: Some(dir.join(sandboxes::NETWORK_RULES)),
+            secrets: Some(dir.join(kiln_net::secrets::SECRETS_FILE)),
+            key: Some(self.cfg.secrets_key.clone()),
+            ca_dir: Some(self.layout.keys_dir()),
+            trust_ca: self.cfg.egress_trust_ca.clone(),
+            log: Some(dir.join(sandboxes::NETWORK_LOG)),
+            audit_dir: Some(self.layout.secret_audit_dir()),
         }
-        Some(argv)
     }
 
     /// Parent of VM run directories: short, because unix socket paths are limited to 107

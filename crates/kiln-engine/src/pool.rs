@@ -11,8 +11,8 @@
 //! it in the background (so the first sandbox of a build pays the full price, the
 //! following ones do not). Processes idle for longer than `idle` are stopped, and so are
 //! those of a template's other builds once one of its builds is claimed, and all of a
-//! template's when it is deleted. The egress rules and network log of a pooled VM are
-//! named relative to its run directory and linked to the sandbox's files on claim.
+//! template's when it is deleted. A pooled VM's egress proxy starts with no files and is
+//! pointed at the claiming sandbox's ([`kiln_vm::PendingRestore::assign_egress`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -148,7 +148,7 @@ impl RestorePool {
     }
 
     /// Starts processes in the background until `size` wait (or are starting) for
-    /// `build_id`. `cfg` must name the egress files relative to the run directory.
+    /// `build_id`. `cfg`'s egress has no files yet (they are assigned on claim).
     pub(crate) fn refill(
         &self,
         hypervisor: Arc<dyn Hypervisor>,

@@ -75,23 +75,18 @@ pub struct LiveSandbox {
     pub dir: PathBuf,
 }
 
-/// Finishes a pooled restore for the sandbox in `dir`: its egress rules, secret bindings
-/// and network log, named relative to the VM's run directory, become links to the
-/// sandbox's files before the guest runs, and its console log is linked into the
-/// sandbox's directory.
+/// Finishes a pooled restore for the sandbox in `dir`: its egress proxy is pointed at the
+/// sandbox's files (`egress`) before the guest runs, and its console log is linked into
+/// the sandbox's directory.
 async fn claim(
     incoming: Box<dyn PendingRestore>,
     sandbox_id: &str,
     dir: &Path,
+    egress: kiln_net::FileSet,
     timeout: Duration,
 ) -> Result<Box<dyn Machine>> {
     incoming.claimed_by(sandbox_id);
-    let run = incoming.run_dir().to_owned();
-    for name in [NETWORK_RULES, NETWORK_LOG, kiln_net::secrets::SECRETS_FILE] {
-        let link = run.join(name);
-        std::os::unix::fs::symlink(dir.join(name), &link)
-            .map_err(EngineError::io("linking", &link))?;
-    }
+    incoming.assign_egress(egress);
     let vm = incoming
         .finish(timeout)
         .await
@@ -273,7 +268,15 @@ impl Engine {
         let bundle = artifact.join("bundle");
         let cfg = self.restore_config(record, &dir)?;
         let pooled = match self.pool.take(&record.template_id, &record.build_id) {
-            Some(incoming) => match claim(incoming, &record.id, &dir, cfg.timeout).await {
+            Some(incoming) => match claim(
+                incoming,
+                &record.id,
+                &dir,
+                self.egress_files(&dir),
+                cfg.timeout,
+            )
+            .await
+            {
                 Ok(vm) => Some(vm),
                 Err(e) => {
                     tracing::warn!(error = %e, "pooled restore failed; restoring afresh");
@@ -298,7 +301,7 @@ impl Engine {
                 ),
                 self.vm_dir(),
             );
-            pool_cfg.egress = self.egress_command(Some(Path::new("")));
+            pool_cfg.egress = self.egress(None);
             pool_cfg.base_disk = Some(self.template_disk(&record.template_id, &record.build_id)?);
             self.pool.refill(
                 self.cfg.hypervisor.clone(),
@@ -381,7 +384,7 @@ impl Engine {
         let mut cfg =
             RestoreConfig::new(format!("sbx-{}", id.get(..8).unwrap_or(id)), self.vm_dir());
         cfg.console_log = Some(dir.join("console.log"));
-        cfg.egress = self.egress_command(Some(dir));
+        cfg.egress = self.egress(Some(self.egress_files(dir)));
         cfg.base_disk = Some(self.template_disk(&record.template_id, &record.build_id)?);
         Ok(cfg)
     }

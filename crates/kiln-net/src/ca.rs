@@ -2,13 +2,13 @@
 //! proxy can terminate TLS for the hosts a secret is bound to (and only those).
 //!
 //! Generated on first start (ECDSA P-256; the certificate `egress-ca.pem`, its key
-//! `egress-ca.key` mode 0600). Leaf certificates are issued per host on first use, valid
-//! [`LEAF_DAYS`] days, and cached on disk (mode 0600) under the CA's fingerprint, so a
-//! per-connection proxy process signs a host's certificate once, and a new CA never
-//! serves an old CA's leaves.
+//! `egress-ca.key` mode 0600). Leaf certificates are issued per host, valid [`LEAF_DAYS`]
+//! days; the proxy, one long-lived process per VM, keeps them in memory (see
+//! `crate::proxy`), under the CA's fingerprint, so a new CA never serves an old CA's
+//! leaves.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
@@ -26,7 +26,7 @@ pub const CA_KEY: &str = "egress-ca.key";
 /// How long a leaf certificate is valid.
 pub const LEAF_DAYS: i64 = 90;
 /// A cached leaf older than this is issued again (well before it expires).
-const LEAF_REISSUE: Duration = Duration::from_secs(60 * 24 * 3600);
+pub const LEAF_REISSUE: Duration = Duration::from_secs(60 * 24 * 3600);
 /// How long the CA is valid.
 const CA_YEARS: i32 = 10;
 
@@ -121,10 +121,17 @@ impl EgressCa {
         let key_path = dir.join(CA_KEY);
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
         let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        let key = KeyPair::from_pem(&key_pem)?;
+        let mut ca = Self::from_pem(cert_pem, &key_pem)?;
+        ca.dir = dir.to_owned();
+        Ok(ca)
+    }
+
+    /// The CA from its certificate and key (what the jailed proxy is given, by content).
+    pub fn from_pem(cert_pem: String, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
         let issuer = ca_params().self_signed(&key)?;
         Ok(Self {
-            dir: dir.to_owned(),
+            dir: PathBuf::new(),
             cert_pem,
             issuer,
             key,
@@ -158,36 +165,22 @@ impl EgressCa {
         &self.cert_pem
     }
 
-    /// The CA certificate's file.
+    /// The CA certificate's file (of a CA loaded from its directory).
     pub fn cert_path(&self) -> PathBuf {
         self.dir.join(CA_CERT)
     }
 
-    /// sha256 of the CA certificate's PEM, hex: names the leaf cache.
+    /// sha256 of the CA certificate's PEM, hex: keys the proxy's leaf cache.
     pub fn fingerprint(&self) -> String {
         hex::encode(Sha256::digest(self.cert_pem.as_bytes()))
     }
 
-    /// A certificate for `host` (a DNS name or an IP address) signed by the CA, and its
-    /// key: from the cache when a recent one is there.
+    /// A new certificate for `host` (a DNS name or an IP address) signed by the CA, and
+    /// its key.
     pub fn leaf(
         &self,
         host: &str,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
-        let dir = self.dir.join("leaves").join(&self.fingerprint()[..16]);
-        let file = dir.join(format!("{}.pem", host.replace(':', "_")));
-        let fresh = std::fs::metadata(&file)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .is_some_and(|age| age < LEAF_REISSUE);
-        if fresh {
-            if let Ok(pem) = std::fs::read_to_string(&file) {
-                if let Some(leaf) = parse_leaf(&pem) {
-                    return Ok(leaf);
-                }
-            }
-        }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![host.to_owned()])?;
         let mut dn = DistinguishedName::new();
@@ -200,9 +193,6 @@ impl EgressCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
-        let pem = format!("{}{}", cert.pem(), key.serialize_pem());
-        // A cache: a failure to write it costs a signature next time, nothing more.
-        let _ = write_private(&file, pem.as_bytes());
         Ok((
             vec![cert.der().clone()],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -210,27 +200,22 @@ impl EgressCa {
     }
 }
 
-/// The certificate and key of a cached leaf file.
-fn parse_leaf(pem: &str) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    use rustls::pki_types::pem::PemObject as _;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .ok()?;
-    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).ok()?;
-    (!certs.is_empty()).then_some((certs, key))
-}
-
 /// Every certificate of a PEM bundle (an operator's CA file).
 pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    use rustls::pki_types::pem::PemObject as _;
     let bytes = std::fs::read(path).map_err(io(path))?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
-        .filter_map(Result::ok)
-        .collect();
+    let certs = parse_pem_certs(&bytes);
     if certs.is_empty() {
         return Err(CaError::NoCert(path.to_owned()));
     }
     Ok(certs)
+}
+
+/// Every certificate of a PEM bundle's content (none when it holds none).
+pub fn parse_pem_certs(bytes: &[u8]) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(bytes)
+        .filter_map(Result::ok)
+        .collect()
 }
 
 #[cfg(test)]
@@ -238,7 +223,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_ca_is_made_once_with_a_private_key_and_signs_leaves_it_caches() {
+    fn the_ca_is_made_once_with_a_private_key_and_signs_leaves() {
         use rustls::client::danger::ServerCertVerifier as _;
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
@@ -285,16 +270,10 @@ mod tests {
                 )
                 .is_err());
         }
-        // The second request for a host is served from the cache, by a new process too.
-        let first = ca.leaf("api.example.com").unwrap().0;
-        let cached = again.leaf("api.example.com").unwrap().0;
-        assert_eq!(first, cached);
-        let leaf_file = dir
-            .path()
-            .join("leaves")
-            .join(&ca.fingerprint()[..16])
-            .join("api.example.com.pem");
-        assert_eq!(mode(&leaf_file), 0o600);
+        // Given by content, as the jailed proxy gets it, it is the same CA.
+        let key_pem = std::fs::read_to_string(dir.path().join(CA_KEY)).unwrap();
+        let given = EgressCa::from_pem(ca.cert_pem().to_owned(), &key_pem).unwrap();
+        assert_eq!(given.fingerprint(), ca.fingerprint());
     }
 
     #[test]

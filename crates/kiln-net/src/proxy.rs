@@ -1,39 +1,54 @@
-//! The egress proxy: one process per guest connection, speaking HTTP proxy on its stdio.
+//! The egress proxy: one long-lived process per VM, serving every connection its guest
+//! makes to the outside.
 //!
-//! A VM's user-mode network runs with `restrict=on`: the guest reaches nothing on or
-//! through the host, except one address (`kiln_agent_proto::EGRESS_PROXY`) that QEMU forwards to a fresh
-//! `kiln egress-proxy` process per TCP connection (`guestfwd=...-cmd:`), with the
-//! connection on its stdin and stdout. That process reads one HTTP proxy request
-//! (`CONNECT host:port` for TLS and anything else, or an absolute-form `GET http://...`),
-//! resolves the name on the host, checks every address against the sandbox's rules and
-//! the always-blocked ranges (and the host's own addresses), connects to an address that
-//! passed, and splices bytes until either side closes.
+//! A VM's guest reaches nothing on or through the host: QEMU runs in a network namespace
+//! of its own (see `kiln_vm::jail`) where the only thing listening is this proxy, on the
+//! address its user network maps the guest's [`kiln_agent_proto::EGRESS_PROXY`] to. The
+//! proxy itself runs jailed, as an unprivileged user with the host's network, and reads
+//! the sandbox's files through its owner ([`crate::broker`]). For every connection it
+//! reads one HTTP proxy request (`CONNECT host:port` for TLS and anything else, or an
+//! absolute-form `GET http://...`), resolves the name on the host, checks every address
+//! against the sandbox's rules and the always-blocked ranges (and the host's own
+//! addresses), connects to an address that passed, and splices bytes until either side
+//! closes or the connection is idle ([`crate::idle`]).
 //!
 //! Deciding on the resolved address and connecting to that same address (never
 //! re-resolving) keeps DNS rebinding from slipping a private address past the check. The
-//! rules file is read per connection, so a PATCH applies to the next connection at once,
-//! and no long-lived listener needs an owner: the process lives as long as the connection
-//! and QEMU reaps it.
+//! rules are read per connection, so a PATCH applies to the next connection at once.
 //!
-//! A connection to a host one of the sandbox's secrets is bound to (its bindings file,
+//! A guest cannot take the host down through it: the connections it serves at once are
+//! capped ([`Limits::max_connections`]; past the cap a connection gets a 503 at once), a
+//! request head must arrive whole within [`Limits::header_timeout`], and a connection
+//! that moves no byte for [`Limits::idle_timeout`] is closed. Its process is one per VM,
+//! in a cgroup of its own, so a flood costs that VM's proxy its threads and nothing more.
+//!
+//! A connection to a host one of the sandbox's secrets is bound to (its bindings,
 //! [`crate::secrets`]) is opened up instead of spliced: TLS is terminated with a leaf of
 //! kiln's egress CA ([`crate::ca`]), which every guest trusts, and re-originated to the
 //! real host, verified against the system roots and the operator's bundle; each request
 //! in between has its stand-ins swapped ([`crate::intercept`]). Connections to any other
 //! host are never opened: a stand-in sent there goes out as it is.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use kiln_api::{NetworkEvent, NetworkVerdict};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _};
+use tokio::io::{AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::io::SyncIoBridge;
 
-use crate::ca::{read_pem_certs, EgressCa};
-use crate::intercept::{parse_request, relay, Duplex, Recorder, Relay, Secrets};
+use crate::ca::{parse_pem_certs, EgressCa, LEAF_REISSUE};
+use crate::files::{Files, Sink, Source};
+use crate::idle::{Activity, Idle};
+use crate::intercept::{parse_request, relay, Duplex, Recorder, Relay, RequestRecord, Secrets};
 use crate::rules::{always_blocked, Decision, NetworkConfig, Policy, PrivateDest};
 use crate::seal::KeyRing;
 use crate::secrets::{Binding, SandboxSecrets};
@@ -42,33 +57,30 @@ use crate::secrets::{Binding, SandboxSecrets};
 const MAX_HEAD: usize = 16 * 1024;
 /// Bound on connecting to the destination.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on telling a guest past the connection cap that it is.
+const BUSY_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
-/// How one proxy process decides.
-#[derive(Debug, Clone, Default)]
-pub struct ProxyConfig {
-    /// The sandbox's rules (JSON [`NetworkConfig`]); missing means no rules (public
-    /// internet only). A file that exists but cannot be read or parsed fails closed.
-    pub rules: Option<PathBuf>,
-    /// Private destinations the operator lets every sandbox reach
-    /// (`KILN_EGRESS_ALLOW_PRIVATE`).
-    pub allow_private: Vec<PrivateDest>,
-    /// What swapping secrets needs; `None`: nothing is ever opened up.
-    pub secrets: Option<SecretsConfig>,
+/// What a guest may hold of its proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// From accepting a connection to its whole request head.
+    pub header_timeout: Duration,
+    /// How long a connection may move no byte either way.
+    pub idle_timeout: Duration,
 }
 
-/// Where the proxy finds a sandbox's secrets and what it needs to put them in.
-#[derive(Debug, Clone, Default)]
-pub struct SecretsConfig {
-    /// The sandbox's bindings file ([`SandboxSecrets`]); missing means no bindings. A
-    /// file that exists but cannot be read fails closed.
-    pub bindings: PathBuf,
-    /// The secrets key file ([`KeyRing`]).
-    pub key: PathBuf,
-    /// The egress CA's directory ([`EgressCa`]).
-    pub ca_dir: PathBuf,
-    /// More roots to verify upstreams against, besides the system's
-    /// (`KILN_EGRESS_TRUST_CA`).
-    pub trust_ca: Option<PathBuf>,
+impl Default for Limits {
+    /// 256 connections, 10 s for a head, 5 min of silence.
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 /// What the proxy did with one connection (also its log line).
@@ -165,7 +177,7 @@ fn split_target(target: &str) -> (String, Option<u16>) {
 }
 
 /// One parsed request head.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Request {
     /// `CONNECT`: tunnel; otherwise forward `head` (rewritten to origin form).
     tunnel: bool,
@@ -174,144 +186,532 @@ struct Request {
     head: Vec<u8>,
 }
 
-/// Serves one connection: `input`/`output` are the guest's side of it; the requests it
-/// puts secrets into go to `recorder`.
-pub fn serve<I, O>(input: I, mut output: O, cfg: &ProxyConfig, recorder: &dyn Recorder) -> Outcome
-where
-    I: Read + Send + 'static,
-    O: Write + Send + 'static,
-{
-    let mut reader = BufReader::new(input);
-    let req = match read_request(&mut reader) {
-        Ok(r) => r,
-        Err(reason) => return refuse(&mut output, "-", 400, reason),
-    };
-    let target = format!("{}:{}", req.host, req.port);
-    let policy = match load_policy(cfg) {
-        Ok(p) => p,
-        Err(reason) => return refuse(&mut output, &target, 503, reason),
-    };
-    let secrets = match &cfg.secrets {
-        Some(sc) => match SandboxSecrets::load(&sc.bindings) {
-            Ok(Some(b)) if b.intercepts(&req.host, req.port) => Some(FileSecrets(sc.clone())),
-            Ok(_) => None,
-            Err(e) => return refuse(&mut output, &target, 503, e.to_string()),
-        },
-        None => None,
-    };
-    let addr = match choose_addr(&req, &policy, cfg) {
-        Ok(a) => a,
-        Err((status, reason)) => return refuse(&mut output, &target, status, reason),
-    };
-    let mut upstream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-        Ok(s) => s,
-        Err(e) => return refuse(&mut output, &target, 502, format!("connect {addr}: {e}")),
-    };
-    if let Some(secrets) = secrets {
-        return match open_up(reader, output, upstream, &req, &secrets, recorder) {
-            Ok((bytes_sent, bytes_recv)) => Outcome::Connected {
-                target,
-                addr,
-                bytes_sent,
-                bytes_recv,
-            },
-            Err(Refusal { reply, reason }) => {
-                let reason = format!("{addr}: {reason}");
-                match reply {
-                    Some(mut out) => refuse(&mut out, &target, 502, reason),
-                    None => Outcome::Refused {
-                        target,
-                        status: 502,
-                        reason,
-                    },
+/// Ids order the logs (the SDKs page with them): the time in microseconds, made strictly
+/// increasing within the process.
+#[derive(Debug, Default)]
+struct Stamps(AtomicI64);
+
+impl Stamps {
+    fn next(&self) -> (i64, DateTime<Utc>) {
+        let now = Utc::now();
+        let micros = now.timestamp_micros();
+        let prev = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(micros.max(last + 1))
+            })
+            .unwrap_or(micros);
+        (micros.max(prev + 1), now)
+    }
+}
+
+/// Request records into the sandbox's network log and the secret's audit, through the
+/// proxy's [`Files`].
+struct FilesRecorder {
+    files: Arc<dyn Files>,
+    stamps: Arc<Stamps>,
+}
+
+impl Recorder for FilesRecorder {
+    fn request(&self, record: &RequestRecord) {
+        let (id, ts) = self.stamps.next();
+        append(&*self.files, &Sink::Network, &record.network_event(id, ts));
+        if let Some(secret) = &record.secret_id {
+            append(
+                &*self.files,
+                &Sink::Audit(secret.clone()),
+                &record.audit_event(id, ts),
+            );
+        }
+    }
+}
+
+fn append(files: &dyn Files, sink: &Sink, record: &impl serde::Serialize) {
+    let line = serde_json::to_vec(record).unwrap_or_default();
+    if let Err(e) = files.append(sink, &line) {
+        tracing::warn!(error = %kiln_spec::error_chain(&e), ?sink, "cannot write a log line");
+    }
+}
+
+/// Leaves of kiln's CA this process issued, by CA fingerprint and host.
+type Leaves = HashMap<(String, String), (tokio::time::Instant, Leaf)>;
+type Leaf = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// One VM's egress proxy.
+pub struct Proxy {
+    allow_private: Vec<PrivateDest>,
+    files: Arc<dyn Files>,
+    recorder: Arc<dyn Recorder>,
+    stamps: Arc<Stamps>,
+    limits: Limits,
+    leaves: Mutex<Leaves>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("allow_private", &self.allow_private)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy reading and logging through `files`, opening the private destinations
+    /// the operator opened (`KILN_EGRESS_ALLOW_PRIVATE`).
+    pub fn new(allow_private: Vec<PrivateDest>, files: Arc<dyn Files>, limits: Limits) -> Self {
+        let stamps = Arc::new(Stamps::default());
+        let recorder = Arc::new(FilesRecorder {
+            files: files.clone(),
+            stamps: stamps.clone(),
+        });
+        Self {
+            allow_private,
+            files,
+            recorder,
+            stamps,
+            limits,
+            leaves: Mutex::default(),
+        }
+    }
+
+    /// The same, with request records going to `recorder` instead (tests).
+    pub fn with_recorder(mut self, recorder: Arc<dyn Recorder>) -> Self {
+        self.recorder = recorder;
+        self
+    }
+
+    /// Serves `listener` until it fails: every connection in a task of its own, at most
+    /// [`Limits::max_connections`] at once, each logged to the network log when it ends.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                // Out of descriptors or memory for a moment: the guest retries.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    tokio::spawn(async move {
+                        let outcome = me.handle(stream).await;
+                        drop(slot);
+                        me.log(outcome).await;
+                    });
+                }
+                Err(_) => {
+                    tokio::spawn(async move {
+                        let reason = format!(
+                            "this sandbox has {} connections open through the proxy, its limit",
+                            me.limits.max_connections
+                        );
+                        let mut stream = stream;
+                        let outcome = tokio::time::timeout(
+                            BUSY_REPLY_TIMEOUT,
+                            refuse(&mut stream, "-", 503, reason.clone()),
+                        )
+                        .await
+                        .unwrap_or(Outcome::Refused {
+                            target: "-".into(),
+                            status: 503,
+                            reason,
+                        });
+                        drop(stream);
+                        me.log(outcome).await;
+                    });
                 }
             }
+        }
+    }
+
+    async fn log(&self, outcome: Outcome) {
+        let (files, (id, ts)) = (self.files.clone(), self.stamps.next());
+        let _ = tokio::task::spawn_blocking(move || {
+            append(&*files, &Sink::Network, &outcome.log_record(id, ts));
+        })
+        .await;
+    }
+
+    /// Serves one connection: `stream` is the guest's side of it.
+    pub async fn handle<S>(self: &Arc<Self>, stream: S) -> Outcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut guest = tokio::io::BufReader::new(stream);
+        let limit = self.limits.header_timeout;
+        let req = match tokio::time::timeout(limit, read_request(&mut guest)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(reason)) => return refuse(&mut guest, "-", 400, reason).await,
+            Err(_) => {
+                let reason = format!("no complete request head within {limit:?}");
+                return refuse(&mut guest, "-", 408, reason).await;
+            }
         };
+        let target = format!("{}:{}", req.host, req.port);
+        let me = self.clone();
+        let r = req.clone();
+        let decided = tokio::task::spawn_blocking(move || me.decide(&r))
+            .await
+            .unwrap_or_else(|e| Err((503, e.to_string())));
+        let (addr, intercept) = match decided {
+            Ok(d) => d,
+            Err((status, reason)) => return refuse(&mut guest, &target, status, reason).await,
+        };
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return refuse(&mut guest, &target, 502, format!("connect {addr}: {e}")).await
+            }
+            Err(_) => {
+                let reason = format!("connect {addr}: no answer within {CONNECT_TIMEOUT:?}");
+                return refuse(&mut guest, &target, 502, reason).await;
+            }
+        };
+        let activity = Activity::new(self.limits.idle_timeout);
+        let mut guest = Idle::new(guest, activity.clone());
+        let mut upstream = Idle::new(upstream, activity);
+        if intercept {
+            return self.open_up(guest, upstream, req, target, addr).await;
+        }
+        let sent = if req.tunnel {
+            guest.write_all(ESTABLISHED).await
+        } else {
+            upstream.write_all(&req.head).await
+        };
+        if let Err(e) = sent {
+            return refuse(guest.get_mut(), &target, 502, format!("write: {e}")).await;
+        }
+        // Idle, or a side reset: the connection ends either way; what moved, moved.
+        let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
+        Outcome::Connected {
+            target,
+            addr,
+            bytes_sent: guest.bytes_read(),
+            bytes_recv: upstream.bytes_read(),
+        }
     }
-    let greeting: &[u8] = if req.tunnel {
-        b"HTTP/1.1 200 Connection established\r\n\r\n"
-    } else {
-        b""
-    };
-    let sent = if req.tunnel {
-        output.write_all(greeting).and_then(|()| output.flush())
-    } else {
-        upstream.write_all(&req.head)
-    };
-    if let Err(e) = sent {
-        return refuse(&mut output, &target, 502, format!("write: {e}"));
+
+    /// The sandbox's rules and bindings as they are now, and where the request may go:
+    /// the address to connect to and whether it is opened up for a secret.
+    fn decide(&self, req: &Request) -> Result<(SocketAddr, bool), (u16, String)> {
+        let policy = load_policy(&*self.files).map_err(|r| (503, r))?;
+        let intercept = match self.files.read(Source::Secrets) {
+            Ok(Some(bytes)) => SandboxSecrets::parse(&bytes)
+                .map_err(|e| (503, e.to_string()))?
+                .intercepts(&req.host, req.port),
+            Ok(None) => false,
+            Err(e) => return Err((503, kiln_spec::error_chain(&e))),
+        };
+        let addr = choose_addr(req, &policy, &self.allow_private)?;
+        Ok((addr, intercept))
     }
-    let (bytes_sent, bytes_recv) = splice(reader, output, upstream);
-    Outcome::Connected {
-        target,
-        addr,
-        bytes_sent,
-        bytes_recv,
+
+    /// A connection to a secret's host, relayed request by request in a blocking task
+    /// (the relay and rustls are synchronous; a task per connection is within the cap).
+    async fn open_up<S>(
+        self: &Arc<Self>,
+        guest: Idle<tokio::io::BufReader<S>>,
+        upstream: Idle<TcpStream>,
+        req: Request,
+        target: String,
+        addr: SocketAddr,
+    ) -> Outcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(guest);
+        let (r, w, up) = (
+            SyncIoBridge::new(r),
+            SyncIoBridge::new(w),
+            SyncIoBridge::new(upstream),
+        );
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            match me.open_up_blocking(BufReader::new(r), w, up, &req) {
+                Ok((bytes_sent, bytes_recv)) => Outcome::Connected {
+                    target,
+                    addr,
+                    bytes_sent,
+                    bytes_recv,
+                },
+                Err(Refusal { reply, reason }) => {
+                    let reason = format!("{addr}: {reason}");
+                    match reply {
+                        Some(mut out) => refuse_sync(&mut out, &target, 502, reason),
+                        None => Outcome::Refused {
+                            target,
+                            status: 502,
+                            reason,
+                        },
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Outcome::Refused {
+            target: "-".into(),
+            status: 502,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Relays a connection to a secret's host request by request: over TLS for a tunnel
+    /// (the upstream's handshake first, so a host that fails verification is refused
+    /// before the guest is told the tunnel is up), in plain HTTP for a forward. Returns
+    /// the bytes from and to the guest.
+    fn open_up_blocking<I, O, U>(
+        &self,
+        reader: BufReader<I>,
+        mut output: O,
+        upstream: U,
+        req: &Request,
+    ) -> Result<(u64, u64), Refusal<O>>
+    where
+        I: Read,
+        O: Write,
+        U: Read + Write,
+    {
+        let read = Arc::new(AtomicU64::new(0));
+        let written = Arc::new(AtomicU64::new(0));
+        let counts = |r: &Arc<AtomicU64>, w: &Arc<AtomicU64>| {
+            (r.load(Ordering::Relaxed), w.load(Ordering::Relaxed))
+        };
+        let secrets = FileSecrets(self.files.clone());
+        let ctx = Relay {
+            host: &req.host,
+            port: req.port,
+            secrets: &secrets,
+            recorder: &*self.recorder,
+            one_request: !req.tunnel,
+        };
+        if !req.tunnel {
+            let first = match parse_request(&req.head) {
+                Ok(h) => h,
+                Err(e) => {
+                    return Err(Refusal {
+                        reply: Some(output),
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            let mut guest = BufReader::new(Duplex {
+                r: reader,
+                w: output,
+                read: read.clone(),
+                written: written.clone(),
+            });
+            let mut up = BufReader::new(upstream);
+            let _ = relay(&mut guest, &mut up, Some(first), &ctx);
+            return Ok(counts(&read, &written));
+        }
+        let refuse = |output, reason: String| Refusal {
+            reply: Some(output),
+            reason,
+        };
+        let client = match self.client_config() {
+            Ok(c) => c,
+            Err(e) => return Err(refuse(output, e)),
+        };
+        let name = match rustls::pki_types::ServerName::try_from(req.host.clone()) {
+            Ok(n) => n,
+            Err(e) => return Err(refuse(output, format!("{}: {e}", req.host))),
+        };
+        let mut tcp = upstream;
+        let mut tls = match rustls::ClientConnection::new(Arc::new(client), name) {
+            Ok(c) => c,
+            Err(e) => return Err(refuse(output, e.to_string())),
+        };
+        while tls.is_handshaking() {
+            if let Err(e) = tls.complete_io(&mut tcp) {
+                return Err(refuse(output, format!("TLS with the upstream: {e}")));
+            }
+        }
+        let server = match self.server_config(&req.host) {
+            Ok(s) => s,
+            Err(e) => return Err(refuse(output, e)),
+        };
+        if let Err(e) = output.write_all(ESTABLISHED).and_then(|()| output.flush()) {
+            return Err(Refusal {
+                reply: None,
+                reason: format!("write: {e}"),
+            });
+        }
+        let mut duplex = Duplex {
+            r: reader,
+            w: output,
+            read: read.clone(),
+            written: written.clone(),
+        };
+        let mut guest_tls =
+            rustls::ServerConnection::new(Arc::new(server)).map_err(|e| Refusal {
+                reply: None,
+                reason: e.to_string(),
+            })?;
+        while guest_tls.is_handshaking() {
+            if let Err(e) = guest_tls.complete_io(&mut duplex) {
+                return Err(Refusal {
+                    reply: None,
+                    reason: format!("TLS with the guest (does it trust kiln's egress CA?): {e}"),
+                });
+            }
+        }
+        let mut guest = BufReader::new(rustls::StreamOwned::new(guest_tls, duplex));
+        let mut up = BufReader::new(rustls::StreamOwned::new(tls, tcp));
+        let _ = relay(&mut guest, &mut up, None, &ctx);
+        let guest = guest.get_mut();
+        guest.conn.send_close_notify();
+        let _ = guest.flush();
+        Ok(counts(&read, &written))
+    }
+
+    /// Verifies upstreams against the system roots and the operator's bundle; speaks
+    /// HTTP/1.1 only (the relay's protocol).
+    fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        static NATIVE: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+        let native = NATIVE.get_or_init(|| rustls_native_certs::load_native_certs().certs);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(native.iter().cloned());
+        match self.files.read(Source::TrustCa) {
+            Ok(Some(pem)) => {
+                roots.add_parsable_certificates(parse_pem_certs(&pem));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(format!(
+                    "KILN_EGRESS_TRUST_CA: {}",
+                    kiln_spec::error_chain(&e)
+                ))
+            }
+        }
+        if roots.is_empty() {
+            return Err("no root certificates to verify the upstream with".into());
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+
+    /// Serves the guest as `host` with a leaf of kiln's CA; HTTP/1.1 only. The CA is read
+    /// for every connection (cheap, and a new CA applies at once); its leaves are kept.
+    fn server_config(&self, host: &str) -> Result<rustls::ServerConfig, String> {
+        let read = |source| match self.files.read(source) {
+            Ok(Some(bytes)) => String::from_utf8(bytes).map_err(|_| "not PEM".to_owned()),
+            Ok(None) => Err("kiln's egress CA is missing".to_owned()),
+            Err(e) => Err(kiln_spec::error_chain(&e)),
+        };
+        let ca = EgressCa::from_pem(read(Source::CaCert)?, &read(Source::CaKey)?)
+            .map_err(|e| format!("egress CA: {e}"))?;
+        let (chain, key) = self.leaf(&ca, host)?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| e.to_string())?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+
+    /// `host`'s leaf of `ca`, issued once and again well before it expires.
+    fn leaf(&self, ca: &EgressCa, host: &str) -> Result<Leaf, String> {
+        let key = (ca.fingerprint(), host.to_owned());
+        let mut leaves = self.leaves.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((issued, (chain, key))) = leaves.get(&key) {
+            if issued.elapsed() < LEAF_REISSUE {
+                return Ok((chain.clone(), key.clone_key()));
+            }
+        }
+        let (chain, leaf_key) = ca.leaf(host).map_err(|e| format!("egress CA: {e}"))?;
+        leaves.insert(
+            key,
+            (
+                tokio::time::Instant::now(),
+                (chain.clone(), leaf_key.clone_key()),
+            ),
+        );
+        Ok((chain, leaf_key))
     }
 }
 
-/// Copies both ways until both directions are done; a side's EOF is passed on as a
-/// half-close so request/response protocols finish cleanly.
-fn splice<I, O>(mut from_guest: BufReader<I>, mut to_guest: O, upstream: TcpStream) -> (u64, u64)
-where
-    I: Read + Send + 'static,
-    O: Write + Send + 'static,
-{
-    let Ok(mut up_write) = upstream.try_clone() else {
-        return (0, 0);
-    };
-    let up_read = upstream;
-    let outbound = std::thread::spawn(move || {
-        let sent = std::io::copy(&mut from_guest, &mut up_write).unwrap_or(0);
-        let _ = up_write.shutdown(std::net::Shutdown::Write);
-        sent
-    });
-    let mut up_read = up_read;
-    let recv = std::io::copy(&mut up_read, &mut to_guest).unwrap_or(0);
-    let _ = to_guest.flush();
-    drop(to_guest);
-    // The guest may keep its side open after the destination closed: the VM closing the
-    // connection (or QEMU exiting) ends the outbound copy.
-    let _ = up_read.shutdown(std::net::Shutdown::Both);
-    (outbound.join().unwrap_or(0), recv)
+/// Answers the guest with `status` and `reason` and closes: what a refused connection
+/// gets. One write: the guest should see the status line whole.
+async fn refuse(
+    out: &mut (impl AsyncWrite + Unpin),
+    target: &str,
+    status: u16,
+    reason: String,
+) -> Outcome {
+    let (outcome, reply) = refusal(target, status, reason);
+    let _ = out.write_all(&reply).await;
+    let _ = out.flush().await;
+    let _ = out.shutdown().await;
+    outcome
 }
 
-fn refuse(out: &mut impl Write, target: &str, status: u16, reason: String) -> Outcome {
+/// [`refuse`], on the synchronous side of an opened-up connection.
+fn refuse_sync(out: &mut impl Write, target: &str, status: u16, reason: String) -> Outcome {
+    let (outcome, reply) = refusal(target, status, reason);
+    let _ = out.write_all(&reply).and_then(|()| out.flush());
+    outcome
+}
+
+fn refusal(target: &str, status: u16, reason: String) -> (Outcome, Vec<u8>) {
     let text = match status {
         400 => "Bad Request",
         403 => "Forbidden",
+        408 => "Request Timeout",
         502 => "Bad Gateway",
         _ => "Service Unavailable",
     };
     let body = format!("kiln: egress to {target} refused: {reason}\n");
-    // One write: `write!` on an unbuffered stdout is a syscall per piece, and the guest
-    // would see the status line arrive in fragments.
     let reply = format!(
         "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nConnection: close\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    let _ = out.write_all(reply.as_bytes()).and_then(|()| out.flush());
-    Outcome::Refused {
-        target: target.to_owned(),
-        status,
-        reason,
-    }
+    (
+        Outcome::Refused {
+            target: target.to_owned(),
+            status,
+            reason,
+        },
+        reply.into_bytes(),
+    )
 }
 
-/// The bindings file and the key, read afresh for every request.
-struct FileSecrets(SecretsConfig);
+/// The bindings and the key, read afresh for every request.
+struct FileSecrets(Arc<dyn Files>);
 
 impl Secrets for FileSecrets {
     fn bindings(&self) -> Result<Option<SandboxSecrets>, String> {
-        SandboxSecrets::load(&self.0.bindings).map_err(|e| e.to_string())
+        match self.0.read(Source::Secrets) {
+            Ok(Some(bytes)) => SandboxSecrets::parse(&bytes)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            Ok(None) => Ok(None),
+            Err(e) => Err(kiln_spec::error_chain(&e)),
+        }
     }
 
     fn open(&self, binding: &Binding) -> Result<String, String> {
         let (Some(sealed), Some(id)) = (&binding.sealed, &binding.secret_id) else {
             return Err(format!("the binding of {} is revoked", binding.env_key));
         };
-        let ring = KeyRing::load(&self.0.key).map_err(|e| format!("secrets key: {e}"))?;
+        let text = match self.0.read(Source::Key) {
+            Ok(Some(bytes)) => String::from_utf8(bytes).map_err(|_| "secrets key: not text")?,
+            Ok(None) => return Err("secrets key: missing".into()),
+            Err(e) => return Err(format!("secrets key: {}", kiln_spec::error_chain(&e))),
+        };
+        let ring = KeyRing::from_text(&text).map_err(|e| format!("secrets key: {e}"))?;
         let value = ring
             .open(sealed, id)
             .map_err(|e| format!("the secret of {}: {e}", binding.env_key))?;
@@ -332,178 +732,31 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Verifies upstreams against the system roots and the operator's bundle; speaks
-/// HTTP/1.1 only (the relay's protocol).
-fn client_config(trust_ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = trust_ca {
-        let extra = read_pem_certs(path).map_err(|e| format!("KILN_EGRESS_TRUST_CA: {e}"))?;
-        roots.add_parsable_certificates(extra);
-    }
-    if roots.is_empty() {
-        return Err("no root certificates to verify the upstream with".into());
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
-
-/// Serves the guest as `host` with a leaf of kiln's CA; HTTP/1.1 only.
-fn server_config(ca: &EgressCa, host: &str) -> Result<rustls::ServerConfig, String> {
-    let (chain, key) = ca.leaf(host).map_err(|e| format!("egress CA: {e}"))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
-
-/// Relays a connection to a secret's host request by request: over TLS for a tunnel
-/// (the upstream's handshake first, so a host that fails verification is refused before
-/// the guest is told the tunnel is up), in plain HTTP for a forward. Returns the bytes
-/// from and to the guest.
-fn open_up<I, O>(
-    reader: BufReader<I>,
-    mut output: O,
-    upstream: TcpStream,
-    req: &Request,
-    secrets: &FileSecrets,
-    recorder: &dyn Recorder,
-) -> Result<(u64, u64), Refusal<O>>
-where
-    I: Read,
-    O: Write,
-{
-    let read = Arc::new(AtomicU64::new(0));
-    let written = Arc::new(AtomicU64::new(0));
-    let counts = |r: &Arc<AtomicU64>, w: &Arc<AtomicU64>| {
-        use std::sync::atomic::Ordering::Relaxed;
-        (r.load(Relaxed), w.load(Relaxed))
-    };
-    let ctx = Relay {
-        host: &req.host,
-        port: req.port,
-        secrets,
-        recorder,
-        one_request: !req.tunnel,
-    };
-    if !req.tunnel {
-        let first = match parse_request(&req.head) {
-            Ok(h) => h,
-            Err(e) => {
-                return Err(Refusal {
-                    reply: Some(output),
-                    reason: e.to_string(),
-                })
-            }
-        };
-        let mut guest = BufReader::new(Duplex {
-            r: reader,
-            w: output,
-            read: read.clone(),
-            written: written.clone(),
-        });
-        let mut up = BufReader::new(upstream);
-        let _ = relay(&mut guest, &mut up, Some(first), &ctx);
-        return Ok(counts(&read, &written));
-    }
-    let refuse = |output, reason: String| Refusal {
-        reply: Some(output),
-        reason,
-    };
-    let sc = &secrets.0;
-    let client = match client_config(sc.trust_ca.as_deref()) {
-        Ok(c) => c,
-        Err(e) => return Err(refuse(output, e)),
-    };
-    let name = match rustls::pki_types::ServerName::try_from(req.host.clone()) {
-        Ok(n) => n,
-        Err(e) => return Err(refuse(output, format!("{}: {e}", req.host))),
-    };
-    let mut tcp = upstream;
-    let mut tls = match rustls::ClientConnection::new(Arc::new(client), name) {
-        Ok(c) => c,
-        Err(e) => return Err(refuse(output, e.to_string())),
-    };
-    while tls.is_handshaking() {
-        if let Err(e) = tls.complete_io(&mut tcp) {
-            return Err(refuse(output, format!("TLS with the upstream: {e}")));
+fn load_policy(files: &dyn Files) -> Result<Policy, String> {
+    let text = match files.read(Source::Rules) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(Policy::default()),
+        Err(e) => {
+            return Err(format!(
+                "network rules unreadable: {}",
+                kiln_spec::error_chain(&e)
+            ))
         }
-    }
-    let server = EgressCa::load(&sc.ca_dir)
-        .map_err(|e| format!("egress CA: {e}"))
-        .and_then(|ca| server_config(&ca, &req.host));
-    let server = match server {
-        Ok(s) => s,
-        Err(e) => return Err(refuse(output, e)),
-    };
-    if let Err(e) = output
-        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .and_then(|()| output.flush())
-    {
-        return Err(Refusal {
-            reply: None,
-            reason: format!("write: {e}"),
-        });
-    }
-    let mut duplex = Duplex {
-        r: reader,
-        w: output,
-        read: read.clone(),
-        written: written.clone(),
-    };
-    let mut guest_tls = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| Refusal {
-        reply: None,
-        reason: e.to_string(),
-    })?;
-    while guest_tls.is_handshaking() {
-        if let Err(e) = guest_tls.complete_io(&mut duplex) {
-            return Err(Refusal {
-                reply: None,
-                reason: format!("TLS with the guest (does it trust kiln's egress CA?): {e}"),
-            });
-        }
-    }
-    let mut guest = BufReader::new(rustls::StreamOwned::new(guest_tls, duplex));
-    let mut up = BufReader::new(rustls::StreamOwned::new(tls, tcp));
-    let _ = relay(&mut guest, &mut up, None, &ctx);
-    let guest = guest.get_mut();
-    guest.conn.send_close_notify();
-    let _ = guest.flush();
-    Ok(counts(&read, &written))
-}
-
-fn load_policy(cfg: &ProxyConfig) -> Result<Policy, String> {
-    let Some(path) = &cfg.rules else {
-        return Ok(Policy::default());
-    };
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Policy::default()),
-        Err(e) => return Err(format!("network rules unreadable: {e}")),
     };
     let rules: NetworkConfig =
         serde_json::from_slice(&text).map_err(|e| format!("network rules unreadable: {e}"))?;
     Policy::compile(&rules).map_err(|errs| format!("network rules invalid: {errs}"))
 }
 
-fn read_request(reader: &mut impl BufRead) -> Result<Request, String> {
+async fn read_request(reader: &mut (impl AsyncBufRead + Unpin)) -> Result<Request, String> {
     let mut head = Vec::new();
     let mut lines: Vec<Vec<u8>> = Vec::new();
     loop {
         let mut line = Vec::new();
-        let n = reader
+        let n = (&mut *reader)
             .take((MAX_HEAD - head.len()) as u64 + 1)
             .read_until(b'\n', &mut line)
+            .await
             .map_err(|e| format!("reading the request: {e}"))?;
         if n == 0 {
             return Err("connection closed before a complete request".into());
@@ -602,7 +855,7 @@ fn split_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), 
 fn choose_addr(
     req: &Request,
     policy: &Policy,
-    cfg: &ProxyConfig,
+    allow_private: &[PrivateDest],
 ) -> Result<SocketAddr, (u16, String)> {
     let literal = req.host.parse::<IpAddr>().ok();
     let domain = if literal.is_some() {
@@ -621,8 +874,7 @@ fn choose_addr(
     let mut last = String::from("no address");
     for a in addrs {
         let ip = a.ip();
-        let opened = cfg
-            .allow_private
+        let opened = allow_private
             .iter()
             .any(|p| p.permits(domain, ip, req.port));
         let verdict = if opened {
@@ -677,10 +929,15 @@ fn host_addresses() -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Cursor;
+    use crate::ca::read_pem_certs;
+    use crate::files::FileSet;
+    use std::io::{BufRead, Cursor};
 
     fn parse(head: &str) -> Result<Request, String> {
-        read_request(&mut Cursor::new(head.as_bytes().to_vec()))
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(read_request(&mut Cursor::new(head.as_bytes().to_vec())))
     }
 
     #[test]
@@ -721,35 +978,61 @@ mod tests {
         assert!(parse(&huge).expect_err("huge").contains("over"));
     }
 
-    /// Records nothing.
-    struct Nowhere;
-
-    impl Recorder for Nowhere {
-        fn request(&self, _: &crate::RequestRecord) {}
+    /// A proxy over `files`, run on a runtime of its own: the tests are guests speaking
+    /// plain blocking sockets to it.
+    struct Harness {
+        rt: tokio::runtime::Runtime,
+        proxy: Arc<Proxy>,
     }
 
-    /// A guest's side of one proxied connection: bytes in, bytes out.
-    fn run(request: &str, cfg: &ProxyConfig) -> (Outcome, String) {
-        run_recorded(request, cfg, Box::new(Nowhere))
-    }
+    impl Harness {
+        fn new(allow_private: Vec<PrivateDest>, files: FileSet) -> Self {
+            Self::with(Proxy::new(
+                allow_private,
+                Arc::new(files),
+                Limits::default(),
+            ))
+        }
 
-    /// [`run`], with the requests it records going to `recorder`.
-    fn run_recorded(
-        request: &str,
-        cfg: &ProxyConfig,
-        recorder: Box<dyn Recorder>,
-    ) -> (Outcome, String) {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
-        let input = theirs.try_clone().expect("clone");
-        let cfg = cfg.clone();
-        let t = std::thread::spawn(move || serve(input, theirs, &cfg, recorder.as_ref()));
-        let mut ours = ours;
-        ours.write_all(request.as_bytes()).expect("send");
-        ours.shutdown(std::net::Shutdown::Write)
-            .expect("half-close");
-        let mut reply = String::new();
-        ours.read_to_string(&mut reply).expect("reply");
-        (t.join().expect("proxy thread"), reply)
+        fn with(proxy: Proxy) -> Self {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            Self {
+                rt,
+                proxy: Arc::new(proxy),
+            }
+        }
+
+        /// Starts the proxy on one connection; returns the guest's end.
+        fn connect(
+            &self,
+        ) -> (
+            std::os::unix::net::UnixStream,
+            tokio::task::JoinHandle<Outcome>,
+        ) {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+            theirs.set_nonblocking(true).expect("nonblocking");
+            let proxy = self.proxy.clone();
+            let task = self.rt.spawn(async move {
+                let stream = tokio::net::UnixStream::from_std(theirs).expect("stream");
+                proxy.handle(stream).await
+            });
+            (ours, task)
+        }
+
+        /// A guest's side of one proxied connection: bytes in, bytes out.
+        fn run(&self, request: &str) -> (Outcome, String) {
+            let (mut ours, task) = self.connect();
+            ours.write_all(request.as_bytes()).expect("send");
+            ours.shutdown(std::net::Shutdown::Write)
+                .expect("half-close");
+            let mut reply = String::new();
+            ours.read_to_string(&mut reply).expect("reply");
+            (self.rt.block_on(task).expect("proxy task"), reply)
+        }
     }
 
     /// `127.0.0.1:port` opened the way an operator opens a private destination.
@@ -767,18 +1050,20 @@ mod tests {
         // Even an explicit allow of loopback does not open it, nor does the operator
         // opening another port of it.
         std::fs::write(&rules, r#"{"allow_out":["127.0.0.0/8","localhost"]}"#).expect("rules");
-        let cfg = ProxyConfig {
-            rules: Some(rules),
-            allow_private: open_loopback(port.wrapping_add(1).max(1)),
-            ..ProxyConfig::default()
-        };
+        let proxy = Harness::new(
+            open_loopback(port.wrapping_add(1).max(1)),
+            FileSet {
+                rules: Some(rules),
+                ..FileSet::default()
+            },
+        );
         for req in [
             format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n"),
             format!("CONNECT localhost:{port} HTTP/1.1\r\n\r\n"),
             format!("CONNECT [::ffff:127.0.0.1]:{port} HTTP/1.1\r\n\r\n"),
             format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\n\r\n"),
         ] {
-            let (outcome, reply) = run(&req, &cfg);
+            let (outcome, reply) = proxy.run(&req);
             assert!(
                 matches!(&outcome, Outcome::Refused { status: 403, .. }),
                 "{req:?}: {outcome}"
@@ -797,11 +1082,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let rules = dir.path().join("rules.json");
         std::fs::write(&rules, "{not json").expect("rules");
-        let cfg = ProxyConfig {
-            rules: Some(rules),
-            ..ProxyConfig::default()
-        };
-        let (outcome, reply) = run("CONNECT 1.1.1.1:443 HTTP/1.1\r\n\r\n", &cfg);
+        let proxy = Harness::new(
+            Vec::new(),
+            FileSet {
+                rules: Some(rules),
+                ..FileSet::default()
+            },
+        );
+        let (outcome, reply) = proxy.run("CONNECT 1.1.1.1:443 HTTP/1.1\r\n\r\n");
         assert!(
             matches!(outcome, Outcome::Refused { status: 503, .. }),
             "{outcome}"
@@ -824,23 +1112,16 @@ mod tests {
                 s.write_all(&got).expect("write");
             }
         });
-        let cfg = ProxyConfig {
-            allow_private: open_loopback(port),
-            ..ProxyConfig::default()
-        };
-        let (outcome, reply) = run(
-            &format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nping"),
-            &cfg,
-        );
+        let proxy = Harness::new(open_loopback(port), FileSet::default());
+        let (outcome, reply) = proxy.run(&format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nping"));
         assert!(matches!(outcome, Outcome::Connected { .. }), "{outcome}");
         assert_eq!(
             reply,
             "HTTP/1.1 200 Connection established\r\n\r\necho:ping"
         );
-        let (_, reply) = run(
-            &format!("GET http://127.0.0.1:{port}/x HTTP/1.1\r\nHost: h\r\n\r\nbody"),
-            &cfg,
-        );
+        let (_, reply) = proxy.run(&format!(
+            "GET http://127.0.0.1:{port}/x HTTP/1.1\r\nHost: h\r\n\r\nbody"
+        ));
         assert_eq!(reply, "echo:GET /x HTTP/1.1\r\nHost: h\r\n\r\nbody");
         server.join().expect("server");
     }
@@ -852,7 +1133,8 @@ mod tests {
         ca: EgressCa,
         upstream_ca: EgressCa,
         ring: KeyRing,
-        cfg: ProxyConfig,
+        files: FileSet,
+        allow: Vec<PrivateDest>,
         records: Arc<std::sync::Mutex<Vec<crate::RequestRecord>>>,
     }
 
@@ -867,22 +1149,20 @@ mod tests {
             let ca = EgressCa::load_or_create(&dir.path().join("keys")).expect("ca");
             let upstream_ca =
                 EgressCa::load_or_create(&dir.path().join("upstream-ca")).expect("ca");
-            let cfg = ProxyConfig {
-                rules: None,
-                allow_private: Vec::new(),
-                secrets: Some(SecretsConfig {
-                    bindings: dir.path().join("secrets.json"),
-                    key,
-                    ca_dir: dir.path().join("keys"),
-                    trust_ca: Some(upstream_ca.cert_path()),
-                }),
+            let files = FileSet {
+                secrets: Some(dir.path().join("secrets.json")),
+                key: Some(key),
+                ca_dir: Some(dir.path().join("keys")),
+                trust_ca: Some(upstream_ca.cert_path()),
+                ..FileSet::default()
             };
             Bound {
                 _dir: dir,
                 ca,
                 upstream_ca,
                 ring,
-                cfg,
+                files,
+                allow: Vec::new(),
                 records: Arc::default(),
             }
         }
@@ -904,24 +1184,20 @@ mod tests {
                     sealed: (!revoked).then(|| self.ring.seal(VALUE.as_bytes(), "sec-1")),
                 }],
             };
-            let path = &self.cfg.secrets.as_ref().expect("secrets").bindings;
+            let path = self.files.secrets.as_ref().expect("secrets");
             std::fs::write(path, serde_json::to_vec(&file).expect("json")).expect("write");
-            self.cfg.allow_private = allow.iter().flat_map(|p| open_loopback(*p)).collect();
+            self.allow = allow.iter().flat_map(|p| open_loopback(*p)).collect();
         }
 
-        /// Starts the proxy on one connection; returns the guest's end.
-        fn connect(
-            &self,
-        ) -> (
-            std::os::unix::net::UnixStream,
-            std::thread::JoinHandle<Outcome>,
-        ) {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
-            let input = theirs.try_clone().expect("clone");
-            let cfg = self.cfg.clone();
-            let records = Records(self.records.clone());
-            let t = std::thread::spawn(move || serve(input, theirs, &cfg, &records));
-            (ours, t)
+        /// The proxy as the bindings stand, recording into `records`.
+        fn proxy(&self) -> Harness {
+            let proxy = Proxy::new(
+                self.allow.clone(),
+                Arc::new(self.files.clone()),
+                Limits::default(),
+            )
+            .with_recorder(Arc::new(Records(self.records.clone())));
+            Harness::with(proxy)
         }
     }
 
@@ -963,7 +1239,8 @@ mod tests {
         let upstream = crate::testing::Upstream::start(Some(&bound.upstream_ca));
         let port = upstream.port;
         bound.bind(&[format!("127.0.0.1:{port}")], &[port], false);
-        let (mut guest, proxy) = bound.connect();
+        let harness = bound.proxy();
+        let (mut guest, proxy) = harness.connect();
         guest
             .write_all(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes())
             .expect("connect");
@@ -1015,7 +1292,7 @@ mod tests {
         assert!(head.starts_with("HTTP/1.1 403 Forbidden"), "{head}");
         assert!(body.contains("revoked"), "{body}");
         drop(tls);
-        let outcome = proxy.join().expect("proxy");
+        let outcome = harness.rt.block_on(proxy).expect("proxy");
         assert!(matches!(outcome, Outcome::Connected { .. }), "{outcome}");
         assert_eq!(upstream.seen().len(), 1, "{:?}", upstream.seen());
         assert!(upstream.seen().iter().all(|h| !h.contains(STAND_IN)));
@@ -1053,8 +1330,8 @@ mod tests {
                  Authorization: Bearer {STAND_IN}\r\nProxy-Connection: keep-alive\r\n\r\n"
             )
         };
-        let recorded = || Box::new(Records(bound.records.clone()));
-        let (outcome, reply) = run_recorded(&request(mine.port), &bound.cfg, recorded());
+        let proxy = bound.proxy();
+        let (outcome, reply) = proxy.run(&request(mine.port));
         assert!(matches!(outcome, Outcome::Connected { .. }), "{outcome}");
         let bearer = |v: &str| format!("Bearer {v}");
         assert!(
@@ -1068,7 +1345,7 @@ mod tests {
         assert!(!seen[0].contains("Proxy-Connection"), "{seen:?}");
 
         // Another host, even one the operator opened, gets the stand-in as it was.
-        let (_, reply) = run_recorded(&request(other.port), &bound.cfg, recorded());
+        let (_, reply) = proxy.run(&request(other.port));
         assert!(
             reply.ends_with(&crate::testing::answer("/p", Some(&bearer(STAND_IN)))),
             "{reply}"
@@ -1089,10 +1366,9 @@ mod tests {
         let upstream = crate::testing::Upstream::start(Some(&rogue));
         let port = upstream.port;
         bound.bind(&[format!("127.0.0.1:{port}")], &[port], false);
-        let (outcome, reply) = run(
-            &format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n"),
-            &bound.cfg,
-        );
+        let (outcome, reply) = bound
+            .proxy()
+            .run(&format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n"));
         assert!(reply.starts_with("HTTP/1.1 502 "), "{reply}");
         assert!(reply.contains("TLS with the upstream"), "{reply}");
         assert!(
@@ -1105,13 +1381,89 @@ mod tests {
     #[test]
     fn a_broken_bindings_file_fails_closed() {
         let bound = Bound::new();
-        let path = &bound.cfg.secrets.as_ref().expect("secrets").bindings;
+        let path = bound.files.secrets.as_ref().expect("secrets");
         std::fs::write(path, "{broken").expect("write");
-        let (outcome, reply) = run("CONNECT 1.1.1.1:443 HTTP/1.1\r\n\r\n", &bound.cfg);
+        let (outcome, reply) = bound.proxy().run("CONNECT 1.1.1.1:443 HTTP/1.1\r\n\r\n");
         assert!(
             matches!(outcome, Outcome::Refused { status: 503, .. }),
             "{outcome}"
         );
         assert!(reply.starts_with("HTTP/1.1 503 "), "{reply}");
+    }
+
+    /// A guest that opens a connection and sends nothing gets 408 at the header
+    /// timeout, not before; the connection is then closed.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_refused_at_the_header_timeout() {
+        let limits = Limits {
+            header_timeout: Duration::from_secs(10),
+            ..Limits::default()
+        };
+        let proxy = Arc::new(Proxy::new(Vec::new(), Arc::new(FileSet::default()), limits));
+        let (mut guest, theirs) = tokio::io::duplex(4096);
+        let started = tokio::time::Instant::now();
+        let task = tokio::spawn(async move { proxy.handle(theirs).await });
+        // A slow drip does not reset it: the whole head must come within the limit.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            guest.write_all(b"C").await.expect("drip");
+        }
+        let outcome = task.await.expect("task");
+        assert_eq!(started.elapsed(), limits.header_timeout);
+        assert!(
+            matches!(&outcome, Outcome::Refused { status: 408, .. }),
+            "{outcome}"
+        );
+        let mut reply = String::new();
+        guest.read_to_string(&mut reply).await.expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
+    }
+
+    /// Past the connection cap a guest gets 503 at once, and the refusal is logged;
+    /// the connections within the cap are served as before.
+    #[test]
+    fn connections_past_the_cap_are_refused_at_once_and_logged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("network.log");
+        let limits = Limits {
+            max_connections: 2,
+            header_timeout: Duration::from_secs(600),
+            ..Limits::default()
+        };
+        let files = FileSet {
+            log: Some(log.clone()),
+            ..FileSet::default()
+        };
+        let harness = Harness::with(Proxy::new(Vec::new(), Arc::new(files), limits));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let proxy = harness.proxy.clone();
+        harness.rt.spawn(async move {
+            let listener = TcpListener::from_std(listener).expect("listener");
+            proxy.run(listener).await
+        });
+        // Two connections take the two places and hold them (they send nothing).
+        let held: Vec<std::net::TcpStream> = (0..2)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut third = std::net::TcpStream::connect(addr).expect("connect");
+        let mut reply = String::new();
+        third.read_to_string(&mut reply).expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 503 "), "{reply}");
+        assert!(reply.contains("limit"), "{reply}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let logged = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if !text.is_empty() || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let row: NetworkEvent =
+            serde_json::from_str(logged.lines().next().expect("a line")).expect("a network event");
+        assert_eq!(row.error_code.as_deref(), Some("503"));
+        assert_eq!(row.verdict, NetworkVerdict::Failed);
+        drop(held);
     }
 }

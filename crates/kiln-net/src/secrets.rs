@@ -77,10 +77,15 @@ impl SandboxSecrets {
     /// Reads a bindings file; a missing file is no bindings.
     pub fn load(path: &Path) -> Result<Option<Self>, BindingsError> {
         match std::fs::read(path) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            Ok(bytes) => Ok(Some(Self::parse(&bytes)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A bindings file's content.
+    pub fn parse(bytes: &[u8]) -> Result<Self, BindingsError> {
+        Ok(serde_json::from_slice(bytes)?)
     }
 
     /// Whether connections to `host:port` are opened up (TLS terminated) to look for

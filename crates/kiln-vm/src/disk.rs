@@ -137,6 +137,58 @@ pub fn image_format(path: &Path) -> Result<&'static str> {
     })
 }
 
+/// The backing file a qcow2 image names in its header (a relative name is relative to
+/// the image's directory); `None` for a raw image or a qcow2 without one.
+pub fn backing_file(image: &Path) -> Result<Option<std::path::PathBuf>> {
+    use std::io::{Read as _, Seek as _};
+    let mut f = std::fs::File::open(image).map_err(Error::io("open", image))?;
+    let mut header = [0u8; 20];
+    let n = f.read(&mut header).map_err(Error::io("read", image))?;
+    if n < 20 || header[..4] != *b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().unwrap_or_default());
+    let size = u32::from_be_bytes(header[16..20].try_into().unwrap_or_default());
+    if offset == 0 || size == 0 {
+        return Ok(None);
+    }
+    // qcow2 caps backing names at 1023 bytes.
+    if size > 1023 {
+        return Err(Error::Config(format!(
+            "{}: a backing file name of {size} bytes",
+            image.display()
+        )));
+    }
+    let mut name = vec![0; size as usize];
+    f.seek(std::io::SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(&mut name))
+        .map_err(Error::io("read", image))?;
+    let name = std::path::PathBuf::from(
+        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name),
+    );
+    Ok(Some(match image.parent() {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name,
+    }))
+}
+
+/// Every image below `image` in its backing chain, nearest first.
+pub fn backing_chain(image: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut chain: Vec<std::path::PathBuf> = Vec::new();
+    let mut at = image.to_owned();
+    while let Some(next) = backing_file(&at)? {
+        if chain.len() >= 64 || chain.contains(&next) {
+            return Err(Error::Config(format!(
+                "{}: a backing chain deeper than 64 or with a loop",
+                image.display()
+            )));
+        }
+        chain.push(next.clone());
+        at = next;
+    }
+    Ok(chain)
+}
+
 /// Points a qcow2 image at another backing file without touching its data (`qemu-img
 /// rebase -u`): for a layer copied out of a VM's chain, whose recorded backing path is
 /// the VM's run directory.
@@ -148,22 +200,6 @@ pub fn set_backing(image: &Path, backing: &Path) -> Result<()> {
         .arg(image)
         .run()?;
     Ok(())
-}
-
-/// The backing file a qcow2 image names (`None` for a raw image or a qcow2 without one).
-/// Reads only the header (`qemu-img info -U`: the image may be in use by a running VM).
-pub fn backing_file(image: &Path) -> Result<Option<std::path::PathBuf>> {
-    let out = Tool::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(image)
-        .run()?;
-    let info: serde_json::Value = serde_json::from_slice(&out)
-        .map_err(|e| Error::Config(format!("qemu-img info {}: {e}", image.display())))?;
-    Ok(info
-        .get("full-backing-filename")
-        .or_else(|| info.get("backing-filename"))
-        .and_then(|v| v.as_str())
-        .map(std::path::PathBuf::from))
 }
 
 /// Makes the qcow2 `image` lie over `backing` while reading as it did
@@ -187,4 +223,51 @@ pub fn flatten_to_raw(src: &Path, dest: &Path) -> Result<()> {
         .arg(dest)
         .run()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the jail binds under an overlay: the whole chain, read from the headers
+    /// (relative names resolved against their image's directory).
+    #[test]
+    fn a_backing_chain_is_read_from_the_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::File::create(&base)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let layer = dir.path().join("layer.qcow2");
+        create_overlay(&base, &layer).unwrap();
+        let sub = dir.path().join("run");
+        std::fs::create_dir(&sub).unwrap();
+        let top = sub.join("top.qcow2");
+        create_overlay(&layer, &top).unwrap();
+        // A relative name, as `qemu-img rebase` may leave.
+        Tool::new("qemu-img")
+            .args([
+                "rebase",
+                "-q",
+                "-u",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                "../layer.qcow2",
+            ])
+            .arg(&top)
+            .run()
+            .unwrap();
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap();
+        let chain: Vec<_> = backing_chain(&top)
+            .unwrap()
+            .iter()
+            .map(|p| canonical(p))
+            .collect();
+        assert_eq!(chain, [canonical(&layer), canonical(&base)]);
+        assert_eq!(backing_file(&base).unwrap(), None);
+    }
 }

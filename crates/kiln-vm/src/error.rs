@@ -41,6 +41,9 @@ pub enum Error {
     /// QEMU could not be started.
     #[error("cannot start qemu")]
     Spawn(#[source] std::io::Error),
+    /// A VM's process could not be jailed (or started in its jail).
+    #[error("jail")]
+    Jail(#[from] crate::jail::JailError),
     /// The guest did not reach the agent in time, or QEMU died while booting.
     #[error("guest did not become ready: {reason}; console tail:\n{console}")]
     Boot {
@@ -90,9 +93,11 @@ impl Error {
     pub fn code(&self) -> BuildErrorCode {
         match self {
             Self::DiskTooSmall { .. } => BuildErrorCode::ImageTooLarge,
-            Self::Boot { .. } | Self::Spawn(_) | Self::NotProvisioned(_) | Self::AgentBinary(_) => {
-                BuildErrorCode::BootFailed
-            }
+            Self::Boot { .. }
+            | Self::Spawn(_)
+            | Self::Jail(_)
+            | Self::NotProvisioned(_)
+            | Self::AgentBinary(_) => BuildErrorCode::BootFailed,
             Self::Snapshot(_) | Self::SnapshotFiles(_) => BuildErrorCode::SnapshotFailed,
             _ => BuildErrorCode::BuildFailed,
         }

@@ -33,6 +33,8 @@ pub enum Call {
     Boot(String),
     /// A restore was started for this bundle (machine pid).
     Prepare(PathBuf, u32),
+    /// The restore of this pid was pointed at a sandbox's egress files (a pool claim).
+    AssignEgress(u32, kiln_net::FileSet),
     /// The restore of this pid was finished (snapshot loaded, guest running).
     Finish(u32),
     /// This pid was captured into this bundle.
@@ -298,6 +300,12 @@ impl PendingRestore for FakePending {
     }
 
     fn claimed_by(&self, _who: &str) {}
+
+    fn assign_egress(&self, files: kiln_net::FileSet) {
+        self.machine
+            .shared
+            .record(Call::AssignEgress(self.machine.pid, files));
+    }
 
     async fn finish(self: Box<Self>, _timeout: Duration) -> Result<Box<dyn Machine>> {
         let Self {

@@ -25,8 +25,7 @@ pub struct FloorCommand {
 }
 
 /// The floor's QEMU for restoring a file-mode `bundle` (manifest `m`), its sockets in
-/// `run_dir`. No egress command and no forwards: production's egress command runs only
-/// when the guest connects out, so leaving it out costs the floor nothing it should pay.
+/// `run_dir`. No egress proxy and no forwards: the floor is QEMU alone.
 pub fn command(bundle: &Path, m: &Manifest, run_dir: &Path) -> Result<FloorCommand> {
     let kernel = KernelAssets {
         version: m.kernel_version.clone(),
@@ -53,7 +52,7 @@ pub fn command(bundle: &Path, m: &Manifest, run_dir: &Path) -> Result<FloorComma
         incoming: true,
     };
     Ok(FloorCommand {
-        argv: qemu.argv()?,
+        argv: qemu.argv(),
         qmp_socket: qemu.qmp_socket(),
         agent_socket: qemu.agent_socket(),
     })
@@ -65,8 +64,9 @@ pub async fn load(qmp_socket: &Path, bundle: &Path) -> Result<()> {
     let mut qmp = Qmp::connect(qmp_socket, Duration::from_secs(10)).await?;
     qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .await?;
-    let state = kiln_spec::shell_quote(&bundle.join("state").display().to_string());
-    qmp.migrate_incoming(&format!("exec:cat {state}")).await?;
+    let state = bundle.join("state");
+    let state = std::fs::File::open(&state).map_err(crate::Error::io("open", &state))?;
+    qmp.migrate_from(&state).await?;
     qmp.wait_migration(Duration::from_secs(30)).await?;
     qmp.cont().await?;
     qmp.wait_status("running", Duration::from_secs(10)).await?;

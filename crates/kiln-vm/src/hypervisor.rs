@@ -18,7 +18,10 @@
 //!   per-restore copy-on-write layer (both take raw disks only: a qcow2 overlay would need
 //!   a device-mapper or reflink copy instead);
 //! - egress: a TAP device per VM into a network namespace with kiln's proxy as its only
-//!   way out, since neither has QEMU's user-mode `guestfwd`;
+//!   way out, since neither has QEMU's user-mode network (QEMU's VMs already live in a
+//!   namespace of their own: see [`crate::jail::netns`]);
+//! - jailing: both come with a jailer of their own (Firecracker's is the model of
+//!   [`crate::jail`]), which would take the place of [`crate::jail::spawn`];
 //! - `-incoming defer`'s equivalent for the pool: a process started and configured, its
 //!   snapshot loaded on claim (Firecracker: the API socket up before `/snapshot/load`).
 
@@ -30,6 +33,7 @@ use async_trait::async_trait;
 use kiln_agent_proto::{AgentClient, ExecHandle, ExecOutput, ExecRequest};
 
 use crate::error::Result;
+use crate::jail::Jail;
 use crate::snapshot::{CheckpointInfo, Incoming, RestoreConfig, SnapshotInfo};
 use crate::vm::{Vm, VmConfig};
 
@@ -85,7 +89,7 @@ pub trait Hypervisor: Send + Sync + Debug {
 /// directory.
 #[async_trait]
 pub trait PendingRestore: Send + Sync + Debug {
-    /// The VM's run directory: relative paths of its egress command resolve here.
+    /// The VM's run directory.
     fn run_dir(&self) -> &Path;
 
     /// False once the process has exited (it can no longer be finished).
@@ -93,6 +97,10 @@ pub trait PendingRestore: Send + Sync + Debug {
 
     /// Names who this VM ended up serving in its logs.
     fn claimed_by(&self, who: &str);
+
+    /// Points the VM's egress proxy at the claiming sandbox's files (its rules, bindings
+    /// and logs); before [`PendingRestore::finish`], so before the guest can connect.
+    fn assign_egress(&self, files: kiln_net::FileSet);
 
     /// Loads the snapshot, resumes the guest, connects to its agent and sets its clock.
     async fn finish(self: Box<Self>, timeout: Duration) -> Result<Box<dyn Machine>>;
@@ -152,9 +160,30 @@ pub trait Machine: Send + Sync + Debug {
 }
 
 /// QEMU (`qemu-system-x86_64`): the hypervisor kiln runs today, with KVM where it really
-/// boots a guest and TCG otherwise (see [`crate::accel`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Qemu;
+/// boots a guest and TCG otherwise (see [`crate::accel`]), every process jailed
+/// ([`crate::jail`]).
+///
+/// `Qemu::default()` jails as the environment says ([`Jail::from_env`]); a malformed
+/// setting fails each VM's start with the reason, so making one never fails.
+#[derive(Debug, Clone, Default)]
+pub struct Qemu {
+    jail: Option<Jail>,
+}
+
+impl Qemu {
+    /// QEMU with VM processes jailed by `jail`.
+    pub fn new(jail: Jail) -> Self {
+        Self { jail: Some(jail) }
+    }
+
+    /// The jail its VMs run in.
+    pub fn jail(&self) -> Result<Jail> {
+        match &self.jail {
+            Some(j) => Ok(j.clone()),
+            None => Ok(Jail::from_env()?),
+        }
+    }
+}
 
 #[async_trait]
 impl Hypervisor for Qemu {
@@ -163,7 +192,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn boot(&self, config: VmConfig) -> Result<Box<dyn Machine>> {
-        Ok(Box::new(Vm::boot(config).await?))
+        Ok(Box::new(Vm::boot_in(config, &self.jail()?).await?))
     }
 
     async fn prepare_restore(
@@ -171,7 +200,9 @@ impl Hypervisor for Qemu {
         bundle: &Path,
         config: &RestoreConfig,
     ) -> Result<Box<dyn PendingRestore>> {
-        Ok(Box::new(Vm::prepare_restore(bundle, config).await?))
+        Ok(Box::new(
+            Vm::prepare_restore_in(bundle, config, &self.jail()?).await?,
+        ))
     }
 
     async fn make_forkable(
@@ -180,7 +211,7 @@ impl Hypervisor for Qemu {
         bundle: &Path,
         run_parent: &Path,
     ) -> Result<SnapshotInfo> {
-        crate::snapshot::make_forkable(stream, bundle, run_parent).await
+        crate::snapshot::make_forkable(stream, bundle, run_parent, &self.jail()?).await
     }
 }
 
@@ -196,6 +227,10 @@ impl PendingRestore for Incoming {
 
     fn claimed_by(&self, who: &str) {
         Incoming::claimed_by(self, who);
+    }
+
+    fn assign_egress(&self, files: kiln_net::FileSet) {
+        Incoming::assign_egress(self, files);
     }
 
     async fn finish(self: Box<Self>, timeout: Duration) -> Result<Box<dyn Machine>> {

@@ -3,6 +3,7 @@
 //! One command in flight at a time (QMP answers in order); asynchronous events that
 //! arrive between are logged and skipped.
 
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,6 +12,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
+
+/// The name migration descriptors are handed to QEMU under.
+const MIGRATION_FD: &str = "kiln-migration";
 
 /// A QMP failure.
 #[derive(Debug, thiserror::Error)]
@@ -122,13 +126,55 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.execute_with_fd(command, arguments, None).await
+    }
+
+    /// [`Qmp::execute`], passing `fd` along with the command (`SCM_RIGHTS`), as `getfd`
+    /// wants it.
+    async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
         let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(e.to_string()))?;
         bytes.push(b'\n');
-        self.writer.write_all(&bytes).await?;
+        match fd {
+            None => self.writer.write_all(&bytes).await?,
+            Some(fd) => {
+                let stream: &UnixStream = self.writer.as_ref();
+                let fds = [fd.as_raw_fd()];
+                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+                let iov = [std::io::IoSlice::new(&bytes)];
+                loop {
+                    stream.writable().await?;
+                    let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                        nix::sys::socket::sendmsg::<()>(
+                            stream.as_raw_fd(),
+                            &iov,
+                            &cmsg,
+                            nix::sys::socket::MsgFlags::empty(),
+                            None,
+                        )
+                        .map_err(std::io::Error::from)
+                    });
+                    match sent {
+                        // A command line is far smaller than the socket's buffer.
+                        Ok(n) if n == bytes.len() => break,
+                        Ok(n) => {
+                            self.writer.write_all(&bytes[n..]).await?;
+                            break;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
         loop {
             let reply = self.read_msg().await?;
             if let Some(ev) = reply.get("event") {
@@ -182,18 +228,34 @@ impl Qmp {
         .map(drop)
     }
 
-    /// Starts an outgoing migration to `uri` (e.g. `exec:cat > FILE`).
-    pub async fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate", Some(json!({ "uri": uri })))
+    /// Hands QEMU a descriptor under `name` (`getfd`), for a `fd:NAME` URI.
+    async fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", Some(json!({ "fdname": name })), Some(fd))
             .await
             .map(drop)
     }
 
-    /// Starts an incoming migration from `uri` (QEMU must run with `-incoming defer`).
-    pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .await
-            .map(drop)
+    /// Starts an outgoing migration into `file` (opened for writing by kiln: QEMU runs
+    /// jailed and never sees where its snapshot goes, and spawns no helper to write it).
+    pub async fn migrate_to(&mut self, file: &std::fs::File) -> Result<(), QmpError> {
+        self.getfd(MIGRATION_FD, file.as_fd()).await?;
+        self.execute(
+            "migrate",
+            Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Starts an incoming migration from `file` (QEMU must run with `-incoming defer`).
+    pub async fn migrate_from(&mut self, file: &std::fs::File) -> Result<(), QmpError> {
+        self.getfd(MIGRATION_FD, file.as_fd()).await?;
+        self.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+        )
+        .await
+        .map(drop)
     }
 
     /// Migration progress.

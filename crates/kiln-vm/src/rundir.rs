@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The lock file an owner holds.
-const LOCK_FILE: &str = "owner.lock";
+pub(crate) const LOCK_FILE: &str = "owner.lock";
 
 /// A VM's run directory (or any scratch directory under a VM run parent), removed on
 /// drop; `owner.lock` in it is held until then, so a dead owner's is swept.

@@ -36,6 +36,8 @@ use tracing::Instrument as _;
 
 use crate::digest::chunked_sha256;
 use crate::error::{Error, Result};
+use crate::jail::Jail;
+use crate::launch::Egress;
 use crate::provision::{file_sha256, write_atomic, KernelAssets};
 use crate::qmp::Qmp;
 use crate::tool::Tool;
@@ -140,8 +142,8 @@ pub struct RestoreConfig {
     pub run_parent: PathBuf,
     /// Port forwards (only if the snapshot has a network device).
     pub forwards: Vec<PortForward>,
-    /// The egress proxy command (see [`crate::NetConfig::egress`]); `None`: no way out.
-    pub egress: Option<Vec<String>>,
+    /// The egress proxy (see [`crate::NetConfig::egress`]); `None`: no way out.
+    pub egress: Option<Egress>,
     /// Console log location (`None`: in the run dir).
     pub console_log: Option<PathBuf>,
     /// Bound for the whole restore to agent-connected.
@@ -346,8 +348,10 @@ async fn migrate_to(qmp: &mut Qmp, state: &Path, ignore_shared: bool) -> Result<
     qmp.migrate_set_capabilities(&[("x-ignore-shared", ignore_shared)])
         .await
         .map_err(snap_err)?;
-    let uri = format!("exec:cat > {}", shell_quote(state));
-    qmp.migrate(&uri).await.map_err(snap_err)?;
+    // QEMU runs jailed and never sees where its state goes: kiln opens the file and
+    // passes it over QMP (and QEMU may not spawn a helper to write it).
+    let out = std::fs::File::create(state).map_err(Error::io("create", state))?;
+    qmp.migrate_to(&out).await.map_err(snap_err)?;
     qmp.wait_migration(MIGRATION_TIMEOUT)
         .await
         .map_err(snap_err)?;
@@ -397,6 +401,7 @@ pub async fn make_forkable(
     stream: &Path,
     bundle: &Path,
     run_parent: &Path,
+    jail: &Jail,
 ) -> Result<SnapshotInfo> {
     let m = read_manifest(stream)?;
     if m.ram != RamMode::Stream {
@@ -407,7 +412,7 @@ pub async fn make_forkable(
     }
     let mut cfg = RestoreConfig::new("forkable", run_parent);
     cfg.timeout = MIGRATION_TIMEOUT;
-    let incoming = Vm::prepare_restore(stream, &cfg).await?;
+    let incoming = Vm::prepare_restore_in(stream, &cfg, jail).await?;
     let stream = incoming.bundle().to_owned();
     let vm = incoming.load(MIGRATION_TIMEOUT).await?;
     let disk = m.disk_file();
@@ -633,8 +638,12 @@ impl Vm {
                         .await;
             }
             let t_files = Instant::now();
+            // QEMU (gone now) owned the run directory: what kiln takes out of it must be
+            // what kiln left there, not a link a jailed QEMU put in its place.
             if let Some(mem) = self.ram_shared_file() {
-                move_file(mem, &staged.path().join("memory"))?;
+                let mem = mem.to_owned();
+                take_back(&mem)?;
+                move_file(&mem, &staged.path().join("memory"))?;
             }
             let disk_name = match disk {
                 BundleDisk::Own => {
@@ -643,14 +652,19 @@ impl Vm {
                         // A restored VM: one layer over its template's disk (what a pause
                         // then a resume, or a fork, restores on), not a flattened copy.
                         (Some(root), true) => {
+                            take_back(disk)?;
+                            self.check_backing()?;
                             layer_over(disk, root, &staged.path().join("disk.qcow2"))?;
                             "disk.qcow2"
                         }
                         _ => {
                             let dest = staged.path().join("disk.raw");
                             if owned {
+                                take_back(disk)?;
                                 move_file(disk, &dest)?;
                             } else if overlay {
+                                take_back(disk)?;
+                                self.check_backing()?;
                                 crate::disk::flatten_to_raw(disk, &dest)
                                     .map_err(|e| Error::Snapshot(error_chain(&e)))?;
                             } else {
@@ -783,6 +797,10 @@ impl Vm {
         froze?;
         self.set_overlay_top(new_top);
         saved?;
+        // The frozen layer is read as root below: it must be the file kiln made, with the
+        // backing chain kiln made (a jailed QEMU could have rewritten its header).
+        check_own_file(&top)?;
+        self.check_backing()?;
         tracing::info!(
             frozen_ms = frozen_time.as_millis() as u64,
             "checkpoint saved"
@@ -830,9 +848,14 @@ impl Vm {
     ///
     /// The same as [`Vm::prepare_restore`] followed at once by [`Incoming::finish`].
     pub async fn restore(bundle: &Path, cfg: RestoreConfig) -> Result<Vm> {
+        Self::restore_in(bundle, cfg, &Jail::from_env()?).await
+    }
+
+    /// [`Vm::restore`] with its processes jailed by `jail`.
+    pub async fn restore_in(bundle: &Path, cfg: RestoreConfig, jail: &Jail) -> Result<Vm> {
         let timeout = cfg.timeout;
         let started = Instant::now();
-        let incoming = Self::prepare_restore(bundle, &cfg).await?;
+        let incoming = Self::prepare_restore_in(bundle, &cfg, jail).await?;
         let left = timeout
             .saturating_sub(started.elapsed())
             .max(Duration::from_secs(1));
@@ -843,7 +866,18 @@ impl Vm {
     /// wanted: checks the bundle, creates the disk overlay and starts a QEMU that waits
     /// for its migration stream (`-incoming defer`), its guest not yet loaded. A pool of
     /// these hides process start-up from the sandbox that finally claims one.
+    ///
+    /// Jailed as the environment says ([`Jail::from_env`]).
     pub async fn prepare_restore(bundle: &Path, cfg: &RestoreConfig) -> Result<Incoming> {
+        Self::prepare_restore_in(bundle, cfg, &Jail::from_env()?).await
+    }
+
+    /// [`Vm::prepare_restore`] with its processes jailed by `jail`.
+    pub async fn prepare_restore_in(
+        bundle: &Path,
+        cfg: &RestoreConfig,
+        jail: &Jail,
+    ) -> Result<Incoming> {
         let m = read_manifest(bundle)?;
         let bundle = std::fs::canonicalize(bundle).map_err(Error::io("resolve", bundle))?;
         ensure_verified(&bundle, &m).await?;
@@ -876,6 +910,7 @@ impl Vm {
                 egress: cfg.egress.clone(),
             },
             cfg.console_log.clone(),
+            jail,
         )
         .await?;
         Ok(Incoming {
@@ -901,10 +936,17 @@ impl Incoming {
         &self.bundle
     }
 
-    /// The VM's run directory: QEMU's working directory, so relative paths in its
-    /// egress command (see [`crate::NetConfig::egress`]) resolve here.
+    /// The VM's run directory.
     pub fn run_dir(&self) -> &Path {
         self.vm.run_dir()
+    }
+
+    /// Points the VM's egress proxy at the files of the sandbox that claims it (a pooled
+    /// restore starts its proxy before any sandbox is known). Before the guest runs.
+    pub fn assign_egress(&self, files: kiln_net::FileSet) {
+        if let Some(proxy) = &self.vm.egress {
+            proxy.files.assign(files);
+        }
     }
 
     /// False once QEMU has exited (it can no longer be finished).
@@ -961,12 +1003,13 @@ impl Incoming {
         } = self;
         ensure_verified(&bundle, &m).await?;
         let span = vm.span.clone();
+        let state = bundle.join("state");
+        let state = std::fs::File::open(&state).map_err(Error::io("open", &state))?;
         let res = tokio::time::timeout(timeout, async {
             let mut qmp = vm.qmp.lock().await;
             qmp.migrate_set_capabilities(&[("x-ignore-shared", m.ram == RamMode::File)])
                 .await?;
-            let uri = format!("exec:cat {}", shell_quote(&bundle.join("state")));
-            qmp.migrate_incoming(&uri).await?;
+            qmp.migrate_from(&state).await?;
             qmp.wait_migration(timeout).await?;
             // The source was paused when saved, and QEMU keeps that run state.
             if run && qmp.query_status().await?.status != "running" {
@@ -990,8 +1033,29 @@ impl Incoming {
     }
 }
 
-fn shell_quote(p: &Path) -> String {
-    kiln_spec::shell_quote(&p.display().to_string())
+/// Checks that `path`, in a run directory QEMU owns, is a regular file of its own (no
+/// link, no second name).
+fn check_own_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(path).map_err(Error::io("inspect", path))?;
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return Err(Error::Snapshot(format!(
+            "{} is not the regular file kiln left there",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// [`check_own_file`], then gives the file back to kiln's user.
+fn take_back(path: &Path) -> Result<()> {
+    check_own_file(path)?;
+    crate::jail::give(
+        path,
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    )
+    .map_err(|e| Error::SnapshotFiles(Box::new(e.into())))
 }
 
 #[cfg(test)]

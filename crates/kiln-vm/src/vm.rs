@@ -9,7 +9,6 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use kiln_agent_proto::{AgentClient, ClientError, ExecHandle, ExecOutput, ExecRequest};
@@ -19,6 +18,8 @@ use tracing::Instrument as _;
 use crate::accel::Resolved;
 use crate::disk;
 use crate::error::{Error, Result};
+use crate::jail::Jail;
+use crate::launch::{Egress, EgressProxy, Files};
 use crate::provision::KernelAssets;
 use crate::qmp::Qmp;
 use crate::rundir::RunDir;
@@ -60,57 +61,50 @@ pub struct PortForward {
     pub guest_port: u16,
 }
 
-/// Guest networking: user-mode (slirp), restricted so that the guest reaches nothing on
-/// or through the host, with an optional egress proxy and port forwards.
+/// Guest networking: user-mode (libslirp), so that the guest reaches nothing on or
+/// through the host but its egress proxy, with optional port forwards.
 ///
-/// QEMU's user network maps its gateway (10.0.2.2) to the host's loopback and makes
-/// every other guest connection from a host socket, so an unrestricted guest reaches the
-/// kiln API, the registry and the host's private networks. `restrict=on` closes all of
-/// that; the guest's one way out is [`kiln_agent_proto::EGRESS_PROXY`], forwarded per connection
-/// to `egress` (see `kiln_net::proxy`).
+/// QEMU's user network makes every guest connection from a host socket, and maps the
+/// addresses of its own network (the gateway 10.0.2.2, ...) to the host's loopback. With
+/// egress, QEMU runs in a network namespace of its own (`crate::jail::netns`) holding only
+/// a loopback device and the VM's egress proxy listening on it; the network's host address
+/// is the guest's proxy address ([`kiln_agent_proto::EGRESS_PROXY`]), so libslirp answers
+/// for it and connects what the guest sends there to the proxy, and nothing else the guest
+/// tries has anywhere to go. Without egress the guest has no way out at all:
+/// `restrict=on` (forwards in, nothing out).
 #[derive(Debug, Clone, Default)]
 pub struct NetConfig {
-    /// Ingress forwards.
+    /// Ingress forwards (only without egress: with it, QEMU's network is its own
+    /// namespace and cannot listen on the host's).
     pub forwards: Vec<PortForward>,
-    /// The command (argv) QEMU runs per guest connection to the egress proxy address, on
-    /// the connection's stdio; `None`: the guest has no way out at all. It runs in the
-    /// VM's run directory, so relative paths in it name files there (a pooled restore's
-    /// rules file is only linked in when a sandbox claims the VM).
-    pub egress: Option<Vec<String>>,
+    /// The VM's egress proxy (see `kiln_net::proxy`); `None`: the guest has no way out.
+    pub egress: Option<Egress>,
 }
 
 impl NetConfig {
     /// The `-netdev user` option string.
-    fn netdev(&self) -> Result<String> {
-        let mut netdev = "user,id=net0,restrict=on".to_owned();
-        if let Some(argv) = &self.egress {
-            let (addr, port) = kiln_agent_proto::EGRESS_PROXY;
-            let mut cmd = Vec::with_capacity(argv.len());
-            for arg in argv {
-                // libslirp splits the command with g_shell_parse_argv, and QEMU's option
-                // parser ends a value at a single comma: single-quote every argument and
-                // keep quotes and commas out of it.
-                if arg.contains(['\'', ',', '\n']) {
-                    return Err(Error::Config(format!(
-                        "egress command argument {arg:?} holds a quote, comma or newline"
-                    )));
-                }
-                cmd.push(format!("'{arg}'"));
-            }
-            netdev.push_str(&format!(
-                ",guestfwd=tcp:{addr}:{port}-cmd:{}",
-                cmd.join(" ")
-            ));
-        }
+    fn netdev(&self) -> String {
+        let mut netdev = match &self.egress {
+            Some(_) => format!(
+                "user,id=net0,net=10.0.2.0/24,host={},ipv6=off",
+                kiln_agent_proto::EGRESS_PROXY.0
+            ),
+            None => "user,id=net0,restrict=on".to_owned(),
+        };
         for f in &self.forwards {
             netdev.push_str(&format!(
                 ",hostfwd=tcp:{}:{}-:{}",
                 f.host_addr, f.host_port, f.guest_port
             ));
         }
-        Ok(netdev)
+        netdev
     }
 }
+
+/// QEMU's own seccomp policy, on for every VM: no new processes (nothing in a VM's QEMU
+/// needs one: migration goes to descriptors kiln passes, the egress proxy is a process of
+/// its own), no privilege changes, no scheduling or resource control, no obsolete calls.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Everything needed to boot a VM.
 #[derive(Debug, Clone)]
@@ -137,6 +131,16 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Bound on boot to agent-ready; `None`: the accelerator's default.
     pub boot_timeout: Option<Duration>,
+}
+
+impl Disk {
+    /// The image's backing chain: what the VM reads besides its own disk.
+    fn backing(&self) -> Result<Vec<PathBuf>> {
+        match self {
+            Self::Overlay(p) => disk::backing_chain(p),
+            Self::OwnedRaw(_) | Self::ForeignRaw(_) => Ok(Vec::new()),
+        }
+    }
 }
 
 /// How guest RAM is backed; decides how a snapshot stores it.
@@ -245,6 +249,11 @@ pub struct Vm {
     /// it instead of flattening it. `None` for a booted VM (a build's bundle must stand
     /// alone) and for restores not given one.
     pub(crate) root_disk: Option<PathBuf>,
+    /// The VM's egress proxy, when the guest has a way out.
+    pub(crate) egress: Option<EgressProxy>,
+    /// The disk's backing chain as kiln made it (nearest first): what a snapshot checks
+    /// the disk against before reading through it (its header is QEMU's to write).
+    backing: Vec<PathBuf>,
 }
 
 /// QEMU's command line for one VM: the one place it is written down.
@@ -346,9 +355,8 @@ impl QemuArgs<'_> {
         self.run_dir.join(AGENT_SOCKET)
     }
 
-    /// The arguments for `qemu-system-x86_64`. Fails only on an egress command QEMU's
-    /// option syntax cannot carry (see [`NetConfig::egress`]).
-    pub fn argv(&self) -> Result<Vec<String>> {
+    /// The arguments for `qemu-system-x86_64`.
+    pub fn argv(&self) -> Vec<String> {
         let s = self.shape;
         let mut cmdline = format!(
             "console=ttyS0 root=/dev/vda rw kiln.port={AGENT_PORT} kiln.hostname={} panic=-1 quiet",
@@ -387,6 +395,8 @@ impl QemuArgs<'_> {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            "-sandbox".into(),
+            SANDBOX.into(),
             "-kernel".into(),
             self.kernel.vmlinuz.display().to_string(),
             "-initrd".into(),
@@ -431,7 +441,7 @@ impl QemuArgs<'_> {
         if s.network {
             a.extend([
                 "-netdev".into(),
-                self.net.netdev()?,
+                self.net.netdev(),
                 "-device".into(),
                 "virtio-net-pci,netdev=net0".into(),
             ]);
@@ -439,109 +449,63 @@ impl QemuArgs<'_> {
         if self.incoming {
             a.extend(["-incoming".into(), "defer".into()]);
         }
-        Ok(a)
+        a
     }
-}
-
-/// Starts QEMU with `args`; returns its pid and the exit watch (a task reaps it).
-fn spawn_qemu(
-    args: &[String],
-    dir: &Path,
-    span: &tracing::Span,
-) -> Result<(u32, watch::Receiver<Option<Exit>>)> {
-    let stderr_path = dir.join("qemu.stderr");
-    let stderr = std::fs::File::create(&stderr_path).map_err(Error::io("create", &stderr_path))?;
-    let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
-    // The run dir as working directory: relative paths in the egress command resolve
-    // there (see `NetConfig::egress`).
-    cmd.args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    tracing::debug!(parent: span, args = ?args, "spawning qemu");
-    let mut child = spawn_on_spawner_thread(cmd)?;
-    let pid = child.id().unwrap_or(0);
-    let (tx, rx) = watch::channel(None);
-    let dir = dir.to_owned();
-    tokio::spawn(
-        async move {
-            let status = child.wait().await;
-            let mut text = match status {
-                Ok(s) => s.to_string(),
-                Err(e) => format!("wait failed: {e}"),
-            };
-            let err = std::fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default();
-            if !err.trim().is_empty() {
-                text.push_str(&format!("; qemu stderr: {}", err.trim()));
-            }
-            tracing::debug!(status = %text, "qemu exited");
-            let _ = tx.send(Some(Exit(text)));
-        }
-        .instrument(span.clone()),
-    );
-    Ok((pid, rx))
-}
-
-/// Spawns `cmd` from one long-lived thread.
-///
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the
-/// process. Tokio may fork from a `block_on` caller or a blocking-pool thread that ends
-/// long before the VM should; forking from a dedicated thread that lives as long as the
-/// process makes the death signal mean "the host process died". The child is registered
-/// with the caller's runtime (for reaping) by entering its handle.
-fn spawn_on_spawner_thread(mut cmd: tokio::process::Command) -> Result<tokio::process::Child> {
-    type Job = Box<dyn FnOnce() + Send>;
-    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
-        std::sync::OnceLock::new();
-    let sender = SPAWNER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let spawned = std::thread::Builder::new()
-            .name("kiln-vm-spawner".into())
-            .spawn(move || {
-                for job in rx {
-                    job();
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the qemu spawner thread");
-        }
-        std::sync::Mutex::new(tx)
-    });
-    let handle = tokio::runtime::Handle::current();
-    let (rtx, rrx) = std::sync::mpsc::channel();
-    let job: Job = Box::new(move || {
-        let _guard = handle.enter();
-        let _ = rtx.send(cmd.spawn());
-    });
-    let sent = sender
-        .lock()
-        .map_err(|_| Error::Spawn(std::io::Error::other("spawner poisoned")))?
-        .send(job);
-    if sent.is_err() {
-        return Err(Error::Spawn(std::io::Error::other("spawner thread gone")));
-    }
-    // The job is a fork+exec: microseconds to a few ms, fine to wait for synchronously.
-    rrx.recv()
-        .map_err(|_| Error::Spawn(std::io::Error::other("spawner thread gone")))?
-        .map_err(Error::Spawn)
 }
 
 /// The last few KB of a console log.
 pub(crate) fn console_tail(path: &Path) -> String {
-    let data = std::fs::read(path).unwrap_or_default();
-    let start = data.len().saturating_sub(CONSOLE_TAIL);
-    String::from_utf8_lossy(&data[start..]).into_owned()
+    read_nofollow(path, CONSOLE_TAIL)
+}
+
+/// The last `limit` bytes of a file QEMU may have written, as text; empty if it cannot be
+/// read. A link is not followed: a jailed QEMU owns its run directory and could put one
+/// there in place of its console log, pointing at a host file kiln would then read out
+/// into an error message.
+pub(crate) fn read_nofollow(path: &Path, limit: usize) -> String {
+    use std::io::{Read as _, Seek as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let Ok(mut f) = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    else {
+        return String::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(limit as u64)));
+    let mut data = Vec::new();
+    let _ = f.take(limit as u64).read_to_end(&mut data);
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+/// The files outside its run directory a VM's QEMU opens, for its jail: the boot files and
+/// its disk's backing chain read-only; a bundle's memory image and a caller's raw disk
+/// shared; a console log of its own.
+fn vm_files(
+    kernel: &KernelAssets,
+    console: &Path,
+    ram: &Ram,
+    disk: &Disk,
+    backing: &[PathBuf],
+    run_dir: &Path,
+) -> Files {
+    let mut files = Files {
+        read: vec![kernel.vmlinuz.clone(), kernel.initramfs.clone()],
+        ..Files::default()
+    };
+    files.read.extend(backing.iter().cloned());
+    if let Ram::PrivateFile(p) = ram {
+        files.shared.push(p.clone());
+    }
+    if let Disk::ForeignRaw(p) = disk {
+        files.shared.push(p.clone());
+    }
+    if !console.starts_with(run_dir) {
+        files.own.push(console.to_owned());
+    }
+    files.read.retain(|p| !p.starts_with(run_dir));
+    files
 }
 
 fn validate_hostname(name: &str) -> Result<String> {
@@ -567,14 +531,21 @@ impl Vm {
     ///
     /// Fails with [`Error::Boot`] (code `boot_failed`, with the console tail) if the guest
     /// does not reach the agent within the boot bound or QEMU exits first.
+    ///
+    /// Jailed as the environment says ([`Jail::from_env`]); [`Vm::boot_in`] takes the jail.
     pub async fn boot(config: VmConfig) -> Result<Self> {
+        Self::boot_in(config, &Jail::from_env()?).await
+    }
+
+    /// [`Vm::boot`] with its processes jailed by `jail`.
+    pub async fn boot_in(config: VmConfig, jail: &Jail) -> Result<Self> {
         let span = tracing::info_span!("vm", name = %config.name);
-        Self::boot_inner(config, span.clone())
+        Self::boot_inner(config, jail, span.clone())
             .instrument(span)
             .await
     }
 
-    async fn boot_inner(config: VmConfig, span: tracing::Span) -> Result<Self> {
+    async fn boot_inner(config: VmConfig, jail: &Jail, span: tracing::Span) -> Result<Self> {
         let started = Instant::now();
         if config.vcpus == 0 || config.memory_mib < 64 {
             return Err(Error::Config("need vcpus >= 1 and memory_mib >= 64".into()));
@@ -630,7 +601,19 @@ impl Vm {
             net: &net,
             incoming: false,
         };
-        let (pid, exit) = spawn_qemu(&qemu.argv()?, dir.path(), &span)?;
+        let backing = disk.backing()?;
+        let files = vm_files(&config.kernel, &console, &ram, &disk, &backing, dir.path());
+        let procs = crate::launch::launch(
+            jail,
+            dir.path(),
+            &shape,
+            &qemu.argv(),
+            &files,
+            config.network.as_ref(),
+            &span,
+        )
+        .await?;
+        let (pid, exit) = (procs.pid, procs.exit.clone());
         let agent_sock = qemu.agent_socket();
         let timeout = config
             .boot_timeout
@@ -658,6 +641,8 @@ impl Vm {
             kernel: config.kernel.clone(),
             forwards,
             root_disk: None,
+            egress: procs.egress,
+            backing,
         };
         let deadline = started + timeout;
         match vm.wait_ready(deadline).await {
@@ -681,8 +666,8 @@ impl Vm {
         let total = remaining();
         let wait = async {
             loop {
-                let text = std::fs::read(&self.console).unwrap_or_default();
-                if memfind(&text, READY_MARKER.as_bytes()) {
+                let text = read_nofollow(&self.console, 1 << 20);
+                if memfind(text.as_bytes(), READY_MARKER.as_bytes()) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -885,7 +870,11 @@ impl Vm {
     }
 
     /// After the disk was frozen onto `top` (a new qcow2 layer QEMU now writes to).
+    /// Makes `top`, a new qcow2 layer over the current disk, the disk: the current one
+    /// becomes the head of the backing chain [`Vm::check_backing`] expects.
     pub(crate) fn set_overlay_top(&mut self, top: PathBuf) {
+        let (old, _, _) = self.disk_source();
+        self.backing.insert(0, old.to_owned());
         self.disk = Disk::Overlay(top);
     }
 
@@ -925,6 +914,23 @@ impl Vm {
         Ok(old)
     }
 
+    /// Checks that the disk's backing chain is still the one kiln made: a snapshot reads
+    /// through it as root, and a jailed QEMU could have rewritten the top's header to
+    /// name any host file.
+    pub(crate) fn check_backing(&self) -> Result<()> {
+        let (top, _, _) = self.disk_source();
+        let chain = disk::backing_chain(top)?;
+        if chain != self.backing {
+            return Err(Error::Snapshot(format!(
+                "the disk's backing chain changed ({} names {:?}, kiln made {:?})",
+                top.display(),
+                chain,
+                self.backing
+            )));
+        }
+        Ok(())
+    }
+
     /// Launches QEMU waiting for an incoming migration (used by restore).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn launch_incoming(
@@ -937,6 +943,7 @@ impl Vm {
         root_disk: Option<PathBuf>,
         net: NetConfig,
         console_log: Option<PathBuf>,
+        jail: &Jail,
     ) -> Result<Self> {
         // `claimed_by`: who a pooled VM ended up serving (see `Incoming::claimed_by`).
         let span = tracing::info_span!("vm", name = %name, claimed_by = tracing::field::Empty);
@@ -960,7 +967,19 @@ impl Vm {
             net: &net,
             incoming: true,
         };
-        let (pid, exit) = spawn_qemu(&qemu.argv()?, dir.path(), &span)?;
+        let backing = disk.backing()?;
+        let files = vm_files(&kernel, &console, &ram, &disk, &backing, dir.path());
+        let procs = crate::launch::launch(
+            jail,
+            dir.path(),
+            &shape,
+            &qemu.argv(),
+            &files,
+            shape.network.then_some(&net),
+            &span,
+        )
+        .await?;
+        let (pid, exit) = (procs.pid, procs.exit.clone());
         let agent_sock = qemu.agent_socket();
         let qmp = connect_qmp(dir.path(), pid, &exit)
             .await
@@ -981,6 +1000,8 @@ impl Vm {
             kernel,
             forwards: net.forwards,
             root_disk,
+            egress: procs.egress,
+            backing,
         })
     }
 }
@@ -1063,17 +1084,18 @@ mod tests {
     }
 
     /// What `Vm::boot` runs: TCG, shared RAM, its own raw disk, user networking with an
-    /// egress command and a forward.
+    /// egress proxy (the network's host address is the guest's proxy address, no
+    /// `restrict`: QEMU's own namespace is the wall), QEMU's seccomp policy.
     #[test]
     fn boot_command_line_is_pinned() {
         let shape = shape(Resolved::Tcg, true);
         let net = NetConfig {
-            forwards: vec![PortForward {
-                host_addr: [127, 0, 0, 1].into(),
-                host_port: 18080,
-                guest_port: 80,
-            }],
-            egress: Some(vec!["kiln".into(), "egress".into(), "rules.json".into()]),
+            forwards: Vec::new(),
+            egress: Some(Egress {
+                command: vec!["kiln".into(), "egress-proxy".into()],
+                limits: kiln_net::Limits::default(),
+                files: None,
+            }),
         };
         let (ram, disk) = (
             Ram::SharedFile("/r/box-1/memory".into()),
@@ -1091,8 +1113,21 @@ mod tests {
         };
         // One line, arguments separated by " | ", so that a changed argument shows
         // in place and the pin is not a list to keep in step by hand.
-        let want = "-name | kiln-box | -accel | tcg,thread=multi | -machine | pc,memory-backend=ram0 | -cpu | max | -smp | 2 | -m | 1024M | -object | memory-backend-file,id=ram0,size=1024M,mem-path=/r/box-1/memory,share=on,prealloc=off | -nodefaults | -no-user-config | -display | none | -no-reboot | -kernel | /k/vmlinuz | -initrd | /k/initramfs.cpio | -append | console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet kiln.net=1 | -chardev | file,id=con,path=/r/box-1/console.log | -serial | chardev:con | -qmp | unix:/r/box-1/qmp.sock,server=on,wait=off | -device | virtio-serial-pci,id=vser0 | -chardev | socket,id=agent,path=/r/box-1/agent.sock,server=on,wait=off | -device | virtserialport,chardev=agent,name=kiln.agent | -drive | file=/r/box-1/disk.raw,format=raw,if=none,id=root,cache=writeback,discard=unmap | -device | virtio-blk-pci,drive=root | -netdev | user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:'kiln' 'egress' 'rules.json',hostfwd=tcp:127.0.0.1:18080-:80 | -device | virtio-net-pci,netdev=net0";
-        assert_eq!(qemu.argv().unwrap().join(" | "), want);
+        let want = "-name | kiln-box | -accel | tcg,thread=multi | -machine | pc,memory-backend=ram0 | -cpu | max | -smp | 2 | -m | 1024M | -object | memory-backend-file,id=ram0,size=1024M,mem-path=/r/box-1/memory,share=on,prealloc=off | -nodefaults | -no-user-config | -display | none | -no-reboot | -sandbox | on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny | -kernel | /k/vmlinuz | -initrd | /k/initramfs.cpio | -append | console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet kiln.net=1 | -chardev | file,id=con,path=/r/box-1/console.log | -serial | chardev:con | -qmp | unix:/r/box-1/qmp.sock,server=on,wait=off | -device | virtio-serial-pci,id=vser0 | -chardev | socket,id=agent,path=/r/box-1/agent.sock,server=on,wait=off | -device | virtserialport,chardev=agent,name=kiln.agent | -drive | file=/r/box-1/disk.raw,format=raw,if=none,id=root,cache=writeback,discard=unmap | -device | virtio-blk-pci,drive=root | -netdev | user,id=net0,net=10.0.2.0/24,host=10.0.2.100,ipv6=off | -device | virtio-net-pci,netdev=net0";
+        assert_eq!(qemu.argv().join(" | "), want);
+        // Without egress: restricted, forwards in and nothing out.
+        let net = NetConfig {
+            forwards: vec![PortForward {
+                host_addr: [127, 0, 0, 1].into(),
+                host_port: 18080,
+                guest_port: 80,
+            }],
+            egress: None,
+        };
+        assert_eq!(
+            net.netdev(),
+            "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:18080-:80"
+        );
     }
 
     /// What `Vm::restore` runs: KVM, a bundle's memory image mapped privately, a qcow2
@@ -1116,8 +1151,8 @@ mod tests {
         };
         // One line, arguments separated by " | ", so that a changed argument shows
         // in place and the pin is not a list to keep in step by hand.
-        let want = "-name | kiln-box | -accel | kvm | -machine | microvm,pcie=on,rtc=on,memory-backend=ram0 | -cpu | host | -smp | 2 | -m | 1024M | -object | memory-backend-file,id=ram0,size=1024M,mem-path=/b/memory,share=off,prealloc=off | -nodefaults | -no-user-config | -display | none | -no-reboot | -kernel | /k/vmlinuz | -initrd | /k/initramfs.cpio | -append | console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet | -chardev | file,id=con,path=/logs/box.log | -serial | chardev:con | -qmp | unix:/r/box-2/qmp.sock,server=on,wait=off | -device | virtio-serial-pci,id=vser0 | -chardev | socket,id=agent,path=/r/box-2/agent.sock,server=on,wait=off | -device | virtserialport,chardev=agent,name=kiln.agent | -drive | file=/r/box-2/disk.qcow2,format=qcow2,if=none,id=root,cache=writeback,discard=unmap | -device | virtio-blk-pci,drive=root | -incoming | defer";
-        assert_eq!(qemu.argv().unwrap().join(" | "), want);
+        let want = "-name | kiln-box | -accel | kvm | -machine | microvm,pcie=on,rtc=on,memory-backend=ram0 | -cpu | host | -smp | 2 | -m | 1024M | -object | memory-backend-file,id=ram0,size=1024M,mem-path=/b/memory,share=off,prealloc=off | -nodefaults | -no-user-config | -display | none | -no-reboot | -sandbox | on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny | -kernel | /k/vmlinuz | -initrd | /k/initramfs.cpio | -append | console=ttyS0 root=/dev/vda rw kiln.port=kiln.agent kiln.hostname=box panic=-1 quiet | -chardev | file,id=con,path=/logs/box.log | -serial | chardev:con | -qmp | unix:/r/box-2/qmp.sock,server=on,wait=off | -device | virtio-serial-pci,id=vser0 | -chardev | socket,id=agent,path=/r/box-2/agent.sock,server=on,wait=off | -device | virtserialport,chardev=agent,name=kiln.agent | -drive | file=/r/box-2/disk.qcow2,format=qcow2,if=none,id=root,cache=writeback,discard=unmap | -device | virtio-blk-pci,drive=root | -incoming | defer";
+        assert_eq!(qemu.argv().join(" | "), want);
     }
 
     /// The benchmark's floor: production's restore line for the same inputs with its two
@@ -1153,7 +1188,7 @@ mod tests {
             },
             ..production
         };
-        let mut want = production.argv().unwrap();
+        let mut want = production.argv();
         // `-chardev file,id=con,... -serial chardev:con` gives way to `-serial null`.
         let con = want
             .iter()
@@ -1164,7 +1199,7 @@ mod tests {
         want.splice(con..con + 4, ["-serial".to_owned(), "null".to_owned()]);
         let drive = want.iter().position(|a| a == "-drive").unwrap() + 1;
         want[drive].push_str(",snapshot=on");
-        assert_eq!(floor.argv().unwrap(), want);
+        assert_eq!(floor.argv(), want);
         assert_eq!(floor.qmp_socket(), Path::new("/t/b-1/qmp.sock"));
         assert_eq!(floor.agent_socket(), Path::new("/t/b-1/agent.sock"));
     }

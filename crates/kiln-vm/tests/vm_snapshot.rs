@@ -404,7 +404,7 @@ async fn a_checkpoint_lets_the_vm_run_on_and_forks_continue_from_it() {
 
     let t = Instant::now();
     let forkable = env.run_parent.join("forkable");
-    let f = kiln_vm::Qemu
+    let f = kiln_vm::Qemu::default()
         .make_forkable(&stream, &forkable, &env.run_parent)
         .await
         .unwrap_or_else(|e| panic!("{}", chain(e)));

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use kiln_agent_proto::frame::{channel, DATA_CHUNK};
 use kiln_agent_proto::{AgentMsg, ErrorCode, ExecRequest, ExitStatus, PidStatus, PtySize};
 use nix::errno::Errno;
-use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::sys::signal::{killpg, signal, SigHandler, SigSet, Signal};
 use nix::unistd::{getuid, setgid, setgroups, setsid, setuid, Gid, Pid, Uid};
 
 use crate::server::{io_code, spawn_worker, Ctx, Entry, Input};
@@ -86,6 +86,17 @@ fn command(
             // receives them; a child must not inherit that mask, or it could never be
             // stopped politely.
             let _ = empty.thread_set_mask();
+            // Nor the agent's ignored signals: a parent that ignores SIGINT (as a shell
+            // does for its background jobs) would make ^C and `signal` useless on the
+            // command (found by CI: a test run started with `&` in a script).
+            for sig in [
+                Signal::SIGINT,
+                Signal::SIGQUIT,
+                Signal::SIGHUP,
+                Signal::SIGTERM,
+            ] {
+                let _ = signal(sig, SigHandler::SigDfl);
+            }
             setsid()?;
             if ctty {
                 // std has made the terminal fd 0 already.

@@ -202,6 +202,8 @@ pub struct Engine {
     snapshots_settled: tokio::sync::watch::Sender<u64>,
     /// What the egress proxy is run with, and the certificates guests trust.
     egress: secrets::Egress,
+    /// Where directory downloads are assembled, a few at a time.
+    zips: data::ZipSpool,
 }
 
 impl Engine {
@@ -218,6 +220,7 @@ impl Engine {
         let pool = pool::RestorePool::new(cfg.restore_pool, cfg.restore_pool_idle);
         let preview_key = preview::TokenKey::load_or_create(layout.root())?;
         let egress = secrets::Egress::open(&cfg, &layout)?;
+        let zips = data::ZipSpool::new(layout.root().to_owned());
         Ok(Arc::new(Self {
             cfg,
             store,
@@ -232,6 +235,7 @@ impl Engine {
             timers: tokio::sync::Notify::new(),
             snapshots_settled: tokio::sync::watch::Sender::new(0),
             egress,
+            zips,
         }))
     }
 

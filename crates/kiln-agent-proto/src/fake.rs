@@ -10,7 +10,7 @@
 //! (`exec` with `pty` is confirmed as a terminal; `signal` and `resize` get no reply, as
 //! from the real agent). Every request is recorded for the test to inspect.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 
 use crate::frame::{channel, DecodeEvent, Decoder, Frame, FrameKind, MAX_FRAME, SYNC};
 use crate::msg::{
-    AgentMsg, ErrorCode, ErrorReply, ExitStatus, Health, HelloAck, HostMsg, RuntimeDefaults,
+    AgentMsg, DirEntry, ErrorCode, ErrorReply, ExitStatus, FileKind, FileStat, Health, HelloAck,
+    HostMsg, RuntimeDefaults,
 };
 
 /// What the fake agent has been asked, and its state.
@@ -33,6 +34,17 @@ pub struct FakeAgentState {
     pub requests: Vec<HostMsg>,
     /// Host connections accepted so far.
     pub connections: u32,
+    /// Files served, by absolute path.
+    pub files: BTreeMap<String, FakeFile>,
+}
+
+/// A file the fake agent serves.
+#[derive(Debug, Clone, Default)]
+pub struct FakeFile {
+    /// The size `stat` and `list_dir` report.
+    pub listed_size: u64,
+    /// What `read_file` sends.
+    pub data: Bytes,
 }
 
 /// A fake agent serving a unix socket until dropped.
@@ -76,6 +88,16 @@ impl FakeAgent {
     /// The socket it listens on.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Serves `data` at the absolute `path`, listed as `listed_size` bytes.
+    pub fn add_file(&self, path: &str, listed_size: u64, data: impl Into<Bytes>) {
+        let file = FakeFile {
+            listed_size,
+            data: data.into(),
+        };
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.files.insert(path.to_owned(), file);
     }
 
     /// A copy of its state.
@@ -230,6 +252,34 @@ async fn relay(
     send(&AgentMsg::Done { bytes: total });
 }
 
+/// A served file's stat, or a directory's when files lie under `path`.
+fn stat(files: &BTreeMap<String, FakeFile>, path: &str) -> Option<FileStat> {
+    let (kind, size, mode) = match files.get(path) {
+        Some(f) => (FileKind::File, f.listed_size, 0o644),
+        None => {
+            let prefix = format!("{}/", path.trim_end_matches('/'));
+            files.keys().find(|p| p.starts_with(&prefix))?;
+            (FileKind::Dir, 0, 0o755)
+        }
+    };
+    Some(FileStat {
+        kind,
+        size,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime_unix_nanos: 0,
+        link_target: None,
+    })
+}
+
+fn not_found(path: &str) -> AgentMsg {
+    AgentMsg::Error(ErrorReply {
+        code: ErrorCode::NotFound,
+        message: format!("{path}: no such file"),
+    })
+}
+
 fn reply(stream: u32, m: &AgentMsg, out: &mut BytesMut) {
     Frame::control(stream, serde_json::to_vec(m).unwrap_or_default()).encode_into(out);
 }
@@ -288,6 +338,41 @@ fn answer(stream: u32, msg: HostMsg, state: &Mutex<FakeAgentState>, out: &mut By
                 timed_out: false,
             })
         }
+        HostMsg::Stat { path } => match stat(&st.files, &path) {
+            Some(stat) => AgentMsg::Stat(stat),
+            None => not_found(&path),
+        },
+        HostMsg::ListDir { path } => {
+            let prefix = format!("{}/", path.trim_end_matches('/'));
+            let mut names: Vec<&str> = st
+                .files
+                .keys()
+                .filter_map(|p| p.strip_prefix(&prefix)?.split('/').next())
+                .collect();
+            names.dedup();
+            let entries = names
+                .into_iter()
+                .filter_map(|name| {
+                    let stat = stat(&st.files, &format!("{prefix}{name}"))?;
+                    let name = name.to_owned();
+                    Some(DirEntry { name, stat })
+                })
+                .collect();
+            reply(stream, &AgentMsg::DirEntries { entries }, out);
+            AgentMsg::Done { bytes: 0 }
+        }
+        HostMsg::ReadFile { path, .. } => match st.files.get(&path) {
+            Some(f) => {
+                for chunk in f.data.chunks(64 * 1024) {
+                    let chunk = f.data.slice_ref(chunk);
+                    Frame::data(stream, channel::STDOUT, chunk).encode_into(out);
+                }
+                AgentMsg::Done {
+                    bytes: f.data.len() as u64,
+                }
+            }
+            None => not_found(&path),
+        },
         other => AgentMsg::Error(ErrorReply {
             code: ErrorCode::Unsupported,
             message: format!("the fake agent does not serve {other:?}"),

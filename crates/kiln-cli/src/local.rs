@@ -344,10 +344,8 @@ impl Backend for Local {
             .await
             .with_context(|| format!("creating {}", dst.display()))?;
         Ok(match sandbox.read_file(path).await? {
-            FileContent::File(mut reader) => tokio::io::copy(&mut reader, &mut file).await?,
-            FileContent::Zip(zip) => {
-                tokio::io::AsyncWriteExt::write_all(&mut file, &zip).await?;
-                zip.len() as u64
+            FileContent::File(mut reader) | FileContent::Zip { mut reader, .. } => {
+                tokio::io::copy(&mut reader, &mut file).await?
             }
         })
     }

@@ -1,5 +1,6 @@
 //! Templates and their builds.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use kiln_api::{BuildInfo, BuildLogEvent, SandboxFilter, SandboxStatus, TemplateInfo};
@@ -241,7 +242,7 @@ impl Engine {
         let span = tracing::info_span!("build", build = %build_id, template = %template.name);
         async {
             let (tx, rx) = mpsc::unbounded_channel();
-            let observer = Observer { tx, also };
+            let observer = Observer::new(tx, also, self.cfg.build_log_max_bytes);
             let writer = tokio::spawn(write_events(self.store.clone(), build_id.to_owned(), rx));
             self.store.claim_build(build_id, std::process::id()).await?;
             if self.build_slots.available_permits() == 0 {
@@ -566,14 +567,36 @@ enum Event {
     Phase(Phase),
 }
 
-/// Sends a build's lines and phases to the store writer (and to `also`).
+/// Sends a build's lines and phases to the store writer (and to `also`), keeping at most
+/// `max_bytes` of the build's output (stdout and stderr, a newline counted per line):
+/// past it further output is dropped and one `system` line says so. kiln's own `system`
+/// lines always pass (they say how the build went), and they are few. The channels stay
+/// unbounded because a sink cannot wait (it is called from the build's hot path): the cap
+/// is what bounds what they can hold.
 struct Observer {
     tx: mpsc::UnboundedSender<Event>,
     also: Option<mpsc::UnboundedSender<BuildLogEvent>>,
+    max_bytes: u64,
+    output_bytes: AtomicU64,
+    truncated: AtomicBool,
 }
 
-impl LogSink for Observer {
-    fn line(&self, line: LogLine) {
+impl Observer {
+    fn new(
+        tx: mpsc::UnboundedSender<Event>,
+        also: Option<mpsc::UnboundedSender<BuildLogEvent>>,
+        max_bytes: u64,
+    ) -> Self {
+        Self {
+            tx,
+            also,
+            max_bytes,
+            output_bytes: AtomicU64::new(0),
+            truncated: AtomicBool::new(false),
+        }
+    }
+
+    fn forward(&self, line: LogLine) {
         if let Some(also) = &self.also {
             let new = to_store_line(line.clone());
             let _ = also.send(BuildLogEvent {
@@ -585,6 +608,29 @@ impl LogSink for Observer {
             });
         }
         let _ = self.tx.send(Event::Line(line));
+    }
+}
+
+impl LogSink for Observer {
+    fn line(&self, line: LogLine) {
+        if line.stream != Stream::System {
+            let n = line.text.len() as u64 + 1;
+            if self.output_bytes.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
+                if !self.truncated.swap(true, Ordering::Relaxed) {
+                    self.forward(LogLine {
+                        timestamp: line.timestamp,
+                        stream: Stream::System,
+                        text: format!(
+                            "build log truncated: the build's output passed {} bytes; \
+                             further output is not kept",
+                            self.max_bytes
+                        ),
+                    });
+                }
+                return;
+            }
+        }
+        self.forward(line);
     }
 }
 
@@ -649,4 +695,52 @@ fn to_store_line(line: LogLine) -> NewLogLine {
 /// The `"<code>: <detail>"` a failed build carries, parsed.
 pub fn build_failure(build: &BuildInfo) -> Option<CodedMessage> {
     build.error_message.as_deref().map(CodedMessage::parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_build::{LineSplitter, OutputStream};
+
+    use super::*;
+    use crate::testing::TestEngine;
+
+    #[tokio::test]
+    async fn a_build_log_stops_at_its_cap_and_says_so_once() {
+        let t = TestEngine::new(kiln_store::Limits::UNLIMITED, 0)
+            .await
+            .unwrap();
+        let (_, build_id) = t.queued_build("acme", "loud").await.unwrap();
+        let team = t.team("acme").await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (also, mut terminal) = mpsc::unbounded_channel();
+        // Ten lines of "line NNNN" and their newlines fill it exactly.
+        let observer = Observer::new(tx, Some(also), 100);
+        let writer = tokio::spawn(write_events(t.engine.store.clone(), build_id.clone(), rx));
+        observer.system("step 1/1: RUN loud".into());
+        let mut split = LineSplitter::default();
+        for i in 0..30 {
+            let line = format!("line {i:04}\n");
+            split.feed(OutputStream::Stdout, line.as_bytes(), &observer);
+        }
+        observer.system("step 1/1 failed".into());
+        drop(observer);
+        writer.await.unwrap();
+
+        let notice = "build log truncated: the build's output passed 100 bytes; further \
+                      output is not kept";
+        let mut expected = vec![(LogStream::System, "step 1/1: RUN loud".to_owned())];
+        expected.extend((0..10).map(|i| (LogStream::Stdout, format!("line {i:04}"))));
+        expected.push((LogStream::System, notice.to_owned()));
+        expected.push((LogStream::System, "step 1/1 failed".to_owned()));
+        let stored: Vec<_> = (t.engine.build_log(&team, &build_id).await.unwrap())
+            .into_iter()
+            .map(|e| (e.stream, e.text))
+            .collect();
+        assert_eq!(stored, expected);
+        let mut shown = Vec::new();
+        while let Ok(e) = terminal.try_recv() {
+            shown.push((e.stream, e.text));
+        }
+        assert_eq!(shown, expected);
+    }
 }

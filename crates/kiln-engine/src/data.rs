@@ -6,8 +6,10 @@
 //! `sandbox exec` and `cp` all go through a [`SandboxHandle`], so the caps, the text
 //! chunking and the clean-up of failed uploads are written once.
 
-use std::io::Write as _;
+use std::io::{Seek as _, Write as _};
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -19,7 +21,8 @@ use kiln_agent_proto::{
 use kiln_api::exec::{timeout_notice, TIMEOUT_EXIT_CODE};
 use kiln_api::{ExecEvent, ExecRequest, ExecResult, RequestError, TerminalSize, Utf8Chunks};
 use kiln_store::{SandboxAccess, SandboxStatus};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{EngineError, Result};
 use crate::Engine;
@@ -29,8 +32,12 @@ use crate::Engine;
 pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
 /// Largest file accepted by an upload.
 pub const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
-/// Largest directory archive built for a download (it is assembled in memory).
+/// Most file bytes in a directory archive built for a download: what the guest sends,
+/// not what its listing says (a file may grow in between).
 pub const MAX_ZIP_BYTES: u64 = 512 * 1024 * 1024;
+/// Directory archives built or being read at once on this host: each may hold
+/// [`MAX_ZIP_BYTES`] on disk until its reader is done, so more wait.
+const ZIP_SLOTS: usize = 2;
 /// Most entries in a directory archive.
 const MAX_ZIP_ENTRIES: usize = 100_000;
 /// How a download reaches its reader: a pipe of this many bytes, so a slow reader holds
@@ -44,6 +51,24 @@ const SIGHUP: i32 = 1;
 pub struct SandboxHandle {
     id: String,
     agent: AgentClient,
+    zips: ZipSpool,
+}
+
+/// Where directory archives are assembled: unnamed files in the state directory (not
+/// memory, and not `/tmp`, often a tmpfs), [`ZIP_SLOTS`] at a time for the whole engine.
+#[derive(Debug, Clone)]
+pub(crate) struct ZipSpool {
+    dir: PathBuf,
+    slots: Arc<Semaphore>,
+}
+
+impl ZipSpool {
+    pub(crate) fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            slots: Arc::new(Semaphore::new(ZIP_SLOTS)),
+        }
+    }
 }
 
 impl Engine {
@@ -73,6 +98,7 @@ impl Engine {
         Ok(SandboxHandle {
             id: sandbox_id.to_owned(),
             agent: self.connect_agent(team_id, sandbox_id).await?,
+            zips: self.zips.clone(),
         })
     }
 
@@ -83,6 +109,7 @@ impl Engine {
         Ok(SandboxHandle {
             id: s.id.clone(),
             agent: self.live_agent(s)?,
+            zips: self.zips.clone(),
         })
     }
 }
@@ -280,10 +307,12 @@ impl SandboxHandle {
 
     /// A file's bytes as they stream from the guest, or a directory as a zip archive
     /// whose entries start with the directory's base name (symlinks inside it skipped).
+    /// A directory whose files send more than [`MAX_ZIP_BYTES`] is refused
+    /// ([`EngineError::TooLarge`]), whatever its listing said.
     pub async fn read_file(&self, path: &str) -> Result<FileContent> {
         let st = self.agent.stat(path).await?;
         match st.kind {
-            FileKind::Dir => Ok(FileContent::Zip(zip_dir(&self.agent, path).await?)),
+            FileKind::Dir => zip_dir(&self.agent, path, &self.zips, MAX_ZIP_BYTES).await,
             FileKind::File | FileKind::Symlink => {
                 let (reader, writer) = tokio::io::duplex(DOWNLOAD_PIPE);
                 let agent = self.agent.clone();
@@ -377,16 +406,71 @@ impl<R: AsyncRead + Unpin> AsyncRead for Capped<R> {
 pub enum FileContent {
     /// A file's bytes as they stream from the guest.
     File(Pin<Box<dyn AsyncRead + Send>>),
-    /// A directory as a zip archive.
-    Zip(Vec<u8>),
+    /// A directory as a zip archive of `len` bytes, read from a file on the host that is
+    /// gone once the reader is dropped.
+    Zip {
+        /// The archive's size.
+        len: u64,
+        /// The archive.
+        reader: Pin<Box<dyn AsyncRead + Send>>,
+    },
 }
 
 impl std::fmt::Debug for FileContent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File(_) => f.write_str("File(..)"),
-            Self::Zip(z) => write!(f, "Zip({} bytes)", z.len()),
+            Self::Zip { len, .. } => write!(f, "Zip({len} bytes)"),
         }
+    }
+}
+
+/// A finished archive, holding its spool slot until the reader drops it.
+struct SpooledZip {
+    file: tokio::fs::File,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for SpooledZip {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.file).poll_read(cx, buf)
+    }
+}
+
+/// Writes a guest file's bytes into the archive's current entry, failing with
+/// `FileTooLarge` past `left` bytes: the host's own bound, whatever the agent does with
+/// the read's `limit`.
+struct ZipEntrySink<'a> {
+    zip: &'a mut zip::ZipWriter<std::fs::File>,
+    left: u64,
+}
+
+impl AsyncWrite for ZipEntrySink<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            return Poll::Ready(Err(std::io::ErrorKind::FileTooLarge.into()));
+        }
+        // A local file, written (and deflated) as the chunks arrive, as the archive in
+        // memory was before.
+        self.zip.write_all(buf)?;
+        self.left -= buf.len() as u64;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -495,8 +579,19 @@ fn keep(buf: &mut Vec<u8>, other: usize, data: &[u8], truncated: &mut bool) {
     buf.extend_from_slice(&data[..data.len().min(room)]);
 }
 
-/// A directory of the guest as a zip, within [`MAX_ZIP_BYTES`] and [`MAX_ZIP_ENTRIES`].
-async fn zip_dir(agent: &AgentClient, root: &str) -> Result<Vec<u8>> {
+/// A directory of the guest as a zip of at most `budget` file bytes and
+/// [`MAX_ZIP_ENTRIES`] entries, assembled in an unnamed file of `spool` (so no path is
+/// ever left behind) once one of its slots is free.
+///
+/// Each file is read with a cap of what is left of the budget: a file that grew after
+/// the listing fails the request ([`EngineError::TooLarge`]) as soon as it passes the
+/// cap, rather than being cut short in an archive that would look complete.
+async fn zip_dir(
+    agent: &AgentClient,
+    root: &str,
+    spool: &ZipSpool,
+    budget: u64,
+) -> Result<FileContent> {
     let base = root
         .trim_end_matches('/')
         .rsplit('/')
@@ -504,13 +599,21 @@ async fn zip_dir(agent: &AgentClient, root: &str) -> Result<Vec<u8>> {
         .filter(|b| !b.is_empty())
         .unwrap_or("root")
         .to_owned();
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let slot = spool
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| EngineError::Unavailable("the server is shutting down".into()))?;
+    let io_err = |what| EngineError::io(what, &spool.dir);
+    let file = tempfile::tempfile_in(&spool.dir).map_err(io_err("creating a file in"))?;
+    let mut zip = zip::ZipWriter::new(file);
     let opts = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated)
         .large_file(false);
     let too_big = || {
         EngineError::TooLarge(format!(
-            "the directory is larger than {MAX_ZIP_BYTES} bytes or {MAX_ZIP_ENTRIES} entries"
+            "the directory is larger than {budget} bytes or {MAX_ZIP_ENTRIES} entries"
         ))
     };
     let zip_err = |e: zip::result::ZipError| EngineError::Io {
@@ -536,21 +639,43 @@ async fn zip_dir(agent: &AgentClient, root: &str) -> Result<Vec<u8>> {
             match entry.stat.kind {
                 FileKind::Dir => todo.push((child, inner)),
                 FileKind::File => {
-                    total += entry.stat.size;
-                    if total > MAX_ZIP_BYTES {
+                    let left = budget - total;
+                    // What the listing says is only a hint, to refuse early.
+                    if entry.stat.size > left {
                         return Err(too_big());
                     }
-                    let data = agent.read_file(&child).await?;
                     zip.start_file(inner, opts.unix_permissions(entry.stat.mode))
                         .map_err(zip_err)?;
-                    zip.write_all(&data)
-                        .map_err(|e| zip_err(zip::result::ZipError::Io(e)))?;
+                    let mut sink = ZipEntrySink {
+                        zip: &mut zip,
+                        left,
+                    };
+                    // One byte past the cap tells a grown file from one that fits exactly.
+                    match agent
+                        .read_file_range_to(&child, 0, Some(left + 1), &mut sink)
+                        .await
+                    {
+                        Ok(n) => total += n,
+                        Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                            return Err(too_big())
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 FileKind::Symlink | FileKind::Other => {}
             }
         }
     }
-    Ok(zip.finish().map_err(zip_err)?.into_inner())
+    let mut file = zip.finish().map_err(zip_err)?;
+    let len = file.stream_position().map_err(io_err("reading a zip in"))?;
+    file.rewind().map_err(io_err("reading a zip in"))?;
+    Ok(FileContent::Zip {
+        len,
+        reader: Box::pin(SpooledZip {
+            file: tokio::fs::File::from_std(file),
+            _slot: slot,
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -585,5 +710,82 @@ mod tests {
         };
         let err = over.read_to_end(&mut Vec::new()).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::FileTooLarge);
+    }
+
+    /// A guest directory behind the fake agent, a spool for its archives, and a client.
+    async fn fake_dir() -> (
+        tempfile::TempDir,
+        kiln_agent_proto::fake::FakeAgent,
+        AgentClient,
+        ZipSpool,
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("agent.sock");
+        let fake = kiln_agent_proto::fake::FakeAgent::serve(&socket, Default::default()).unwrap();
+        let agent = AgentClient::connect_unix(&socket, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        let spool = tmp.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        (tmp, fake, agent, ZipSpool::new(spool))
+    }
+
+    fn spool_is_empty(spool: &ZipSpool) -> bool {
+        std::fs::read_dir(&spool.dir).unwrap().next().is_none()
+    }
+
+    #[tokio::test]
+    async fn a_file_grown_after_the_listing_fails_the_zip_at_the_budget() {
+        let (_tmp, fake, agent, spool) = fake_dir().await;
+        fake.add_file("/d/small", 5, &b"hello"[..]);
+        // Listed as 10 bytes, served as 1 MiB: the guest grew it after the listing.
+        fake.add_file("/d/sub/grown", 10, vec![b'x'; 1 << 20]);
+        let err = zip_dir(&agent, "/d", &spool, 1024).await.unwrap_err();
+        assert!(matches!(err, EngineError::TooLarge(_)), "{err:?}");
+        // Each read asked for no more than what was left of the budget, plus one byte.
+        let limits: Vec<_> = (fake.state().requests.iter())
+            .filter_map(|r| match r {
+                kiln_agent_proto::HostMsg::ReadFile { limit, .. } => Some(*limit),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(limits, [Some(1025), Some(1020)]);
+        assert!(spool_is_empty(&spool));
+        // The slot is free again: a directory within the budget still downloads.
+        fake.add_file("/d/sub/grown", 10, vec![b'x'; 10]);
+        let Ok(FileContent::Zip { len, mut reader }) = zip_dir(&agent, "/d", &spool, 1024).await
+        else {
+            panic!("the directory was not zipped")
+        };
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut bytes)
+            .await
+            .unwrap();
+        assert_eq!(bytes.len() as u64, len);
+        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+        let mut names: Vec<_> = archive.file_names().map(str::to_owned).collect();
+        names.sort();
+        assert_eq!(names, ["d/", "d/small", "d/sub/", "d/sub/grown"]);
+        let mut small = String::new();
+        std::io::Read::read_to_string(&mut archive.by_name("d/small").unwrap(), &mut small)
+            .unwrap();
+        assert_eq!(small, "hello");
+        drop(reader);
+        assert!(spool_is_empty(&spool));
+    }
+
+    #[tokio::test]
+    async fn directory_downloads_wait_for_a_spool_slot() {
+        let (_tmp, fake, agent, spool) = fake_dir().await;
+        fake.add_file("/d/f", 1, &b"x"[..]);
+        let mut held = Vec::new();
+        for _ in 0..ZIP_SLOTS {
+            held.push(zip_dir(&agent, "/d", &spool, 1024).await.unwrap());
+        }
+        let next = zip_dir(&agent, "/d", &spool, 1024);
+        tokio::pin!(next);
+        assert!(futures::poll!(next.as_mut()).is_pending());
+        drop(held.pop());
+        next.await.unwrap();
     }
 }

@@ -60,6 +60,10 @@ pub use sandboxes::{pid_alive, LiveSandbox, Owner, SandboxEndpoint, ENDPOINT_FIL
 pub use snapshots::SnapshotTaken;
 pub use system::{SystemTemplate, SYSTEM_TEMPLATES};
 
+/// Output a build's log keeps by default: a build printing without end must not fill the
+/// state database.
+pub const DEFAULT_BUILD_LOG_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The team the CLI's embedded mode works as.
 pub const LOCAL_TEAM: &str = "local";
 
@@ -76,6 +80,9 @@ pub struct EngineConfig {
     pub timing: Timing,
     /// Bound on a whole build.
     pub build_timeout: Duration,
+    /// Output a build's log keeps (`KILN_BUILD_LOG_MAX_BYTES`, default
+    /// [`DEFAULT_BUILD_LOG_MAX_BYTES`]); past it the log says it was truncated.
+    pub build_log_max_bytes: u64,
     /// Builds run at once on this host; more wait in `pending`.
     pub max_parallel_builds: usize,
     /// kiln's registry config file (see [`registry_config_path`]).
@@ -145,6 +152,8 @@ impl EngineConfig {
             limits: Limits::UNLIMITED,
             timing,
             build_timeout: env_secs("KILN_BUILD_TIMEOUT_SECS").unwrap_or(Duration::from_secs(3600)),
+            build_log_max_bytes: env_u64("KILN_BUILD_LOG_MAX_BYTES")
+                .unwrap_or(DEFAULT_BUILD_LOG_MAX_BYTES),
             max_parallel_builds: 2,
             registry_config,
             private_registries: kiln_oci::PrivateRegistries::Any,
@@ -171,11 +180,11 @@ pub fn registry_config_path(state_dir: &Path) -> PathBuf {
 }
 
 fn env_secs(var: &str) -> Option<Duration> {
-    std::env::var(var)
-        .ok()?
-        .parse()
-        .ok()
-        .map(Duration::from_secs)
+    env_u64(var).map(Duration::from_secs)
+}
+
+fn env_u64(var: &str) -> Option<u64> {
+    std::env::var(var).ok()?.parse().ok()
 }
 
 /// Templates and sandboxes of one state directory.
@@ -202,6 +211,8 @@ pub struct Engine {
     snapshots_settled: tokio::sync::watch::Sender<u64>,
     /// What the egress proxy is run with, and the certificates guests trust.
     egress: secrets::Egress,
+    /// Where directory downloads are assembled, a few at a time.
+    zips: data::ZipSpool,
 }
 
 impl Engine {
@@ -218,6 +229,7 @@ impl Engine {
         let pool = pool::RestorePool::new(cfg.restore_pool, cfg.restore_pool_idle);
         let preview_key = preview::TokenKey::load_or_create(layout.root())?;
         let egress = secrets::Egress::open(&cfg, &layout)?;
+        let zips = data::ZipSpool::new(layout.root().to_owned());
         Ok(Arc::new(Self {
             cfg,
             store,
@@ -232,6 +244,7 @@ impl Engine {
             timers: tokio::sync::Notify::new(),
             snapshots_settled: tokio::sync::watch::Sender::new(0),
             egress,
+            zips,
         }))
     }
 

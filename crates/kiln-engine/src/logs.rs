@@ -17,16 +17,20 @@ const QUEUED_HEARTBEAT: Duration = Duration::from_secs(2);
 const BUFFER: usize = 64;
 
 impl Engine {
-    /// A build's log so far, oldest first (the team's builds only).
+    /// A build's log so far, oldest first (the team's builds only), read a page at a time
+    /// (its size is bounded by the per-build cap, `KILN_BUILD_LOG_MAX_BYTES`).
     pub async fn build_log(&self, team_id: &str, build_id: &str) -> Result<Vec<BuildLogEvent>> {
         let b = self.store.build_by_id(team_id, build_id).await?;
-        Ok(self
-            .store
-            .logs_since(&b.id, 0)
-            .await?
-            .iter()
-            .map(wire::log_line)
-            .collect())
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.logs_since(&b.id, after).await?;
+            out.extend(page.iter().map(wire::log_line));
+            match page.last() {
+                Some(last) if page.len() == kiln_store::LOG_PAGE => after = last.seq,
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// A build's log from its first line until the build ends: the stored history, then

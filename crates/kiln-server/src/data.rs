@@ -149,12 +149,12 @@ pub(crate) async fn read_file(
 ) -> Result<Response, ApiError> {
     let q = files_query(q)?;
     match sandbox.read_file(q.download_path()?).await? {
-        FileContent::Zip(zip) => Ok((
+        FileContent::Zip { len, reader } => Ok((
             [
                 (header::CONTENT_TYPE, "application/zip".to_owned()),
-                (header::CONTENT_LENGTH, zip.len().to_string()),
+                (header::CONTENT_LENGTH, len.to_string()),
             ],
-            zip,
+            Body::from_stream(tokio_util::io::ReaderStream::new(reader)),
         )
             .into_response()),
         FileContent::File(reader) => {

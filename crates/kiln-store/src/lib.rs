@@ -25,4 +25,4 @@ pub use model::{
     SecretBinding, Snapshot, SnapshotStatus, Team, Template, TemplateStatus, SYSTEM_TEAM_ID,
 };
 pub use stats::{DurationHistogram, StoreStats, BUILD_DURATION_BUCKETS_SECS};
-pub use store::{hash_secret, now, Store};
+pub use store::{hash_secret, now, Store, LOG_PAGE};

@@ -104,7 +104,9 @@ impl LogFollower {
             if let Some(last) = lines.last() {
                 self.after = last.seq;
             }
-            self.done = finished;
+            // A full page may have more behind it.
+            let full = lines.len() == crate::LOG_PAGE;
+            self.done = finished && !full;
             if !lines.is_empty() {
                 return Ok(Some(lines));
             }

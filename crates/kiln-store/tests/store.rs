@@ -787,6 +787,34 @@ async fn logs_append_read_since_and_follow_live() {
 }
 
 #[tokio::test]
+async fn logs_are_read_a_page_at_a_time_and_followed_to_the_last_page() {
+    let (store, team) = store_with_team().await;
+    let (_, b) = pending_template(&store, &team, "loud").await;
+    store.start_build(&b.id).await.unwrap();
+    // Two full pages and a bit, written before anyone follows.
+    let n = 2 * LOG_PAGE + 5;
+    let lines: Vec<_> = (1..=n)
+        .map(|i| NewLogLine::now(LogStream::Stdout, i.to_string()))
+        .collect();
+    store.append_logs(&b.id, &lines).await.unwrap();
+    let page = store.logs_since(&b.id, 0).await.unwrap();
+    assert_eq!(page.len(), LOG_PAGE);
+    assert_eq!(page.last().unwrap().seq, LOG_PAGE as u64);
+    // A follower of a build that has ended still reads past the full pages.
+    store
+        .finish_build(&b.id, Ok(BuiltArtifact { size_bytes: 1 }))
+        .await
+        .unwrap();
+    let mut follower = store.follow_logs(&b.id, 0).await.unwrap();
+    let mut seqs = Vec::new();
+    while let Some(batch) = follower.next_batch().await.unwrap() {
+        assert!(batch.len() <= LOG_PAGE);
+        seqs.extend(batch.iter().map(|l| l.seq));
+    }
+    assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn log_follower_resumes_and_ends_with_the_build() {
     let (store, team) = store_with_team().await;
     let (_, b) = pending_template(&store, &team, "web").await;

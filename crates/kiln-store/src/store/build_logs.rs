@@ -17,6 +17,9 @@ use crate::model::{LogLine, NewLogLine};
 
 /// Lines per INSERT when appending logs, far below SQLite's bound-parameter limit.
 const LOG_BATCH: usize = 500;
+/// Most lines one [`Store::logs_since`] returns: a reader of a long log holds a page at
+/// a time, not the whole log.
+pub const LOG_PAGE: usize = 1000;
 
 impl Store {
     /// Appends lines to a build's log in one transaction; returns the last `seq` written.
@@ -61,13 +64,15 @@ impl Store {
         Ok(seq)
     }
 
-    /// A build's lines with `seq > after_seq`, in order (`after_seq = 0` for everything).
+    /// The first [`LOG_PAGE`] of a build's lines with `seq > after_seq`, in order
+    /// (`after_seq = 0` from the start); read again after the last `seq` for the next page.
     pub async fn logs_since(&self, build_id: &str, after_seq: u64) -> Result<Vec<LogLine>> {
         Ok(sqlx::query_as::<_, LogLine>(
-            "SELECT * FROM build_logs WHERE build_id = ? AND seq > ? ORDER BY seq",
+            "SELECT * FROM build_logs WHERE build_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(build_id)
         .bind(to_i64(after_seq))
+        .bind(LOG_PAGE as i64)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -76,7 +81,7 @@ impl Store {
     ///
     /// Subscribe *before* reading history, then loop: read [`Store::logs_since`] the last
     /// seq seen, stop once the signal says `finished` (or the receiver errors) and the read
-    /// returned nothing, else wait on `changed()`. No line is missed: an append after the
+    /// returned less than a page, else wait on `changed()` (after a short page). No line is missed: an append after the
     /// subscription marks the receiver changed. For a build already terminal the receiver
     /// is `finished` and closed.
     pub async fn subscribe_logs(&self, build_id: &str) -> Result<watch::Receiver<LogSignal>> {

@@ -31,6 +31,8 @@ mod snapshots;
 mod teams;
 mod templates;
 
+pub use build_logs::LOG_PAGE;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

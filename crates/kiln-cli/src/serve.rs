@@ -51,6 +51,9 @@ struct ServerConfig {
     /// `*.localhost` domain nor `https://...` for any other: `http(s)://DOMAIN[:PORT]`
     /// (`KILN_PREVIEW_URL`).
     preview_url: Option<String>,
+    /// Seconds a client may take to send a request's headers before its connection is
+    /// closed (`KILN_HEADER_TIMEOUT_SECS`; default 30).
+    header_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -91,7 +94,20 @@ impl ServerConfig {
         env("KILN_RESTORE_POOL", &mut cfg.restore_pool)?;
         env("KILN_PREVIEW_DOMAIN", &mut cfg.preview_domain)?;
         env("KILN_PREVIEW_URL", &mut cfg.preview_url)?;
+        env("KILN_HEADER_TIMEOUT_SECS", &mut cfg.header_timeout_secs)?;
         Ok(cfg)
+    }
+
+    /// How the HTTP server treats its connections.
+    fn serve_config(&self) -> anyhow::Result<kiln_server::ServeConfig> {
+        let mut serve = kiln_server::ServeConfig::default();
+        match self.header_timeout_secs {
+            // hyper would close every connection before its first byte.
+            Some(0) => anyhow::bail!("KILN_HEADER_TIMEOUT_SECS must be at least 1"),
+            Some(secs) => serve.header_read_timeout = std::time::Duration::from_secs(secs),
+            None => {}
+        }
+        Ok(serve)
     }
 
     /// Where preview URLs point, for a server listening on `listen_port`.
@@ -191,6 +207,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         cfg.max_parallel_builds = n.max(1);
     }
     cfg.restore_pool = conf.restore_pool.unwrap_or(DEFAULT_RESTORE_POOL);
+    let serve_config = conf.serve_config()?;
     let listen = args
         .listen
         .or(conf.listen)
@@ -238,6 +255,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let mut state = kiln_server::AppState::new(engine.clone());
     state.limiter = std::sync::Arc::new(limiter);
+    // From the environment only: a secret has no place in the config file.
+    state.metrics_token = std::env::var("KILN_METRICS_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Into::into);
     let app = kiln_server::router(state);
     tracing::info!(?limits, rate_per_sec = rate, "limits");
     eprintln!("kiln API listening on http://{}", listener.local_addr()?);
@@ -250,14 +272,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
     let signalled = stopping.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = kiln_server::serve(listener, app, serve_config, async move {
         shutdown_signal().await;
         signalled.notify_one();
     });
     // Open log streams and interactive sessions would hold a graceful shutdown forever:
     // they get a short grace period, then the server stops regardless.
     tokio::select! {
-        r = server => r?,
+        () = server => {}
         () = async {
             stopping.notified().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;

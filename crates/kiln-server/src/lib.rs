@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod ratelimit;
 mod sandboxes;
 mod secrets;
+mod serve;
 mod templates;
 mod ws;
 
@@ -36,6 +37,7 @@ pub use error::ApiError;
 pub use metrics::Metrics;
 pub use proxy::PreviewClient;
 pub use ratelimit::RateLimiter;
+pub use serve::{serve, ServeConfig};
 
 /// Largest JSON request body accepted; a BuildSpec is far smaller. File uploads have
 /// their own bound ([`kiln_engine::MAX_UPLOAD_BYTES`]).
@@ -114,6 +116,10 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// Carries preview requests into sandboxes (its connections are pooled).
     pub preview: PreviewClient,
+    /// When set, `/metrics` answers only requests with `Authorization: Bearer <token>`
+    /// (`KILN_METRICS_TOKEN`): its series name sandboxes and routes, which not everyone who
+    /// reaches the port should see.
+    pub metrics_token: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -124,6 +130,7 @@ impl AppState {
             engine,
             metrics: Metrics::new(),
             limiter: Arc::new(RateLimiter::disabled()),
+            metrics_token: None,
         }
     }
 
@@ -366,12 +373,42 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn metrics_text(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics_text(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.metrics_token {
+        check_bearer(&headers, token)?;
+    }
     let stats = state.engine.stats().await?;
     let mut text = state.metrics.render(&stats);
     metrics::render_pool(&mut text, state.engine.restore_pool_stats());
     metrics::render_capacity(&mut text, state.engine.config());
     Ok(metrics::render_response(text))
+}
+
+/// 401 unless `headers` carry `Authorization: Bearer <token>`. Both sides are hashed to
+/// the same length and compared in constant time, so neither the length nor a prefix of
+/// the token can be learnt from how long a refusal takes.
+fn check_bearer(headers: &axum::http::HeaderMap, token: &str) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq as _;
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = kiln_engine::hash_secret(token);
+    let matches = kiln_engine::hash_secret(given)
+        .as_bytes()
+        .ct_eq(expected.as_bytes());
+    if bool::from(matches) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ApiErrorCode::Unauthorized,
+            "a valid Authorization: Bearer <metrics token> header is required",
+        ))
+    }
 }
 
 /// Parses a JSON body ourselves so that bad JSON gets the API's error shape.

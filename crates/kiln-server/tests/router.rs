@@ -837,6 +837,42 @@ async fn metrics_and_request_ids() {
     assert!(!headers["x-request-id"].is_empty());
 }
 
+/// `KILN_METRICS_TOKEN`: with a token, `/metrics` answers only its bearer (anything else,
+/// a near miss included, is a 401 in the API's error shape); the rest stays open.
+#[tokio::test]
+async fn metrics_token_guards_metrics_only() {
+    let a = api_with(Limits::UNLIMITED, |mut s| {
+        s.metrics_token = Some("s3cret-metrics".into());
+        s
+    })
+    .await;
+    for headers in [
+        &[][..],
+        &[("authorization", "Bearer wrong")],
+        &[("authorization", "Bearer s3cret-metric")],
+        &[("authorization", "Bearer s3cret-metrics2")],
+        &[("authorization", "s3cret-metrics")],
+        &[("authorization", "Basic s3cret-metrics")],
+    ] {
+        let (s, _, v) = a.call_with("GET", "/metrics", headers, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert_eq!(error_code(&v), "unauthorized", "{headers:?}");
+    }
+    let (s, _, body) = a
+        .call_with(
+            "GET",
+            "/metrics",
+            &[("authorization", "Bearer s3cret-metrics")],
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.as_str().unwrap().contains("kiln_live_sandboxes 0"));
+    // The token guards /metrics alone: /health stays open. (Without a token /metrics is
+    // open: `metrics_and_request_ids`.)
+    assert_eq!(a.call("GET", "/health", None, None).await.0, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn force_bypasses_the_build_cache_and_is_checked() {
     let a = api(Limits::UNLIMITED).await;
@@ -1584,10 +1620,13 @@ async fn terminal_sessions_over_the_websocket() {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+    // The accept loop `kiln serve` runs: upgrades must pass through it.
+    let server = tokio::spawn(kiln_server::serve(
         listener,
         a.app.clone(),
-    )));
+        kiln_server::ServeConfig::default(),
+        std::future::pending(),
+    ));
 
     let mut req = format!("ws://{addr}/exec/connect")
         .into_client_request()

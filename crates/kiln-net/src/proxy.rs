@@ -49,7 +49,7 @@ use crate::ca::{parse_pem_certs, EgressCa, LEAF_REISSUE};
 use crate::files::{Files, Sink, Source};
 use crate::idle::{Activity, Idle};
 use crate::intercept::{parse_request, relay, Duplex, Recorder, Relay, RequestRecord, Secrets};
-use crate::rules::{always_blocked, Decision, NetworkConfig, Policy, PrivateDest};
+use crate::rules::{always_blocked, canonical, Decision, NetworkConfig, Policy, PrivateDest};
 use crate::seal::KeyRing;
 use crate::secrets::{Binding, SandboxSecrets};
 
@@ -407,7 +407,13 @@ impl Proxy {
             Ok(None) => false,
             Err(e) => return Err((503, kiln_spec::error_chain(&e))),
         };
-        let addr = choose_addr(req, &policy, &self.allow_private)?;
+        let addr = choose_addr(
+            req,
+            &policy,
+            &self.allow_private,
+            &host_addresses(),
+            &system_resolve,
+        )?;
         Ok((addr, intercept))
     }
 
@@ -851,11 +857,24 @@ fn split_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), 
     Ok((host.to_ascii_lowercase(), port))
 }
 
-/// Resolves the destination and picks the first address every rule lets through.
+/// How a name becomes addresses: [`system_resolve`], or a stand-in in tests.
+type Resolve<'a> = &'a dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>;
+
+/// The host's resolver.
+fn system_resolve(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    Ok((host, port).to_socket_addrs()?.collect())
+}
+
+/// Resolves the destination (when the rules let its name be looked up at all) and picks
+/// the first address every rule lets through. Every address is judged in its
+/// [`canonical`] form, so an IPv6 spelling of an IPv4 address (`[::ffff:a.b.c.d]`) is
+/// held to that address's walls, the host's own addresses (`own`) included.
 fn choose_addr(
     req: &Request,
     policy: &Policy,
     allow_private: &[PrivateDest],
+    own: &[IpAddr],
+    resolve: Resolve<'_>,
 ) -> Result<SocketAddr, (u16, String)> {
     let literal = req.host.parse::<IpAddr>().ok();
     let domain = if literal.is_some() {
@@ -865,12 +884,13 @@ fn choose_addr(
     };
     let addrs: Vec<SocketAddr> = match literal {
         Some(ip) => vec![SocketAddr::new(ip, req.port)],
-        None => (req.host.as_str(), req.port)
-            .to_socket_addrs()
-            .map_err(|e| (502, format!("cannot resolve {}: {e}", req.host)))?
-            .collect(),
+        None => {
+            policy.may_resolve(&req.host).map_err(|why| (403, why))?;
+            resolve(&req.host, req.port)
+                .map_err(|e| (502, format!("cannot resolve {}: {e}", req.host)))?
+        }
     };
-    let own = host_addresses();
+    let own: Vec<IpAddr> = own.iter().copied().map(canonical).collect();
     let mut last = String::from("no address");
     for a in addrs {
         let ip = a.ip();
@@ -879,7 +899,7 @@ fn choose_addr(
             .any(|p| p.permits(domain, ip, req.port));
         let verdict = if opened {
             policy.decide_rules(domain, ip)
-        } else if own.contains(&ip) && always_blocked(ip).is_none() {
+        } else if own.contains(&canonical(ip)) && always_blocked(ip).is_none() {
             Decision::Deny(format!("{ip} is an address of the host, always blocked"))
         } else {
             policy.decide(domain, ip)
@@ -976,6 +996,67 @@ mod tests {
             "x".repeat(MAX_HEAD)
         );
         assert!(parse(&huge).expect_err("huge").contains("over"));
+    }
+
+    fn policy(allow: &[&str], deny: &[&str]) -> Policy {
+        Policy::compile(&NetworkConfig {
+            allow_out: allow.iter().map(|s| (*s).to_owned()).collect(),
+            deny_out: deny.iter().map(|s| (*s).to_owned()).collect(),
+        })
+        .expect("rules")
+    }
+
+    /// A resolver answering `addr` for every name, counting the lookups.
+    fn resolver<'a>(
+        addr: &str,
+        calls: &'a std::cell::Cell<usize>,
+    ) -> impl Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + 'a {
+        let ip: IpAddr = addr.parse().expect("ip");
+        move |_, port| {
+            calls.set(calls.get() + 1);
+            Ok(vec![SocketAddr::new(ip, port)])
+        }
+    }
+
+    #[test]
+    fn an_ipv6_spelling_of_a_host_address_is_the_host() {
+        let own = ["198.51.100.7".parse().expect("ip")];
+        let calls = std::cell::Cell::new(0);
+        let by_name = resolver("::ffff:198.51.100.7", &calls);
+        for (connect, resolve) in [
+            ("[::ffff:198.51.100.7]:22", &system_resolve as Resolve<'_>),
+            ("[::198.51.100.7]:22", &system_resolve),
+            ("host.example:22", &by_name),
+        ] {
+            let req = parse(&format!("CONNECT {connect} HTTP/1.1\r\n\r\n")).expect(connect);
+            let (status, why) =
+                choose_addr(&req, &Policy::default(), &[], &own, resolve).expect_err(connect);
+            assert_eq!(status, 403, "{connect}");
+            assert!(why.contains("address of the host"), "{connect}: {why}");
+        }
+        assert_eq!(calls.get(), 1);
+    }
+
+    #[test]
+    fn under_an_allowlist_a_name_no_rule_names_never_reaches_the_resolver() {
+        let calls = std::cell::Cell::new(0);
+        let resolve = resolver("140.82.112.4", &calls);
+        let choose = |p: &Policy, host: &str| {
+            let req = parse(&format!("CONNECT {host}:443 HTTP/1.1\r\n\r\n")).expect(host);
+            choose_addr(&req, p, &[], &[], &resolve)
+        };
+        // Even a name whose address an allow rule opens: the lookup itself leaks.
+        let allowlist = policy(&["api.example.com", "140.82.112.0/20"], &["0.0.0.0/0"]);
+        let (status, why) = choose(&allowlist, "c2VjcmV0.attacker.example").expect_err("unnamed");
+        assert_eq!((status, calls.get()), (403, 0), "{why}");
+        let addr = choose(&allowlist, "api.example.com").expect("named");
+        assert_eq!(
+            (addr.to_string().as_str(), calls.get()),
+            ("140.82.112.4:443", 1)
+        );
+        // Without an allowlist names are looked up, and their addresses decide.
+        choose(&Policy::default(), "c2VjcmV0.attacker.example").expect("no allowlist");
+        assert_eq!(calls.get(), 2);
     }
 
     /// A proxy over `files`, run on a runtime of its own: the tests are guests speaking

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 pub use kiln_api::NetworkConfig;
 
 /// Most entries either list may hold; the rules are checked on every connection.
@@ -111,6 +111,7 @@ fn parse_net(raw: &str) -> Option<IpNet> {
         .ok()
         .map(|n| n.trunc())
         .or_else(|| raw.parse::<IpAddr>().ok().map(IpNet::from))
+        .map(canonical_net)
 }
 
 fn parse_allow(raw: &str) -> Result<Allow, String> {
@@ -163,20 +164,53 @@ impl Policy {
     /// always-blocked ranges ([`PrivateDest`]).
     pub fn decide_rules(&self, domain: Option<&str>, ip: IpAddr) -> Decision {
         let ip = canonical(ip);
-        let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
-        let allowed = self.allow.iter().any(|a| match a {
-            Allow::Net(n) => n.contains(&ip),
-            Allow::Domain(d) => domain.as_deref() == Some(d.as_str()),
-            Allow::Wildcard(suffix) => domain.as_deref().is_some_and(|d| d.ends_with(suffix)),
-        });
+        let allowed = domain.is_some_and(|d| self.names(d))
+            || self
+                .allow
+                .iter()
+                .any(|a| matches!(a, Allow::Net(n) if n.contains(&ip)));
         if allowed {
             return Decision::Allow;
         }
-        match self.deny.iter().find(|n| n.contains(&ip)) {
+        match self.deny.iter().find(|n| n.contains(&ip) || denies_all(n)) {
+            Some(n) if !n.contains(&ip) => {
+                Decision::Deny(format!("{ip} is IPv6, which deny_out {n} denies too"))
+            }
             Some(n) => Decision::Deny(format!("{ip} is in deny_out {n}")),
             None => Decision::Allow,
         }
     }
+
+    /// Whether a name the guest asked for may be looked up at all. Under an allowlist
+    /// (`deny_out` holding `0.0.0.0/0`) only a name an `allow_out` domain names may: a
+    /// lookup is itself a message out (a guest could spell data into the names it asks
+    /// for), so any other name is refused before it reaches a resolver. Without an
+    /// allowlist every name is looked up and its addresses decide.
+    pub fn may_resolve(&self, domain: &str) -> Result<(), String> {
+        match self.deny.iter().find(|n| denies_all(n)) {
+            Some(n) if !self.names(domain) => Err(format!(
+                "{domain} is named by no allow_out rule and deny_out {n} makes the rules an \
+                 allowlist: not resolved"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether an `allow_out` domain or wildcard names `domain`.
+    fn names(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.allow.iter().any(|a| match a {
+            Allow::Net(_) => false,
+            Allow::Domain(d) => domain == *d,
+            Allow::Wildcard(suffix) => domain.ends_with(suffix.as_str()),
+        })
+    }
+}
+
+/// `0.0.0.0/0` in `deny_out`, the allowlist idiom: it denies every address no allow rule
+/// names, IPv6 included (left to the letter it would leave all of public IPv6 open).
+fn denies_all(net: &IpNet) -> bool {
+    matches!(net, IpNet::V4(n) if n.prefix_len() == 0)
 }
 
 /// A private destination the operator lets sandboxes reach (`KILN_EGRESS_ALLOW_PRIVATE`):
@@ -264,11 +298,42 @@ impl std::fmt::Display for PrivateDest {
     }
 }
 
-/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are the IPv4 address they carry.
-fn canonical(ip: IpAddr) -> IpAddr {
+/// The address every check judges: an IPv6 form that carries an IPv4 address reaches
+/// that address, so it is that address. Checking the raw form would let
+/// `[::ffff:<host IPv4>]` past the host's own addresses, or `::10.0.0.1` past the
+/// private ranges and the sandbox's IPv4 rules.
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
         v4 => v4,
+    }
+}
+
+/// The IPv4 address inside IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`
+/// (deprecated; `::` and `::1` stay themselves) and NAT64 `64:ff9b::a.b.c.d`.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = ip.segments();
+    let compatible = s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified();
+    let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    let [.., a, b, c, d] = ip.octets();
+    (compatible || nat64).then_some(Ipv4Addr::new(a, b, c, d))
+}
+
+/// A rule's network in the same terms as [`canonical`] addresses: an IPv6 CIDR lying
+/// wholly in one of the IPv4-carrying ranges is the IPv4 CIDR it carries, so a rule
+/// written either way matches an address written either way.
+fn canonical_net(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else { return net };
+    match (
+        v6.prefix_len().checked_sub(96),
+        embedded_v4(v6.network()),
+        embedded_v4(v6.broadcast()),
+    ) {
+        (Some(prefix), Some(first), Some(_)) => Ipv4Net::new(first, prefix).map_or(net, IpNet::V4),
+        _ => net,
     }
 }
 
@@ -317,15 +382,6 @@ fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
         Some("link-local")
     } else if seg[0] & 0xff00 == 0xff00 {
         Some("multicast")
-    } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        // NAT64 (64:ff9b::/96) reaches the IPv4 address it embeds.
-        let v4 = Ipv4Addr::new(
-            (seg[6] >> 8) as u8,
-            seg[6] as u8,
-            (seg[7] >> 8) as u8,
-            seg[7] as u8,
-        );
-        blocked_v4(v4).map(|_| "a NAT64 address of a blocked IPv4 range")
     } else if seg[0] == 0x2001 && seg[1] == 0x0db8 {
         Some("documentation")
     } else {
@@ -436,8 +492,86 @@ mod tests {
         ));
         assert_eq!(p.decide(None, ip(PUBLIC)), Decision::Allow);
         assert!(matches!(p.decide(None, ip("8.8.8.8")), Decision::Deny(_)));
-        // IPv6 is not covered by 0.0.0.0/0.
+    }
+
+    #[test]
+    fn an_allowlist_denies_public_ipv6_too_unless_a_rule_names_it() {
+        let p = rules(
+            &["api.openai.com", "2001:4860::/32"],
+            &["10.0.0.0/8", "0.0.0.0/0"],
+        );
+        let Decision::Deny(why) = p.decide(None, ip("2606:4700::1")) else {
+            panic!("public IPv6 open under deny_out 0.0.0.0/0");
+        };
+        assert!(why.contains("0.0.0.0/0"), "{why}");
+        // An explicit IPv6 CIDR or a domain still opens what it names.
+        assert_eq!(p.decide(None, ip("2001:4860::8888")), Decision::Allow);
+        assert_eq!(
+            p.decide(Some("api.openai.com"), ip("2606:4700::1")),
+            Decision::Allow
+        );
+        // Any narrower IPv4 deny leaves IPv6 alone.
+        let p = rules(&[], &["8.0.0.0/7"]);
         assert_eq!(p.decide(None, ip("2606:4700::1")), Decision::Allow);
+    }
+
+    #[test]
+    fn ipv6_forms_of_an_ipv4_address_are_held_to_its_walls() {
+        let p = Policy::default();
+        for blocked in [
+            "::ffff:10.0.0.1",
+            "::10.0.0.1",
+            "::127.0.0.1",
+            "::169.254.169.254",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::127.0.0.1",
+        ] {
+            assert!(
+                matches!(p.decide(None, ip(blocked)), Decision::Deny(_)),
+                "{blocked} must be blocked"
+            );
+        }
+        // The sandbox's IPv4 rules hold for every spelling, and an IPv6 rule written for
+        // an IPv4 address holds for the address.
+        let p = rules(&[], &["1.2.3.0/24", "::ffff:5.6.7.0/120"]);
+        for denied in [
+            "1.2.3.4",
+            "::ffff:1.2.3.4",
+            "::1.2.3.4",
+            "64:ff9b::1.2.3.4",
+            "5.6.7.8",
+            "::5.6.7.8",
+        ] {
+            assert!(
+                matches!(p.decide(None, ip(denied)), Decision::Deny(_)),
+                "{denied} must be denied"
+            );
+        }
+        let p = rules(&["1.2.3.4"], &["0.0.0.0/0"]);
+        assert_eq!(p.decide(None, ip("::ffff:1.2.3.4")), Decision::Allow);
+    }
+
+    #[test]
+    fn under_an_allowlist_only_named_domains_may_be_resolved() {
+        let p = rules(
+            &["api.openai.com", "*.github.com", "1.2.3.4"],
+            &["0.0.0.0/0"],
+        );
+        for named in ["api.openai.com", "API.OpenAI.com.", "codeload.github.com"] {
+            assert_eq!(p.may_resolve(named), Ok(()), "{named}");
+        }
+        for unnamed in [
+            "github.com",
+            "secret-data.attacker.example",
+            "1.2.3.4.nip.io",
+        ] {
+            let why = p.may_resolve(unnamed).expect_err(unnamed);
+            assert!(why.contains("not resolved"), "{why}");
+        }
+        // Without an allowlist every name is looked up and its addresses decide.
+        let p = rules(&["api.openai.com"], &["8.8.8.0/24"]);
+        assert_eq!(p.may_resolve("anything.example"), Ok(()));
+        assert_eq!(Policy::default().may_resolve("anything.example"), Ok(()));
     }
 
     #[test]

@@ -182,7 +182,13 @@ def main():
         page.get_by_role("button", name="Kill").click()
         page.get_by_role("button", name="Confirm").click()
         expect(page.get_by_role("heading", name="Sandboxes")).to_be_visible(timeout=SLOW)
-        assert api("GET", f"/sandboxes/{sandbox_id}")["status"] == "deleted"
+        # A killed sandbox is gone from the API: 404.
+        try:
+            api("GET", f"/sandboxes/{sandbox_id}")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404, e
+        else:
+            raise AssertionError("the killed sandbox still answers GET")
 
         # Sign out clears the key.
         page.get_by_role("button", name="Sign out").click()

@@ -515,13 +515,13 @@ async function scenario() {
     await broken.cancelBuild(build.id); // a finished build: 409, or a no-op
   });
 
-  await step("what kiln does not have is refused with ValidationError(unsupported)", async () => {
+  await step("Sandbox.create binding a team secret that does not exist (NotFoundError)", async () => {
     const e = await expectError(
-      Sandbox.create({ name: name("secrets"), fromTemplate: web, secrets: { TOKEN: "s" } }),
+      Sandbox.create({ name: name("secrets"), fromTemplate: web, secrets: { TOKEN: "no-such-secret" } }),
       SandboxError,
-      "Sandbox.create with secrets",
+      "Sandbox.create with an unknown secret",
     );
-    checkEq([e.name, e.statusCode, e.code], ["ValidationError", 400, "unsupported"], "Sandbox.create with secrets");
+    checkEq([e.name, e.statusCode, e.code], ["NotFoundError", 404, "not_found"], "Sandbox.create with an unknown secret");
   });
 
   await step("Sandbox.create from a template that is not ready (ConflictError)", async () => {

@@ -175,6 +175,13 @@ impl Prepared {
                 nix::unistd::setresuid(uid, uid, uid),
                 b"drop to the jail's user",
             )?;
+            // A change of credentials clears the parent-death signal (credentials(7)):
+            // set it again, or a jailed QEMU would outlive a `kill -9` of kiln (found by
+            // the restart test).
+            checked(
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
+                b"set the parent-death signal again",
+            )?;
         }
         if self.no_new_privs || self.jail.is_some() {
             checked(

@@ -321,6 +321,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &state.path,
         &state.path.join("server.log"),
         plan.restore_pool,
+        &registry,
     )
     .await?;
     say(format!("kiln serve (pid {}) on {}", server.pid, server.url));

@@ -68,13 +68,14 @@ pub struct Server {
 
 impl Server {
     /// Starts `kiln serve --listen 127.0.0.1:0` with `KILN_HOME=state` (and the restore
-    /// pool size) and waits until it
+    /// pool size; the local test `registry`, on loopback, allowed) and waits until it
     /// says where it listens and answers `/health`.
     pub async fn start(
         kiln: &Path,
         state: &Path,
         log: &Path,
         restore_pool: usize,
+        registry: &str,
     ) -> anyhow::Result<Self> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -86,6 +87,8 @@ impl Server {
             .env("KILN_RESTORE_POOL", restore_pool.to_string())
             // No system template builds competing with the measurements.
             .env("KILN_SYSTEM_TEMPLATES", "none")
+            // A server pulls from loopback registries only when its operator lists them.
+            .env("KILN_PRIVATE_REGISTRIES", registry)
             .env_remove("KILN_CONFIG")
             .env_remove("KILN_LISTEN")
             .env_remove("KILN_URL")
